@@ -1,0 +1,105 @@
+//! Throughput benchmarks on synthetic data: training images per second (forward, backward and
+//! an SGD-with-momentum step) and inference images per second. `bench/torch_bench.py` measures
+//! the same models, batches and thread count in PyTorch, and `bench/compare.sh` runs both.
+
+use crate::models::{ModelKind, Network};
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Train,
+    Infer,
+}
+
+/// One measurement, in the same JSON shape as `bench/torch_bench.py` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct Measurement {
+    pub framework: String,
+    pub version: String,
+    pub model: String,
+    pub batch: usize,
+    pub threads: usize,
+    pub mode: Mode,
+    pub images_per_sec: f64,
+    pub ms_per_iter: f64,
+    pub iters: usize,
+}
+
+/// The input shape a model is benchmarked at: MNIST's for the LeNets, CIFAR's for the others
+/// (the same as the PyTorch script).
+pub fn bench_input(model: ModelKind) -> [usize; 3] {
+    match model {
+        ModelKind::Lenet300 | ModelKind::Lenet5 => [1, 28, 28],
+        ModelKind::VggSmall | ModelKind::Resnet20 => [3, 32, 32],
+    }
+}
+
+/// Runs `step` once to warm up, then repeatedly until `budget` has passed (at least 3 times);
+/// returns the number of iterations and the seconds they took.
+fn time_loop(budget: Duration, mut step: impl FnMut()) -> (usize, f64) {
+    step();
+    let start = Instant::now();
+    let mut iters = 0;
+    while iters < 3 || start.elapsed() < budget {
+        step();
+        iters += 1;
+    }
+    (iters, start.elapsed().as_secs_f64())
+}
+
+pub fn measure(model: ModelKind, batch: usize, mode: Mode, budget: Duration) -> Measurement {
+    let device = Device::flex();
+    let ad = device.clone().autodiff();
+    let input = bench_input(model);
+    let arch = model.arch(input, 10).expect("zoo models build");
+    ad.seed(0);
+    let shape = [batch, input[0], input[1], input[2]];
+    let labels: Vec<i64> = (0..batch as i64).map(|i| i % 10).collect();
+    let (iters, secs) = match mode {
+        Mode::Train => {
+            let mut net = Network::new(&arch, &ad).expect("valid");
+            let mut optim = crate::train::OptimizerConfig::Sgd {
+                lr: 0.01,
+                momentum: 0.9,
+                weight_decay: 5e-4,
+            }
+            .build();
+            let loss_fn = CrossEntropyLossConfig::new().init(&ad);
+            let x = Tensor::<4>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &ad);
+            let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), &ad);
+            time_loop(budget, || {
+                let loss = loss_fn.forward(net.forward(x.clone()), y.clone());
+                let grads = GradientsParams::from_grads(loss.backward(), &net);
+                net = optim.step(0.01, net.clone(), grads);
+                // Wait for the step to finish, as PyTorch's eager CPU ops do.
+                let _ = device.sync();
+            })
+        }
+        Mode::Infer => {
+            let net = Network::new(&arch, &device).expect("valid").valid();
+            let x =
+                Tensor::<4>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+            time_loop(budget, || {
+                let out = net.forward(x.clone());
+                let _: Vec<f32> = out.into_data().try_to_vec().expect("f32");
+            })
+        }
+    };
+    Measurement {
+        framework: "convpress".into(),
+        version: format!("{} (burn 0.22.1 flex)", env!("CARGO_PKG_VERSION")),
+        model: model.name().into(),
+        batch,
+        threads: rayon::current_num_threads(),
+        mode,
+        images_per_sec: (iters * batch) as f64 / secs,
+        ms_per_iter: 1000.0 * secs / iters as f64,
+        iters,
+    }
+}

@@ -1,0 +1,317 @@
+//! Checkpoints: a network's weights in a safetensors file, with its architecture and
+//! preprocessing in the file's metadata so `eval` and `info` rebuild it with no flags.
+//!
+//! Tensor names are the parameter paths (`layers.0.weight`, `layers.5.body.1.running_var`).
+//! Parameter ids go into the metadata as well, so a resumed run's optimizer state (keyed by
+//! id) finds its parameters again. Files are written to a temporary sibling and renamed, so a
+//! crash never leaves half a checkpoint.
+
+use crate::data::fetch::{tmp_sibling, write_atomic};
+use crate::data::{DatasetKind, Preprocess};
+use crate::models::{Arch, Network};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+pub const FORMAT_VERSION: &str = "1";
+const KEY_FORMAT: &str = "convpress.format";
+const KEY_ARCH: &str = "convpress.arch";
+const KEY_META: &str = "convpress.meta";
+const KEY_IDS: &str = "convpress.param_ids";
+
+/// What a checkpoint says about its model besides the weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelMeta {
+    pub dataset: DatasetKind,
+    pub preprocess: Preprocess,
+    /// Free-form facts about how it was produced (epoch, accuracy, command).
+    #[serde(default)]
+    pub info: serde_json::Value,
+}
+
+/// Why a checkpoint could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: {why}")]
+    Invalid { path: String, why: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+fn invalid(path: &Path, why: impl Into<String>) -> CheckpointError {
+    CheckpointError::Invalid {
+        path: path.display().to_string(),
+        why: why.into(),
+    }
+}
+
+/// Tracks the dotted path of the module being visited. Enum variant names are left out, so
+/// paths name positions (`layers.3.weight`), not layer types.
+#[derive(Default)]
+struct PathStack(Vec<String>);
+
+impl PathStack {
+    fn enter(&mut self, name: &str, container: &str) {
+        self.0.push(if container.starts_with("Enum") {
+            String::new()
+        } else {
+            name.to_string()
+        });
+    }
+    fn exit(&mut self) {
+        self.0.pop();
+    }
+    fn path(&self) -> String {
+        self.0
+            .iter()
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+}
+
+/// Every float tensor of a module (parameters and running statistics) with its path and id.
+pub struct NamedTensors {
+    stack: PathStack,
+    pub tensors: Vec<(String, ParamId, TensorData)>,
+}
+
+impl ModuleVisitor for NamedTensors {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.stack.enter(name, container_type);
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.stack.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let data = param.val().into_data().convert::<f32>();
+        self.tensors.push((self.stack.path(), param.id, data));
+    }
+}
+
+/// The float tensors of `module` in traversal order.
+///
+/// Read through [`Module::valid`], which folds the batch-norm running statistics that training
+/// steps left pending (Burn's `RunningState` keeps per-thread updates until synced; a plain
+/// visit would see the value one update old).
+pub fn named_tensors<M: Module>(module: &M) -> Vec<(String, ParamId, TensorData)> {
+    let mut v = NamedTensors {
+        stack: PathStack::default(),
+        tensors: Vec::new(),
+    };
+    module.valid().visit(&mut v);
+    v.tensors
+}
+
+/// Replaces every float tensor of a module with the one of the same path.
+struct LoadTensors {
+    stack: PathStack,
+    tensors: HashMap<String, (TensorData, Option<ParamId>)>,
+    errors: Vec<String>,
+    used: usize,
+}
+
+impl ModuleMapper for LoadTensors {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.stack.enter(name, container_type);
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.stack.exit();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let path = self.stack.path();
+        let Some((data, id)) = self.tensors.remove(&path) else {
+            self.errors.push(format!("no tensor {path}"));
+            return param;
+        };
+        let (old_id, old, mapper) = param.consume();
+        let want = old.shape().to_vec();
+        if data.shape().to_vec() != want {
+            self.errors.push(format!(
+                "tensor {path} has shape {:?}, the architecture needs {want:?}",
+                data.shape().to_vec()
+            ));
+            return Param::from_mapped_value(old_id, old, mapper);
+        }
+        self.used += 1;
+        let mut t = Tensor::<D>::from_data(data, &old.device());
+        if old.is_require_grad() {
+            t = t.require_grad();
+        }
+        Param::from_mapped_value(id.unwrap_or(old_id), t, mapper)
+    }
+}
+
+/// Loads `tensors` (by path) into `network`; every tensor must be used and every parameter found.
+pub fn load_tensors(
+    network: Network,
+    tensors: HashMap<String, (TensorData, Option<ParamId>)>,
+) -> Result<Network, String> {
+    let mut loader = LoadTensors {
+        stack: PathStack::default(),
+        tensors,
+        errors: Vec::new(),
+        used: 0,
+    };
+    let network = network.map(&mut loader);
+    let mut errors = loader.errors;
+    let mut extra: Vec<_> = loader.tensors.keys().cloned().collect();
+    extra.sort();
+    if !extra.is_empty() {
+        errors.push(format!("unexpected tensors {extra:?}"));
+    }
+    if errors.is_empty() {
+        Ok(network)
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+/// Writes `network` and `meta` to `path` (atomically).
+pub fn save(path: &Path, network: &Network, meta: &ModelMeta) -> Result<(), CheckpointError> {
+    let tensors = named_tensors(network);
+    let mut ids = BTreeMap::new();
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, id, data) in &tensors {
+        ids.insert(name.clone(), id.val());
+        let shape = data.shape().to_vec();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, data.as_bytes())
+                .map_err(|e| invalid(path, format!("tensor {name}: {e}")))?;
+        views.push((name.clone(), view));
+    }
+    let mut metadata = HashMap::new();
+    metadata.insert(KEY_FORMAT.to_string(), FORMAT_VERSION.to_string());
+    metadata.insert(
+        KEY_ARCH.to_string(),
+        serde_json::to_string(&network.arch).expect("arch serialises"),
+    );
+    metadata.insert(
+        KEY_META.to_string(),
+        serde_json::to_string(meta).expect("meta serialises"),
+    );
+    metadata.insert(
+        KEY_IDS.to_string(),
+        serde_json::to_string(&ids).expect("ids serialise"),
+    );
+    let bytes = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| invalid(path, format!("cannot serialise: {e}")))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| CheckpointError::Io {
+            path: dir.display().to_string(),
+            source: e,
+        })?;
+    }
+    write_atomic(path, &bytes).map_err(|e| {
+        let _ = std::fs::remove_file(tmp_sibling(path));
+        CheckpointError::Io {
+            path: path.display().to_string(),
+            source: e,
+        }
+    })
+}
+
+/// A checkpoint read from disk: architecture, metadata and tensors, not yet on a device.
+pub struct Loaded {
+    pub arch: Arch,
+    pub meta: ModelMeta,
+    pub tensors: HashMap<String, (TensorData, Option<ParamId>)>,
+}
+
+/// Reads and checks a checkpoint file.
+pub fn read(path: &Path) -> Result<Loaded, CheckpointError> {
+    let bytes = std::fs::read(path).map_err(|e| CheckpointError::Io {
+        path: path.display().to_string(),
+        source: e,
+    })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| invalid(path, format!("not a safetensors file ({e})")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| invalid(path, format!("not a safetensors file ({e})")))?;
+    let md = header
+        .metadata()
+        .clone()
+        .ok_or_else(|| invalid(path, "no convpress metadata: not a convpress checkpoint"))?;
+    let get = |k: &str| {
+        md.get(k).ok_or_else(|| {
+            invalid(
+                path,
+                format!("metadata {k} missing: not a convpress checkpoint"),
+            )
+        })
+    };
+    let version = get(KEY_FORMAT)?;
+    if version != FORMAT_VERSION {
+        return Err(invalid(
+            path,
+            format!("checkpoint format {version}, this convpress reads {FORMAT_VERSION}"),
+        ));
+    }
+    let arch: Arch = serde_json::from_str(get(KEY_ARCH)?)
+        .map_err(|e| invalid(path, format!("architecture metadata is damaged: {e}")))?;
+    arch.validate()
+        .map_err(|e| invalid(path, format!("architecture is inconsistent: {e}")))?;
+    let meta: ModelMeta = serde_json::from_str(get(KEY_META)?)
+        .map_err(|e| invalid(path, format!("model metadata is damaged: {e}")))?;
+    let ids: BTreeMap<String, u64> = match md.get(KEY_IDS) {
+        Some(s) => serde_json::from_str(s)
+            .map_err(|e| invalid(path, format!("parameter ids are damaged: {e}")))?,
+        None => BTreeMap::new(),
+    };
+    let mut tensors = HashMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(invalid(
+                path,
+                format!("tensor {name} is {:?}, not F32", view.dtype()),
+            ));
+        }
+        let data = TensorData::from_bytes_vec(
+            view.data().to_vec(),
+            view.shape().to_vec(),
+            burn::tensor::DType::F32,
+        );
+        let id = ids.get(&name).map(|&v| ParamId::from(v));
+        tensors.insert(name, (data, id));
+    }
+    Ok(Loaded {
+        arch,
+        meta,
+        tensors,
+    })
+}
+
+/// Reads a checkpoint and builds its network on `device`.
+pub fn load(path: &Path, device: &Device) -> Result<(Network, ModelMeta), CheckpointError> {
+    let loaded = read(path)?;
+    let network = Network::new(&loaded.arch, device).map_err(|e| invalid(path, e))?;
+    let network = load_tensors(network, loaded.tensors)
+        .map_err(|e| invalid(path, format!("weights do not fit the architecture: {e}")))?;
+    Ok((network, loaded.meta))
+}
+
+/// Reads a checkpoint into an existing network of the same architecture (for `--init-from`
+/// style use, and to check a file against an expected model).
+pub fn load_into(path: &Path, network: Network) -> Result<(Network, ModelMeta), CheckpointError> {
+    let loaded = read(path)?;
+    if loaded.arch != network.arch {
+        return Err(invalid(
+            path,
+            format!(
+                "checkpoint holds a {} ({} parameters), not the expected {} ({} parameters)",
+                loaded.arch.name,
+                loaded.arch.num_params(),
+                network.arch.name,
+                network.arch.num_params()
+            ),
+        ));
+    }
+    let network = load_tensors(network, loaded.tensors).map_err(|e| invalid(path, e))?;
+    Ok((network, loaded.meta))
+}

