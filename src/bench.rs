@@ -53,8 +53,14 @@ fn time_loop(budget: Duration, mut step: impl FnMut()) -> (usize, f64) {
     (iters, start.elapsed().as_secs_f64())
 }
 
-pub fn measure(model: ModelKind, batch: usize, mode: Mode, budget: Duration) -> Measurement {
-    let device = Device::flex();
+pub fn measure(
+    device: &Device,
+    model: ModelKind,
+    batch: usize,
+    mode: Mode,
+    budget: Duration,
+) -> Measurement {
+    let device = device.clone();
     let ad = device.clone().autodiff();
     let input = bench_input(model);
     let arch = model.arch(input, 10).expect("zoo models build");

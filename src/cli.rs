@@ -3,6 +3,7 @@
 use crate::bench::{self, Mode};
 use crate::checkpoint;
 use crate::data::{self, Augment, DatasetKind, fetch};
+use crate::device::Backend;
 use crate::models::ModelKind;
 use crate::train::{self, OptimizerConfig, Schedule, TrainConfig, TrainOptions};
 use anyhow::{Context, bail};
@@ -18,6 +19,15 @@ pub struct Cli {
     /// Worker threads for tensor operations (default: all cores).
     #[arg(long, global = true, env = "CONVPRESS_THREADS")]
     pub threads: Option<usize>,
+    /// Backend that runs the tensors.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "flex",
+        env = "CONVPRESS_DEVICE"
+    )]
+    pub device: Backend,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -289,13 +299,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         },
-        Command::Train(args) => run_train(args),
+        Command::Train(args) => run_train(args, cli.device.device()?),
         Command::Eval {
             checkpoint,
             data_dir,
             limit,
             batch_size,
-        } => run_eval(checkpoint, data_dir, limit, batch_size),
+        } => run_eval(
+            checkpoint,
+            data_dir,
+            limit,
+            batch_size,
+            cli.device.device()?,
+        ),
         Command::Info { checkpoint, json } => run_info(checkpoint, json),
         Command::Bench {
             command:
@@ -319,9 +335,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     "model", "batch", "threads", "mode", "images/s", "ms/iter"
                 );
             }
+            let device = cli.device.device()?;
             for &b in &batch {
                 for &m in &mode {
-                    let r = bench::measure(model, b, m, Duration::from_secs_f64(seconds));
+                    let r = bench::measure(&device, model, b, m, Duration::from_secs_f64(seconds));
                     if json {
                         println!("{}", serde_json::to_string(&r)?);
                     } else {
@@ -342,7 +359,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn run_train(args: TrainArgs) -> anyhow::Result<()> {
+fn run_train(args: TrainArgs, device: Device) -> anyhow::Result<()> {
     let (config, run_dir) = if args.resume {
         let run_dir = args.run_dir.clone().expect("clap requires --run-dir");
         let path = run_dir.join("config.json");
@@ -378,6 +395,7 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     let interactive = std::io::stderr().is_terminal();
     let options = TrainOptions {
         run_dir: run_dir.clone(),
+        device,
         resume: args.resume,
         progress_bar: interactive && !args.no_progress,
         verbose: true,
@@ -410,11 +428,11 @@ fn run_eval(
     data_dir: Option<PathBuf>,
     limit: Option<usize>,
     batch_size: usize,
+    device: Device,
 ) -> anyhow::Result<()> {
     if batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let device = Device::flex();
     let (model, meta) = checkpoint::load(&path, &device)?;
     let dir = data_dir.unwrap_or_else(|| meta.dataset.default_dir());
     let splits = data::load(meta.dataset, &dir)?;

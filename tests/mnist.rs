@@ -43,6 +43,7 @@ fn lenet5_learns_real_mnist_in_one_short_epoch() {
         vec![],
         &TrainOptions {
             run_dir: run.path().join("run"),
+            device: burn::prelude::Device::flex(),
             resume: false,
             progress_bar: false,
             verbose: false,

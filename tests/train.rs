@@ -23,6 +23,7 @@ fn config(data: &Path, model: ModelKind, epochs: usize) -> TrainConfig {
 fn options(run: &Path) -> TrainOptions {
     TrainOptions {
         run_dir: run.to_path_buf(),
+        device: Device::flex(),
         resume: false,
         progress_bar: false,
         verbose: false,

@@ -80,8 +80,18 @@ impl TrainConfig {
     /// accuracy on MNIST.
     pub fn defaults(model: ModelKind, dataset: DatasetKind) -> Self {
         let (epochs, optimizer) = match model {
-            ModelKind::Lenet300 | ModelKind::Lenet5 => (
-                10,
+            // Measured in the README: LeNet-5 passes 99.0% after one epoch and settles near
+            // 99.2%; the perceptron needs more, cheaper epochs.
+            ModelKind::Lenet5 => (
+                6,
+                OptimizerConfig::Sgd {
+                    lr: 0.05,
+                    momentum: 0.9,
+                    weight_decay: 5e-4,
+                },
+            ),
+            ModelKind::Lenet300 => (
+                20,
                 OptimizerConfig::Sgd {
                     lr: 0.05,
                     momentum: 0.9,

@@ -70,6 +70,8 @@ pub fn prepared_with(train: &ImageSet, test: &ImageSet, preprocess: Preprocess) 
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
     pub run_dir: PathBuf,
+    /// The plain device to train on (autodiff is added here).
+    pub device: Device,
     pub resume: bool,
     pub progress_bar: bool,
     /// Print one line per epoch on standard error.
@@ -155,7 +157,7 @@ pub fn train(
         .arch(prepared.train.image_shape(), prepared.train.classes)
         .map_err(anyhow::Error::msg)?;
 
-    let device = Device::flex();
+    let device = options.device.clone();
     let ad = device.clone().autodiff();
     let meta = ModelMeta {
         dataset: config.dataset,
