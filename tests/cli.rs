@@ -139,3 +139,12 @@ fn train_then_info_and_eval_need_no_model_flags() {
     );
     assert!(String::from_utf8_lossy(&eval.stdout).contains("64 images"));
 }
+
+#[test]
+fn cuda_without_the_feature_says_how_to_build_it() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let out = convpress(&["--device", "cuda", "bench", "train", "--batch", "1"]);
+    fails_with(&out, "--features cuda");
+}
