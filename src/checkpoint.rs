@@ -6,7 +6,7 @@
 //! id) finds its parameters again. Files are written to a temporary sibling and renamed, so a
 //! crash never leaves half a checkpoint.
 
-use crate::data::fetch::{tmp_sibling, write_atomic};
+use crate::data::fetch::write_atomic;
 use crate::data::{DatasetKind, Preprocess};
 use crate::models::{Arch, Network};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
@@ -208,12 +208,9 @@ pub fn save(path: &Path, network: &Network, meta: &ModelMeta) -> Result<(), Chec
             source: e,
         })?;
     }
-    write_atomic(path, &bytes).map_err(|e| {
-        let _ = std::fs::remove_file(tmp_sibling(path));
-        CheckpointError::Io {
-            path: path.display().to_string(),
-            source: e,
-        }
+    write_atomic(path, &bytes).map_err(|e| CheckpointError::Io {
+        path: path.display().to_string(),
+        source: e,
     })
 }
 
