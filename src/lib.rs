@@ -4,6 +4,7 @@
 //! - [`models`]: architecture descriptions, the model zoo and the Burn network built from them;
 //! - [`train`]: the training loop with hooks, optimizers, schedules and checkpoints;
 //! - [`checkpoint`]: safetensors files that carry their architecture;
+//! - [`compress`]: compression methods (so far: magnitude pruning masks and schedules);
 //! - [`device`]: the Burn backend that runs the tensors;
 //! - [`bench`]: throughput measurements;
 //! - [`cli`]: the `convpress` command.
@@ -11,6 +12,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
+pub mod compress;
 pub mod data;
 pub mod device;
 pub mod models;

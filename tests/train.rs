@@ -271,7 +271,12 @@ fn hooks_are_called_in_order_and_training_learns() {
     let data = dir.path().join("data");
     common::write_synthetic_mnist(&data, 320, 200, 28);
     let log = Arc::new(Mutex::new(Vec::new()));
-    let c = config(&data, ModelKind::Lenet5, 2);
+    let mut c = config(&data, ModelKind::Lenet5, 2);
+    c.optimizer = train::OptimizerConfig::Sgd {
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+    };
     let out = train::train(
         &c,
         vec![Box::new(Recorder(log.clone()))],

@@ -1,0 +1,5 @@
+//! Compression methods. Each method computes *what* to do (a mask, a codebook, a rank); when
+//! it happens during training is decided by a schedule driving a [`crate::train::TrainHook`]
+//! (the split of Intel Distiller's pruners and policies).
+
+pub mod prune;

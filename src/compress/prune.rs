@@ -1,0 +1,283 @@
+//! Unstructured magnitude pruning: masks, the methods that compute them, the gradual schedule
+//! that decides how much to prune when, and the training hook that keeps pruned weights at
+//! zero.
+//!
+//! - Level pruner: the smallest-magnitude fraction `s` of a tensor's entries is removed.
+//! - Threshold pruner (Han et al. 2015, "Learning both Weights and Connections", section 3):
+//!   entries with `|w| <= quality * std(w)` are removed, per layer.
+//! - AGP (Zhu & Gupta 2017, "To prune, or not to prune", eq. 1): the target sparsity at step
+//!   `t` is `s_f + (s_i - s_f) * (1 - (t - t0) / (n * dt))^3` for `t0 <= t <= t0 + n * dt`.
+//!
+//! Masks are re-applied after every optimizer step, so momentum and weight decay cannot revive
+//! a pruned weight; once pruned, a weight stays pruned (a mask only ever loses entries).
+//!
+//! Status: the masks, methods, schedule and hook are here and tested; sparse storage, sparse
+//! kernels, sensitivity analysis and the command line are not yet (see the README).
+
+use crate::checkpoint::named_tensors;
+use crate::models::Network;
+use crate::train::{Progress, TrainHook};
+use burn::module::{Module, ModuleMapper, Param};
+use burn::prelude::*;
+use std::collections::BTreeMap;
+
+/// Mask of the entries to keep: the `1 - sparsity` fraction of largest magnitude. Ties are
+/// broken by position, so the kept count is exact: `round((1 - sparsity) * len)`.
+pub fn level_mask(weights: &[f32], sparsity: f64) -> Result<Vec<bool>, String> {
+    if !(0.0..1.0).contains(&sparsity) {
+        return Err(format!("sparsity must be in [0, 1), got {sparsity}"));
+    }
+    let prune = (sparsity * weights.len() as f64).round() as usize;
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    order.sort_by(|&a, &b| {
+        weights[a]
+            .abs()
+            .total_cmp(&weights[b].abs())
+            .then(a.cmp(&b))
+    });
+    let mut keep = vec![true; weights.len()];
+    for &i in &order[..prune] {
+        keep[i] = false;
+    }
+    Ok(keep)
+}
+
+/// Han et al.'s per-layer threshold: keep entries with `|w| > quality * std(w)`.
+pub fn threshold_mask(weights: &[f32], quality: f64) -> Result<Vec<bool>, String> {
+    if !(quality.is_finite() && quality >= 0.0) {
+        return Err(format!(
+            "quality must be a non-negative number, got {quality}"
+        ));
+    }
+    let n = weights.len().max(1) as f64;
+    let mean = weights.iter().map(|&w| w as f64).sum::<f64>() / n;
+    let var = weights
+        .iter()
+        .map(|&w| (w as f64 - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    let t = quality * var.sqrt();
+    Ok(weights.iter().map(|&w| (w as f64).abs() > t).collect())
+}
+
+/// Zhu & Gupta's gradual schedule: sparsity at step `t` when pruning from `s_i` to `s_f` in
+/// `n` pruning events `dt` steps apart starting at `t0`.
+pub fn agp_sparsity(t: usize, s_i: f64, s_f: f64, t0: usize, n: usize, dt: usize) -> f64 {
+    if t <= t0 {
+        return s_i;
+    }
+    let span = (n * dt).max(1) as f64;
+    let frac = ((t - t0) as f64 / span).min(1.0);
+    s_f + (s_i - s_f) * (1.0 - frac).powi(3)
+}
+
+/// When the hook prunes, and to what sparsity.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Schedule {
+    /// Prune to `sparsity` once, before step `at_step`, then keep the mask.
+    OneShot { at_step: usize, sparsity: f64 },
+    /// Gradual pruning (AGP): every `every` steps from `start_step`, `events` times, from
+    /// `initial` to `final_sparsity`.
+    Agp {
+        start_step: usize,
+        every: usize,
+        events: usize,
+        initial: f64,
+        final_sparsity: f64,
+    },
+}
+
+impl Schedule {
+    /// The target sparsity if the hook should prune before step `step`, else `None`.
+    pub fn target(&self, step: usize) -> Option<f64> {
+        match *self {
+            Schedule::OneShot { at_step, sparsity } => (step == at_step).then_some(sparsity),
+            Schedule::Agp {
+                start_step,
+                every,
+                events,
+                initial,
+                final_sparsity,
+            } => {
+                let every = every.max(1);
+                let due = step >= start_step
+                    && (step - start_step).is_multiple_of(every)
+                    && (step - start_step) / every <= events;
+                due.then(|| agp_sparsity(step, initial, final_sparsity, start_step, events, every))
+            }
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let ok = |s: f64| (0.0..1.0).contains(&s);
+        match *self {
+            Schedule::OneShot { sparsity, .. } if !ok(sparsity) => {
+                Err(format!("sparsity must be in [0, 1), got {sparsity}"))
+            }
+            Schedule::Agp {
+                initial,
+                final_sparsity,
+                ..
+            } if !ok(initial) || !ok(final_sparsity) || initial > final_sparsity => Err(format!(
+                "AGP needs 0 <= initial <= final < 1, got {initial} and {final_sparsity}"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Keep-masks of the pruned tensors, by parameter path, flattened, on the training device.
+#[derive(Debug, Clone, Default)]
+pub struct Masks {
+    masks: BTreeMap<String, Tensor<1>>,
+}
+
+impl Masks {
+    /// Builds masks from `keep` vectors; the device is the model's.
+    pub fn from_keep(keep: BTreeMap<String, Vec<bool>>, device: &Device) -> Self {
+        let masks = keep
+            .into_iter()
+            .map(|(path, k)| {
+                let n = k.len();
+                let v: Vec<f32> = k.into_iter().map(|b| b as u8 as f32).collect();
+                (path, Tensor::from_data(TensorData::new(v, [n]), device))
+            })
+            .collect();
+        Masks { masks }
+    }
+
+    pub fn paths(&self) -> impl Iterator<Item = &String> {
+        self.masks.keys()
+    }
+
+    /// `model` with every masked parameter multiplied by its mask. The result is detached and
+    /// marked trainable again, so the optimizer keeps updating it (the `Param::map` pitfall).
+    pub fn apply(&self, model: Network) -> Network {
+        model.map(&mut ApplyMasks {
+            masks: &self.masks,
+            path: Vec::new(),
+        })
+    }
+}
+
+struct ApplyMasks<'a> {
+    masks: &'a BTreeMap<String, Tensor<1>>,
+    path: Vec<String>,
+}
+
+impl ModuleMapper for ApplyMasks<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push(if container_type.starts_with("Enum") {
+            String::new()
+        } else {
+            name.to_string()
+        });
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let path = self
+            .path
+            .iter()
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(".");
+        let Some(mask) = self.masks.get(&path) else {
+            return param;
+        };
+        param.map(|w| {
+            let grad = w.is_require_grad();
+            let mask = mask.clone().to_device(&w.device()).reshape(w.shape());
+            let out = (w * mask).detach();
+            if grad { out.require_grad() } else { out }
+        })
+    }
+}
+
+/// Fraction of exactly-zero entries of each weight tensor (conv and linear weights).
+pub fn sparsity_report(model: &Network) -> Vec<(String, usize, usize)> {
+    named_tensors(model)
+        .into_iter()
+        .filter(|(p, _, d)| p.ends_with("weight") && d.rank() >= 2)
+        .map(|(p, _, d)| {
+            let v: Vec<f32> = d.try_to_vec().expect("f32 weights");
+            let zeros = v.iter().filter(|&&x| x == 0.0).count();
+            (p, v.len(), zeros)
+        })
+        .collect()
+}
+
+/// Prunes the conv and linear weights named by `layers` (all of them if empty) on `schedule`,
+/// and keeps them pruned.
+pub struct PruneHook {
+    layers: Vec<String>,
+    schedule: Schedule,
+    masks: Masks,
+}
+
+impl PruneHook {
+    pub fn new(layers: Vec<String>, schedule: Schedule) -> Result<Self, String> {
+        schedule.check()?;
+        Ok(PruneHook {
+            layers,
+            schedule,
+            masks: Masks::default(),
+        })
+    }
+
+    pub fn masks(&self) -> &Masks {
+        &self.masks
+    }
+
+    /// New masks at `sparsity` from the current weights; entries already pruned stay pruned
+    /// (they are zero, hence smallest).
+    fn prune(&mut self, model: Network, sparsity: f64) -> Network {
+        let mut keep = BTreeMap::new();
+        let mut device = None;
+        for (path, _, data) in named_tensors(&model) {
+            let prunable = path.ends_with("weight") && data.rank() >= 2;
+            let chosen = self.layers.is_empty()
+                || self
+                    .layers
+                    .iter()
+                    .any(|l| path == *l || path.starts_with(&format!("{l}.")));
+            if prunable && chosen {
+                let w: Vec<f32> = data.try_to_vec().expect("f32 weights");
+                keep.insert(path, level_mask(&w, sparsity).expect("checked sparsity"));
+            }
+        }
+        for d in model.devices() {
+            device.get_or_insert(d);
+        }
+        let device = device.unwrap_or_else(Device::flex);
+        self.masks = Masks::from_keep(keep, &device);
+        self.masks.apply(model)
+    }
+}
+
+impl TrainHook for PruneHook {
+    fn name(&self) -> &str {
+        "prune"
+    }
+
+    fn on_epoch_begin(&mut self, progress: &Progress, model: Network) -> Network {
+        // A schedule that prunes before the very first step; later pruning events happen in
+        // `after_step`, for the step that follows.
+        if progress.step == 0
+            && let Some(s) = self.schedule.target(0)
+        {
+            return self.prune(model, s);
+        }
+        model
+    }
+
+    fn after_step(&mut self, progress: &Progress, model: Network) -> Network {
+        let next = progress.step + 1;
+        match self.schedule.target(next) {
+            Some(s) => self.prune(model, s),
+            None => self.masks.apply(model),
+        }
+    }
+}
