@@ -350,9 +350,15 @@ fn progress_bar(
     let bar = indicatif::ProgressBar::new(images as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} img  {per_sec}  eta {eta}  {msg}",
+            "{prefix} [{bar:30}] {pos}/{len} img  {rate}  eta {eta}  {msg}",
         )
         .expect("valid template")
+        .with_key(
+            "rate",
+            |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0} img/s", s.per_sec());
+            },
+        )
         .progress_chars("=> "),
     );
     bar.set_prefix(format!("epoch {}/{}", epoch + 1, epochs));
