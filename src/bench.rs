@@ -109,3 +109,85 @@ pub fn measure(
         iters,
     }
 }
+
+/// One sparse-versus-dense measurement of a fully connected layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct SparseMeasurement {
+    pub layer: String,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub sparsity: f64,
+    pub batch: usize,
+    pub threads: usize,
+    /// Burn's dense `Linear` on the flex backend (convpress's dense path).
+    pub dense_us: f64,
+    /// convpress's CSR kernel.
+    pub sparse_us: f64,
+    pub speedup: f64,
+    pub dense_bytes: usize,
+    pub sparse_bytes: usize,
+}
+
+/// Times a layer of `in_f` x `out_f` random weights pruned by magnitude to `sparsity`, dense
+/// (Burn) against CSR (convpress), at `batch`.
+pub fn measure_sparse_linear(
+    layer: &str,
+    in_f: usize,
+    out_f: usize,
+    sparsity: f64,
+    batch: usize,
+    budget: Duration,
+) -> Result<SparseMeasurement, String> {
+    use crate::compress::prune::level_mask;
+    use crate::runtime::sparse::CsrLinear;
+    use crate::runtime::{DenseReference, LinearKernel};
+    use rand::{Rng, SeedableRng};
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut w: Vec<f32> = (0..in_f * out_f)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let keep = level_mask(&w, sparsity)?;
+    for (v, k) in w.iter_mut().zip(&keep) {
+        if !k {
+            *v = 0.0;
+        }
+    }
+    let bias: Vec<f32> = (0..out_f).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+    let x: Vec<f32> = (0..batch * in_f)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+
+    let device = Device::flex();
+    let weight = Tensor::<2>::from_data(TensorData::new(w.clone(), [in_f, out_f]), &device);
+    let b = Tensor::<1>::from_data(TensorData::new(bias.clone(), [out_f]), &device);
+    let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [batch, in_f]), &device);
+    let (iters, secs) = time_loop(budget, || {
+        let y = burn::tensor::module::linear(xt.clone(), weight.clone(), Some(b.clone()));
+        let _: Vec<f32> = y.into_data().try_to_vec().expect("f32");
+    });
+    let dense_us = 1e6 * secs / iters as f64;
+
+    let csr = CsrLinear::from_dense(&DenseReference::from_burn_layout(
+        in_f,
+        out_f,
+        &w,
+        Some(bias),
+    ));
+    let mut y = vec![0f32; batch * out_f];
+    let (iters, secs) = time_loop(budget, || csr.forward(&x, batch, &mut y));
+    let sparse_us = 1e6 * secs / iters as f64;
+    Ok(SparseMeasurement {
+        layer: layer.into(),
+        in_features: in_f,
+        out_features: out_f,
+        sparsity,
+        batch,
+        threads: rayon::current_num_threads(),
+        dense_us,
+        sparse_us,
+        speedup: dense_us / sparse_us,
+        dense_bytes: 4 * (in_f * out_f + out_f),
+        sparse_bytes: csr.weight_bytes(),
+    })
+}

@@ -87,6 +87,18 @@ pub enum FetchDataset {
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
+    /// Pruned fully connected layers: convpress's CSR kernel against Burn's dense linear.
+    Sparse {
+        /// Fraction of weights removed (by magnitude).
+        #[arg(long, value_delimiter = ',', default_values_t = [0.9])]
+        sparsity: Vec<f64>,
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 64])]
+        batch: Vec<usize>,
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Training and inference images per second on synthetic data.
     Train {
         #[arg(long, value_enum, default_value = "lenet5")]
@@ -315,6 +327,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info { checkpoint, json } => run_info(checkpoint, json),
         Command::Bench {
             command:
+                BenchCommand::Sparse {
+                    sparsity,
+                    batch,
+                    seconds,
+                    json,
+                },
+        } => run_bench_sparse(&sparsity, &batch, seconds, json),
+        Command::Bench {
+            command:
                 BenchCommand::Train {
                     model,
                     batch,
@@ -357,6 +378,70 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn run_bench_sparse(
+    sparsity: &[f64],
+    batch: &[usize],
+    seconds: f64,
+    json: bool,
+) -> anyhow::Result<()> {
+    if batch.contains(&0) {
+        bail!("--batch sizes must be at least 1");
+    }
+    if !(seconds.is_finite() && seconds > 0.0) {
+        bail!("--seconds must be positive");
+    }
+    if !json {
+        println!(
+            "{:<14} {:>9} {:>8} {:>5} {:>7} {:>12} {:>12} {:>8} {:>11} {:>12}",
+            "layer",
+            "shape",
+            "sparsity",
+            "batch",
+            "threads",
+            "dense us",
+            "sparse us",
+            "speedup",
+            "dense B",
+            "sparse B"
+        );
+    }
+    // The fully connected layers that dominate LeNet-5's and LeNet-300's parameters.
+    let layers = [("lenet5.fc1", 800, 500), ("lenet300.fc1", 784, 300)];
+    for &s in sparsity {
+        for &(name, i, o) in &layers {
+            for &b in batch {
+                let r = bench::measure_sparse_linear(
+                    name,
+                    i,
+                    o,
+                    s,
+                    b,
+                    Duration::from_secs_f64(seconds),
+                )
+                .map_err(anyhow::Error::msg)?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "{:<14} {:>9} {:>8.2} {:>5} {:>7} {:>12.1} {:>12.1} {:>7.2}x {:>11} {:>12}",
+                        r.layer,
+                        format!("{i}x{o}"),
+                        r.sparsity,
+                        r.batch,
+                        r.threads,
+                        r.dense_us,
+                        r.sparse_us,
+                        r.speedup,
+                        r.dense_bytes,
+                        r.sparse_bytes
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn run_train(args: TrainArgs, device: Device) -> anyhow::Result<()> {

@@ -6,6 +6,7 @@
 //! - [`checkpoint`]: safetensors files that carry their architecture;
 //! - [`compress`]: compression methods (so far: magnitude pruning masks and schedules);
 //! - [`device`]: the Burn backend that runs the tensors;
+//! - [`runtime`]: compressed-inference kernels (so far: sparse CSR linear layers);
 //! - [`bench`]: throughput measurements;
 //! - [`cli`]: the `convpress` command.
 
@@ -16,4 +17,5 @@ pub mod compress;
 pub mod data;
 pub mod device;
 pub mod models;
+pub mod runtime;
 pub mod train;
