@@ -2,4 +2,6 @@
 //! it happens during training is decided by a schedule driving a [`crate::train::TrainHook`]
 //! (the split of Intel Distiller's pruners and policies).
 
+pub mod huffman;
 pub mod prune;
+pub mod share;
