@@ -69,7 +69,7 @@ fn centroid_gradient_is_the_sum_of_member_gradients() {
     let grads = [0.5f32, 0.25, 100.0, -1.0, -1.0, 1.0];
     let c = centroid_step(&book, &grads, 0.1);
     assert!((c[0] - (book.centroids[0] - 0.1 * 0.75)).abs() < 1e-6);
-    assert!((c[1] - (book.centroids[1] - 0.1 * -1.0)).abs() < 1e-6);
+    assert!((c[1] - (book.centroids[1] + 0.1)).abs() < 1e-6, "sum of member gradients is -1");
 }
 
 #[test]
