@@ -215,18 +215,23 @@ pub fn save(path: &Path, network: &Network, meta: &ModelMeta) -> Result<(), Chec
 }
 
 /// A checkpoint read from disk: architecture, metadata and tensors, not yet on a device.
+#[derive(Debug)]
 pub struct Loaded {
     pub arch: Arch,
     pub meta: ModelMeta,
     pub tensors: HashMap<String, (TensorData, Option<ParamId>)>,
 }
 
-/// Reads and checks a checkpoint file.
+/// Reads and checks a checkpoint file: safetensors, or a compressed model (`.cpz`, see
+/// [`crate::compress::format`]), told apart by their first bytes.
 pub fn read(path: &Path) -> Result<Loaded, CheckpointError> {
     let bytes = std::fs::read(path).map_err(|e| CheckpointError::Io {
         path: path.display().to_string(),
         source: e,
     })?;
+    if crate::compress::format::is_compressed(&bytes) {
+        return crate::compress::format::decode(&bytes).map_err(|e| invalid(path, e));
+    }
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| invalid(path, format!("not a safetensors file ({e})")))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)

@@ -62,6 +62,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prune a trained checkpoint by magnitude while retraining it (gradual AGP schedule).
+    Prune(PruneArgs),
+    /// Write a compressed model file: k-means weight sharing of every conv and linear weight,
+    /// sparse relative indices and Huffman coding (Deep Compression's last two stages).
+    Encode(EncodeArgs),
     /// Throughput benchmarks.
     Bench {
         #[command(subcommand)]
@@ -189,6 +194,56 @@ pub struct TrainArgs {
     /// No progress bar even on a terminal.
     #[arg(long)]
     pub no_progress: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// The trained model to prune.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Final fraction of conv and linear weights removed, in every chosen layer.
+    #[arg(long)]
+    pub sparsity: f64,
+    /// Layers to prune by path (`layers.5`); all conv and linear layers if none.
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<String>,
+    /// Retraining epochs; the sparsity ramps up over the first half of them.
+    #[arg(long, default_value_t = 4)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
+    pub lr: f64,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EncodeArgs {
+    /// The (pruned) model to encode.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Output file (default: the checkpoint's name with .cpz).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Bits per shared conv weight (2^bits clusters).
+    #[arg(long, default_value_t = 8)]
+    pub conv_bits: u32,
+    /// Bits per shared fully connected weight.
+    #[arg(long, default_value_t = 5)]
+    pub fc_bits: u32,
+    /// Bits of a relative position index in conv layers (longer gaps use escapes).
+    #[arg(long, default_value_t = 8)]
+    pub conv_gap_bits: u32,
+    #[arg(long, default_value_t = 5)]
+    pub fc_gap_bits: u32,
+    /// Dataset folder, to evaluate the decoded model (skipped if the data is missing).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
 }
 
 fn parse_hw(s: &str) -> Result<[usize; 2], String> {
@@ -325,6 +380,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             cli.device.device()?,
         ),
         Command::Info { checkpoint, json } => run_info(checkpoint, json),
+        Command::Prune(args) => run_prune(args, cli.device.device()?),
+        Command::Encode(args) => run_encode(args, cli.device.device()?),
         Command::Bench {
             command:
                 BenchCommand::Sparse {
@@ -505,6 +562,198 @@ fn run_train(args: TrainArgs, device: Device) -> anyhow::Result<()> {
         last.cumulative_train_seconds,
         outcome.model_path.display()
     );
+    Ok(())
+}
+
+fn run_prune(args: PruneArgs, device: Device) -> anyhow::Result<()> {
+    use crate::compress::prune::{PruneHook, Schedule, sparsity_report};
+    let loaded = checkpoint::read(&args.checkpoint)?;
+    let model = <ModelKind as ValueEnum>::from_str(&loaded.arch.name, true).map_err(|_| {
+        anyhow::anyhow!(
+            "{}: model {:?} is not one convpress can retrain",
+            args.checkpoint.display(),
+            loaded.arch.name
+        )
+    })?;
+    let hook = PruneHook::new(
+        args.layers.clone(),
+        Schedule::AgpOverRun {
+            final_sparsity: args.sparsity,
+            fraction: 0.5,
+            events: 10,
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("--sparsity: {e}"))?;
+    let mut config = TrainConfig::defaults(model, loaded.meta.dataset);
+    if let Some(d) = &args.data_dir {
+        config.data_dir = d.clone();
+    }
+    config.epochs = args.epochs;
+    config.seed = args.seed;
+    config.pad = Some(loaded.meta.preprocess.pad);
+    config.resize = loaded.meta.preprocess.resize;
+    config.init_from = Some(args.checkpoint.clone());
+    if let OptimizerConfig::Sgd { lr, .. } = &mut config.optimizer {
+        *lr = args.lr;
+    }
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!(
+            "{}-pruned-{}",
+            model.name(),
+            (args.sparsity * 100.0).round()
+        ))
+    });
+    eprintln!(
+        "pruning {} to {:.1}% sparsity over {} retraining epochs, run folder {}",
+        args.checkpoint.display(),
+        100.0 * args.sparsity,
+        args.epochs,
+        run_dir.display()
+    );
+    let options = TrainOptions {
+        run_dir,
+        device,
+        resume: false,
+        progress_bar: std::io::stderr().is_terminal() && !args.no_progress,
+        verbose: true,
+    };
+    let outcome = train::train(&config, vec![Box::new(hook)], &options)?;
+    let last = outcome.metrics.last().context("no epoch was trained")?;
+    println!(
+        "{:<22} {:>10} {:>10} {:>9}",
+        "layer", "weights", "kept", "kept %"
+    );
+    let (mut total, mut kept) = (0usize, 0usize);
+    for (path, n, zeros) in sparsity_report(&outcome.model) {
+        total += n;
+        kept += n - zeros;
+        println!(
+            "{:<22} {:>10} {:>10} {:>8.2}%",
+            path,
+            n,
+            n - zeros,
+            100.0 * (n - zeros) as f64 / n as f64
+        );
+    }
+    println!(
+        "pruned {}: {} of {} weights kept ({:.2}%), test accuracy {:.2}%; saved to {}",
+        model.name(),
+        kept,
+        total,
+        100.0 * kept as f64 / total.max(1) as f64,
+        100.0 * last.test_acc,
+        outcome.model_path.display()
+    );
+    Ok(())
+}
+
+fn run_encode(args: EncodeArgs, device: Device) -> anyhow::Result<()> {
+    use crate::compress::format::{self, TensorPayload};
+    use crate::compress::share::kmeans_linear;
+    for (name, v, lo) in [
+        ("--conv-bits", args.conv_bits, 1),
+        ("--fc-bits", args.fc_bits, 1),
+        ("--conv-gap-bits", args.conv_gap_bits, 2),
+        ("--fc-gap-bits", args.fc_gap_bits, 2),
+    ] {
+        if !(lo..=16).contains(&v) {
+            bail!("{name} must be between {lo} and 16, got {v}");
+        }
+    }
+    let loaded = checkpoint::read(&args.checkpoint)?;
+    let mut names: Vec<&String> = loaded.tensors.keys().collect();
+    names.sort();
+    let mut payloads = Vec::new();
+    for name in names {
+        let (data, _) = &loaded.tensors[name];
+        let shape = data.shape().to_vec();
+        let values: Vec<f32> = data
+            .clone()
+            .try_to_vec()
+            .map_err(|e| anyhow::anyhow!("{name}: {e:?}"))?;
+        let payload = if name.ends_with("weight") && shape.len() >= 2 {
+            let (bits, gap_bits) = if shape.len() == 4 {
+                (args.conv_bits, args.conv_gap_bits)
+            } else {
+                (args.fc_bits, args.fc_gap_bits)
+            };
+            let book =
+                kmeans_linear(&values, bits, 100).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            TensorPayload::Shared {
+                centroids: book.centroids,
+                assignment: book.assignment,
+                bits,
+                gap_bits,
+            }
+        } else {
+            TensorPayload::Raw(values)
+        };
+        payloads.push((name.clone(), shape, payload));
+    }
+    let (bytes, stages) =
+        format::encode(&loaded.arch, &loaded.meta, payloads).map_err(anyhow::Error::msg)?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.checkpoint.with_extension("cpz"));
+    crate::data::fetch::write_atomic(&out, &bytes)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    let file_bytes = std::fs::metadata(&out)?.len() as usize;
+
+    println!(
+        "{:<22} {:>9} {:>8} {:>7} {:>11} {:>11} {:>11} {:>11}",
+        "tensor", "weights", "kept", "kept %", "dense B", "sparse B", "+shared B", "+huffman B"
+    );
+    let (mut d, mut sp, mut sh, mut hu) = (0, 0, 0, 0);
+    for s in &stages {
+        println!(
+            "{:<22} {:>9} {:>8} {:>6.2}% {:>11} {:>11} {:>11} {:>11}",
+            s.path,
+            s.numel,
+            s.nnz,
+            100.0 * s.nnz as f64 / s.numel.max(1) as f64,
+            s.dense,
+            s.sparse,
+            s.shared,
+            s.huffman
+        );
+        d += s.dense;
+        sp += s.sparse;
+        sh += s.shared;
+        hu += s.huffman;
+    }
+    println!(
+        "{:<22} {:>9} {:>8} {:>7} {:>11} {:>11} {:>11} {:>11}",
+        "total", "", "", "", d, sp, sh, hu
+    );
+    println!(
+        "wrote {}: {} bytes on disk (header, tables and checksum included); dense f32 {} bytes: {:.1}x smaller",
+        out.display(),
+        file_bytes,
+        d,
+        d as f64 / file_bytes as f64
+    );
+    // The decoded file is the model that counts: evaluate it, and the source, if data is here.
+    let dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| loaded.meta.dataset.default_dir());
+    match data::load(loaded.meta.dataset, &dir) {
+        Ok(splits) => {
+            let test = loaded.meta.preprocess.apply(&splits.test);
+            let (src, _) = checkpoint::load(&args.checkpoint, &device)?;
+            let (dec, _) = checkpoint::load(&out, &device)?;
+            let (_, a_src) = train::evaluate(&src, &test, 256, &device);
+            let (_, a_dec) = train::evaluate(&dec, &test, 256, &device);
+            println!(
+                "test accuracy: {:.2}% before encoding, {:.2}% decoded from {}",
+                100.0 * a_src,
+                100.0 * a_dec,
+                out.display()
+            );
+        }
+        Err(e) => println!("(not evaluated: {e})"),
+    }
     Ok(())
 }
 

@@ -148,3 +148,120 @@ fn cuda_without_the_feature_says_how_to_build_it() {
     let out = convpress(&["--device", "cuda", "bench", "train", "--batch", "1"]);
     fails_with(&out, "--features cuda");
 }
+
+#[test]
+fn train_prune_encode_then_eval_and_info_read_the_compressed_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::write_synthetic_mnist(&data, 1000, 200, 28);
+    let d = data.to_str().unwrap();
+    let run = dir.path().join("run");
+    let out = convpress(&[
+        "train",
+        "--model",
+        "lenet300",
+        "--epochs",
+        "2",
+        "--data-dir",
+        d,
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dense = run.join("model.safetensors");
+    let pruned_run = dir.path().join("pruned");
+    let out = convpress(&[
+        "prune",
+        "--checkpoint",
+        dense.to_str().unwrap(),
+        "--sparsity",
+        "0.9",
+        "--epochs",
+        "2",
+        "--data-dir",
+        d,
+        "--run-dir",
+        pruned_run.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("layers.1.weight") && text.contains("10.00%"),
+        "{text}"
+    );
+    let pruned = pruned_run.join("model.safetensors");
+    let cpz = dir.path().join("model.cpz");
+    let out = convpress(&[
+        "encode",
+        "--checkpoint",
+        pruned.to_str().unwrap(),
+        "--out",
+        cpz.to_str().unwrap(),
+        "--data-dir",
+        d,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("smaller") && text.contains("decoded from"),
+        "{text}"
+    );
+    let dense_bytes = std::fs::metadata(&dense).unwrap().len();
+    let cpz_bytes = std::fs::metadata(&cpz).unwrap().len();
+    assert!(cpz_bytes * 10 < dense_bytes, "{cpz_bytes} vs {dense_bytes}");
+    for cmd in ["eval", "info"] {
+        let mut args = vec![cmd, "--checkpoint", cpz.to_str().unwrap()];
+        if cmd == "eval" {
+            args.extend(["--data-dir", d]);
+        }
+        let out = convpress(&args);
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Impossible settings are refused up front.
+    fails_with(
+        &convpress(&[
+            "prune",
+            "--checkpoint",
+            dense.to_str().unwrap(),
+            "--sparsity",
+            "1.0",
+            "--data-dir",
+            d,
+        ]),
+        "--sparsity",
+    );
+    fails_with(
+        &convpress(&[
+            "encode",
+            "--checkpoint",
+            pruned.to_str().unwrap(),
+            "--fc-bits",
+            "0",
+        ]),
+        "--fc-bits",
+    );
+    let mut damaged = std::fs::read(&cpz).unwrap();
+    let mid = damaged.len() / 2;
+    damaged[mid] ^= 0xff;
+    std::fs::write(&cpz, damaged).unwrap();
+    fails_with(
+        &convpress(&["info", "--checkpoint", cpz.to_str().unwrap()]),
+        "checksum",
+    );
+}

@@ -47,7 +47,10 @@ fn kmeans_starts_linear_and_refuses_impossible_settings() {
     // Linear initialisation puts centroids at 1, 10, ..., 64; the first update takes the mean
     // of each one's nearest values: 1..=5 -> 3, 6..=14 -> 10, ..., 60..=64 -> 62.
     let book = kmeans_linear(&w, 3, 1).unwrap();
-    assert_eq!(book.centroids, vec![3.0, 10.0, 19.0, 28.0, 37.0, 46.0, 55.0, 62.0]);
+    assert_eq!(
+        book.centroids,
+        vec![3.0, 10.0, 19.0, 28.0, 37.0, 46.0, 55.0, 62.0]
+    );
     assert!(kmeans_linear(&w, 0, 10).unwrap_err().contains("bits"));
     assert!(
         kmeans_linear(&w[..5], 3, 10)
@@ -69,7 +72,10 @@ fn centroid_gradient_is_the_sum_of_member_gradients() {
     let grads = [0.5f32, 0.25, 100.0, -1.0, -1.0, 1.0];
     let c = centroid_step(&book, &grads, 0.1);
     assert!((c[0] - (book.centroids[0] - 0.1 * 0.75)).abs() < 1e-6);
-    assert!((c[1] - (book.centroids[1] + 0.1)).abs() < 1e-6, "sum of member gradients is -1");
+    assert!(
+        (c[1] - (book.centroids[1] + 0.1)).abs() < 1e-6,
+        "sum of member gradients is -1"
+    );
 }
 
 #[test]

@@ -85,12 +85,43 @@ pub enum Schedule {
         initial: f64,
         final_sparsity: f64,
     },
+    /// AGP from 0 to `final_sparsity` in `events` steps spread over the first `fraction` of
+    /// the run's optimizer steps (resolved into [`Schedule::Agp`] when training starts); the
+    /// rest of the run retrains with the final mask.
+    AgpOverRun {
+        final_sparsity: f64,
+        fraction: f64,
+        events: usize,
+    },
 }
 
 impl Schedule {
+    /// This schedule with run-relative settings made absolute for a run of `total_steps`.
+    pub fn resolve(&self, total_steps: usize) -> Schedule {
+        match *self {
+            Schedule::AgpOverRun {
+                final_sparsity,
+                fraction,
+                events,
+            } => {
+                let events = events.max(1);
+                let span = ((total_steps as f64 * fraction) as usize).max(events);
+                Schedule::Agp {
+                    start_step: 0,
+                    every: (span / events).max(1),
+                    events,
+                    initial: 0.0,
+                    final_sparsity,
+                }
+            }
+            ref other => other.clone(),
+        }
+    }
+
     /// The target sparsity if the hook should prune before step `step`, else `None`.
     pub fn target(&self, step: usize) -> Option<f64> {
         match *self {
+            Schedule::AgpOverRun { .. } => None,
             Schedule::OneShot { at_step, sparsity } => (step == at_step).then_some(sparsity),
             Schedule::Agp {
                 start_step,
@@ -120,6 +151,13 @@ impl Schedule {
                 ..
             } if !ok(initial) || !ok(final_sparsity) || initial > final_sparsity => Err(format!(
                 "AGP needs 0 <= initial <= final < 1, got {initial} and {final_sparsity}"
+            )),
+            Schedule::AgpOverRun {
+                final_sparsity,
+                fraction,
+                ..
+            } if !(ok(final_sparsity) && fraction > 0.0 && fraction <= 1.0) => Err(format!(
+                "sparsity must be in [0, 1) and the pruning fraction in (0, 1], got {final_sparsity} and {fraction}"
             )),
             _ => Ok(()),
         }
@@ -263,6 +301,10 @@ impl TrainHook for PruneHook {
     }
 
     fn on_epoch_begin(&mut self, progress: &Progress, model: Network) -> Network {
+        if matches!(self.schedule, Schedule::AgpOverRun { .. }) {
+            let remaining = (progress.epochs - progress.epoch) * progress.batches;
+            self.schedule = self.schedule.resolve(progress.step + remaining);
+        }
         // A schedule that prunes before the very first step; later pruning events happen in
         // `after_step`, for the step that follows.
         if progress.step == 0

@@ -73,6 +73,10 @@ pub struct TrainConfig {
     /// Use only the first N training / test images (quick runs and tests).
     pub train_limit: Option<usize>,
     pub test_limit: Option<usize>,
+    /// Start from this checkpoint's weights instead of a fresh initialisation (fine-tuning,
+    /// retraining after pruning). Its architecture must be the one `model` builds.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
 }
 
 impl TrainConfig {
@@ -121,6 +125,7 @@ impl TrainConfig {
             augment: Augment::default(),
             train_limit: None,
             test_limit: None,
+            init_from: None,
         }
     }
 

@@ -192,7 +192,11 @@ pub fn train(
                 serde_json::to_string_pretty(config)?.as_bytes(),
             )?;
             ad.seed(config.seed);
-            let model = Network::new(&arch, &ad).map_err(anyhow::Error::msg)?;
+            let fresh = Network::new(&arch, &ad).map_err(anyhow::Error::msg)?;
+            let model = match &config.init_from {
+                Some(path) => checkpoint::load_into(path, fresh)?.0,
+                None => fresh,
+            };
             let state = TrainState {
                 epochs_done: 0,
                 steps: 0,

@@ -1,0 +1,398 @@
+//! The compressed model file (`.cpz`): a pruned, weight-shared model with Huffman-coded
+//! indices, which decodes to exactly the model that was evaluated.
+//!
+//! Byte layout, version 1 (all integers little-endian):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | magic `CVPZ` |
+//! | 4 | 2 | format version (1) |
+//! | 6 | 2 | reserved, 0 |
+//! | 8 | 8 | `body_len`: bytes of the body |
+//! | 16 | `body_len` | body |
+//! | 16 + `body_len` | 4 | CRC-32 (IEEE) of every byte before it |
+//!
+//! Body: a u32 length and a UTF-8 JSON header (`arch`, `meta`, and one entry per tensor in
+//! file order: path, shape, encoding and section sizes), then each tensor's section:
+//! - `raw`: the values as f32.
+//! - `shared` (Deep Compression, sections 2-4): `2^bits` f32 centroids; `2^bits` code lengths
+//!   (u8) of the Huffman code of cluster indices; `2^gap_bits` code lengths of the code of
+//!   position gaps; the gap stream; the index stream. Walking the tensor in storage order,
+//!   each non-zero entry is preceded by its gap (zeros skipped since the previous entry). A
+//!   gap of `2^gap_bits - 1` or more is written as escape symbols (`2^gap_bits - 1`, each
+//!   skipping that many zeros with no entry) followed by the remainder; the paper writes
+//!   filler zero entries instead, which costs an index as well.
+//!
+//! The reader checks the magic, version, length and checksum before it parses anything, and
+//! bounds every count by the architecture and the bytes present, so a damaged file is refused
+//! with a message, never a panic or a huge allocation.
+
+use super::huffman;
+use crate::checkpoint::{Loaded, ModelMeta};
+use crate::models::Arch;
+use burn::tensor::{DType, TensorData};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+pub const MAGIC: &[u8; 4] = b"CVPZ";
+pub const VERSION: u16 = 1;
+/// Largest model the reader accepts (1 GiB of f32 weights).
+pub const MAX_PARAMS: usize = 1 << 28;
+
+/// How one tensor is stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "encoding", rename_all = "lowercase")]
+pub enum Encoding {
+    Raw,
+    Shared {
+        bits: u32,
+        gap_bits: u32,
+        nnz: usize,
+        gap_symbols: usize,
+        gap_stream_bits: u64,
+        index_stream_bits: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorEntry {
+    pub path: String,
+    pub shape: Vec<usize>,
+    #[serde(flatten)]
+    pub encoding: Encoding,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Header {
+    arch: Arch,
+    meta: ModelMeta,
+    tensors: Vec<TensorEntry>,
+}
+
+/// One tensor to write: raw values, or a codebook and its assignment (`None` = pruned).
+pub enum TensorPayload {
+    Raw(Vec<f32>),
+    Shared {
+        centroids: Vec<f32>,
+        assignment: Vec<Option<u16>>,
+        bits: u32,
+        gap_bits: u32,
+    },
+}
+
+/// Bytes of each stage of one tensor's compression, for the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageBytes {
+    pub path: String,
+    pub numel: usize,
+    pub nnz: usize,
+    /// f32, every entry.
+    pub dense: usize,
+    /// f32 values of the non-zeros plus fixed-width relative indices.
+    pub sparse: usize,
+    /// Fixed-width cluster indices plus relative indices, plus the codebook.
+    pub shared: usize,
+    /// What the file really spends on the tensor (Huffman-coded streams, tables, codebook).
+    pub huffman: usize,
+}
+
+fn gap_symbols(assignment: &[Option<u16>], gap_bits: u32) -> (Vec<u32>, Vec<u32>) {
+    let esc = (1u32 << gap_bits) - 1;
+    let (mut gaps, mut indices) = (Vec::new(), Vec::new());
+    let mut run = 0u64;
+    for a in assignment {
+        match a {
+            None => run += 1,
+            Some(k) => {
+                while run >= esc as u64 {
+                    gaps.push(esc);
+                    run -= esc as u64;
+                }
+                gaps.push(run as u32);
+                indices.push(*k as u32);
+                run = 0;
+            }
+        }
+    }
+    (gaps, indices)
+}
+
+fn freqs(symbols: &[u32], alphabet: usize) -> Vec<u64> {
+    let mut f = vec![0u64; alphabet];
+    for &s in symbols {
+        f[s as usize] += 1;
+    }
+    f
+}
+
+/// Writes a model file: `tensors` in the order given, each with its path and shape.
+pub fn encode(
+    arch: &Arch,
+    meta: &ModelMeta,
+    tensors: Vec<(String, Vec<usize>, TensorPayload)>,
+) -> Result<(Vec<u8>, Vec<StageBytes>), String> {
+    let mut entries = Vec::new();
+    let mut sections: Vec<Vec<u8>> = Vec::new();
+    let mut stages = Vec::new();
+    for (path, shape, payload) in tensors {
+        let numel: usize = shape.iter().product();
+        let mut sec = Vec::new();
+        match payload {
+            TensorPayload::Raw(v) => {
+                if v.len() != numel {
+                    return Err(format!("{path}: {} values for shape {shape:?}", v.len()));
+                }
+                for x in &v {
+                    sec.extend_from_slice(&x.to_le_bytes());
+                }
+                stages.push(StageBytes {
+                    path: path.clone(),
+                    numel,
+                    nnz: v.iter().filter(|&&x| x != 0.0).count(),
+                    dense: 4 * numel,
+                    sparse: 4 * numel,
+                    shared: 4 * numel,
+                    huffman: sec.len(),
+                });
+                entries.push(TensorEntry {
+                    path,
+                    shape,
+                    encoding: Encoding::Raw,
+                });
+            }
+            TensorPayload::Shared {
+                centroids,
+                assignment,
+                bits,
+                gap_bits,
+            } => {
+                if !(1..=16).contains(&bits) || !(2..=16).contains(&gap_bits) {
+                    return Err(format!(
+                        "{path}: bits {bits} / gap bits {gap_bits} out of range"
+                    ));
+                }
+                let k = 1usize << bits;
+                if centroids.len() != k || assignment.len() != numel {
+                    return Err(format!("{path}: codebook or assignment does not fit"));
+                }
+                if assignment.iter().flatten().any(|&a| a as usize >= k) {
+                    return Err(format!("{path}: cluster index out of range"));
+                }
+                let (gaps, indices) = gap_symbols(&assignment, gap_bits);
+                let gap_lens = huffman::code_lengths(&freqs(&gaps, 1 << gap_bits));
+                let idx_lens = huffman::code_lengths(&freqs(&indices, k));
+                let (gap_stream, gap_bits_used) = huffman::encode(&gaps, &gap_lens)?;
+                let (idx_stream, idx_bits_used) = huffman::encode(&indices, &idx_lens)?;
+                for c in &centroids {
+                    sec.extend_from_slice(&c.to_le_bytes());
+                }
+                sec.extend_from_slice(&idx_lens);
+                sec.extend_from_slice(&gap_lens);
+                sec.extend_from_slice(&gap_stream);
+                sec.extend_from_slice(&idx_stream);
+                let nnz = indices.len();
+                let fillers = gaps.len() - nnz;
+                stages.push(StageBytes {
+                    path: path.clone(),
+                    numel,
+                    nnz,
+                    dense: 4 * numel,
+                    sparse: (nnz * 32 + gaps.len() * gap_bits as usize + fillers * 32).div_ceil(8),
+                    shared: (gaps.len() * (bits + gap_bits) as usize).div_ceil(8) + 4 * k,
+                    huffman: sec.len(),
+                });
+                entries.push(TensorEntry {
+                    path,
+                    shape,
+                    encoding: Encoding::Shared {
+                        bits,
+                        gap_bits,
+                        nnz,
+                        gap_symbols: gaps.len(),
+                        gap_stream_bits: gap_bits_used,
+                        index_stream_bits: idx_bits_used,
+                    },
+                });
+            }
+        }
+        sections.push(sec);
+    }
+    let header = serde_json::to_vec(&Header {
+        arch: arch.clone(),
+        meta: meta.clone(),
+        tensors: entries,
+    })
+    .map_err(|e| e.to_string())?;
+    let mut body = Vec::new();
+    body.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    body.extend_from_slice(&header);
+    for s in sections {
+        body.extend_from_slice(&s);
+    }
+    let mut out = Vec::with_capacity(body.len() + 20);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&body);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    Ok((out, stages))
+}
+
+/// A bounds-checked reader over the body.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| format!("truncated: {what} needs {n} bytes"))?;
+        let s = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// True if `bytes` start like a compressed model file.
+pub fn is_compressed(bytes: &[u8]) -> bool {
+    bytes.starts_with(MAGIC)
+}
+
+/// Decodes a model file into its architecture, metadata and dense tensors.
+pub fn decode(bytes: &[u8]) -> Result<Loaded, String> {
+    if bytes.len() < 20 || !is_compressed(bytes) {
+        return Err("not a convpress compressed model (bad magic or too short)".into());
+    }
+    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    if version != VERSION {
+        return Err(format!(
+            "format version {version}, this convpress reads {VERSION}"
+        ));
+    }
+    let body_len = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    if body_len.checked_add(20) != Some(bytes.len() as u64) {
+        return Err(format!(
+            "truncated or padded: header says {} bytes, file has {}",
+            body_len.saturating_add(20),
+            bytes.len()
+        ));
+    }
+    let (content, tail) = bytes.split_at(bytes.len() - 4);
+    let want = u32::from_le_bytes(tail.try_into().expect("4 bytes"));
+    if crc32fast::hash(content) != want {
+        return Err("checksum mismatch: the file is damaged".into());
+    }
+    let mut c = Cursor {
+        bytes: &content[16..],
+        pos: 0,
+    };
+    let hlen = u32::from_le_bytes(c.take(4, "header length")?.try_into().expect("4"));
+    let header: Header = serde_json::from_slice(c.take(hlen as usize, "header")?)
+        .map_err(|e| format!("header is damaged: {e}"))?;
+    header
+        .arch
+        .validate()
+        .map_err(|e| format!("architecture is inconsistent: {e}"))?;
+    // Every tensor size is bounded by the architecture (parameters plus batch-norm
+    // statistics), and the architecture by MAX_PARAMS, so no header can ask for a huge
+    // allocation.
+    if header.arch.num_params() > MAX_PARAMS {
+        return Err(format!(
+            "the architecture has {} parameters, more than the {MAX_PARAMS} this reader accepts",
+            header.arch.num_params()
+        ));
+    }
+    let limit = 2 * header.arch.num_params() + 1024;
+    let mut tensors = HashMap::new();
+    for t in &header.tensors {
+        let numel = t
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= limit)
+            .ok_or_else(|| format!("{}: shape {:?} is not plausible", t.path, t.shape))?;
+        let values = match &t.encoding {
+            Encoding::Raw => f32s(c.take(4 * numel, &t.path)?),
+            &Encoding::Shared {
+                bits,
+                gap_bits,
+                nnz,
+                gap_symbols,
+                gap_stream_bits,
+                index_stream_bits,
+            } => {
+                if !(1..=16).contains(&bits) || !(2..=16).contains(&gap_bits) {
+                    return Err(format!("{}: bits out of range", t.path));
+                }
+                if nnz > numel || gap_symbols < nnz || gap_symbols > numel + nnz {
+                    return Err(format!("{}: entry counts do not fit the shape", t.path));
+                }
+                let k = 1usize << bits;
+                let centroids = f32s(c.take(4 * k, &t.path)?);
+                let idx_lens = c.take(k, &t.path)?.to_vec();
+                let gap_lens = c.take(1 << gap_bits, &t.path)?.to_vec();
+                let gb = gap_stream_bits.div_ceil(8) as usize;
+                let gap_stream = c.take(gb, &t.path)?;
+                let ib = index_stream_bits.div_ceil(8) as usize;
+                let idx_stream = c.take(ib, &t.path)?;
+                let gaps = huffman::decode(gap_stream, gap_stream_bits, gap_symbols, &gap_lens)
+                    .map_err(|e| format!("{}: gap stream: {e}", t.path))?;
+                let idx = huffman::decode(idx_stream, index_stream_bits, nnz, &idx_lens)
+                    .map_err(|e| format!("{}: index stream: {e}", t.path))?;
+                let esc = (1u32 << gap_bits) - 1;
+                let mut out = vec![0f32; numel];
+                let (mut pos, mut next) = (0usize, 0usize);
+                for g in gaps {
+                    pos += g as usize;
+                    if g == esc {
+                        continue;
+                    }
+                    let k = *idx
+                        .get(next)
+                        .ok_or_else(|| format!("{}: index stream too short", t.path))?;
+                    let slot = out
+                        .get_mut(pos)
+                        .ok_or_else(|| format!("{}: an entry falls outside the tensor", t.path))?;
+                    *slot = centroids[k as usize];
+                    pos += 1;
+                    next += 1;
+                }
+                if next != nnz {
+                    return Err(format!(
+                        "{}: {next} entries decoded, {nnz} expected",
+                        t.path
+                    ));
+                }
+                out
+            }
+        };
+        let data = TensorData::new(values, t.shape.clone()).convert_dtype(DType::F32);
+        if tensors.insert(t.path.clone(), (data, None)).is_some() {
+            return Err(format!("{} appears twice", t.path));
+        }
+    }
+    if c.pos != c.bytes.len() {
+        return Err(format!(
+            "{} unexplained bytes after the last tensor",
+            c.bytes.len() - c.pos
+        ));
+    }
+    Ok(Loaded {
+        arch: header.arch,
+        meta: header.meta,
+        tensors,
+    })
+}
