@@ -38,14 +38,15 @@ fn meta() -> ModelMeta {
     }
 }
 
-/// LeNet-300's tensors, weights replaced by random sparse quantised layers.
-fn random_model(
-    rng: &mut Rng,
-) -> (
+/// The tensors to write, in order, and the values each must decode to.
+type Model = (
     convpress::models::Arch,
     Vec<(String, Vec<usize>, TensorPayload)>,
     Vec<Vec<f32>>,
-) {
+);
+
+/// LeNet-300's tensors, weights replaced by random sparse quantised layers.
+fn random_model(rng: &mut Rng) -> Model {
     let arch = ModelKind::Lenet300.arch([1, 28, 28], 10).unwrap();
     let shapes = [
         ("layers.1.bias", vec![300]),
