@@ -53,20 +53,20 @@ fn invalid(path: &Path, why: impl Into<String>) -> CheckpointError {
 /// Tracks the dotted path of the module being visited. Enum variant names are left out, so
 /// paths name positions (`layers.3.weight`), not layer types.
 #[derive(Default)]
-struct PathStack(Vec<String>);
+pub struct PathStack(Vec<String>);
 
 impl PathStack {
-    fn enter(&mut self, name: &str, container: &str) {
+    pub fn enter(&mut self, name: &str, container: &str) {
         self.0.push(if container.starts_with("Enum") {
             String::new()
         } else {
             name.to_string()
         });
     }
-    fn exit(&mut self) {
+    pub fn exit(&mut self) {
         self.0.pop();
     }
-    fn path(&self) -> String {
+    pub fn path(&self) -> String {
         self.0
             .iter()
             .filter(|s| !s.is_empty())

@@ -14,7 +14,7 @@
 //! Status: the masks, methods, schedule and hook are here and tested; sparse storage, sparse
 //! kernels, sensitivity analysis and the command line are not yet (see the README).
 
-use crate::checkpoint::named_tensors;
+use crate::checkpoint::{PathStack, named_tensors};
 use crate::models::Network;
 use crate::train::{Progress, TrainHook};
 use burn::module::{Module, ModuleMapper, Param};
@@ -193,35 +193,25 @@ impl Masks {
     pub fn apply(&self, model: Network) -> Network {
         model.map(&mut ApplyMasks {
             masks: &self.masks,
-            path: Vec::new(),
+            path: PathStack::default(),
         })
     }
 }
 
 struct ApplyMasks<'a> {
     masks: &'a BTreeMap<String, Tensor<1>>,
-    path: Vec<String>,
+    path: PathStack,
 }
 
 impl ModuleMapper for ApplyMasks<'_> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.push(if container_type.starts_with("Enum") {
-            String::new()
-        } else {
-            name.to_string()
-        });
+        self.path.enter(name, container_type);
     }
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
+        self.path.exit();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let path = self
-            .path
-            .iter()
-            .filter(|s| !s.is_empty())
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(".");
+        let path = self.path.path();
         let Some(mask) = self.masks.get(&path) else {
             return param;
         };
