@@ -241,6 +241,15 @@ pub struct EncodeArgs {
     pub conv_gap_bits: u32,
     #[arg(long, default_value_t = 5)]
     pub fc_gap_bits: u32,
+    /// Epochs of centroid fine-tuning before writing (0: share without retraining).
+    #[arg(long, default_value_t = 0)]
+    pub finetune_epochs: usize,
+    /// Learning rate of the centroids during fine-tuning.
+    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
+    pub finetune_lr: f64,
+    /// Run folder of the fine-tuning (default: next to --out).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
     /// Dataset folder, to evaluate the decoded model (skipped if the data is missing).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -565,16 +574,49 @@ fn run_train(args: TrainArgs, device: Device) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_prune(args: PruneArgs, device: Device) -> anyhow::Result<()> {
-    use crate::compress::prune::{PruneHook, Schedule, sparsity_report};
-    let loaded = checkpoint::read(&args.checkpoint)?;
+/// Settings to retrain the model of `checkpoint` (its dataset and preprocessing) from its
+/// weights, for `epochs` at rate `lr`.
+fn retrain_config(
+    checkpoint: &std::path::Path,
+    loaded: &checkpoint::Loaded,
+    epochs: usize,
+    lr: f64,
+    seed: u64,
+    data_dir: Option<&PathBuf>,
+) -> anyhow::Result<(ModelKind, TrainConfig)> {
     let model = <ModelKind as ValueEnum>::from_str(&loaded.arch.name, true).map_err(|_| {
         anyhow::anyhow!(
             "{}: model {:?} is not one convpress can retrain",
-            args.checkpoint.display(),
+            checkpoint.display(),
             loaded.arch.name
         )
     })?;
+    let mut config = TrainConfig::defaults(model, loaded.meta.dataset);
+    if let Some(d) = data_dir {
+        config.data_dir = d.clone();
+    }
+    config.epochs = epochs;
+    config.seed = seed;
+    config.pad = Some(loaded.meta.preprocess.pad);
+    config.resize = loaded.meta.preprocess.resize;
+    config.init_from = Some(checkpoint.to_path_buf());
+    if let OptimizerConfig::Sgd { lr: l, .. } = &mut config.optimizer {
+        *l = lr;
+    }
+    Ok((model, config))
+}
+
+fn run_prune(args: PruneArgs, device: Device) -> anyhow::Result<()> {
+    use crate::compress::prune::{PruneHook, Schedule, sparsity_report};
+    let loaded = checkpoint::read(&args.checkpoint)?;
+    let (model, config) = retrain_config(
+        &args.checkpoint,
+        &loaded,
+        args.epochs,
+        args.lr,
+        args.seed,
+        args.data_dir.as_ref(),
+    )?;
     let hook = PruneHook::new(
         args.layers.clone(),
         Schedule::AgpOverRun {
@@ -584,18 +626,6 @@ fn run_prune(args: PruneArgs, device: Device) -> anyhow::Result<()> {
         },
     )
     .map_err(|e| anyhow::anyhow!("--sparsity: {e}"))?;
-    let mut config = TrainConfig::defaults(model, loaded.meta.dataset);
-    if let Some(d) = &args.data_dir {
-        config.data_dir = d.clone();
-    }
-    config.epochs = args.epochs;
-    config.seed = args.seed;
-    config.pad = Some(loaded.meta.preprocess.pad);
-    config.resize = loaded.meta.preprocess.resize;
-    config.init_from = Some(args.checkpoint.clone());
-    if let OptimizerConfig::Sgd { lr, .. } = &mut config.optimizer {
-        *lr = args.lr;
-    }
     let run_dir = args.run_dir.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
             "{}-pruned-{}",
@@ -660,42 +690,95 @@ fn run_encode(args: EncodeArgs, device: Device) -> anyhow::Result<()> {
             bail!("{name} must be between {lo} and 16, got {v}");
         }
     }
-    let loaded = checkpoint::read(&args.checkpoint)?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.checkpoint.with_extension("cpz"));
+    let mut loaded = checkpoint::read(&args.checkpoint)?;
+    let is_shared = |name: &str, shape: &[usize]| name.ends_with("weight") && shape.len() >= 2;
+    let bits_of = |shape: &[usize]| {
+        if shape.len() == 4 {
+            (args.conv_bits, args.conv_gap_bits)
+        } else {
+            (args.fc_bits, args.fc_gap_bits)
+        }
+    };
+    // Cluster every conv and linear weight tensor.
+    let mut books = std::collections::BTreeMap::new();
+    for (name, (data, _)) in &loaded.tensors {
+        let shape = data.shape().to_vec();
+        if is_shared(name, &shape) {
+            let values: Vec<f32> = data
+                .clone()
+                .try_to_vec()
+                .map_err(|e| anyhow::anyhow!("{name}: {e:?}"))?;
+            let book = kmeans_linear(&values, bits_of(&shape).0, 100)
+                .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            books.insert(name.clone(), book);
+        }
+    }
+    // Optionally fine-tune the centroids (and the unshared biases) on the training data.
+    if args.finetune_epochs > 0 {
+        use crate::compress::share::finetune::ShareHook;
+        let (_, config) = retrain_config(
+            &args.checkpoint,
+            &loaded,
+            args.finetune_epochs,
+            args.finetune_lr,
+            1,
+            args.data_dir.as_ref(),
+        )?;
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(books));
+        let run_dir = args
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| out.with_extension("finetune"));
+        eprintln!(
+            "fine-tuning the shared weights for {} epochs, run folder {}",
+            args.finetune_epochs,
+            run_dir.display()
+        );
+        let options = TrainOptions {
+            run_dir,
+            device: device.clone(),
+            resume: false,
+            progress_bar: std::io::stderr().is_terminal(),
+            verbose: true,
+        };
+        let outcome = train::train(
+            &config,
+            vec![Box::new(ShareHook::new(shared.clone()))],
+            &options,
+        )?;
+        loaded = checkpoint::read(&outcome.model_path)?;
+        books = std::mem::take(&mut *shared.lock().expect("codebooks"));
+    }
     let mut names: Vec<&String> = loaded.tensors.keys().collect();
     names.sort();
     let mut payloads = Vec::new();
     for name in names {
         let (data, _) = &loaded.tensors[name];
         let shape = data.shape().to_vec();
-        let values: Vec<f32> = data
-            .clone()
-            .try_to_vec()
-            .map_err(|e| anyhow::anyhow!("{name}: {e:?}"))?;
-        let payload = if name.ends_with("weight") && shape.len() >= 2 {
-            let (bits, gap_bits) = if shape.len() == 4 {
-                (args.conv_bits, args.conv_gap_bits)
-            } else {
-                (args.fc_bits, args.fc_gap_bits)
-            };
-            let book =
-                kmeans_linear(&values, bits, 100).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-            TensorPayload::Shared {
-                centroids: book.centroids,
-                assignment: book.assignment,
-                bits,
-                gap_bits,
+        let payload = match books.remove(name) {
+            Some(book) => {
+                let (bits, gap_bits) = bits_of(&shape);
+                TensorPayload::Shared {
+                    centroids: book.centroids,
+                    assignment: book.assignment,
+                    bits,
+                    gap_bits,
+                }
             }
-        } else {
-            TensorPayload::Raw(values)
+            None => TensorPayload::Raw(
+                data.clone()
+                    .try_to_vec()
+                    .map_err(|e| anyhow::anyhow!("{name}: {e:?}"))?,
+            ),
         };
         payloads.push((name.clone(), shape, payload));
     }
     let (bytes, stages) =
         format::encode(&loaded.arch, &loaded.meta, payloads).map_err(anyhow::Error::msg)?;
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| args.checkpoint.with_extension("cpz"));
     crate::data::fetch::write_atomic(&out, &bytes)
         .with_context(|| format!("cannot write {}", out.display()))?;
     let file_bytes = std::fs::metadata(&out)?.len() as usize;

@@ -176,3 +176,104 @@ fn huffman_refuses_damaged_input() {
         "symbol outside the alphabet"
     );
 }
+
+mod common;
+
+#[test]
+fn centroid_fine_tuning_keeps_each_layer_on_its_codebook() {
+    use burn::prelude::Device;
+    use convpress::checkpoint::named_tensors;
+    use convpress::compress::share::finetune::ShareHook;
+    use convpress::data::DatasetKind;
+    use convpress::models::ModelKind;
+    use convpress::train::{self, TrainConfig, TrainOptions};
+    use std::collections::{BTreeMap, HashSet};
+    use std::sync::{Arc, Mutex};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::write_synthetic_mnist(&data, 640, 300, 28);
+    let options = |name: &str| TrainOptions {
+        run_dir: dir.path().join(name),
+        device: Device::flex(),
+        resume: false,
+        progress_bar: false,
+        verbose: false,
+    };
+    let mut c = TrainConfig::defaults(ModelKind::Lenet300, DatasetKind::Mnist);
+    c.data_dir = data;
+    c.epochs = 2;
+    c.batch_size = 32;
+    let dense = train::train(&c, vec![], &options("dense")).unwrap();
+
+    // 3-bit codebooks for every weight matrix, with a third of the first layer pruned.
+    let mut books = BTreeMap::new();
+    for (path, _, d) in named_tensors(&dense.model) {
+        if path.ends_with("weight") {
+            let mut w: Vec<f32> = d.try_to_vec().unwrap();
+            if path == "layers.1.weight" {
+                for v in w.iter_mut().step_by(3) {
+                    *v = 0.0;
+                }
+            }
+            books.insert(path, kmeans_linear(&w, 3, 50).unwrap());
+        }
+    }
+    let before: BTreeMap<String, Vec<f32>> = books
+        .iter()
+        .map(|(p, b)| (p.clone(), b.centroids.clone()))
+        .collect();
+    let shared = Arc::new(Mutex::new(books));
+    c.init_from = Some(dense.model_path.clone());
+    c.epochs = 1;
+    c.optimizer = train::OptimizerConfig::Sgd {
+        lr: 1e-3,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+    };
+    let tuned = train::train(
+        &c,
+        vec![Box::new(ShareHook::new(shared.clone()))],
+        &options("tuned"),
+    )
+    .unwrap();
+    let books = shared.lock().unwrap();
+    for (path, _, d) in named_tensors(&tuned.model) {
+        let Some(book) = books.get(&path) else {
+            continue;
+        };
+        let w: Vec<f32> = d.try_to_vec().unwrap();
+        assert_eq!(
+            w,
+            book.decode(),
+            "{path}: weights are exactly the decoded codebook"
+        );
+        let distinct: HashSet<u32> = w
+            .iter()
+            .filter(|v| **v != 0.0)
+            .map(|v| v.to_bits())
+            .collect();
+        assert!(distinct.len() <= 8, "{path}: {} values", distinct.len());
+        assert_ne!(
+            book.centroids, before[&path],
+            "{path}: centroids were trained"
+        );
+    }
+    let zeros = named_tensors(&tuned.model)
+        .into_iter()
+        .find(|(p, _, _)| p == "layers.1.weight")
+        .map(|(_, _, d)| {
+            d.try_to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .step_by(3)
+                .all(|&v| v == 0.0)
+        })
+        .unwrap();
+    assert!(zeros, "pruned weights stay zero");
+    assert!(
+        tuned.metrics[0].test_acc > 0.8,
+        "{}",
+        tuned.metrics[0].test_acc
+    );
+}

@@ -119,3 +119,111 @@ pub fn centroid_step(book: &Codebook, grads: &[f32], lr: f32) -> Vec<f32> {
         .map(|(c, g)| c - lr * g)
         .collect()
 }
+
+/// Trains the shared values of a weight-shared model (Deep Compression, section 3.3): every
+/// step, the gradient of each centroid is the sum of its members' gradients and the centroid
+/// takes an SGD step; the weights' own gradients are withheld from the optimizer, and the
+/// weights are rewritten from the centroids after the step, so each layer keeps exactly
+/// `2^bits` values and its pruned entries stay zero.
+pub mod finetune {
+    use super::{Codebook, centroid_step};
+    use crate::checkpoint::{PathStack, named_tensors};
+    use crate::models::Network;
+    use crate::train::{Progress, TrainHook};
+    use burn::module::{Module, ModuleMapper, Param, ParamId};
+    use burn::optim::GradientsParams;
+    use burn::prelude::*;
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    /// Codebooks by parameter path, shared with the caller so the trained ones can be read
+    /// after training.
+    pub type SharedBooks = Arc<Mutex<BTreeMap<String, Codebook>>>;
+
+    pub struct ShareHook {
+        books: SharedBooks,
+        ids: BTreeMap<String, (ParamId, usize)>,
+    }
+
+    impl ShareHook {
+        pub fn new(books: SharedBooks) -> Self {
+            ShareHook {
+                books,
+                ids: BTreeMap::new(),
+            }
+        }
+
+        fn write_back(&self, model: Network) -> Network {
+            let books = self.books.lock().expect("codebooks");
+            let values: BTreeMap<String, Vec<f32>> =
+                books.iter().map(|(p, b)| (p.clone(), b.decode())).collect();
+            model.map(&mut WriteValues {
+                values: &values,
+                path: PathStack::default(),
+            })
+        }
+    }
+
+    struct WriteValues<'a> {
+        values: &'a BTreeMap<String, Vec<f32>>,
+        path: PathStack,
+    }
+
+    impl ModuleMapper for WriteValues<'_> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.exit();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let Some(v) = self.values.get(&self.path.path()) else {
+                return param;
+            };
+            param.map(|w| {
+                let grad = w.is_require_grad();
+                let t = Tensor::<D>::from_data(TensorData::new(v.clone(), w.shape()), &w.device());
+                if grad { t.require_grad() } else { t }
+            })
+        }
+    }
+
+    impl TrainHook for ShareHook {
+        fn name(&self) -> &str {
+            "share"
+        }
+
+        fn on_epoch_begin(&mut self, _p: &Progress, model: Network) -> Network {
+            let books = self.books.lock().expect("codebooks");
+            self.ids = named_tensors(&model)
+                .into_iter()
+                .filter(|(p, _, _)| books.contains_key(p))
+                .map(|(p, id, d)| (p, (id, d.rank())))
+                .collect();
+            drop(books);
+            self.write_back(model)
+        }
+
+        fn before_step(&mut self, p: &Progress, _model: &Network, grads: &mut GradientsParams) {
+            let mut books = self.books.lock().expect("codebooks");
+            for (path, &(id, rank)) in &self.ids {
+                let g: Option<Vec<f32>> = match rank {
+                    2 => grads
+                        .remove::<2>(id)
+                        .map(|t| t.into_data().try_to_vec().expect("f32")),
+                    4 => grads
+                        .remove::<4>(id)
+                        .map(|t| t.into_data().try_to_vec().expect("f32")),
+                    _ => None,
+                };
+                if let (Some(g), Some(book)) = (g, books.get_mut(path)) {
+                    book.centroids = centroid_step(book, &g, p.lr as f32);
+                }
+            }
+        }
+
+        fn after_step(&mut self, _p: &Progress, model: Network) -> Network {
+            self.write_back(model)
+        }
+    }
+}
