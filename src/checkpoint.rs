@@ -6,7 +6,7 @@
 //! id) finds its parameters again. Files are written to a temporary sibling and renamed, so a
 //! crash never leaves half a checkpoint.
 
-use crate::data::fetch::write_atomic;
+use crate::atomic_file::write_atomic;
 use crate::data::{DatasetKind, Preprocess};
 use crate::models::{Arch, Network};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
@@ -53,20 +53,20 @@ fn invalid(path: &Path, why: impl Into<String>) -> CheckpointError {
 /// Tracks the dotted path of the module being visited. Enum variant names are left out, so
 /// paths name positions (`layers.3.weight`), not layer types.
 #[derive(Default)]
-pub struct PathStack(Vec<String>);
+struct PathStack(Vec<String>);
 
 impl PathStack {
-    pub fn enter(&mut self, name: &str, container: &str) {
+    fn enter(&mut self, name: &str, container: &str) {
         self.0.push(if container.starts_with("Enum") {
             String::new()
         } else {
             name.to_string()
         });
     }
-    pub fn exit(&mut self) {
+    fn exit(&mut self) {
         self.0.pop();
     }
-    pub fn path(&self) -> String {
+    fn path(&self) -> String {
         self.0
             .iter()
             .filter(|s| !s.is_empty())
@@ -107,6 +107,52 @@ pub fn named_tensors<M: Module>(module: &M) -> Vec<(String, ParamId, TensorData)
     };
     module.valid().visit(&mut v);
     v.tensors
+}
+
+/// A whole-model pass that replaces parameters by path: `f(path, flat)` sees each float tensor
+/// flattened to 1-D and returns a replacement of the same length, or `None` to keep it.
+/// Replacements keep the parameter's id and gradient setting and are detached, so the
+/// optimizer keeps updating them (a plain `Param::map` would drop `require_grad`, see
+/// `shared/notes/burn-0.22.md`). Pruning masks and shared weights are written this way.
+pub fn map_params_by_path<M, F>(module: M, f: F) -> M
+where
+    M: Module,
+    F: FnMut(&str, Tensor<1>) -> Option<Tensor<1>>,
+{
+    module.map(&mut ReplaceByPath {
+        stack: PathStack::default(),
+        f,
+    })
+}
+
+struct ReplaceByPath<F> {
+    stack: PathStack,
+    f: F,
+}
+
+impl<F: FnMut(&str, Tensor<1>) -> Option<Tensor<1>>> ModuleMapper for ReplaceByPath<F> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.stack.enter(name, container_type);
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.stack.exit();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let path = self.stack.path();
+        let f = &mut self.f;
+        param.map(|w| {
+            let shape = w.shape();
+            let numel = shape.num_elements();
+            match f(&path, w.clone().reshape([numel])) {
+                Some(new) => {
+                    let grad = w.is_require_grad();
+                    let out = new.reshape(shape).detach();
+                    if grad { out.require_grad() } else { out }
+                }
+                None => w,
+            }
+        })
+    }
 }
 
 /// Replaces every float tensor of a module with the one of the same path.

@@ -410,12 +410,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     json,
                 },
         } => {
-            if batch.contains(&0) {
-                bail!("--batch sizes must be at least 1");
-            }
-            if !(seconds.is_finite() && seconds > 0.0) {
-                bail!("--seconds must be positive");
-            }
+            check_bench_args(&batch, seconds)?;
             if !json {
                 println!(
                     "{:<10} {:>6} {:>7} {:>6} {:>12} {:>10}",
@@ -446,18 +441,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn run_bench_sparse(
-    sparsity: &[f64],
-    batch: &[usize],
-    seconds: f64,
-    json: bool,
-) -> anyhow::Result<()> {
+/// Refuses benchmark settings that cannot be measured.
+fn check_bench_args(batch: &[usize], seconds: f64) -> anyhow::Result<()> {
     if batch.contains(&0) {
         bail!("--batch sizes must be at least 1");
     }
     if !(seconds.is_finite() && seconds > 0.0) {
         bail!("--seconds must be positive");
     }
+    Ok(())
+}
+
+fn run_bench_sparse(
+    sparsity: &[f64],
+    batch: &[usize],
+    seconds: f64,
+    json: bool,
+) -> anyhow::Result<()> {
+    check_bench_args(batch, seconds)?;
     if !json {
         println!(
             "{:<14} {:>9} {:>8} {:>5} {:>7} {:>12} {:>12} {:>8} {:>11} {:>12}",
@@ -521,7 +522,7 @@ fn run_train(args: TrainArgs, device: Device) -> anyhow::Result<()> {
         if let Some(e) = args.epochs {
             config.epochs = e;
             // The saved config must match for the resume check; record the extension.
-            crate::data::fetch::write_atomic(
+            crate::atomic_file::write_atomic(
                 &path,
                 serde_json::to_string_pretty(&config)?.as_bytes(),
             )?;
@@ -779,7 +780,7 @@ fn run_encode(args: EncodeArgs, device: Device) -> anyhow::Result<()> {
     }
     let (bytes, stages) =
         format::encode(&loaded.arch, &loaded.meta, payloads).map_err(anyhow::Error::msg)?;
-    crate::data::fetch::write_atomic(&out, &bytes)
+    crate::atomic_file::write_atomic(&out, &bytes)
         .with_context(|| format!("cannot write {}", out.display()))?;
     let file_bytes = std::fs::metadata(&out)?.len() as usize;
 

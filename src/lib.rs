@@ -8,8 +8,10 @@
 //! - [`device`]: the Burn backend that runs the tensors;
 //! - [`runtime`]: compressed-inference kernels (so far: sparse CSR linear layers);
 //! - [`bench`]: throughput measurements;
+//! - [`atomic_file`]: all-or-nothing file writes;
 //! - [`cli`]: the `convpress` command.
 
+pub mod atomic_file;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;

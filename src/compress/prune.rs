@@ -14,10 +14,10 @@
 //! Status: the masks, methods, schedule and hook are here and tested; sparse storage, sparse
 //! kernels, sensitivity analysis and the command line are not yet (see the README).
 
-use crate::checkpoint::{PathStack, named_tensors};
+use crate::checkpoint::{map_params_by_path, named_tensors};
 use crate::models::Network;
 use crate::train::{Progress, TrainHook};
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::Module;
 use burn::prelude::*;
 use std::collections::BTreeMap;
 
@@ -188,38 +188,11 @@ impl Masks {
         self.masks.keys()
     }
 
-    /// `model` with every masked parameter multiplied by its mask. The result is detached and
-    /// marked trainable again, so the optimizer keeps updating it (the `Param::map` pitfall).
+    /// `model` with every masked parameter multiplied by its mask.
     pub fn apply(&self, model: Network) -> Network {
-        model.map(&mut ApplyMasks {
-            masks: &self.masks,
-            path: PathStack::default(),
-        })
-    }
-}
-
-struct ApplyMasks<'a> {
-    masks: &'a BTreeMap<String, Tensor<1>>,
-    path: PathStack,
-}
-
-impl ModuleMapper for ApplyMasks<'_> {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.enter(name, container_type);
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.exit();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let path = self.path.path();
-        let Some(mask) = self.masks.get(&path) else {
-            return param;
-        };
-        param.map(|w| {
-            let grad = w.is_require_grad();
-            let mask = mask.clone().to_device(&w.device()).reshape(w.shape());
-            let out = (w * mask).detach();
-            if grad { out.require_grad() } else { out }
+        map_params_by_path(model, |path, w| {
+            let mask = self.masks.get(path)?;
+            Some(w.clone() * mask.clone().to_device(&w.device()))
         })
     }
 }
@@ -263,7 +236,6 @@ impl PruneHook {
     /// (they are zero, hence smallest).
     fn prune(&mut self, model: Network, sparsity: f64) -> Network {
         let mut keep = BTreeMap::new();
-        let mut device = None;
         for (path, _, data) in named_tensors(&model) {
             let prunable = path.ends_with("weight") && data.rank() >= 2;
             let chosen = self.layers.is_empty()
@@ -276,10 +248,11 @@ impl PruneHook {
                 keep.insert(path, level_mask(&w, sparsity).expect("checked sparsity"));
             }
         }
-        for d in model.devices() {
-            device.get_or_insert(d);
-        }
-        let device = device.unwrap_or_else(Device::flex);
+        let device = model
+            .devices()
+            .into_iter()
+            .next()
+            .unwrap_or_else(Device::flex);
         self.masks = Masks::from_keep(keep, &device);
         self.masks.apply(model)
     }

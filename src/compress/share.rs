@@ -127,10 +127,10 @@ pub fn centroid_step(book: &Codebook, grads: &[f32], lr: f32) -> Vec<f32> {
 /// `2^bits` values and its pruned entries stay zero.
 pub mod finetune {
     use super::{Codebook, centroid_step};
-    use crate::checkpoint::{PathStack, named_tensors};
+    use crate::checkpoint::{map_params_by_path, named_tensors};
     use crate::models::Network;
     use crate::train::{Progress, TrainHook};
-    use burn::module::{Module, ModuleMapper, Param, ParamId};
+    use burn::module::ParamId;
     use burn::optim::GradientsParams;
     use burn::prelude::*;
     use std::collections::BTreeMap;
@@ -155,35 +155,10 @@ pub mod finetune {
 
         fn write_back(&self, model: Network) -> Network {
             let books = self.books.lock().expect("codebooks");
-            let values: BTreeMap<String, Vec<f32>> =
-                books.iter().map(|(p, b)| (p.clone(), b.decode())).collect();
-            model.map(&mut WriteValues {
-                values: &values,
-                path: PathStack::default(),
-            })
-        }
-    }
-
-    struct WriteValues<'a> {
-        values: &'a BTreeMap<String, Vec<f32>>,
-        path: PathStack,
-    }
-
-    impl ModuleMapper for WriteValues<'_> {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.path.enter(name, container_type);
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.path.exit();
-        }
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            let Some(v) = self.values.get(&self.path.path()) else {
-                return param;
-            };
-            param.map(|w| {
-                let grad = w.is_require_grad();
-                let t = Tensor::<D>::from_data(TensorData::new(v.clone(), w.shape()), &w.device());
-                if grad { t.require_grad() } else { t }
+            map_params_by_path(model, |path, w| {
+                let values = books.get(path)?.decode();
+                let n = values.len();
+                Some(Tensor::from_data(TensorData::new(values, [n]), &w.device()))
             })
         }
     }

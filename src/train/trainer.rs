@@ -9,8 +9,8 @@
 //! - `model.safetensors`: the final model.
 
 use super::{EpochMetrics, Progress, TrainConfig, TrainHook};
+use crate::atomic_file::write_atomic;
 use crate::checkpoint::{self, ModelMeta};
-use crate::data::fetch::write_atomic;
 use crate::data::{self, Batcher, ImageSet, Preprocess};
 use crate::models::Network;
 use anyhow::{Context, bail};
