@@ -110,6 +110,23 @@ pub fn measure(
     }
 }
 
+/// Milliseconds per forward pass of `network` (inference mode) on a random batch of `batch`
+/// images: the latency figure of structured pruning's report.
+pub fn infer_latency(network: &Network, batch: usize, budget: Duration, device: &Device) -> f64 {
+    let net = network.valid();
+    let [c, h, w] = net.arch.input;
+    let x = Tensor::<4>::random(
+        [batch, c, h, w],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        device,
+    );
+    let (iters, secs) = time_loop(budget, || {
+        let out = net.forward(x.clone());
+        let _: Vec<f32> = out.into_data().try_to_vec().expect("f32");
+    });
+    1000.0 * secs / iters as f64
+}
+
 /// One sparse-versus-dense measurement of a fully connected layer.
 #[derive(Debug, Clone, Serialize)]
 pub struct SparseMeasurement {

@@ -64,6 +64,9 @@ pub enum Command {
     },
     /// Prune a trained checkpoint by magnitude while retraining it (gradual AGP schedule).
     Prune(PruneArgs),
+    /// Remove whole filters (structured pruning, residual-aware): writes a smaller dense model,
+    /// fine-tunes it, and reports accuracy, parameters, FLOPs and measured latency.
+    PruneFilters(PruneFiltersArgs),
     /// Write a compressed model file: k-means weight sharing of every conv and linear weight,
     /// sparse relative indices and Huffman coding (Deep Compression's last two stages).
     Encode(EncodeArgs),
@@ -212,6 +215,44 @@ pub struct PruneArgs {
     pub epochs: usize,
     #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
     pub lr: f64,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PruneFiltersArgs {
+    /// The trained model to prune.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Fraction of the channels removed from every prunable channel group, in [0, 1).
+    #[arg(long, allow_negative_numbers = true)]
+    pub ratio: f64,
+    /// How filters are ranked.
+    #[arg(long, value_enum, default_value = "l1")]
+    pub criterion: crate::compress::structured::Criterion,
+    /// Keep channel groups tied together by residual additions whole.
+    #[arg(long)]
+    pub skip_coupled: bool,
+    /// Fine-tuning epochs after the filters are removed (0: none).
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
+    pub lr: f64,
+    /// Fine-tune on the first N training images only.
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    pub test_limit: Option<usize>,
+    /// Seconds spent measuring each latency figure.
+    #[arg(long, default_value_t = 2.0)]
+    pub latency_seconds: f64,
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     #[arg(long)]
@@ -390,6 +431,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         Command::Info { checkpoint, json } => run_info(checkpoint, json),
         Command::Prune(args) => run_prune(args, cli.device.device()?),
+        Command::PruneFilters(args) => run_prune_filters(args, cli.device.device()?),
         Command::Encode(args) => run_encode(args, cli.device.device()?),
         Command::Bench {
             command:
@@ -601,6 +643,7 @@ fn retrain_config(
     config.pad = Some(loaded.meta.preprocess.pad);
     config.resize = loaded.meta.preprocess.resize;
     config.init_from = Some(checkpoint.to_path_buf());
+    config.arch = Some(loaded.arch.clone());
     if let OptimizerConfig::Sgd { lr: l, .. } = &mut config.optimizer {
         *l = lr;
     }
@@ -852,24 +895,7 @@ fn run_eval(
         bail!("--batch-size must be at least 1");
     }
     let (model, meta) = checkpoint::load(&path, &device)?;
-    let dir = data_dir.unwrap_or_else(|| meta.dataset.default_dir());
-    let splits = data::load(meta.dataset, &dir)?;
-    let mut test = splits.test;
-    if let Some(n) = limit {
-        test = test.take(n);
-    }
-    let want = model.arch.input;
-    let got = meta.preprocess.output_shape(test.image_shape());
-    if want != got {
-        bail!(
-            "{} expects {:?} input but {} images preprocess to {:?}",
-            path.display(),
-            want,
-            dir.display(),
-            got
-        );
-    }
-    let test = meta.preprocess.apply(&test);
+    let test = test_split(&path, &model.arch, &meta, data_dir, limit)?;
     let (loss, acc) = train::evaluate(&model, &test, batch_size, &device);
     println!(
         "{}: {} on {} test split ({} images): accuracy {:.2}% (error {:.2}%), loss {:.4}",
@@ -881,6 +907,207 @@ fn run_eval(
         100.0 * (1.0 - acc),
         loss
     );
+    Ok(())
+}
+
+/// The preprocessed test split of the checkpoint `path`'s dataset, checked against the input
+/// its architecture takes.
+fn test_split(
+    path: &std::path::Path,
+    arch: &crate::models::Arch,
+    meta: &checkpoint::ModelMeta,
+    data_dir: Option<PathBuf>,
+    limit: Option<usize>,
+) -> anyhow::Result<data::ImageSet> {
+    let dir = data_dir.unwrap_or_else(|| meta.dataset.default_dir());
+    let splits = data::load(meta.dataset, &dir)?;
+    let mut test = splits.test;
+    if let Some(n) = limit {
+        test = test.take(n);
+    }
+    let got = meta.preprocess.output_shape(test.image_shape());
+    if arch.input != got {
+        bail!(
+            "{} expects {:?} input but {} images preprocess to {:?}",
+            path.display(),
+            arch.input,
+            dir.display(),
+            got
+        );
+    }
+    Ok(meta.preprocess.apply(&test))
+}
+
+fn run_prune_filters(args: PruneFiltersArgs, device: Device) -> anyhow::Result<()> {
+    use crate::compress::structured::{self, Target};
+    if !(args.ratio.is_finite() && (0.0..1.0).contains(&args.ratio)) {
+        bail!("--ratio must be in [0, 1), got {}", args.ratio);
+    }
+    if !(args.latency_seconds.is_finite() && args.latency_seconds > 0.0) {
+        bail!("--latency-seconds must be positive");
+    }
+    if args.train_limit == Some(0) || args.test_limit == Some(0) {
+        bail!("--train-limit and --test-limit must be at least 1");
+    }
+    let loaded = checkpoint::read(&args.checkpoint)?;
+    let target = Target {
+        ratio: args.ratio,
+        criterion: args.criterion,
+        skip_coupled: args.skip_coupled,
+    };
+    let pruned = structured::prune(&loaded.arch, &loaded.tensors, &target)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.checkpoint.display()))?;
+    // Everything that can fail on input is checked before anything is written.
+    let test = test_split(
+        &args.checkpoint,
+        &loaded.arch,
+        &loaded.meta,
+        args.data_dir.clone(),
+        args.test_limit,
+    )?;
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!(
+            "{}-filters-{}-{}",
+            loaded.arch.name,
+            (args.ratio * 100.0).round(),
+            args.criterion.to_possible_value().expect("value").get_name()
+        ))
+    });
+    if run_dir.join("config.json").exists() || run_dir.join("pruned.safetensors").exists() {
+        bail!(
+            "{} already holds a run: choose another --run-dir",
+            run_dir.display()
+        );
+    }
+
+    println!(
+        "{:<6} {:>9} {:>7}  producers",
+        "group", "channels", "kept"
+    );
+    for (i, g) in pruned.groups.iter().enumerate() {
+        if g.producers.is_empty() {
+            continue;
+        }
+        let note = g.fixed.as_deref().map_or(String::new(), |f| format!(" (fixed: {f})"));
+        println!(
+            "{:<6} {:>9} {:>7}  {}{}",
+            i,
+            g.channels,
+            g.kept,
+            g.producers.join(" + "),
+            note
+        );
+    }
+
+    let (dense, _) = checkpoint::load(&args.checkpoint, &device)?;
+    let network = crate::models::Network::new(&pruned.arch, &device).map_err(anyhow::Error::msg)?;
+    let network = checkpoint::load_tensors(network, pruned.tensors)
+        .map_err(|e| anyhow::anyhow!("internal error: pruned tensors do not fit: {e}"))?;
+    let pruned_path = run_dir.join("pruned.safetensors");
+    let meta = checkpoint::ModelMeta {
+        info: serde_json::json!({
+            "pruned_from": args.checkpoint,
+            "ratio": args.ratio,
+            "criterion": args.criterion,
+            "skip_coupled": args.skip_coupled,
+        }),
+        ..loaded.meta.clone()
+    };
+    checkpoint::save(&pruned_path, &network, &meta)?;
+
+    let budget = Duration::from_secs_f64(args.latency_seconds);
+    let (_, acc_dense) = train::evaluate(&dense, &test, 256, &device);
+    let (_, acc_cut) = train::evaluate(&network, &test, 256, &device);
+    let mut latency = serde_json::Map::new();
+    for (name, net) in [("dense", &dense), ("pruned", &network)] {
+        for batch in [1usize, 64] {
+            let ms = bench::infer_latency(net, batch, budget, &device);
+            latency.insert(format!("{name}_b{batch}_ms"), ms.into());
+        }
+    }
+    let mut acc_tuned = None;
+    let mut model_path = pruned_path.clone();
+    if args.epochs > 0 {
+        let saved = checkpoint::read(&pruned_path)?;
+        let (_, mut config) = retrain_config(
+            &pruned_path,
+            &saved,
+            args.epochs,
+            args.lr,
+            args.seed,
+            args.data_dir.as_ref(),
+        )?;
+        config.train_limit = args.train_limit;
+        config.test_limit = args.test_limit;
+        let options = TrainOptions {
+            run_dir: run_dir.clone(),
+            device: device.clone(),
+            resume: false,
+            progress_bar: std::io::stderr().is_terminal() && !args.no_progress,
+            verbose: true,
+        };
+        let outcome = train::train(&config, vec![], &options)?;
+        acc_tuned = outcome.metrics.last().map(|m| m.test_acc);
+        model_path = outcome.model_path;
+    }
+
+    let (a, b) = (&loaded.arch, &pruned.arch);
+    let ms = |k: &str| latency[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "{:<8} {:>10} {:>13} {:>10} {:>10} {:>9}",
+        "model", "params", "FLOPs", "b1 ms", "b64 ms", "accuracy"
+    );
+    println!(
+        "{:<8} {:>10} {:>13} {:>10.3} {:>10.2} {:>8.2}%",
+        "dense",
+        a.num_params(),
+        a.flops(),
+        ms("dense_b1_ms"),
+        ms("dense_b64_ms"),
+        100.0 * acc_dense
+    );
+    println!(
+        "{:<8} {:>10} {:>13} {:>10.3} {:>10.2} {:>8.2}%{}",
+        "pruned",
+        b.num_params(),
+        b.flops(),
+        ms("pruned_b1_ms"),
+        ms("pruned_b64_ms"),
+        100.0 * acc_cut,
+        match acc_tuned {
+            Some(t) => format!(" -> {:.2}% after {} fine-tuning epochs", 100.0 * t, args.epochs),
+            None => String::new(),
+        }
+    );
+    println!(
+        "params {:.2}x fewer, FLOPs {:.2}x fewer, latency {:.2}x (batch 1) and {:.2}x (batch 64) lower; saved to {}",
+        a.num_params() as f64 / b.num_params() as f64,
+        a.flops() as f64 / b.flops() as f64,
+        ms("dense_b1_ms") / ms("pruned_b1_ms"),
+        ms("dense_b64_ms") / ms("pruned_b64_ms"),
+        model_path.display()
+    );
+    let report = serde_json::json!({
+        "checkpoint": args.checkpoint,
+        "ratio": args.ratio,
+        "criterion": args.criterion,
+        "skip_coupled": args.skip_coupled,
+        "groups": pruned.groups,
+        "params": [a.num_params(), b.num_params()],
+        "flops": [a.flops(), b.flops()],
+        "latency": latency,
+        "threads": rayon::current_num_threads(),
+        "test_images": test.n,
+        "accuracy_dense": acc_dense,
+        "accuracy_pruned": acc_cut,
+        "accuracy_finetuned": acc_tuned,
+        "finetune_epochs": args.epochs,
+        "model": model_path,
+    });
+    crate::atomic_file::write_atomic(
+        &run_dir.join("report.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
     Ok(())
 }
 

@@ -6,3 +6,4 @@ pub mod format;
 pub mod huffman;
 pub mod prune;
 pub mod share;
+pub mod structured;

@@ -3,7 +3,7 @@
 
 use super::Schedule;
 use crate::data::{Augment, DatasetKind};
-use crate::models::ModelKind;
+use crate::models::{Arch, ModelKind};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -77,6 +77,10 @@ pub struct TrainConfig {
     /// retraining after pruning). Its architecture must be the one `model` builds.
     #[serde(default)]
     pub init_from: Option<PathBuf>,
+    /// Train this architecture instead of the one `model` builds: a model whose structure a
+    /// compression pass changed (filter pruning). Its input and classes must fit the data.
+    #[serde(default)]
+    pub arch: Option<Arch>,
 }
 
 impl TrainConfig {
@@ -126,6 +130,7 @@ impl TrainConfig {
             train_limit: None,
             test_limit: None,
             init_from: None,
+            arch: None,
         }
     }
 
