@@ -197,6 +197,50 @@ pub struct TrainArgs {
     /// No progress bar even on a terminal.
     #[arg(long)]
     pub no_progress: bool,
+    /// Kernel rescaling: train first as the low-resolution twin at this scale (e.g. 0.5), then
+    /// rescale the kernels and finish at full resolution.
+    #[arg(long, allow_negative_numbers = true, conflicts_with = "resume")]
+    pub rescale_from: Option<f64>,
+    /// When to rescale: after this many epochs, or `auto` (default) when an epoch's training
+    /// accuracy gains less than --rescale-min-gain points.
+    #[arg(long, requires = "rescale_from")]
+    pub rescale_at: Option<String>,
+    #[arg(long, value_enum, default_value = "bicubic")]
+    pub rescale_interp: crate::rescale::Interp,
+    /// How kernel sizes shrink: `round` (k s rounded) or `odd` (nearest odd size, for residual
+    /// networks).
+    #[arg(long, value_enum, default_value = "round")]
+    pub rescale_kernels: crate::rescale::KernelRule,
+    /// Percentage points of training accuracy below which `auto` switches.
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
+    pub rescale_min_gain: f64,
+}
+
+/// The kernel-rescaling settings of `--rescale-*` flags.
+fn rescale_config(
+    scale: f64,
+    at: Option<&str>,
+    interp: crate::rescale::Interp,
+    kernels: crate::rescale::KernelRule,
+    min_gain_points: f64,
+) -> anyhow::Result<crate::rescale::phases::RescaleConfig> {
+    use crate::rescale::phases::{RescaleConfig, Switch};
+    let switch = match at.unwrap_or("auto") {
+        "auto" => Switch::Auto {
+            min_gain: min_gain_points / 100.0,
+        },
+        n => Switch::Epoch {
+            epoch: n.parse().map_err(|_| {
+                anyhow::anyhow!("--rescale-at must be an epoch number or `auto`, got {n:?}")
+            })?,
+        },
+    };
+    Ok(RescaleConfig {
+        scale,
+        switch,
+        interp,
+        kernels,
+    })
 }
 
 #[derive(Args, Debug)]
@@ -602,6 +646,28 @@ fn run_train(args: TrainArgs, device: Device) -> anyhow::Result<()> {
         config.seed,
         run_dir.display()
     );
+    if let Some(scale) = args.rescale_from {
+        let rc = rescale_config(
+            scale,
+            args.rescale_at.as_deref(),
+            args.rescale_interp,
+            args.rescale_kernels,
+            args.rescale_min_gain,
+        )?;
+        crate::rescale::phases::check(&config, &rc).map_err(anyhow::Error::msg)?;
+        let out = crate::rescale::phases::train_rescaled(&config, &rc, &options)?;
+        println!(
+            "{} on {} with kernel rescaling from {scale} (switched after epoch {}): test accuracy {:.2}% (error {:.2}%), {:.1} s of training; model saved to {}",
+            config.model.name(),
+            config.dataset.name(),
+            out.switch_epoch,
+            100.0 * out.final_acc(),
+            100.0 * (1.0 - out.final_acc()),
+            out.train_seconds(),
+            out.model_path.display()
+        );
+        return Ok(());
+    }
     let outcome = train::train(&config, vec![], &options)?;
     let last = outcome.metrics.last().context("no epoch was trained")?;
     println!(
@@ -970,7 +1036,10 @@ fn run_prune_filters(args: PruneFiltersArgs, device: Device) -> anyhow::Result<(
             "{}-filters-{}-{}",
             loaded.arch.name,
             (args.ratio * 100.0).round(),
-            args.criterion.to_possible_value().expect("value").get_name()
+            args.criterion
+                .to_possible_value()
+                .expect("value")
+                .get_name()
         ))
     });
     if run_dir.join("config.json").exists() || run_dir.join("pruned.safetensors").exists() {
@@ -980,15 +1049,15 @@ fn run_prune_filters(args: PruneFiltersArgs, device: Device) -> anyhow::Result<(
         );
     }
 
-    println!(
-        "{:<6} {:>9} {:>7}  producers",
-        "group", "channels", "kept"
-    );
+    println!("{:<6} {:>9} {:>7}  producers", "group", "channels", "kept");
     for (i, g) in pruned.groups.iter().enumerate() {
         if g.producers.is_empty() {
             continue;
         }
-        let note = g.fixed.as_deref().map_or(String::new(), |f| format!(" (fixed: {f})"));
+        let note = g
+            .fixed
+            .as_deref()
+            .map_or(String::new(), |f| format!(" (fixed: {f})"));
         println!(
             "{:<6} {:>9} {:>7}  {}{}",
             i,
@@ -1075,7 +1144,11 @@ fn run_prune_filters(args: PruneFiltersArgs, device: Device) -> anyhow::Result<(
         ms("pruned_b64_ms"),
         100.0 * acc_cut,
         match acc_tuned {
-            Some(t) => format!(" -> {:.2}% after {} fine-tuning epochs", 100.0 * t, args.epochs),
+            Some(t) => format!(
+                " -> {:.2}% after {} fine-tuning epochs",
+                100.0 * t,
+                args.epochs
+            ),
             None => String::new(),
         }
     );

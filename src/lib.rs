@@ -5,6 +5,7 @@
 //! - [`train`]: the training loop with hooks, optimizers, schedules and checkpoints;
 //! - [`checkpoint`]: safetensors files that carry their architecture;
 //! - [`compress`]: compression methods (so far: magnitude pruning masks and schedules);
+//! - [`rescale`]: kernel rescaling, training at low resolution first;
 //! - [`device`]: the Burn backend that runs the tensors;
 //! - [`runtime`]: compressed-inference kernels (so far: sparse CSR linear layers);
 //! - [`bench`]: throughput measurements;
@@ -19,5 +20,6 @@ pub mod compress;
 pub mod data;
 pub mod device;
 pub mod models;
+pub mod rescale;
 pub mod runtime;
 pub mod train;

@@ -22,7 +22,10 @@ fn build(arch: &Arch, tensors: Tensors, device: &Device) -> Network {
 }
 
 fn edit(tensors: &mut Tensors, name: &str, f: impl FnOnce(&mut Vec<f32>, &[usize])) {
-    let (data, id) = tensors.get(name).unwrap_or_else(|| panic!("{name}")).clone();
+    let (data, id) = tensors
+        .get(name)
+        .unwrap_or_else(|| panic!("{name}"))
+        .clone();
     let shape = data.shape().to_vec();
     let mut v: Vec<f32> = data.try_to_vec().unwrap();
     f(&mut v, &shape);
@@ -334,7 +337,11 @@ fn impossible_requests_are_refused() {
             ..
         }
     ));
-    assert!(p.groups.iter().all(|g| !g.coupled() || g.kept == g.channels));
+    assert!(
+        p.groups
+            .iter()
+            .all(|g| !g.coupled() || g.kept == g.channels)
+    );
     assert!(p.arch.num_params() < arch.num_params());
 }
 
@@ -413,7 +420,10 @@ fn prune_filters_command_writes_a_smaller_model_that_trains_and_evaluates() {
     // Bad requests fail before anything is written.
     for (args, needle) in [
         (vec!["--ratio", "1.0"], "--ratio"),
-        (vec!["--ratio", "0.5", "--criterion", "bn-gamma"], "batch norm"),
+        (
+            vec!["--ratio", "0.5", "--criterion", "bn-gamma"],
+            "batch norm",
+        ),
     ] {
         let fresh = dir.path().join("refused");
         let mut all = vec![

@@ -128,6 +128,8 @@ impl Builder {
         if a == b {
             return;
         }
+        // The older group stays the root, so producers are listed in network order.
+        let (a, b) = (a.min(b), a.max(b));
         self.parent[b] = a;
         let producers = std::mem::take(&mut self.producers[b]);
         self.producers[a].extend(producers);
@@ -576,7 +578,8 @@ fn resize_layers(
                     groups,
                     ..
                 } => {
-                    let depthwise = *groups > 1 && *groups == *in_channels && *groups == *out_channels;
+                    let depthwise =
+                        *groups > 1 && *groups == *in_channels && *groups == *out_channels;
                     (*in_channels, *out_channels) = sizes[&path];
                     if depthwise {
                         *groups = *out_channels;

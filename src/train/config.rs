@@ -81,6 +81,18 @@ pub struct TrainConfig {
     /// compression pass changed (filter pruning). Its input and classes must fit the data.
     #[serde(default)]
     pub arch: Option<Arch>,
+    /// This run is one phase of a longer schedule (kernel rescaling trains at low resolution,
+    /// then at full): the learning rate follows the schedule over `total` epochs from epoch
+    /// `offset`. None: the schedule spans this run's own epochs.
+    #[serde(default)]
+    pub schedule_span: Option<ScheduleSpan>,
+}
+
+/// Which part of a longer learning-rate schedule a run covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleSpan {
+    pub offset: usize,
+    pub total: usize,
 }
 
 impl TrainConfig {
@@ -131,10 +143,20 @@ impl TrainConfig {
             test_limit: None,
             init_from: None,
             arch: None,
+            schedule_span: None,
         }
     }
 
     /// Refuses settings that cannot train, before any work is done.
+    /// Learning rate at `batch` of `batches` in (0-based) `epoch` of this run.
+    pub fn lr_at(&self, epoch: usize, batch: usize, batches: usize) -> f64 {
+        let (offset, total) = self
+            .schedule_span
+            .map_or((0, self.epochs), |s| (s.offset, s.total));
+        self.schedule
+            .lr(self.optimizer.lr(), offset + epoch, batch, batches, total)
+    }
+
     pub fn check(&self) -> Result<(), String> {
         if self.epochs == 0 {
             return Err("--epochs must be at least 1".into());
@@ -164,6 +186,16 @@ impl TrainConfig {
             && (h == 0 || w == 0)
         {
             return Err("--resize must be positive".into());
+        }
+        if let Some(span) = self.schedule_span
+            && span.offset + self.epochs > span.total
+        {
+            return Err(format!(
+                "schedule span: epochs {}..{} run past its {} epochs",
+                span.offset,
+                span.offset + self.epochs,
+                span.total
+            ));
         }
         if self.train_limit == Some(0) || self.test_limit == Some(0) {
             return Err("--train-limit and --test-limit must be at least 1".into());

@@ -97,4 +97,10 @@ pub trait TrainHook {
 
     /// After evaluation at the end of every epoch.
     fn on_epoch_end(&mut self, _metrics: &EpochMetrics, _model: &Network) {}
+
+    /// Asked after every epoch (and its checkpoint): true ends the run there (a switching rule
+    /// that decides when a phase has done its work).
+    fn should_stop(&self) -> bool {
+        false
+    }
 }

@@ -5,7 +5,7 @@ pub mod hooks;
 pub mod schedule;
 pub mod trainer;
 
-pub use config::{OptimizerConfig, TrainConfig};
+pub use config::{OptimizerConfig, ScheduleSpan, TrainConfig};
 pub use hooks::{EpochMetrics, Progress, TrainHook};
 pub use schedule::Schedule;
 pub use trainer::{Prepared, TrainOptions, TrainOutcome, evaluate, prepare, train};

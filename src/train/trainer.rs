@@ -227,7 +227,6 @@ pub fn train(
         prepared.fill.clone(),
     );
     let batches = batcher.num_batches();
-    let base_lr = config.optimizer.lr();
 
     for epoch in state.epochs_done..config.epochs {
         let mut progress = Progress {
@@ -236,9 +235,7 @@ pub fn train(
             batch: 0,
             batches,
             step: state.steps,
-            lr: config
-                .schedule
-                .lr(base_lr, epoch, 0, batches, config.epochs),
+            lr: config.lr_at(epoch, 0, batches),
         };
         for h in hooks.iter_mut() {
             model = h.on_epoch_begin(&progress, model);
@@ -249,9 +246,7 @@ pub fn train(
         for (b, batch) in batcher.epoch(config.seed, epoch, &ad).enumerate() {
             progress.batch = b;
             progress.step = state.steps;
-            progress.lr = config
-                .schedule
-                .lr(base_lr, epoch, b, batches, config.epochs);
+            progress.lr = config.lr_at(epoch, b, batches);
             for h in hooks.iter_mut() {
                 h.on_batch_begin(&progress);
             }
@@ -331,6 +326,9 @@ pub fn train(
             h.on_epoch_end(&m, &model);
         }
         metrics.push(m);
+        if hooks.iter().any(|h| h.should_stop()) {
+            break;
+        }
     }
     let model_path = run_dir.join("model.safetensors");
     let mut final_meta = meta.clone();
