@@ -4,9 +4,11 @@
 //! - [`models`]: architecture descriptions, the model zoo and the Burn network built from them;
 //! - [`train`]: the training loop with hooks, optimizers, schedules and checkpoints;
 //! - [`checkpoint`]: safetensors files that carry their architecture;
-//! - [`compress`]: compression methods (so far: magnitude pruning masks and schedules);
+//! - [`compress`]: compression methods (so far: magnitude pruning, sensitivity analysis, weight
+//!   sharing, Huffman coding and the compressed file);
 //! - [`device`]: the Burn backend that runs the tensors;
 //! - [`runtime`]: compressed-inference kernels (so far: sparse CSR linear layers);
+//! - [`plot`]: SVG line charts for reports (pruning sensitivity curves);
 //! - [`bench`]: throughput measurements;
 //! - [`atomic_file`]: all-or-nothing file writes;
 //! - [`cli`]: the `convpress` command.
@@ -19,5 +21,6 @@ pub mod compress;
 pub mod data;
 pub mod device;
 pub mod models;
+pub mod plot;
 pub mod runtime;
 pub mod train;

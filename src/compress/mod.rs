@@ -5,4 +5,5 @@
 pub mod format;
 pub mod huffman;
 pub mod prune;
+pub mod sensitivity;
 pub mod share;
