@@ -67,6 +67,9 @@ pub enum Command {
     /// Remove whole filters (structured pruning, residual-aware): writes a smaller dense model,
     /// fine-tunes it, and reports accuracy, parameters, FLOPs and measured latency.
     PruneFilters(PruneFiltersArgs),
+    /// Pruning sensitivity: test accuracy with one layer at a time pruned by magnitude, no
+    /// retraining; a table, JSON, CSV and an SVG chart, and per-layer targets for `prune`.
+    Sensitivity(SensitivityArgs),
     /// Write a compressed model file: k-means weight sharing of every conv and linear weight,
     /// sparse relative indices and Huffman coding (Deep Compression's last two stages).
     Encode(EncodeArgs),
@@ -249,11 +252,19 @@ pub struct PruneArgs {
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Final fraction of conv and linear weights removed, in every chosen layer.
-    #[arg(long)]
-    pub sparsity: f64,
-    /// Layers to prune by path (`layers.5`); all conv and linear layers if none.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, allow_negative_numbers = true)]
+    pub sparsity: Option<f64>,
+    /// Layers --sparsity applies to, by path (`layers.5`); all conv and linear layers if none.
+    #[arg(long, value_delimiter = ',', requires = "sparsity")]
     pub layers: Vec<String>,
+    /// Per-layer final sparsities, `layers.2=0.9,layers.5=0.95`; they override --sparsity and
+    /// --targets for the layers they name.
+    #[arg(long, value_delimiter = ',', value_parser = parse_layer_sparsity)]
+    pub layer_sparsity: Vec<(String, f64)>,
+    /// Per-layer final sparsities from a JSON file (`{"layer_sparsity": {"layers.2": 0.9}}`,
+    /// as `convpress sensitivity --max-drop` writes); they override --sparsity.
+    #[arg(long)]
+    pub targets: Option<PathBuf>,
     /// Retraining epochs; the sparsity ramps up over the first half of them.
     #[arg(long, default_value_t = 4)]
     pub epochs: usize,
@@ -308,6 +319,43 @@ pub struct PruneFiltersArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct SensitivityArgs {
+    /// The trained model to analyse.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Sparsities to test per layer, comma separated, each in [0, 1).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_negative_numbers = true,
+        default_values_t = crate::compress::sensitivity::DEFAULT_SPARSITIES
+    )]
+    pub sparsities: Vec<f64>,
+    /// Layers to analyse by path (`layers.5`); all conv and linear layers if none.
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<String>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Allowed accuracy drop in percentage points: pick each layer's largest sparsity within
+    /// it, print the targets and write them to `targets.json` for `prune --targets`.
+    #[arg(long, allow_negative_numbers = true)]
+    pub max_drop: Option<f64>,
+    /// Folder for sensitivity.json, sensitivity.csv, sensitivity.svg (and targets.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Chart title (default: the model and the number of test images).
+    #[arg(long)]
+    pub title: Option<String>,
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct EncodeArgs {
     /// The (pruned) model to encode.
     #[arg(long)]
@@ -338,6 +386,18 @@ pub struct EncodeArgs {
     /// Dataset folder, to evaluate the decoded model (skipped if the data is missing).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+}
+
+/// `layers.2=0.9` as a layer path and a sparsity (range checked later, with the layers).
+fn parse_layer_sparsity(s: &str) -> Result<(String, f64), String> {
+    let (layer, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected LAYER=SPARSITY, got {s:?}"))?;
+    let v: f64 = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad sparsity in {s:?}"))?;
+    Ok((layer.trim().to_string(), v))
 }
 
 fn parse_hw(s: &str) -> Result<[usize; 2], String> {
@@ -476,6 +536,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info { checkpoint, json } => run_info(checkpoint, json),
         Command::Prune(args) => run_prune(args, cli.device.device()?),
         Command::PruneFilters(args) => run_prune_filters(args, cli.device.device()?),
+        Command::Sensitivity(args) => run_sensitivity(args, cli.device.device()?),
         Command::Encode(args) => run_encode(args, cli.device.device()?),
         Command::Bench {
             command:
@@ -716,9 +777,74 @@ fn retrain_config(
     Ok((model, config))
 }
 
+/// The per-layer final sparsities `prune` was asked for, as `(layer path, sparsity)` rules
+/// (`""`: every layer), checked against the checkpoint's prunable layers before any work:
+/// `--sparsity` over `--layers` (or all), then `--targets`, then `--layer-sparsity`, each
+/// overriding the one before for the layers it names.
+fn prune_rules(
+    args: &PruneArgs,
+    loaded: &checkpoint::Loaded,
+) -> anyhow::Result<Vec<(String, f64)>> {
+    use crate::compress::sensitivity::{TargetsFile, prunable_weights, select_layers};
+    use std::collections::BTreeMap;
+    let mut shapes: Vec<(&str, Vec<usize>)> = loaded
+        .tensors
+        .iter()
+        .map(|(name, (data, _))| (name.as_str(), data.shape().to_vec()))
+        .collect();
+    shapes.sort();
+    let prunable = prunable_weights(shapes.iter().map(|(n, s)| (*n, s.as_slice())));
+    let in_range = |what: &str, s: f64| {
+        if (0.0..1.0).contains(&s) {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(
+                "{what}: sparsity must be in [0, 1), got {s}"
+            ))
+        }
+    };
+    let mut per_layer = BTreeMap::new();
+    if let Some(path) = &args.targets {
+        let file = TargetsFile::read(path).map_err(anyhow::Error::msg)?;
+        for (layer, s) in file.layer_sparsity {
+            in_range(&format!("--targets {} {layer}", path.display()), s)?;
+            per_layer.insert(layer, s);
+        }
+    }
+    let mut given = std::collections::BTreeSet::new();
+    for (layer, s) in &args.layer_sparsity {
+        if !given.insert(layer) {
+            bail!("--layer-sparsity: {layer} is given twice");
+        }
+        in_range(&format!("--layer-sparsity {layer}"), *s)?;
+        per_layer.insert(layer.clone(), *s);
+    }
+    let mut rules = Vec::new();
+    if let Some(s) = args.sparsity {
+        in_range("--sparsity", s)?;
+        select_layers(&prunable, &args.layers).map_err(|e| anyhow::anyhow!("--layers: {e}"))?;
+        if args.layers.is_empty() {
+            rules.push((String::new(), s));
+        }
+        for l in &args.layers {
+            if !per_layer.contains_key(l) {
+                rules.push((l.clone(), s));
+            }
+        }
+    }
+    let named: Vec<String> = per_layer.keys().cloned().collect();
+    select_layers(&prunable, &named).map_err(|e| anyhow::anyhow!("per-layer sparsity: {e}"))?;
+    rules.extend(per_layer);
+    if rules.is_empty() {
+        bail!("nothing to prune: give --sparsity, --layer-sparsity or --targets");
+    }
+    Ok(rules)
+}
+
 fn run_prune(args: PruneArgs, device: Device) -> anyhow::Result<()> {
     use crate::compress::prune::{PruneHook, Schedule, sparsity_report};
     let loaded = checkpoint::read(&args.checkpoint)?;
+    let rules = prune_rules(&args, &loaded)?;
     let (model, config) = retrain_config(
         &args.checkpoint,
         &loaded,
@@ -727,26 +853,49 @@ fn run_prune(args: PruneArgs, device: Device) -> anyhow::Result<()> {
         args.seed,
         args.data_dir.as_ref(),
     )?;
-    let hook = PruneHook::new(
-        args.layers.clone(),
-        Schedule::AgpOverRun {
-            final_sparsity: args.sparsity,
-            fraction: 0.5,
-            events: 10,
-        },
+    let hook = PruneHook::per_layer(
+        rules
+            .iter()
+            .map(|(layer, s)| {
+                (
+                    layer.clone(),
+                    Schedule::AgpOverRun {
+                        final_sparsity: *s,
+                        fraction: 0.5,
+                        events: 10,
+                    },
+                )
+            })
+            .collect(),
     )
-    .map_err(|e| anyhow::anyhow!("--sparsity: {e}"))?;
+    .map_err(anyhow::Error::msg)?;
+    let uniform = match rules[..] {
+        [(_, s)] => Some(s),
+        _ if rules.iter().all(|r| r.1 == rules[0].1) => Some(rules[0].1),
+        _ => None,
+    };
     let run_dir = args.run_dir.clone().unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!(
-            "{}-pruned-{}",
-            model.name(),
-            (args.sparsity * 100.0).round()
-        ))
+        PathBuf::from("runs").join(match uniform {
+            Some(s) => format!("{}-pruned-{}", model.name(), (s * 100.0).round()),
+            None => format!("{}-pruned-per-layer", model.name()),
+        })
     });
+    let what = match uniform {
+        Some(s) => format!("{:.1}% sparsity", 100.0 * s),
+        None => {
+            let per: Vec<String> = rules
+                .iter()
+                .map(|(l, s)| {
+                    let l = if l.is_empty() { "others" } else { l };
+                    format!("{l} {:.1}%", 100.0 * s)
+                })
+                .collect();
+            format!("per-layer sparsity ({})", per.join(", "))
+        }
+    };
     eprintln!(
-        "pruning {} to {:.1}% sparsity over {} retraining epochs, run folder {}",
+        "pruning {} to {what} over {} retraining epochs, run folder {}",
         args.checkpoint.display(),
-        100.0 * args.sparsity,
         args.epochs,
         run_dir.display()
     );
@@ -1181,6 +1330,161 @@ fn run_prune_filters(args: PruneFiltersArgs, device: Device) -> anyhow::Result<(
         &run_dir.join("report.json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
+    Ok(())
+}
+
+fn run_sensitivity(args: SensitivityArgs, device: Device) -> anyhow::Result<()> {
+    use crate::atomic_file::write_atomic;
+    use crate::compress::sensitivity::{self as sens, TargetsFile};
+    // Every argument is checked before the (long) evaluations, and nothing is written if any
+    // is wrong.
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    if args.limit == Some(0) {
+        bail!("--limit must be at least 1");
+    }
+    let sparsities = sens::check_sparsities(&args.sparsities)
+        .map_err(|e| anyhow::anyhow!("--sparsities: {e}"))?;
+    if let Some(d) = args.max_drop
+        && !(d.is_finite() && d >= 0.0)
+    {
+        bail!("--max-drop must be a non-negative number of percentage points, got {d}");
+    }
+    if args.out.exists() && !args.out.is_dir() {
+        bail!("--out {} exists and is not a folder", args.out.display());
+    }
+    let (model, meta) = checkpoint::load(&args.checkpoint, &device)?;
+    let shapes: Vec<(String, Vec<usize>)> = checkpoint::named_tensors(&model)
+        .into_iter()
+        .map(|(p, _, d)| (p, d.shape().to_vec()))
+        .collect();
+    let all = sens::prunable_weights(shapes.iter().map(|(p, s)| (p.as_str(), s.as_slice())));
+    let layers =
+        sens::select_layers(&all, &args.layers).map_err(|e| anyhow::anyhow!("--layers: {e}"))?;
+    let test = test_split(
+        &args.checkpoint,
+        &model.arch,
+        &meta,
+        args.data_dir.clone(),
+        args.limit,
+    )?;
+    let evaluations = layers.len() * sparsities.iter().filter(|&&s| s > 0.0).count() + 1;
+    eprintln!(
+        "sensitivity of {} ({}): {} layers x {} sparsities on {} test images",
+        args.checkpoint.display(),
+        model.arch.name,
+        layers.len(),
+        sparsities.len(),
+        test.n
+    );
+    let bar = if std::io::stderr().is_terminal() && !args.no_progress {
+        let bar = indicatif::ProgressBar::new(evaluations as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "sensitivity [{bar:30}] {pos}/{len} evaluations  {elapsed} elapsed  eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.inc(1); // the unpruned model's evaluation comes first
+    let started = std::time::Instant::now();
+    let result = sens::analyse(
+        &model,
+        &test,
+        &layers,
+        &sparsities,
+        args.batch_size,
+        &device,
+        || bar.inc(1),
+    )
+    .map_err(anyhow::Error::msg)?;
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+
+    let title = args.title.clone().unwrap_or_else(|| {
+        format!(
+            "Pruning sensitivity: {} on {} ({} test images)",
+            result.model,
+            meta.dataset.name(),
+            result.test_images
+        )
+    });
+    let mut json = serde_json::to_value(&result)?;
+    json["checkpoint"] = serde_json::json!(args.checkpoint.display().to_string());
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let write = |name: &str, bytes: &[u8]| {
+        let path = args.out.join(name);
+        write_atomic(&path, bytes).with_context(|| format!("cannot write {}", path.display()))
+    };
+    write(
+        "sensitivity.json",
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )?;
+    write("sensitivity.csv", result.to_csv().as_bytes())?;
+    write("sensitivity.svg", result.chart(&title).to_svg().as_bytes())?;
+
+    println!(
+        "{} on {}, {} test images, unpruned {:.2}%; test accuracy (%) with one layer pruned to each sparsity, no retraining ({:.0} s):",
+        result.model,
+        meta.dataset.name(),
+        result.test_images,
+        100.0 * result.baseline_accuracy,
+        seconds
+    );
+    print!("{}", result.table());
+    if let Some(max_drop) = args.max_drop {
+        let targets = sens::derive_targets(&result, max_drop);
+        println!(
+            "per-layer targets: the largest sparsity before the drop first exceeds {max_drop} points (each layer pruned alone):"
+        );
+        println!(
+            "{:<22} {:>9} {:>9} {:>8}",
+            "layer", "sparsity", "accuracy", "drop"
+        );
+        for t in &targets {
+            println!(
+                "{:<22} {:>8.0}% {:>8.2}% {:>8.2}",
+                t.layer,
+                100.0 * t.sparsity,
+                100.0 * t.accuracy,
+                t.drop_points
+            );
+        }
+        let flag: Vec<String> = targets
+            .iter()
+            .map(|t| format!("{}={}", t.layer, t.sparsity))
+            .collect();
+        println!("--layer-sparsity {}", flag.join(","));
+        let file = TargetsFile {
+            checkpoint: Some(args.checkpoint.display().to_string()),
+            max_drop_points: Some(max_drop),
+            baseline_accuracy: Some(result.baseline_accuracy),
+            test_images: Some(result.test_images),
+            layer_sparsity: targets
+                .iter()
+                .map(|t| (t.layer.clone(), t.sparsity))
+                .collect(),
+        };
+        write(
+            "targets.json",
+            serde_json::to_string_pretty(&file)?.as_bytes(),
+        )?;
+    }
+    println!(
+        "wrote sensitivity.json, sensitivity.csv, sensitivity.svg{} to {}",
+        if args.max_drop.is_some() {
+            ", targets.json"
+        } else {
+            ""
+        },
+        args.out.display()
+    );
     Ok(())
 }
 

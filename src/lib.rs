@@ -4,10 +4,12 @@
 //! - [`models`]: architecture descriptions, the model zoo and the Burn network built from them;
 //! - [`train`]: the training loop with hooks, optimizers, schedules and checkpoints;
 //! - [`checkpoint`]: safetensors files that carry their architecture;
-//! - [`compress`]: compression methods (so far: magnitude pruning masks and schedules);
+//! - [`compress`]: compression methods (magnitude and structured pruning, sensitivity analysis,
+//!   weight sharing, Huffman coding and the compressed file);
 //! - [`rescale`]: kernel rescaling, training at low resolution first;
 //! - [`device`]: the Burn backend that runs the tensors;
 //! - [`runtime`]: compressed-inference kernels (so far: sparse CSR linear layers);
+//! - [`plot`]: SVG line charts for reports (pruning sensitivity curves);
 //! - [`bench`]: throughput measurements;
 //! - [`atomic_file`]: all-or-nothing file writes;
 //! - [`cli`]: the `convpress` command.
@@ -20,6 +22,7 @@ pub mod compress;
 pub mod data;
 pub mod device;
 pub mod models;
+pub mod plot;
 pub mod rescale;
 pub mod runtime;
 pub mod train;

@@ -5,5 +5,6 @@
 pub mod format;
 pub mod huffman;
 pub mod prune;
+pub mod sensitivity;
 pub mod share;
 pub mod structured;

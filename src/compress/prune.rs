@@ -11,8 +11,8 @@
 //! Masks are re-applied after every optimizer step, so momentum and weight decay cannot revive
 //! a pruned weight; once pruned, a weight stays pruned (a mask only ever loses entries).
 //!
-//! Status: the masks, methods, schedule and hook are here and tested; sparse storage, sparse
-//! kernels, sensitivity analysis and the command line are not yet (see the README).
+//! Per-layer targets come from [`super::sensitivity`] (Han et al. 2015, Fig. 5); sparse storage
+//! is [`super::format`], sparse kernels are [`crate::runtime::sparse`].
 
 use crate::checkpoint::{map_params_by_path, named_tensors};
 use crate::models::Network;
@@ -184,6 +184,11 @@ impl Masks {
         Masks { masks }
     }
 
+    /// Replaces (or adds) the masks of the paths in `keep`, leaving the others.
+    pub fn update(&mut self, keep: BTreeMap<String, Vec<bool>>, device: &Device) {
+        self.masks.extend(Self::from_keep(keep, device).masks);
+    }
+
     pub fn paths(&self) -> impl Iterator<Item = &String> {
         self.masks.keys()
     }
@@ -210,20 +215,47 @@ pub fn sparsity_report(model: &Network) -> Vec<(String, usize, usize)> {
         .collect()
 }
 
-/// Prunes the conv and linear weights named by `layers` (all of them if empty) on `schedule`,
-/// and keeps them pruned.
+/// Whether `path` (a parameter, `layers.5.weight`) lies under `layer` (`layers.5`); the
+/// empty layer names every parameter.
+fn under(path: &str, layer: &str) -> bool {
+    layer.is_empty() || path == layer || path.starts_with(&format!("{layer}."))
+}
+
+/// Prunes conv and linear weights on per-layer schedules, and keeps them pruned.
+///
+/// Each rule is a layer path (`layers.5`; `""` for every layer) with its schedule; a weight
+/// follows the most specific rule that names it, so `("", 0.9)` plus `("layers.0", 0.5)` means
+/// "0.9 everywhere but conv1". Per-layer targets are what sensitivity analysis yields (Han et
+/// al. 2015, Fig. 5 and the per-layer thresholds chosen from it; Distiller does the same).
 pub struct PruneHook {
-    layers: Vec<String>,
-    schedule: Schedule,
+    rules: Vec<(String, Schedule)>,
     masks: Masks,
 }
 
 impl PruneHook {
+    /// One schedule for the layers named by `layers` (all conv and linear weights if empty).
     pub fn new(layers: Vec<String>, schedule: Schedule) -> Result<Self, String> {
-        schedule.check()?;
+        let rules = if layers.is_empty() {
+            vec![(String::new(), schedule)]
+        } else {
+            layers.into_iter().map(|l| (l, schedule.clone())).collect()
+        };
+        Self::per_layer(rules)
+    }
+
+    /// One schedule per layer path.
+    pub fn per_layer(rules: Vec<(String, Schedule)>) -> Result<Self, String> {
+        for (layer, schedule) in &rules {
+            schedule.check().map_err(|e| {
+                if layer.is_empty() {
+                    e
+                } else {
+                    format!("{layer}: {e}")
+                }
+            })?;
+        }
         Ok(PruneHook {
-            layers,
-            schedule,
+            rules,
             masks: Masks::default(),
         })
     }
@@ -232,20 +264,32 @@ impl PruneHook {
         &self.masks
     }
 
-    /// New masks at `sparsity` from the current weights; entries already pruned stay pruned
-    /// (they are zero, hence smallest).
-    fn prune(&mut self, model: Network, sparsity: f64) -> Network {
+    /// The rule that governs parameter `path`: the longest layer path it lies under.
+    fn rule_of(&self, path: &str) -> Option<usize> {
+        self.rules
+            .iter()
+            .enumerate()
+            .filter(|(_, (layer, _))| under(path, layer))
+            .max_by_key(|(_, (layer, _))| layer.len())
+            .map(|(i, _)| i)
+    }
+
+    /// Prunes, from the current weights, every weight whose rule is due at `step`; entries
+    /// already pruned stay pruned (they are zero, hence smallest). Returns the model with all
+    /// masks applied.
+    fn prune_due(&mut self, model: Network, step: usize) -> Network {
+        let due: Vec<Option<f64>> = self.rules.iter().map(|(_, s)| s.target(step)).collect();
+        if due.iter().all(Option::is_none) {
+            return self.masks.apply(model);
+        }
         let mut keep = BTreeMap::new();
         for (path, _, data) in named_tensors(&model) {
-            let prunable = path.ends_with("weight") && data.rank() >= 2;
-            let chosen = self.layers.is_empty()
-                || self
-                    .layers
-                    .iter()
-                    .any(|l| path == *l || path.starts_with(&format!("{l}.")));
-            if prunable && chosen {
+            if !(path.ends_with("weight") && data.rank() >= 2) {
+                continue;
+            }
+            if let Some(s) = self.rule_of(&path).and_then(|i| due[i]) {
                 let w: Vec<f32> = data.try_to_vec().expect("f32 weights");
-                keep.insert(path, level_mask(&w, sparsity).expect("checked sparsity"));
+                keep.insert(path, level_mask(&w, s).expect("checked sparsity"));
             }
         }
         let device = model
@@ -253,7 +297,7 @@ impl PruneHook {
             .into_iter()
             .next()
             .unwrap_or_else(Device::flex);
-        self.masks = Masks::from_keep(keep, &device);
+        self.masks.update(keep, &device);
         self.masks.apply(model)
     }
 }
@@ -264,25 +308,21 @@ impl TrainHook for PruneHook {
     }
 
     fn on_epoch_begin(&mut self, progress: &Progress, model: Network) -> Network {
-        if matches!(self.schedule, Schedule::AgpOverRun { .. }) {
-            let remaining = (progress.epochs - progress.epoch) * progress.batches;
-            self.schedule = self.schedule.resolve(progress.step + remaining);
+        let remaining = (progress.epochs - progress.epoch) * progress.batches;
+        for (_, schedule) in &mut self.rules {
+            if matches!(schedule, Schedule::AgpOverRun { .. }) {
+                *schedule = schedule.resolve(progress.step + remaining);
+            }
         }
         // A schedule that prunes before the very first step; later pruning events happen in
         // `after_step`, for the step that follows.
-        if progress.step == 0
-            && let Some(s) = self.schedule.target(0)
-        {
-            return self.prune(model, s);
+        if progress.step == 0 {
+            return self.prune_due(model, 0);
         }
         model
     }
 
     fn after_step(&mut self, progress: &Progress, model: Network) -> Network {
-        let next = progress.step + 1;
-        match self.schedule.target(next) {
-            Some(s) => self.prune(model, s),
-            None => self.masks.apply(model),
-        }
+        self.prune_due(model, progress.step + 1)
     }
 }

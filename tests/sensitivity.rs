@@ -1,0 +1,280 @@
+//! `convpress sensitivity` and per-layer `prune` on a small synthetic model: the files it
+//! writes, its agreement with `eval`, targets that `prune --targets` consumes, and bad input.
+
+mod common;
+
+use convpress::checkpoint;
+use convpress::compress::prune::sparsity_report;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn convpress(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_convpress"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Fails with one line naming `needle`, and without a panic.
+fn fails_with(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "should fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Fraction of zeros per conv/linear weight of a saved model.
+fn sparsities(path: &Path) -> Vec<(String, f64)> {
+    let (model, _) = checkpoint::load(path, &burn::prelude::Device::flex()).unwrap();
+    sparsity_report(&model)
+        .into_iter()
+        .map(|(p, n, z)| (p, z as f64 / n as f64))
+        .collect()
+}
+
+#[test]
+fn sensitivity_files_agree_with_eval_and_targets_drive_prune() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::write_synthetic_mnist(&data, 1000, 200, 28);
+    let d = data.to_str().unwrap();
+    let run = dir.path().join("run");
+    ok(&convpress(&[
+        "train",
+        "--model",
+        "lenet300",
+        "--epochs",
+        "2",
+        "--data-dir",
+        d,
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]));
+    let dense = run.join("model.safetensors");
+    let c = dense.to_str().unwrap();
+
+    let out_dir = dir.path().join("sens");
+    let text = ok(&convpress(&[
+        "sensitivity",
+        "--checkpoint",
+        c,
+        "--data-dir",
+        d,
+        "--sparsities",
+        "0.99,0,0.5",
+        "--max-drop",
+        "1",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]));
+    for f in [
+        "sensitivity.json",
+        "sensitivity.csv",
+        "sensitivity.svg",
+        "targets.json",
+    ] {
+        assert!(out_dir.join(f).is_file(), "{f} missing; stdout: {text}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("sensitivity.json")).unwrap()).unwrap();
+    assert_eq!(json["test_images"], 200);
+    let layers = json["layers"].as_array().unwrap();
+    let names: Vec<&str> = layers
+        .iter()
+        .map(|l| l["layer"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["layers.1", "layers.3", "layers.5"]);
+
+    // Accuracy at sparsity 0 is what `eval` reports for the same checkpoint and data.
+    let eval = ok(&convpress(&["eval", "--checkpoint", c, "--data-dir", d]));
+    let baseline = json["baseline_accuracy"].as_f64().unwrap();
+    assert!(
+        eval.contains(&format!("accuracy {:.2}%", 100.0 * baseline)),
+        "eval says {eval}, sensitivity {baseline}"
+    );
+    for l in layers {
+        let points = l["points"].as_array().unwrap();
+        let s: Vec<f64> = points
+            .iter()
+            .map(|p| p["sparsity"].as_f64().unwrap())
+            .collect();
+        assert_eq!(s, vec![0.0, 0.5, 0.99], "sorted");
+        assert_eq!(points[0]["accuracy"].as_f64().unwrap(), baseline);
+    }
+    // 99% of the output layer (10 of 1000 weights left) cannot keep the accuracy.
+    let out_layer = layers[2]["points"][2]["accuracy"].as_f64().unwrap();
+    assert!(out_layer < baseline - 0.2, "{out_layer} vs {baseline}");
+
+    // The table, the CSV and the chart carry every layer.
+    let csv = std::fs::read_to_string(out_dir.join("sensitivity.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 3 * 3);
+    let svg = std::fs::read_to_string(out_dir.join("sensitivity.svg")).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 3);
+    for n in &names {
+        assert!(text.contains(n) && svg.contains(n), "{n}");
+    }
+
+    // targets.json feeds prune; --layer-sparsity overrides one layer of it.
+    let targets: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("targets.json")).unwrap()).unwrap();
+    let mut want: Vec<(String, f64)> = targets["layer_sparsity"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (format!("{k}.weight"), v.as_f64().unwrap()))
+        .collect();
+    assert_eq!(want.len(), 3);
+    want[2].1 = 0.7;
+    let pruned_run = dir.path().join("pruned");
+    let text = ok(&convpress(&[
+        "prune",
+        "--checkpoint",
+        c,
+        "--targets",
+        out_dir.join("targets.json").to_str().unwrap(),
+        "--layer-sparsity",
+        "layers.5=0.7",
+        "--epochs",
+        "1",
+        "--data-dir",
+        d,
+        "--run-dir",
+        pruned_run.to_str().unwrap(),
+    ]));
+    assert!(text.contains("30.00%"), "{text}");
+    let got = sparsities(&pruned_run.join("model.safetensors"));
+    assert_eq!(got.len(), 3);
+    for ((p, s), (wp, ws)) in got.iter().zip(&want) {
+        assert_eq!(p, wp);
+        assert!((s - ws).abs() < 1e-3, "{p}: {s}, asked {ws}");
+    }
+
+    // --layer-sparsity alone, on top of a --sparsity for the rest.
+    let mixed = dir.path().join("mixed");
+    ok(&convpress(&[
+        "prune",
+        "--checkpoint",
+        c,
+        "--sparsity",
+        "0.5",
+        "--layer-sparsity",
+        "layers.1=0.9,layers.5=0",
+        "--epochs",
+        "1",
+        "--data-dir",
+        d,
+        "--run-dir",
+        mixed.to_str().unwrap(),
+    ]));
+    let got: Vec<f64> = sparsities(&mixed.join("model.safetensors"))
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    assert!((got[0] - 0.9).abs() < 1e-3, "{got:?}");
+    assert!((got[1] - 0.5).abs() < 1e-3, "{got:?}");
+    assert!(got[2] < 0.01, "{got:?}");
+}
+
+#[test]
+fn bad_input_is_refused_before_any_work_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::write_synthetic_mnist(&data, 64, 32, 28);
+    let d = data.to_str().unwrap();
+    let run = dir.path().join("run");
+    ok(&convpress(&[
+        "train",
+        "--model",
+        "lenet300",
+        "--epochs",
+        "1",
+        "--data-dir",
+        d,
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]));
+    let c = run.join("model.safetensors");
+    let c = c.to_str().unwrap();
+    let out = dir.path().join("out");
+    let o = out.to_str().unwrap();
+    let sens = |extra: &[&str]| {
+        let mut args = vec!["sensitivity", "--data-dir", d, "--out", o];
+        args.extend_from_slice(extra);
+        convpress(&args)
+    };
+    fails_with(
+        &sens(&["--checkpoint", "/no/such/model.safetensors"]),
+        "/no/such/model.safetensors",
+    );
+    fails_with(
+        &sens(&["--checkpoint", c, "--sparsities", "0.5,1.0"]),
+        "--sparsities: sparsity must be in [0, 1), got 1",
+    );
+    fails_with(
+        &sens(&["--checkpoint", c, "--sparsities", "-0.1"]),
+        "got -0.1",
+    );
+    fails_with(
+        &sens(&["--checkpoint", c, "--sparsities", ""]),
+        "--sparsities",
+    );
+    fails_with(
+        &sens(&["--checkpoint", c, "--layers", "layers.1,layers.9"]),
+        "unknown layer \"layers.9\": the prunable layers are layers.1, layers.3, layers.5",
+    );
+    fails_with(
+        &sens(&["--checkpoint", c, "--max-drop", "-1"]),
+        "--max-drop",
+    );
+    fails_with(&sens(&["--checkpoint", c, "--limit", "0"]), "--limit");
+    assert!(!out.exists(), "nothing may be written on bad input");
+
+    let prune = |extra: &[&str]| {
+        let mut args = vec!["prune", "--checkpoint", c, "--data-dir", d, "--run-dir", o];
+        args.extend_from_slice(extra);
+        convpress(&args)
+    };
+    fails_with(&prune(&[]), "nothing to prune");
+    fails_with(
+        &prune(&["--layer-sparsity", "layers.2=0.5"]),
+        "unknown layer \"layers.2\"",
+    );
+    fails_with(
+        &prune(&["--layer-sparsity", "layers.1=1"]),
+        "--layer-sparsity layers.1: sparsity must be in [0, 1), got 1",
+    );
+    fails_with(
+        &prune(&["--layer-sparsity", "layers.1"]),
+        "expected LAYER=SPARSITY",
+    );
+    fails_with(
+        &prune(&["--layer-sparsity", "layers.1=0.5,layers.1=0.6"]),
+        "given twice",
+    );
+    fails_with(
+        &prune(&["--sparsity", "0.5", "--layers", "layers.7"]),
+        "--layers: unknown layer",
+    );
+    fails_with(&prune(&["--layers", "layers.1"]), "--sparsity");
+    let bad_targets = dir.path().join("t.json");
+    std::fs::write(&bad_targets, r#"{"layer_sparsity": {"layers.3": 1.5}}"#).unwrap();
+    fails_with(
+        &prune(&["--targets", bad_targets.to_str().unwrap()]),
+        "layers.3: sparsity must be in [0, 1), got 1.5",
+    );
+    std::fs::write(&bad_targets, "[1, 2]").unwrap();
+    fails_with(
+        &prune(&["--targets", bad_targets.to_str().unwrap()]),
+        "not a targets file",
+    );
+    assert!(!out.exists(), "prune must not start on bad input");
+}
