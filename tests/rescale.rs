@@ -327,3 +327,61 @@ fn a_short_rescaled_lenet5_run_learns_real_mnist() {
     assert!(acc >= 0.90, "rescaled LeNet-5: {acc}");
     assert!(run.path().join("run/rescale.json").is_file());
 }
+
+#[test]
+fn rescale_compare_runs_both_schedules_per_seed_and_plots_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::write_synthetic_mnist(&data, 300, 100, 28);
+    let out_dir = dir.path().join("cmp");
+    let out = Command::new(env!("CARGO_BIN_EXE_convpress"))
+        .args([
+            "rescale-compare",
+            "--model",
+            "lenet5",
+            "--epochs",
+            "2",
+            "--seeds",
+            "1,2",
+            "--rescale-at",
+            "1",
+            "--no-progress",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("mean ± std") && text.contains("saved"),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("compare.json")).unwrap())
+            .unwrap();
+    let results = json["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for r in results {
+        assert_eq!(r["baseline"].as_array().unwrap().len(), 2);
+        assert_eq!(r["rescaled"][0][1]["switch_epoch"], 1);
+    }
+    let svg = std::fs::read_to_string(out_dir.join("compare.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("rescaled at 1, seed 2"));
+    for run in [
+        "baseline-seed1",
+        "rescaled-at1-seed1/low-res",
+        "rescaled-at1-seed2/full-res",
+    ] {
+        assert!(
+            out_dir.join(run).join("model.safetensors").is_file(),
+            "{run}"
+        );
+    }
+}

@@ -21,6 +21,7 @@
 //!   meaning at the new size).
 //! - When to switch: [`phases::Switch`].
 
+pub mod compare;
 pub mod interp;
 pub mod phases;
 
