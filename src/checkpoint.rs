@@ -36,10 +36,11 @@ pub struct ModelMeta {
 pub enum CheckpointError {
     #[error("{path}: {why}")]
     Invalid { path: String, why: String },
-    #[error("{path}: {source}")]
+    /// The reason is part of the message, not a chained source, so `{:#}` says it once.
+    #[error("{path}: {reason}")]
     Io {
         path: String,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
 }
 
@@ -251,12 +252,12 @@ pub fn save(path: &Path, network: &Network, meta: &ModelMeta) -> Result<(), Chec
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| CheckpointError::Io {
             path: dir.display().to_string(),
-            source: e,
+            reason: e,
         })?;
     }
     write_atomic(path, &bytes).map_err(|e| CheckpointError::Io {
         path: path.display().to_string(),
-        source: e,
+        reason: e,
     })
 }
 
@@ -273,7 +274,7 @@ pub struct Loaded {
 pub fn read(path: &Path) -> Result<Loaded, CheckpointError> {
     let bytes = std::fs::read(path).map_err(|e| CheckpointError::Io {
         path: path.display().to_string(),
-        source: e,
+        reason: e,
     })?;
     if crate::compress::format::is_compressed(&bytes) {
         return crate::compress::format::decode(&bytes).map_err(|e| invalid(path, e));

@@ -113,6 +113,17 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Inference latency of saved models on the current backend: parameters, FLOPs and
+    /// milliseconds per batch, each relative to the first model (e.g. dense against pruned).
+    Latency {
+        #[arg(long, value_delimiter = ',', required = true)]
+        checkpoint: Vec<PathBuf>,
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 64])]
+        batch: Vec<usize>,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
     /// Training and inference images per second on synthetic data.
     Train {
         #[arg(long, value_enum, default_value = "lenet5")]
@@ -590,6 +601,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => run_bench_sparse(&sparsity, &batch, seconds, json),
         Command::Bench {
             command:
+                BenchCommand::Latency {
+                    checkpoint,
+                    batch,
+                    seconds,
+                },
+        } => run_bench_latency(&checkpoint, &batch, seconds, cli.device.device()?),
+        Command::Bench {
+            command:
                 BenchCommand::Train {
                     model,
                     batch,
@@ -637,6 +656,47 @@ fn check_bench_args(batch: &[usize], seconds: f64) -> anyhow::Result<()> {
     if !(seconds.is_finite() && seconds > 0.0) {
         bail!("--seconds must be positive");
     }
+    Ok(())
+}
+
+fn run_bench_latency(
+    paths: &[PathBuf],
+    batch: &[usize],
+    seconds: f64,
+    device: Device,
+) -> anyhow::Result<()> {
+    check_bench_args(batch, seconds)?;
+    // Load everything first: a bad file fails before minutes of measuring.
+    let models = paths
+        .iter()
+        .map(|p| checkpoint::load(p, &device).map(|(m, _)| m))
+        .collect::<Result<Vec<_>, _>>()?;
+    print!("{:<48} {:>9} {:>12}", "checkpoint", "params", "FLOPs");
+    for b in batch {
+        print!(" {:>10} {:>6}", format!("b{b} ms"), "x");
+    }
+    println!();
+    let mut first: Vec<f64> = Vec::new();
+    for (path, model) in paths.iter().zip(&models) {
+        print!(
+            "{:<48} {:>9} {:>12}",
+            path.display().to_string(),
+            model.arch.num_params(),
+            model.arch.flops()
+        );
+        for (k, &b) in batch.iter().enumerate() {
+            let ms = bench::infer_latency(model, b, Duration::from_secs_f64(seconds), &device);
+            if first.len() <= k {
+                first.push(ms);
+            }
+            print!(" {:>10.3} {:>5.2}x", ms, first[k] / ms);
+        }
+        println!();
+    }
+    println!(
+        "({} threads; x: the first model's latency divided by this one's)",
+        rayon::current_num_threads()
+    );
     Ok(())
 }
 

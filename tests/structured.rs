@@ -417,6 +417,20 @@ fn prune_filters_command_writes_a_smaller_model_that_trains_and_evaluates() {
         d,
     ]);
     assert!(ok && stdout.contains("accuracy"), "{err}");
+    // Latency of both side by side; the pruned one has fewer FLOPs in the table.
+    let (ok, stdout, err) = run(&[
+        "bench",
+        "latency",
+        "--checkpoint",
+        &format!("{},{}", dense.display(), tuned.display()),
+        "--batch",
+        "1",
+        "--seconds",
+        "0.05",
+    ]);
+    assert!(ok && stdout.contains("b1 ms") && stdout.lines().count() == 4, "{err}{stdout}");
+    let (ok, _, err) = run(&["bench", "latency", "--checkpoint", "missing.safetensors"]);
+    assert!(!ok && err.matches("No such file").count() == 1, "{err}");
     // Bad requests fail before anything is written.
     for (args, needle) in [
         (vec!["--ratio", "1.0"], "--ratio"),
