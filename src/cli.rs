@@ -1037,6 +1037,48 @@ fn run_prune(args: PruneArgs, device: Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The per-tensor table of compression stages (dense f32, sparse, + shared, + Huffman) and
+/// the file's real ratio against dense f32.
+fn print_stages(
+    stages: &[crate::compress::format::StageBytes],
+    file_bytes: usize,
+    file: &std::path::Path,
+) {
+    println!(
+        "{:<22} {:>9} {:>8} {:>7} {:>11} {:>11} {:>11} {:>11}",
+        "tensor", "weights", "kept", "kept %", "dense B", "sparse B", "+shared B", "+huffman B"
+    );
+    let (mut d, mut sp, mut sh, mut hu) = (0, 0, 0, 0);
+    for s in stages {
+        println!(
+            "{:<22} {:>9} {:>8} {:>6.2}% {:>11} {:>11} {:>11} {:>11}",
+            s.path,
+            s.numel,
+            s.nnz,
+            100.0 * s.nnz as f64 / s.numel.max(1) as f64,
+            s.dense,
+            s.sparse,
+            s.shared,
+            s.huffman
+        );
+        d += s.dense;
+        sp += s.sparse;
+        sh += s.shared;
+        hu += s.huffman;
+    }
+    println!(
+        "{:<22} {:>9} {:>8} {:>7} {:>11} {:>11} {:>11} {:>11}",
+        "total", "", "", "", d, sp, sh, hu
+    );
+    println!(
+        "{}: {} bytes on disk (header, tables and checksum included); dense f32 {} bytes: {:.1}x smaller",
+        file.display(),
+        file_bytes,
+        d,
+        d as f64 / file_bytes as f64
+    );
+}
+
 fn run_encode(args: EncodeArgs, device: Device) -> anyhow::Result<()> {
     use crate::compress::format::{self, TensorPayload};
     use crate::compress::share::kmeans_linear;
@@ -1143,39 +1185,7 @@ fn run_encode(args: EncodeArgs, device: Device) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", out.display()))?;
     let file_bytes = std::fs::metadata(&out)?.len() as usize;
 
-    println!(
-        "{:<22} {:>9} {:>8} {:>7} {:>11} {:>11} {:>11} {:>11}",
-        "tensor", "weights", "kept", "kept %", "dense B", "sparse B", "+shared B", "+huffman B"
-    );
-    let (mut d, mut sp, mut sh, mut hu) = (0, 0, 0, 0);
-    for s in &stages {
-        println!(
-            "{:<22} {:>9} {:>8} {:>6.2}% {:>11} {:>11} {:>11} {:>11}",
-            s.path,
-            s.numel,
-            s.nnz,
-            100.0 * s.nnz as f64 / s.numel.max(1) as f64,
-            s.dense,
-            s.sparse,
-            s.shared,
-            s.huffman
-        );
-        d += s.dense;
-        sp += s.sparse;
-        sh += s.shared;
-        hu += s.huffman;
-    }
-    println!(
-        "{:<22} {:>9} {:>8} {:>7} {:>11} {:>11} {:>11} {:>11}",
-        "total", "", "", "", d, sp, sh, hu
-    );
-    println!(
-        "wrote {}: {} bytes on disk (header, tables and checksum included); dense f32 {} bytes: {:.1}x smaller",
-        out.display(),
-        file_bytes,
-        d,
-        d as f64 / file_bytes as f64
-    );
+    print_stages(&stages, file_bytes, &out);
     // The decoded file is the model that counts: evaluate it, and the source, if data is here.
     let dir = args
         .data_dir
@@ -1789,6 +1799,13 @@ fn run_info(path: PathBuf, json: bool) -> anyhow::Result<()> {
         loaded.arch.flops(),
         file_bytes
     );
+    let bytes = std::fs::read(&path)?;
+    if crate::compress::format::is_compressed(&bytes) {
+        let stages = crate::compress::format::stages(&bytes)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        println!("compression stages:");
+        print_stages(&stages, file_bytes as usize, &path);
+    }
     if let Some(acc) = loaded.meta.info.get("test_acc").and_then(|v| v.as_f64()) {
         println!("recorded test accuracy: {:.2}%", 100.0 * acc);
     }

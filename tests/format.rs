@@ -199,3 +199,32 @@ fn damaged_bodies_with_valid_checksums_never_panic() {
     }
     assert!(errors > 100, "most damage is detected: {errors}");
 }
+
+/// `convpress info` reads the stage sizes back from the file: they equal what the encoder
+/// reported, and the Huffman stage is what the tensors really take in the file.
+#[test]
+fn stage_sizes_read_back_from_the_file_match_the_encoder() {
+    let mut rng = Rng(0x0bad_cafe_f00d_1234);
+    for _ in 0..4 {
+        let (arch, payloads, _) = random_model(&mut rng);
+        let (bytes, stages) = format::encode(&arch, &meta(), payloads).unwrap();
+        let back = format::stages(&bytes).unwrap();
+        assert_eq!(back.len(), stages.len());
+        for (a, b) in stages.iter().zip(&back) {
+            assert_eq!(
+                (a.numel, a.nnz, a.dense, a.sparse, a.shared, a.huffman),
+                (b.numel, b.nnz, b.dense, b.sparse, b.shared, b.huffman),
+                "{}",
+                a.path
+            );
+        }
+        let sections: usize = back.iter().map(|s| s.huffman).sum();
+        assert!(sections < bytes.len() && bytes.len() - sections < 4096);
+    }
+    let mut damaged = format::encode(&random_model(&mut rng).0, &meta(), vec![])
+        .unwrap()
+        .0;
+    let last = damaged.len() - 1;
+    damaged[last] ^= 1;
+    assert!(format::stages(&damaged).is_err());
+}

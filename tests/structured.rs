@@ -428,7 +428,10 @@ fn prune_filters_command_writes_a_smaller_model_that_trains_and_evaluates() {
         "--seconds",
         "0.05",
     ]);
-    assert!(ok && stdout.contains("b1 ms") && stdout.lines().count() == 4, "{err}{stdout}");
+    assert!(
+        ok && stdout.contains("b1 ms") && stdout.lines().count() == 4,
+        "{err}{stdout}"
+    );
     let (ok, _, err) = run(&["bench", "latency", "--checkpoint", "missing.safetensors"]);
     assert!(!ok && err.matches("No such file").count() == 1, "{err}");
     // Bad requests fail before anything is written.

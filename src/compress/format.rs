@@ -96,6 +96,73 @@ pub struct StageBytes {
     pub huffman: usize,
 }
 
+impl TensorEntry {
+    /// Bytes of each stage for a tensor of `numel` entries stored as this entry says (raw
+    /// tensors: `nnz` is not known from the entry and is reported as `numel`).
+    pub fn stage_bytes(&self, numel: usize) -> StageBytes {
+        match self.encoding {
+            Encoding::Raw => StageBytes {
+                path: self.path.clone(),
+                numel,
+                nnz: numel,
+                dense: 4 * numel,
+                sparse: 4 * numel,
+                shared: 4 * numel,
+                huffman: 4 * numel,
+            },
+            Encoding::Shared {
+                bits,
+                gap_bits,
+                nnz,
+                gap_symbols,
+                gap_stream_bits,
+                index_stream_bits,
+            } => {
+                let k = 1usize << bits;
+                let fillers = gap_symbols - nnz;
+                StageBytes {
+                    path: self.path.clone(),
+                    numel,
+                    nnz,
+                    dense: 4 * numel,
+                    // f32 values, fixed-width gaps, and a zero value per filler.
+                    sparse: (nnz * 32 + gap_symbols * gap_bits as usize + fillers * 32).div_ceil(8),
+                    shared: (gap_symbols * (bits + gap_bits) as usize).div_ceil(8) + 4 * k,
+                    // Codebook, the two code-length tables, the two streams.
+                    huffman: 4 * k
+                        + k
+                        + (1 << gap_bits)
+                        + gap_stream_bits.div_ceil(8) as usize
+                        + index_stream_bits.div_ceil(8) as usize,
+                }
+            }
+        }
+    }
+}
+
+/// Bytes of each compression stage per tensor of a model file, read back from the file (what
+/// `convpress info` shows). The file is fully decoded first, so a damaged one is refused.
+pub fn stages(bytes: &[u8]) -> Result<Vec<StageBytes>, String> {
+    let loaded = decode(bytes)?;
+    let hlen = u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes")) as usize;
+    let header: Header =
+        serde_json::from_slice(&bytes[20..20 + hlen]).map_err(|e| e.to_string())?;
+    Ok(header
+        .tensors
+        .iter()
+        .map(|t| {
+            let data = &loaded.tensors[&t.path].0;
+            let mut s = t.stage_bytes(data.num_elements());
+            if t.encoding == Encoding::Raw {
+                s.nnz = data
+                    .as_slice::<f32>()
+                    .map_or(s.numel, |v| v.iter().filter(|&&x| x != 0.0).count());
+            }
+            s
+        })
+        .collect())
+}
+
 fn gap_symbols(assignment: &[Option<u16>], gap_bits: u32) -> (Vec<u32>, Vec<u32>) {
     let esc = (1u32 << gap_bits) - 1;
     let (mut gaps, mut indices) = (Vec::new(), Vec::new());
@@ -190,29 +257,22 @@ pub fn encode(
                 sec.extend_from_slice(&gap_lens);
                 sec.extend_from_slice(&gap_stream);
                 sec.extend_from_slice(&idx_stream);
-                let nnz = indices.len();
-                let fillers = gaps.len() - nnz;
-                stages.push(StageBytes {
-                    path: path.clone(),
-                    numel,
-                    nnz,
-                    dense: 4 * numel,
-                    sparse: (nnz * 32 + gaps.len() * gap_bits as usize + fillers * 32).div_ceil(8),
-                    shared: (gaps.len() * (bits + gap_bits) as usize).div_ceil(8) + 4 * k,
-                    huffman: sec.len(),
-                });
-                entries.push(TensorEntry {
+                let entry = TensorEntry {
                     path,
                     shape,
                     encoding: Encoding::Shared {
                         bits,
                         gap_bits,
-                        nnz,
+                        nnz: indices.len(),
                         gap_symbols: gaps.len(),
                         gap_stream_bits: gap_bits_used,
                         index_stream_bits: idx_bits_used,
                     },
-                });
+                };
+                let stage = entry.stage_bytes(numel);
+                debug_assert_eq!(stage.huffman, sec.len());
+                stages.push(stage);
+                entries.push(entry);
             }
         }
         sections.push(sec);
