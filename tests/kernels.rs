@@ -120,7 +120,7 @@ fn csr_stores_only_the_survivors_and_validates_its_structure() {
     assert_eq!(csr.nnz(), 400);
     assert!(csr.weight_bytes() < 4 * (100 * 40 + 40) / 4);
     let mut bad = csr.clone();
-    bad.cols[3] = 100;
+    bad.cols.set(3, 100);
     assert!(bad.validate().unwrap_err().contains("column"));
     let mut bad = csr.clone();
     bad.row_start[5] = bad.row_start[6] + 1;
@@ -128,6 +128,20 @@ fn csr_stores_only_the_survivors_and_validates_its_structure() {
     let mut bad = csr;
     bad.bias = Some(vec![0.0; 3]);
     assert!(bad.validate().unwrap_err().contains("bias"));
+}
+
+#[test]
+fn csr_uses_16_bit_columns_up_to_65536_inputs_and_32_bit_beyond() {
+    use convpress::runtime::sparse::Columns;
+    let narrow = CsrLinear::from_dense(&reference(65_536, 2, 0.9, true, false));
+    assert!(matches!(narrow.cols, Columns::U16(_)));
+    let r = reference(70_000, 3, 0.9, true, false);
+    let wide = CsrLinear::from_dense(&r);
+    assert!(matches!(wide.cols, Columns::U32(_)));
+    assert!(wide.cols.get(wide.nnz() - 1) >= 65_536);
+    for batch in [1, 2] {
+        check(&wide, &r, batch);
+    }
 }
 
 #[test]

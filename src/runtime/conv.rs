@@ -28,8 +28,8 @@ impl ConvGeometry {
     /// Checks what the kernels rely on: positive sizes and groups dividing both channel counts.
     pub fn validate(&self) -> Result<(), String> {
         if self.groups == 0
-            || self.in_channels % self.groups != 0
-            || self.out_channels % self.groups != 0
+            || !self.in_channels.is_multiple_of(self.groups)
+            || !self.out_channels.is_multiple_of(self.groups)
         {
             return Err(format!(
                 "groups {} must divide {} and {}",

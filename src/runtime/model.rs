@@ -440,15 +440,10 @@ impl Step {
                 x
             }
             Op::MaxPool { kernel, stride } => {
-                pool(&x, [h, w], [oh, ow], *kernel, *stride, out_len, |win| {
-                    win.fold(f32::NEG_INFINITY, f32::max)
-                })
+                pool(&x, [h, w], [oh, ow], *kernel, *stride, out_len, true)
             }
             Op::AvgPool { kernel, stride } => {
-                let n = (kernel[0] * kernel[1]) as f32;
-                pool(&x, [h, w], [oh, ow], *kernel, *stride, out_len, |win| {
-                    win.sum::<f32>() / n
-                })
+                pool(&x, [h, w], [oh, ow], *kernel, *stride, out_len, false)
             }
             Op::GlobalAvgPool => {
                 let n = (h * w) as f32;
@@ -468,7 +463,8 @@ impl Step {
     }
 }
 
-/// Unpadded pooling with window `kernel` and `stride` on every `[H, W]` plane.
+/// Unpadded pooling with window `kernel` and `stride` on every `[H, W]` plane: the maximum, or
+/// the mean (no padding, so every window has `kh * kw` elements).
 fn pool(
     x: &[f32],
     [h, w]: [usize; 2],
@@ -476,17 +472,21 @@ fn pool(
     kernel: [usize; 2],
     stride: [usize; 2],
     out_len: usize,
-    reduce: impl Fn(&mut dyn Iterator<Item = f32>) -> f32 + Sync,
+    max: bool,
 ) -> Vec<f32> {
     let mut y = vec![0f32; out_len];
+    let n = (kernel[0] * kernel[1]) as f32;
     let plane = |(src, dst): (&[f32], &mut [f32])| {
         for i in 0..oh {
-            for j in 0..ow {
-                let mut win = (0..kernel[0]).flat_map(|ki| {
+            for (j, out) in dst[i * ow..(i + 1) * ow].iter_mut().enumerate() {
+                let mut acc = if max { f32::NEG_INFINITY } else { 0.0 };
+                for ki in 0..kernel[0] {
                     let row = (i * stride[0] + ki) * w + j * stride[1];
-                    src[row..row + kernel[1]].iter().copied()
-                });
-                dst[i * ow + j] = reduce(&mut win);
+                    for &v in &src[row..row + kernel[1]] {
+                        acc = if max { acc.max(v) } else { acc + v };
+                    }
+                }
+                *out = if max { acc } else { acc / n };
             }
         }
     };
