@@ -5,9 +5,10 @@
 use super::{DenseReference, LinearKernel};
 use rayon::prelude::*;
 
-/// Column indices of the stored weights. 16 bits when the layer has at most 65,536 inputs (all
-/// of the zoo's fully connected layers): at batch 1 the kernel streams an index, a value and a
-/// gathered input per weight, so narrower indices are a third less memory traffic.
+/// Column indices of the stored weights: 16 bits when the layer has at most 65,536 inputs (all
+/// of the zoo's fully connected layers), which cuts a CSR layer's bytes by a quarter (Deep
+/// Compression goes further with relative indices, `compress::format`). It did not measurably
+/// change the batch-1 time here: the gather of `x`, not index bandwidth, bounds that loop.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Columns {
     U16(Vec<u16>),
@@ -90,10 +91,6 @@ pub struct CsrLinear {
 /// Work below this many multiply-adds runs on the calling thread: rayon's fork-join costs
 /// more than it saves.
 const PARALLEL_MIN_MACS: usize = 64 * 1024;
-
-/// The same for one input vector, where the whole product is a few microseconds and splitting
-/// the rows over the cores pays from a few thousand weights on (measured with `bench sparse`).
-const PARALLEL_MIN_MACS_BATCH1: usize = 8 * 1024;
 
 impl CsrLinear {
     /// Keeps the non-zero entries of dense `[out, in]` weights.
@@ -235,7 +232,7 @@ impl LinearKernel for CsrLinear {
         let work = self.nnz() * batch;
         let threads = rayon::current_num_threads();
         if batch == 1 {
-            if threads > 1 && work >= PARALLEL_MIN_MACS_BATCH1 {
+            if threads > 1 && work >= PARALLEL_MIN_MACS {
                 let chunk = n_out.div_ceil(threads * 4).max(1);
                 y.par_chunks_mut(chunk)
                     .enumerate()
