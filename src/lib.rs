@@ -6,7 +6,7 @@
 //! - [`checkpoint`]: safetensors files that carry their architecture;
 //! - [`compress`]: compression methods (so far: magnitude pruning masks and schedules);
 //! - [`device`]: the Burn backend that runs the tensors;
-//! - [`runtime`]: compressed-inference kernels (so far: sparse CSR linear layers);
+//! - [`runtime`]: compressed inference: sparse CSR linear and im2col conv kernels, whole pruned models;
 //! - [`bench`]: throughput measurements;
 //! - [`atomic_file`]: all-or-nothing file writes;
 //! - [`cli`]: the `convpress` command.
