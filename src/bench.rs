@@ -208,3 +208,165 @@ pub fn measure_sparse_linear(
         sparse_bytes: csr.weight_bytes(),
     })
 }
+
+/// One whole-model measurement: Burn's dense `Network::forward` (flex) against convpress's
+/// sparse runtime on the same pruned checkpoint, batch and thread pool.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelMeasurement {
+    pub model: String,
+    pub checkpoint: String,
+    pub batch: usize,
+    pub threads: usize,
+    pub dense_ms: f64,
+    pub sparse_ms: f64,
+    pub dense_images_per_sec: f64,
+    pub sparse_images_per_sec: f64,
+    pub speedup: f64,
+    /// Bytes of the checkpoint's float tensors (what the dense network holds).
+    pub dense_bytes: usize,
+    /// Bytes the sparse runtime holds (non-zeros, indices, biases).
+    pub sparse_bytes: usize,
+}
+
+/// Times both engines on the first `batch` images of `images` (repeated if there are fewer).
+pub fn measure_model(
+    checkpoint: &str,
+    dense: &Network,
+    sparse: &crate::runtime::model::SparseModel,
+    images: &[f32],
+    batch: usize,
+    budget: Duration,
+) -> ModelMeasurement {
+    let x = batch_of(images, &sparse.arch.input, batch);
+    let device = Device::flex();
+    let [c, h, w] = sparse.arch.input;
+    let xt = Tensor::<4>::from_data(TensorData::new(x.clone(), [batch, c, h, w]), &device);
+    let (iters, secs) = time_loop(budget, || {
+        let out = dense.forward(xt.clone());
+        let _: Vec<f32> = out.into_data().try_to_vec().expect("f32");
+    });
+    let dense_ms = 1000.0 * secs / iters as f64;
+    let (iters, secs) = time_loop(budget, || {
+        std::hint::black_box(sparse.forward(&x, batch));
+    });
+    let sparse_ms = 1000.0 * secs / iters as f64;
+    ModelMeasurement {
+        model: sparse.arch.name.clone(),
+        checkpoint: checkpoint.into(),
+        batch,
+        threads: rayon::current_num_threads(),
+        dense_ms,
+        sparse_ms,
+        dense_images_per_sec: 1000.0 * batch as f64 / dense_ms,
+        sparse_images_per_sec: 1000.0 * batch as f64 / sparse_ms,
+        speedup: dense_ms / sparse_ms,
+        dense_bytes: sparse.dense_bytes(),
+        sparse_bytes: sparse.weight_bytes(),
+    }
+}
+
+/// `batch` images from `images`, cycling through them if there are fewer.
+fn batch_of(images: &[f32], input: &[usize; 3], batch: usize) -> Vec<f32> {
+    let len: usize = input.iter().product();
+    let n = images.len() / len;
+    assert!(n > 0, "no images to run");
+    (0..batch)
+        .flat_map(|i| images[(i % n) * len..(i % n + 1) * len].iter().copied())
+        .collect()
+}
+
+/// Mean seconds per step of the sparse runtime, per layer, over repeated forward passes.
+pub fn sparse_layer_times(
+    sparse: &crate::runtime::model::SparseModel,
+    images: &[f32],
+    batch: usize,
+    budget: Duration,
+) -> Vec<crate::runtime::model::LayerTime> {
+    let x = batch_of(images, &sparse.arch.input, batch);
+    let (_, mut total) = sparse.forward_timed(&x, batch);
+    let start = Instant::now();
+    let mut runs = 1;
+    while runs < 3 || start.elapsed() < budget {
+        let (_, t) = sparse.forward_timed(&x, batch);
+        for (a, b) in total.iter_mut().zip(t) {
+            a.seconds += b.seconds;
+        }
+        runs += 1;
+    }
+    for t in &mut total {
+        t.seconds /= runs as f64;
+    }
+    total
+}
+
+/// How far the sparse runtime's class scores are from Burn's on the same images.
+#[derive(Debug, Clone, Serialize)]
+pub struct Agreement {
+    pub images: usize,
+    /// Largest |sparse logit - dense logit| over all images and classes.
+    pub max_abs_diff: f64,
+    /// Largest |dense logit|, for scale.
+    pub max_abs_logit: f64,
+    /// Images whose predicted class is the same in both.
+    pub same_prediction: usize,
+    /// Accuracy of each engine when labels are known.
+    pub dense_accuracy: Option<f64>,
+    pub sparse_accuracy: Option<f64>,
+}
+
+/// Runs both engines over `images` (with `labels` if known) in batches of 256.
+pub fn agreement(
+    dense: &Network,
+    sparse: &crate::runtime::model::SparseModel,
+    images: &[f32],
+    labels: Option<&[u8]>,
+) -> Agreement {
+    let [c, h, w] = sparse.arch.input;
+    let len = c * h * w;
+    let n = images.len() / len;
+    let classes = sparse.arch.classes;
+    let device = Device::flex();
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+                if x > bv { (i, x) } else { (bi, bv) }
+            })
+            .0
+    };
+    let (mut diff, mut scale, mut same) = (0f64, 0f64, 0);
+    let (mut dense_ok, mut sparse_ok) = (0, 0);
+    let mut start = 0;
+    while start < n {
+        let b = (n - start).min(256);
+        let x = &images[start * len..(start + b) * len];
+        let t = Tensor::<4>::from_data(TensorData::new(x.to_vec(), [b, c, h, w]), &device);
+        let want: Vec<f32> = dense.forward(t).into_data().try_to_vec().expect("f32");
+        let got = sparse.forward(x, b);
+        for (g, w) in got.iter().zip(&want) {
+            diff = diff.max((g - w).abs() as f64);
+            scale = scale.max(w.abs() as f64);
+        }
+        for i in 0..b {
+            let (pd, ps) = (
+                argmax(&want[i * classes..(i + 1) * classes]),
+                argmax(&got[i * classes..(i + 1) * classes]),
+            );
+            same += usize::from(pd == ps);
+            if let Some(l) = labels {
+                dense_ok += usize::from(pd == l[start + i] as usize);
+                sparse_ok += usize::from(ps == l[start + i] as usize);
+            }
+        }
+        start += b;
+    }
+    let acc = |k: usize| labels.map(|_| k as f64 / n.max(1) as f64);
+    Agreement {
+        images: n,
+        max_abs_diff: diff,
+        max_abs_logit: scale,
+        same_prediction: same,
+        dense_accuracy: acc(dense_ok),
+        sparse_accuracy: acc(sparse_ok),
+    }
+}

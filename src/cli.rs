@@ -101,7 +101,8 @@ pub enum FetchDataset {
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
-    /// Pruned fully connected layers: convpress's CSR kernel against Burn's dense linear.
+    /// Pruned fully connected layers: convpress's CSR kernel against Burn's dense linear; with
+    /// --checkpoint, a whole pruned model: the sparse runtime against Burn's dense forward.
     Sparse {
         /// Fraction of weights removed (by magnitude).
         #[arg(long, value_delimiter = ',', default_values_t = [0.9])]
@@ -112,6 +113,19 @@ pub enum BenchCommand {
         seconds: f64,
         #[arg(long)]
         json: bool,
+        /// A pruned checkpoint (.safetensors or .cpz): time the whole model, Burn's dense
+        /// forward against convpress's sparse runtime, instead of single layers.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// With --checkpoint: test images on which the two engines' class scores are compared.
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+        /// With --checkpoint: dataset folder (default: the checkpoint's dataset folder).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// With --checkpoint: also print the sparse runtime's time per layer.
+        #[arg(long)]
+        per_layer: bool,
     },
     /// Inference latency of saved models on the current backend: parameters, FLOPs and
     /// milliseconds per batch, each relative to the first model (e.g. dense against pruned).
@@ -597,8 +611,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     batch,
                     seconds,
                     json,
+                    checkpoint,
+                    limit,
+                    data_dir,
+                    per_layer,
                 },
-        } => run_bench_sparse(&sparsity, &batch, seconds, json),
+        } => match checkpoint {
+            Some(path) => run_bench_model(&path, &batch, seconds, json, limit, data_dir, per_layer),
+            None => run_bench_sparse(&sparsity, &batch, seconds, json),
+        },
         Command::Bench {
             command:
                 BenchCommand::Latency {
@@ -1808,6 +1829,154 @@ fn run_info(path: PathBuf, json: bool) -> anyhow::Result<()> {
     }
     if let Some(acc) = loaded.meta.info.get("test_acc").and_then(|v| v.as_f64()) {
         println!("recorded test accuracy: {:.2}%", 100.0 * acc);
+    }
+    Ok(())
+}
+
+/// Whole-model inference of a pruned checkpoint: Burn dense against the sparse runtime, and
+/// how closely their class scores agree on real test images.
+fn run_bench_model(
+    path: &std::path::Path,
+    batch: &[usize],
+    seconds: f64,
+    json: bool,
+    limit: usize,
+    data_dir: Option<PathBuf>,
+    per_layer: bool,
+) -> anyhow::Result<()> {
+    use crate::runtime::model::SparseModel;
+    check_bench_args(batch, seconds)?;
+    let device = Device::flex();
+    let (dense, meta) = checkpoint::load(path, &device)?;
+    let dense = dense.valid();
+    let sparse = SparseModel::from_loaded(&checkpoint::read(path)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let input = sparse.arch.input;
+    let len: usize = input.iter().product();
+    // Real test images when the checkpoint's dataset is there, else Gaussian noise.
+    let dir = data_dir.unwrap_or_else(|| meta.dataset.default_dir());
+    let (images, labels) = match data::load(meta.dataset, &dir) {
+        Ok(splits) if meta.preprocess.output_shape(splits.test.image_shape()) == input => {
+            let test = meta.preprocess.apply(&splits.test.take(limit.max(1)));
+            (test.pixels, Some(test.labels))
+        }
+        other => {
+            if let Err(e) = other {
+                eprintln!("no test images ({e}); comparing on random inputs");
+            } else {
+                eprintln!("test images do not fit the model; comparing on random inputs");
+            }
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+            let n = limit.clamp(1, 256);
+            let x = (0..n * len)
+                .map(|_| rng.random_range(-2.0f32..2.0))
+                .collect();
+            (x, None)
+        }
+    };
+    let name = path.display().to_string();
+    if !json {
+        println!(
+            "{:<10} {:>5} {:>7} {:>10} {:>10} {:>11} {:>11} {:>8} {:>10} {:>10}",
+            "model",
+            "batch",
+            "threads",
+            "dense ms",
+            "sparse ms",
+            "dense im/s",
+            "sparse im/s",
+            "speedup",
+            "dense B",
+            "sparse B"
+        );
+    }
+    for &b in batch {
+        let r = bench::measure_model(
+            &name,
+            &dense,
+            &sparse,
+            &images,
+            b,
+            Duration::from_secs_f64(seconds),
+        );
+        if json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "{:<10} {:>5} {:>7} {:>10.3} {:>10.3} {:>11.0} {:>11.0} {:>7.2}x {:>10} {:>10}",
+                r.model,
+                r.batch,
+                r.threads,
+                r.dense_ms,
+                r.sparse_ms,
+                r.dense_images_per_sec,
+                r.sparse_images_per_sec,
+                r.speedup,
+                r.dense_bytes,
+                r.sparse_bytes
+            );
+        }
+    }
+    if per_layer {
+        let stored: std::collections::HashMap<String, (usize, usize)> = sparse
+            .layers()
+            .into_iter()
+            .map(|l| (l.path, (l.stored, l.weights)))
+            .collect();
+        for &b in batch {
+            let times = bench::sparse_layer_times(
+                &sparse,
+                &images,
+                b,
+                Duration::from_secs_f64(seconds / 2.0),
+            );
+            if json {
+                for t in &times {
+                    println!(
+                        "{}",
+                        serde_json::json!({"batch": b, "path": t.path, "kind": t.kind,
+                            "sparse_ms": 1000.0 * t.seconds})
+                    );
+                }
+                continue;
+            }
+            println!("\nsparse runtime per layer, batch {b}:");
+            println!(
+                "{:<22} {:<18} {:>17} {:>10}",
+                "layer", "kind", "stored/weights", "ms"
+            );
+            for t in &times {
+                let kept = stored
+                    .get(&t.path)
+                    .map_or(String::new(), |(s, w)| format!("{s}/{w}"));
+                println!(
+                    "{:<22} {:<18} {:>17} {:>10.4}",
+                    t.path,
+                    t.kind,
+                    kept,
+                    1000.0 * t.seconds
+                );
+            }
+        }
+    }
+    let a = bench::agreement(&dense, &sparse, &images, labels.as_deref());
+    if json {
+        println!("{}", serde_json::to_string(&a)?);
+    } else {
+        let acc = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{:.2}%", 100.0 * v));
+        println!(
+            "\n{} {} images: max |logit difference| {:.3e} (largest |logit| {:.2}); same \
+             prediction on {}/{}; accuracy Burn dense {}, sparse runtime {}",
+            if labels.is_some() { "test" } else { "random" },
+            a.images,
+            a.max_abs_diff,
+            a.max_abs_logit,
+            a.same_prediction,
+            a.images,
+            acc(a.dense_accuracy),
+            acc(a.sparse_accuracy)
+        );
     }
     Ok(())
 }

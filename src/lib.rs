@@ -8,8 +8,9 @@
 //!   weight sharing, Huffman coding and the compressed file);
 //! - [`rescale`]: kernel rescaling, training at low resolution first;
 //! - [`device`]: the Burn backend that runs the tensors;
-//! - [`runtime`]: compressed-inference kernels (so far: sparse CSR linear layers);
-//! - [`plot`]: SVG line charts for reports (pruning sensitivity curves);
+//! - [`runtime`]: compressed inference: sparse CSR linear and im2col conv kernels, whole pruned
+//!   models;
+//! - [`plot`]: SVG line charts for reports (sensitivity curves, accuracy against time);
 //! - [`bench`]: throughput measurements;
 //! - [`atomic_file`]: all-or-nothing file writes;
 //! - [`cli`]: the `convpress` command.

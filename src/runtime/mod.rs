@@ -4,6 +4,8 @@
 //! a plain reference implementation by one conformance suite (`tests/kernels.rs`), after
 //! tract's kernel tests and candle's reference-beside-fast layout.
 
+pub mod conv;
+pub mod model;
 pub mod sparse;
 
 /// A fully connected layer `y = x W^T + b` on a batch. `x` is `[batch, in]` row-major, `y` is

@@ -1,0 +1,180 @@
+//! The whole-model sparse runtime against Burn: pruned zoo models with non-trivial batch-norm
+//! statistics must give the same class scores as `Network::forward`.
+
+use burn::module::Module;
+use burn::prelude::*;
+use convpress::checkpoint::{self, ModelMeta};
+use convpress::compress::prune::level_mask;
+use convpress::data::{DatasetKind, Preprocess};
+use convpress::models::{ModelKind, Network};
+use convpress::runtime::model::SparseModel;
+
+fn meta() -> ModelMeta {
+    ModelMeta {
+        dataset: DatasetKind::Mnist,
+        preprocess: Preprocess {
+            pad: 0,
+            resize: None,
+            resize_mode: Default::default(),
+            mean: vec![0.0],
+            std: vec![1.0],
+        },
+        info: serde_json::json!({}),
+    }
+}
+
+/// Deterministic pseudo-random values in [lo, hi).
+fn uniform(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect()
+}
+
+/// A randomly initialised `kind` with its conv and linear weights pruned by magnitude to
+/// `sparsity` and batch-norm parameters and running statistics set away from their initial
+/// values (so folding them is really tested), written as a checkpoint in `dir`.
+fn pruned_checkpoint(
+    kind: ModelKind,
+    input: [usize; 3],
+    sparsity: f64,
+    dir: &std::path::Path,
+) -> (Network, std::path::PathBuf) {
+    let device = Device::flex();
+    device.seed(3);
+    let arch = kind.arch(input, 10).unwrap();
+    let fresh = dir.join("fresh.safetensors");
+    checkpoint::save(&fresh, &Network::new(&arch, &device).unwrap(), &meta()).unwrap();
+    let mut loaded = checkpoint::read(&fresh).unwrap();
+    let mut n = 0;
+    for (path, (data, _)) in loaded.tensors.iter_mut() {
+        n += 1;
+        let shape = data.shape().to_vec();
+        let mut v: Vec<f32> = data.try_to_vec().unwrap();
+        let len = v.len();
+        let seed = n as u64 * 1000 + len as u64;
+        if path.ends_with("weight") && shape.len() >= 2 {
+            let keep = level_mask(&v, sparsity).unwrap();
+            v.iter_mut().zip(keep).for_each(|(w, k)| {
+                if !k {
+                    *w = 0.0
+                }
+            });
+        } else if path.ends_with("gamma") {
+            v = uniform(len, seed, 0.5, 1.5);
+        } else if path.ends_with("beta") || path.ends_with("running_mean") {
+            v = uniform(len, seed, -0.5, 0.5);
+        } else if path.ends_with("running_var") {
+            v = uniform(len, seed, 0.3, 2.0);
+        } else if path.ends_with("bias") {
+            v = uniform(len, seed, -0.2, 0.2);
+        }
+        *data = TensorData::new(v, shape);
+    }
+    let net =
+        checkpoint::load_tensors(Network::new(&arch, &device).unwrap(), loaded.tensors).unwrap();
+    let path = dir.join("pruned.safetensors");
+    checkpoint::save(&path, &net, &meta()).unwrap();
+    (net, path)
+}
+
+fn burn_logits(net: &Network, x: &[f32], batch: usize) -> Vec<f32> {
+    let [c, h, w] = net.arch.input;
+    let t = Tensor::<4>::from_data(
+        TensorData::new(x.to_vec(), [batch, c, h, w]),
+        &Device::flex(),
+    );
+    net.valid().forward(t).into_data().try_to_vec().unwrap()
+}
+
+fn assert_same_logits(kind: ModelKind, input: [usize; 3]) {
+    let dir = tempfile::tempdir().unwrap();
+    let (net, path) = pruned_checkpoint(kind, input, 0.8, dir.path());
+    let model = SparseModel::load(&path).unwrap();
+    for batch in [1, 3, 8] {
+        let x = uniform(
+            batch * input.iter().product::<usize>(),
+            batch as u64,
+            -2.0,
+            2.0,
+        );
+        let want = burn_logits(&net, &x, batch);
+        let got = model.forward(&x, batch);
+        assert_eq!(got.len(), batch * 10, "{kind:?}");
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-4 * scale,
+                "{kind:?} batch {batch}: logit {i} = {g}, Burn {w} (scale {scale})"
+            );
+        }
+        let (timed, times) = model.forward_timed(&x, batch);
+        assert_eq!(timed, got);
+        assert!(
+            times
+                .iter()
+                .any(|t| t.kind.starts_with("conv2d") || t.kind == "linear")
+        );
+    }
+    // Only the survivors are stored: about a fifth of the weights, plus indices.
+    let layers = model.layers();
+    assert!(!layers.is_empty());
+    for l in &layers {
+        assert!(
+            l.stored * 4 <= l.weights,
+            "{kind:?} {}: {} of {} stored",
+            l.path,
+            l.stored,
+            l.weights
+        );
+    }
+    assert!(model.weight_bytes() < model.dense_bytes() / 2, "{kind:?}");
+}
+
+#[test]
+fn lenet300_matches_burn() {
+    assert_same_logits(ModelKind::Lenet300, [1, 28, 28]);
+}
+
+#[test]
+fn lenet5_matches_burn() {
+    assert_same_logits(ModelKind::Lenet5, [1, 28, 28]);
+}
+
+#[test]
+fn resnet20_matches_burn() {
+    assert_same_logits(ModelKind::Resnet20, [3, 32, 32]);
+}
+
+#[test]
+fn vgg_small_matches_burn() {
+    assert_same_logits(ModelKind::VggSmall, [1, 32, 32]);
+}
+
+#[test]
+fn a_checkpoint_that_does_not_fit_its_architecture_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, path) = pruned_checkpoint(ModelKind::Lenet5, [1, 28, 28], 0.5, dir.path());
+    let mut loaded = checkpoint::read(&path).unwrap();
+    assert!(SparseModel::from_loaded(&loaded).is_ok());
+    let bias = loaded.tensors.remove("layers.0.bias").unwrap();
+    let err = SparseModel::from_loaded(&loaded).unwrap_err();
+    assert!(err.contains("layers.0.bias"), "{err}");
+    loaded.tensors.insert(
+        "layers.0.bias".into(),
+        (TensorData::new(vec![0f32; 7], [7]), bias.1),
+    );
+    let err = SparseModel::from_loaded(&loaded).unwrap_err();
+    assert!(err.contains("shape"), "{err}");
+    loaded.tensors.insert("layers.0.bias".into(), bias);
+    loaded.tensors.insert(
+        "layers.9.extra".into(),
+        (TensorData::new(vec![0f32; 1], [1]), None),
+    );
+    assert!(SparseModel::from_loaded(&loaded).is_err());
+}
