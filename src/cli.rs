@@ -94,8 +94,8 @@ pub enum FetchDataset {
 pub enum BenchCommand {
     /// Pruned fully connected layers: convpress's CSR kernel against Burn's dense linear.
     Sparse {
-        /// Fraction of weights removed (by magnitude).
-        #[arg(long, value_delimiter = ',', default_values_t = [0.9])]
+        /// Fraction of weights removed (by magnitude), each in [0, 1).
+        #[arg(long, value_delimiter = ',', default_values_t = [0.9], allow_negative_numbers = true)]
         sparsity: Vec<f64>,
         #[arg(long, value_delimiter = ',', default_values_t = [1, 64])]
         batch: Vec<usize>,
@@ -201,8 +201,8 @@ pub struct PruneArgs {
     /// The trained model to prune.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Final fraction of conv and linear weights removed, in every chosen layer.
-    #[arg(long)]
+    /// Final fraction of conv and linear weights removed, in every chosen layer: in [0, 1).
+    #[arg(long, allow_negative_numbers = true)]
     pub sparsity: f64,
     /// Layers to prune by path (`layers.5`); all conv and linear layers if none.
     #[arg(long, value_delimiter = ',')]
@@ -459,6 +459,9 @@ fn run_bench_sparse(
     json: bool,
 ) -> anyhow::Result<()> {
     check_bench_args(batch, seconds)?;
+    if let Some(s) = sparsity.iter().find(|s| !(0.0..1.0).contains(*s)) {
+        bail!("--sparsity must be in [0, 1), got {s}");
+    }
     if !json {
         println!(
             "{:<14} {:>9} {:>8} {:>5} {:>7} {:>12} {:>12} {:>8} {:>11} {:>12}",
@@ -609,15 +612,7 @@ fn retrain_config(
 
 fn run_prune(args: PruneArgs, device: Device) -> anyhow::Result<()> {
     use crate::compress::prune::{PruneHook, Schedule, sparsity_report};
-    let loaded = checkpoint::read(&args.checkpoint)?;
-    let (model, config) = retrain_config(
-        &args.checkpoint,
-        &loaded,
-        args.epochs,
-        args.lr,
-        args.seed,
-        args.data_dir.as_ref(),
-    )?;
+    // The target first: an impossible one is refused before anything is read.
     let hook = PruneHook::new(
         args.layers.clone(),
         Schedule::AgpOverRun {
@@ -627,6 +622,15 @@ fn run_prune(args: PruneArgs, device: Device) -> anyhow::Result<()> {
         },
     )
     .map_err(|e| anyhow::anyhow!("--sparsity: {e}"))?;
+    let loaded = checkpoint::read(&args.checkpoint)?;
+    let (model, config) = retrain_config(
+        &args.checkpoint,
+        &loaded,
+        args.epochs,
+        args.lr,
+        args.seed,
+        args.data_dir.as_ref(),
+    )?;
     let run_dir = args.run_dir.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
             "{}-pruned-{}",
