@@ -104,8 +104,8 @@ pub enum BenchCommand {
     /// Pruned fully connected layers: convpress's CSR kernel against Burn's dense linear; with
     /// --checkpoint, a whole pruned model: the sparse runtime against Burn's dense forward.
     Sparse {
-        /// Fraction of weights removed (by magnitude).
-        #[arg(long, value_delimiter = ',', default_values_t = [0.9])]
+        /// Fraction of weights removed (by magnitude), each in [0, 1).
+        #[arg(long, value_delimiter = ',', default_values_t = [0.9], allow_negative_numbers = true)]
         sparsity: Vec<f64>,
         #[arg(long, value_delimiter = ',', default_values_t = [1, 64])]
         batch: Vec<usize>,
@@ -728,6 +728,9 @@ fn run_bench_sparse(
     json: bool,
 ) -> anyhow::Result<()> {
     check_bench_args(batch, seconds)?;
+    if let Some(s) = sparsity.iter().find(|s| !(0.0..1.0).contains(*s)) {
+        bail!("--sparsity must be in [0, 1), got {s}");
+    }
     if !json {
         println!(
             "{:<14} {:>9} {:>8} {:>5} {:>7} {:>12} {:>12} {:>8} {:>11} {:>12}",
@@ -965,6 +968,12 @@ fn prune_rules(
 
 fn run_prune(args: PruneArgs, device: Device) -> anyhow::Result<()> {
     use crate::compress::prune::{PruneHook, Schedule, sparsity_report};
+    // The target first: an impossible one is refused before anything is read.
+    if let Some(s) = args.sparsity
+        && !(0.0..1.0).contains(&s)
+    {
+        bail!("--sparsity must be in [0, 1), got {s}");
+    }
     let loaded = checkpoint::read(&args.checkpoint)?;
     let rules = prune_rules(&args, &loaded)?;
     let (model, config) = retrain_config(

@@ -256,6 +256,23 @@ fn train_prune_encode_then_eval_and_info_read_the_compressed_file() {
         ]),
         "--fc-bits",
     );
+    // More clusters than weights: layers.5 keeps 100 of its 1000 weights, fewer than the
+    // 1024 clusters of 10 bits. Refused with the layer named, and nothing is written.
+    let too_many = dir.path().join("too-many.cpz");
+    let out = convpress(&[
+        "encode",
+        "--checkpoint",
+        pruned.to_str().unwrap(),
+        "--out",
+        too_many.to_str().unwrap(),
+        "--fc-bits",
+        "10",
+    ]);
+    fails_with(
+        &out,
+        "layers.5.weight: 1024 clusters (10 bits) for 100 non-zero weights",
+    );
+    assert!(!too_many.exists());
     let mut damaged = std::fs::read(&cpz).unwrap();
     let mid = damaged.len() / 2;
     damaged[mid] ^= 0xff;
@@ -263,5 +280,49 @@ fn train_prune_encode_then_eval_and_info_read_the_compressed_file() {
     fails_with(
         &convpress(&["info", "--checkpoint", cpz.to_str().unwrap()]),
         "checksum",
+    );
+}
+
+/// Impossible compression targets are refused before anything is read or computed: the
+/// checkpoint named here does not exist, so an error about the flag (not the file) shows the
+/// check comes first.
+#[test]
+fn impossible_targets_are_refused_before_reading_the_checkpoint() {
+    let missing = "/no/such/model.safetensors";
+    for s in ["1", "1.0", "1.5", "-0.1", "NaN", "inf"] {
+        let out = convpress(&["prune", "--checkpoint", missing, "--sparsity", s]);
+        fails_with(&out, "--sparsity");
+        fails_with(&out, "[0, 1)");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains(missing) && !err.contains("panicked"),
+            "{s}: {err}"
+        );
+    }
+    for (flag, v) in [
+        ("--conv-bits", "0"),
+        ("--conv-bits", "17"),
+        ("--fc-bits", "0"),
+        ("--fc-bits", "17"),
+        ("--conv-gap-bits", "1"),
+        ("--conv-gap-bits", "17"),
+        ("--fc-gap-bits", "1"),
+        ("--fc-gap-bits", "32"),
+    ] {
+        let out = convpress(&["encode", "--checkpoint", missing, flag, v]);
+        fails_with(&out, &format!("{flag} must be between"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains(missing) && !err.contains("panicked"),
+            "{flag} {v}: {err}"
+        );
+    }
+    // The benchmark checks every sparsity before it measures the first one.
+    let out = convpress(&["bench", "sparse", "--sparsity", "0.5,1.0", "--seconds", "5"]);
+    fails_with(&out, "--sparsity");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
     );
 }

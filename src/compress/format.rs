@@ -24,8 +24,9 @@
 //!   filler zero entries instead, which costs an index as well.
 //!
 //! The reader checks the magic, version, length and checksum before it parses anything, and
-//! bounds every count by the architecture and the bytes present, so a damaged file is refused
-//! with a message, never a panic or a huge allocation.
+//! bounds every count by the architecture and the bytes present (the values of all tensors
+//! together by the architecture's parameters and batch-norm statistics), so a damaged file is
+//! refused with a message, never a panic or a huge allocation. `fuzz/` fuzzes it.
 
 use super::huffman;
 use crate::checkpoint::{Loaded, ModelMeta};
@@ -36,7 +37,8 @@ use std::collections::HashMap;
 
 pub const MAGIC: &[u8; 4] = b"CVPZ";
 pub const VERSION: u16 = 1;
-/// Largest model the reader accepts (1 GiB of f32 weights).
+/// Largest model the reader accepts: 1 GiB of f32 values (parameters plus batch-norm
+/// statistics).
 pub const MAX_PARAMS: usize = 1 << 28;
 
 /// How one tensor is stored.
@@ -366,24 +368,35 @@ pub fn decode(bytes: &[u8]) -> Result<Loaded, String> {
         .arch
         .validate()
         .map_err(|e| format!("architecture is inconsistent: {e}"))?;
-    // Every tensor size is bounded by the architecture (parameters plus batch-norm
-    // statistics), and the architecture by MAX_PARAMS, so no header can ask for a huge
-    // allocation.
-    if header.arch.num_params() > MAX_PARAMS {
+    // The values of all tensors together are bounded by the architecture (its parameters
+    // plus the running mean and variance of each batch norm), and that by MAX_PARAMS, so no
+    // header can ask for more memory than the model it describes needs, nor for more than
+    // MAX_PARAMS values.
+    let stats = header.arch.layer_stats();
+    let limit = stats.iter().fold(0usize, |a, s| {
+        let bn_stats = if s.kind == "batch_norm" { s.params } else { 0 };
+        a.saturating_add(s.params).saturating_add(bn_stats)
+    });
+    if limit > MAX_PARAMS {
         return Err(format!(
-            "the architecture has {} parameters, more than the {MAX_PARAMS} this reader accepts",
-            header.arch.num_params()
+            "the architecture needs {limit} values, more than the {MAX_PARAMS} this reader accepts"
         ));
     }
-    let limit = 2 * header.arch.num_params() + 1024;
+    let mut left = limit;
     let mut tensors = HashMap::new();
     for t in &header.tensors {
         let numel = t
             .shape
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .filter(|&n| n <= limit)
-            .ok_or_else(|| format!("{}: shape {:?} is not plausible", t.path, t.shape))?;
+            .filter(|&n| n <= left)
+            .ok_or_else(|| {
+                format!(
+                    "{}: shape {:?} does not fit the architecture ({left} of its {limit} values left)",
+                    t.path, t.shape
+                )
+            })?;
+        left -= numel;
         let values = match &t.encoding {
             Encoding::Raw => f32s(c.take(4 * numel, &t.path)?),
             &Encoding::Shared {

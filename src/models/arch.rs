@@ -70,10 +70,17 @@ pub enum Shape {
 }
 
 impl Shape {
+    /// Values per image; saturates at `usize::MAX` (shapes from [`LayerSpec::output_shape`]
+    /// never do: it refuses them).
     pub fn numel(&self) -> usize {
-        match self {
-            Shape::Map([c, h, w]) => c * h * w,
-            Shape::Flat(f) => *f,
+        self.checked_numel().unwrap_or(usize::MAX)
+    }
+
+    /// Values per image, or `None` if the count overflows `usize`.
+    pub fn checked_numel(&self) -> Option<usize> {
+        match *self {
+            Shape::Map([c, h, w]) => c.checked_mul(h)?.checked_mul(w),
+            Shape::Flat(f) => Some(f),
         }
     }
 }
@@ -126,7 +133,9 @@ impl LayerSpec {
         }
     }
 
-    /// Parameters this layer owns (not counting nested layers of a residual block).
+    /// Parameters this layer owns (not counting nested layers of a residual block). Saturates
+    /// at `usize::MAX` instead of overflowing, so a description read from a file can never
+    /// wrap around to a small count.
     pub fn own_params(&self) -> usize {
         match *self {
             LayerSpec::Conv2d {
@@ -136,37 +145,57 @@ impl LayerSpec {
                 groups,
                 bias,
                 ..
-            } => {
-                out_channels * (in_channels / groups) * kernel[0] * kernel[1]
-                    + if bias { out_channels } else { 0 }
-            }
-            LayerSpec::BatchNorm { features } => 2 * features,
+            } => out_channels
+                .saturating_mul(in_channels.checked_div(groups).unwrap_or(0))
+                .saturating_mul(kernel[0])
+                .saturating_mul(kernel[1])
+                .saturating_add(if bias { out_channels } else { 0 }),
+            LayerSpec::BatchNorm { features } => features.saturating_mul(2),
             LayerSpec::Linear {
                 in_features,
                 out_features,
                 bias,
-            } => in_features * out_features + if bias { out_features } else { 0 },
+            } => in_features
+                .saturating_mul(out_features)
+                .saturating_add(if bias { out_features } else { 0 }),
             _ => 0,
         }
     }
 
-    /// Output shape for `input`, or why the layer cannot take it.
+    /// Output shape for `input`, or why the layer cannot take it (including an output too
+    /// large to count in `usize`).
     pub fn output_shape(&self, input: Shape) -> Result<Shape, String> {
+        let out = self.output_shape_unchecked(input)?;
+        if out.checked_numel().is_none() {
+            return Err(format!("{}: output {out} is too large", self.kind()));
+        }
+        Ok(out)
+    }
+
+    fn output_shape_unchecked(&self, input: Shape) -> Result<Shape, String> {
         let map = |s: Shape| match s {
             Shape::Map(m) => Ok(m),
             Shape::Flat(_) => Err(format!("{} needs a feature map, got {s}", self.kind())),
         };
         let window =
             |len: usize, k: usize, s: usize, p: usize, d: usize| -> Result<usize, String> {
-                let span = d * (k - 1) + 1;
-                if len + 2 * p < span {
+                // k, s and d are checked positive before this is called.
+                let too_large = || format!("{}: window or padding too large", self.kind());
+                let span = d
+                    .checked_mul(k - 1)
+                    .and_then(|x| x.checked_add(1))
+                    .ok_or_else(too_large)?;
+                let padded = p
+                    .checked_mul(2)
+                    .and_then(|x| x.checked_add(len))
+                    .ok_or_else(too_large)?;
+                if padded < span {
                     Err(format!(
-                        "{}: window {span} is larger than the padded input {}",
+                        "{}: window {span} is larger than the padded input {padded}",
                         self.kind(),
-                        len + 2 * p
                     ))
                 } else {
-                    Ok((len + 2 * p - span) / s + 1)
+                    Ok((padded - span) / s + 1)
                 }
             };
         match self {
@@ -229,7 +258,10 @@ impl LayerSpec {
                 let [c, _, _] = map(input)?;
                 Ok(Shape::Map([c, 1, 1]))
             }
-            LayerSpec::Flatten => Ok(Shape::Flat(input.numel())),
+            LayerSpec::Flatten => input
+                .checked_numel()
+                .map(Shape::Flat)
+                .ok_or_else(|| format!("flatten: input {input} is too large")),
             LayerSpec::Linear {
                 in_features,
                 out_features,
@@ -251,9 +283,11 @@ impl LayerSpec {
         }
     }
 
-    /// FLOPs of this layer alone for one image (nested residual layers excluded).
+    /// FLOPs of this layer alone for one image (nested residual layers excluded); saturates
+    /// at `u64::MAX`.
     fn own_flops(&self, input: Shape, output: Shape) -> u64 {
         let out = output.numel() as u64;
+        let bias_adds = |bias: bool| if bias { out } else { 0 };
         match *self {
             LayerSpec::Conv2d {
                 in_channels,
@@ -262,18 +296,25 @@ impl LayerSpec {
                 bias,
                 ..
             } => {
-                let macs = out * (in_channels / groups * kernel[0] * kernel[1]) as u64;
-                2 * macs + if bias { out } else { 0 }
+                let per_output = (in_channels.checked_div(groups).unwrap_or(0) as u64)
+                    .saturating_mul(kernel[0] as u64)
+                    .saturating_mul(kernel[1] as u64);
+                out.saturating_mul(per_output)
+                    .saturating_mul(2)
+                    .saturating_add(bias_adds(bias))
             }
             LayerSpec::Linear {
                 in_features, bias, ..
-            } => 2 * out * in_features as u64 + if bias { out } else { 0 },
+            } => out
+                .saturating_mul(in_features as u64)
+                .saturating_mul(2)
+                .saturating_add(bias_adds(bias)),
             // Inference form: a per-channel scale and shift.
-            LayerSpec::BatchNorm { .. } => 2 * out,
+            LayerSpec::BatchNorm { .. } => out.saturating_mul(2),
             LayerSpec::Relu => out,
-            LayerSpec::MaxPool { kernel, .. } | LayerSpec::AvgPool { kernel, .. } => {
-                out * (kernel[0] * kernel[1]) as u64
-            }
+            LayerSpec::MaxPool { kernel, .. } | LayerSpec::AvgPool { kernel, .. } => out
+                .saturating_mul(kernel[0] as u64)
+                .saturating_mul(kernel[1] as u64),
             LayerSpec::GlobalAvgPool => input.numel() as u64,
             LayerSpec::Flatten => 0,
             // The addition of the two branches.
@@ -312,12 +353,18 @@ impl Arch {
         out
     }
 
+    /// Parameters of the whole network; saturates at `usize::MAX`.
     pub fn num_params(&self) -> usize {
-        self.layer_stats().iter().map(|s| s.params).sum()
+        self.layer_stats()
+            .iter()
+            .fold(0usize, |a, s| a.saturating_add(s.params))
     }
 
+    /// FLOPs for one image; saturates at `u64::MAX`.
     pub fn flops(&self) -> u64 {
-        self.layer_stats().iter().map(|s| s.flops).sum()
+        self.layer_stats()
+            .iter()
+            .fold(0u64, |a, s| a.saturating_add(s.flops))
     }
 }
 
