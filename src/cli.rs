@@ -1000,11 +1000,10 @@ fn run_prune(args: PruneArgs, device: Device) -> anyhow::Result<()> {
             .collect(),
     )
     .map_err(anyhow::Error::msg)?;
-    let uniform = match rules[..] {
-        [(_, s)] => Some(s),
-        _ if rules.iter().all(|r| r.1 == rules[0].1) => Some(rules[0].1),
-        _ => None,
-    };
+    let uniform = rules
+        .iter()
+        .all(|r| r.1 == rules[0].1)
+        .then_some(rules[0].1);
     let run_dir = args.run_dir.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(match uniform {
             Some(s) => format!("{}-pruned-{}", model.name(), (s * 100.0).round()),
@@ -1555,8 +1554,17 @@ fn run_sensitivity(args: SensitivityArgs, device: Device) -> anyhow::Result<()> 
             result.test_images
         )
     });
-    let mut json = serde_json::to_value(&result)?;
-    json["checkpoint"] = serde_json::json!(args.checkpoint.display().to_string());
+    /// The analysis with the file it analysed, in field order.
+    #[derive(serde::Serialize)]
+    struct Report<'a> {
+        checkpoint: String,
+        #[serde(flatten)]
+        result: &'a sens::Sensitivity,
+    }
+    let json = Report {
+        checkpoint: args.checkpoint.display().to_string(),
+        result: &result,
+    };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let write = |name: &str, bytes: &[u8]| {

@@ -31,12 +31,13 @@ const PALETTE: [&str; 10] = [
     "#9c755f", "#bab0ac",
 ];
 
-const WIDTH: f64 = 760.0;
+const PLOT_W: f64 = 460.0;
 const HEIGHT: f64 = 460.0;
 const LEFT: f64 = 70.0;
-const RIGHT: f64 = 230.0;
 const TOP: f64 = 45.0;
 const BOTTOM: f64 = 60.0;
+/// Width of one legend character at font size 12 (generous, so long names are not cut off).
+const CHAR_W: f64 = 7.2;
 
 /// The tick step for about `max_ticks` intervals over `span`: 1, 2 or 5 times a power of ten.
 fn nice_step(span: f64, max_ticks: usize) -> f64 {
@@ -122,7 +123,16 @@ impl LineChart {
         let yt = nice_ticks(y_lo, y_hi, 8);
         let (x0, x1) = (xt[0], xt[xt.len() - 1]);
         let (y0, y1) = (yt[0], yt[yt.len() - 1]);
-        let (pw, ph) = (WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM);
+        // The legend and guide labels sit right of the plot; the picture widens to hold them.
+        let longest = self
+            .series
+            .iter()
+            .map(|s| s.name.chars().count() + 6)
+            .chain(self.guides.iter().map(|g| g.1.chars().count()))
+            .max()
+            .unwrap_or(0);
+        let (pw, ph) = (PLOT_W, HEIGHT - TOP - BOTTOM);
+        let width = (LEFT + pw + 20.0 + CHAR_W * longest as f64).ceil();
         let sx = |x: f64| LEFT + (x - x0) / (x1 - x0) * pw;
         let sy = |y: f64| TOP + ph - (y - y0) / (y1 - y0) * ph;
         let (xd, yd) = (decimals(&xt), decimals(&yt));
@@ -130,11 +140,11 @@ impl LineChart {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{HEIGHT}" viewBox="0 0 {width} {HEIGHT}" font-family="sans-serif" font-size="12">"#
         );
         let _ = writeln!(
             o,
-            r#"<rect x="0" y="0" width="{WIDTH}" height="{HEIGHT}" fill="white"/>"#
+            r#"<rect x="0" y="0" width="{width}" height="{HEIGHT}" fill="white"/>"#
         );
         let _ = writeln!(
             o,
@@ -338,6 +348,25 @@ mod tests {
         assert!(svg.contains(">85</text>") && svg.contains(">95</text>"));
         assert!(!svg.contains(">75</text>") && !svg.contains(">105</text>"));
         assert!(svg.contains("class=\"guide\"") && svg.contains(">unpruned</text>"));
+        // The picture is wide enough for the longest legend entry.
+        let long = LineChart {
+            series: vec![Series {
+                name: "x".repeat(60),
+                points: vec![(0.0, 1.0)],
+            }],
+            ..chart()
+        };
+        let svg = long.to_svg();
+        let width: f64 = svg
+            .split("width=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(width >= LEFT + PLOT_W + 60.0 * 6.0, "{width}");
     }
 
     #[test]
@@ -356,11 +385,10 @@ mod tests {
             .collect();
         // x = 0 sits on the left edge, x = 90 at 90% of the width; larger y is higher up.
         assert_eq!(coords[0].0, LEFT);
-        let pw = WIDTH - LEFT - RIGHT;
-        assert!((coords[2].0 - (LEFT + 0.9 * pw)).abs() < 0.1);
+        assert!((coords[2].0 - (LEFT + 0.9 * PLOT_W)).abs() < 0.1);
         assert!(coords[0].1 < coords[2].1);
         for (x, y) in coords {
-            assert!((LEFT..=WIDTH - RIGHT).contains(&x) && (TOP..=HEIGHT - BOTTOM).contains(&y));
+            assert!((LEFT..=LEFT + PLOT_W).contains(&x) && (TOP..=HEIGHT - BOTTOM).contains(&y));
         }
     }
 }

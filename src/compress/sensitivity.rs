@@ -29,6 +29,8 @@ pub struct PrunableWeight {
     pub layer: String,
     /// The parameter's path (`layers.2.weight`).
     pub param: String,
+    /// `conv` (rank 4) or `linear`: Han et al. found conv layers the more sensitive.
+    pub kind: String,
     pub weights: usize,
 }
 
@@ -47,6 +49,7 @@ pub fn prunable_weights<'a>(
                 .trim_end_matches('.')
                 .to_string(),
             param: path.to_string(),
+            kind: if shape.len() == 4 { "conv" } else { "linear" }.to_string(),
             weights: shape.iter().product(),
         })
         .collect()
@@ -262,15 +265,16 @@ impl TargetsFile {
 }
 
 impl Sensitivity {
-    /// One line per (layer, sparsity): `layer,param,weights,sparsity,accuracy,loss`.
+    /// One line per (layer, sparsity): `layer,param,kind,weights,sparsity,accuracy,loss`.
     pub fn to_csv(&self) -> String {
-        let mut out = String::from("layer,param,weights,sparsity,accuracy,loss\n");
+        let mut out = String::from("layer,param,kind,weights,sparsity,accuracy,loss\n");
         for c in &self.layers {
             for p in &c.points {
                 out.push_str(&format!(
-                    "{},{},{},{},{:.6},{:.6}\n",
+                    "{},{},{},{},{},{:.6},{:.6}\n",
                     c.weight.layer,
                     c.weight.param,
+                    c.weight.kind,
                     c.weight.weights,
                     p.sparsity,
                     p.accuracy,
@@ -283,13 +287,16 @@ impl Sensitivity {
 
     /// Test accuracy (%) per layer (rows) and sparsity (columns).
     pub fn table(&self) -> String {
-        let mut out = format!("{:<22} {:>9}", "layer", "weights");
+        let mut out = format!("{:<22} {:<6} {:>9}", "layer", "kind", "weights");
         for s in &self.sparsities {
             out.push_str(&format!(" {:>7}", format!("{:.0}%", 100.0 * s)));
         }
         out.push('\n');
         for c in &self.layers {
-            out.push_str(&format!("{:<22} {:>9}", c.weight.layer, c.weight.weights));
+            out.push_str(&format!(
+                "{:<22} {:<6} {:>9}",
+                c.weight.layer, c.weight.kind, c.weight.weights
+            ));
             for s in &self.sparsities {
                 match c.points.iter().find(|p| p.sparsity == *s) {
                     Some(p) => out.push_str(&format!(" {:>7.2}", 100.0 * p.accuracy)),
@@ -312,7 +319,10 @@ impl Sensitivity {
                 .layers
                 .iter()
                 .map(|c| crate::plot::Series {
-                    name: format!("{} ({} weights)", c.weight.layer, c.weight.weights),
+                    name: format!(
+                        "{} {} ({} weights)",
+                        c.weight.layer, c.weight.kind, c.weight.weights
+                    ),
                     points: c
                         .points
                         .iter()
@@ -339,6 +349,7 @@ mod tests {
             weight: PrunableWeight {
                 layer: layer.into(),
                 param: format!("{layer}.weight"),
+                kind: "conv".into(),
                 weights: 100,
             },
             points: points
@@ -457,6 +468,8 @@ mod tests {
         let layers: Vec<&str> = all.iter().map(|w| w.layer.as_str()).collect();
         assert_eq!(layers, vec!["layers.0", "layers.12", "layers.1.body.0"]);
         assert_eq!(all[1].weights, 400_000);
+        let kinds: Vec<&str> = all.iter().map(|w| w.kind.as_str()).collect();
+        assert_eq!(kinds, vec!["conv", "linear", "conv"]);
         let one = select_layers(&all, &["layers.1".into()]).unwrap();
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].param, "layers.1.body.0.weight");
