@@ -746,8 +746,13 @@ fn run_bench_sparse(
             "sparse B"
         );
     }
-    // The fully connected layers that dominate LeNet-5's and LeNet-300's parameters.
-    let layers = [("lenet5.fc1", 800, 500), ("lenet300.fc1", 784, 300)];
+    // The fully connected layers that dominate LeNet-5's and LeNet-300's parameters, and one of
+    // the size Han et al. timed (AlexNet's fc7, 4096x4096: 64 MB dense, beyond the caches).
+    let layers = [
+        ("lenet5.fc1", 800, 500),
+        ("lenet300.fc1", 784, 300),
+        ("alexnet.fc7", 4096, 4096),
+    ];
     for &s in sparsity {
         for &(name, i, o) in &layers {
             for &b in batch {
@@ -1030,7 +1035,7 @@ fn run_prune(args: PruneArgs, device: Device) -> anyhow::Result<()> {
         run_dir.display()
     );
     let options = TrainOptions {
-        run_dir,
+        run_dir: run_dir.clone(),
         device,
         resume: false,
         progress_bar: std::io::stderr().is_terminal() && !args.no_progress,
@@ -1043,7 +1048,23 @@ fn run_prune(args: PruneArgs, device: Device) -> anyhow::Result<()> {
         "layer", "weights", "kept", "kept %"
     );
     let (mut total, mut kept) = (0usize, 0usize);
-    for (path, n, zeros) in sparsity_report(&outcome.model) {
+    let report_layers = sparsity_report(&outcome.model);
+    crate::atomic_file::write_atomic(
+        &run_dir.join("report.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "checkpoint": args.checkpoint,
+            "rules": rules,
+            "epochs": args.epochs,
+            "layers": report_layers
+                .iter()
+                .map(|(p, n, z)| serde_json::json!({"layer": p, "weights": n, "kept": n - z}))
+                .collect::<Vec<_>>(),
+            "test_acc": last.test_acc,
+            "model": outcome.model_path,
+        }))?
+        .as_bytes(),
+    )?;
+    for (path, n, zeros) in report_layers {
         total += n;
         kept += n - zeros;
         println!(
@@ -1213,6 +1234,19 @@ fn run_encode(args: EncodeArgs, device: Device) -> anyhow::Result<()> {
     crate::atomic_file::write_atomic(&out, &bytes)
         .with_context(|| format!("cannot write {}", out.display()))?;
     let file_bytes = std::fs::metadata(&out)?.len() as usize;
+    let report_path = out.with_extension("report.json");
+    crate::atomic_file::write_atomic(
+        &report_path,
+        serde_json::to_string_pretty(&serde_json::json!({
+            "checkpoint": args.checkpoint,
+            "file": out,
+            "file_bytes": file_bytes,
+            "dense_bytes": stages.iter().map(|s| s.dense).sum::<usize>(),
+            "stages": stages,
+            "finetune_epochs": args.finetune_epochs,
+        }))?
+        .as_bytes(),
+    )?;
 
     print_stages(&stages, file_bytes, &out);
     // The decoded file is the model that counts: evaluate it, and the source, if data is here.

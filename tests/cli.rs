@@ -220,6 +220,17 @@ fn train_prune_encode_then_eval_and_info_read_the_compressed_file() {
     );
     let dense_bytes = std::fs::metadata(&dense).unwrap().len();
     let cpz_bytes = std::fs::metadata(&cpz).unwrap().len();
+    // Each stage leaves a report beside what it wrote.
+    let prune_report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(pruned_run.join("report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(prune_report["layers"].as_array().unwrap().len(), 3);
+    let encode_report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("model.report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(encode_report["file_bytes"].as_u64(), Some(cpz_bytes));
     assert!(cpz_bytes * 10 < dense_bytes, "{cpz_bytes} vs {dense_bytes}");
     for cmd in ["eval", "info"] {
         let mut args = vec![cmd, "--checkpoint", cpz.to_str().unwrap()];
