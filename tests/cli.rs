@@ -221,10 +221,9 @@ fn train_prune_encode_then_eval_and_info_read_the_compressed_file() {
     let dense_bytes = std::fs::metadata(&dense).unwrap().len();
     let cpz_bytes = std::fs::metadata(&cpz).unwrap().len();
     // Each stage leaves a report beside what it wrote.
-    let prune_report: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(pruned_run.join("report.json")).unwrap(),
-    )
-    .unwrap();
+    let prune_report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pruned_run.join("report.json")).unwrap())
+            .unwrap();
     assert_eq!(prune_report["layers"].as_array().unwrap().len(), 3);
     let encode_report: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.path().join("model.report.json")).unwrap(),
