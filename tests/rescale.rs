@@ -326,6 +326,14 @@ fn a_short_rescaled_lenet5_run_learns_real_mnist() {
     let acc = out.final_acc();
     assert!(acc >= 0.90, "rescaled LeNet-5: {acc}");
     assert!(run.path().join("run/rescale.json").is_file());
+    // The rescaled checkpoint describes full-resolution input, so `eval` can read it.
+    let rescaled =
+        convpress::checkpoint::read(&run.path().join("run/rescaled.safetensors")).unwrap();
+    assert_eq!(rescaled.arch.input, [1, 28, 28]);
+    assert_eq!(
+        rescaled.meta.preprocess.output_shape([1, 28, 28]),
+        rescaled.arch.input
+    );
 }
 
 #[test]

@@ -190,7 +190,12 @@ pub fn train_rescaled(
     let network = checkpoint::load_tensors(network, tensors)
         .map_err(|e| anyhow::anyhow!("internal error: rescaled tensors do not fit: {e}"))?;
     let rescaled_path = run_dir.join("rescaled.safetensors");
+    // The rescaled model takes full-resolution images: its preprocessing is the full run's
+    // (same padding and normalisation, the run's own resolution instead of the twin's).
+    let mut preprocess = loaded.meta.preprocess.clone();
+    preprocess.resize = config.resize;
     let meta = ModelMeta {
+        preprocess,
         info: serde_json::json!({ "rescaled_from": low_out.model_path, "scale": rc.scale }),
         ..loaded.meta
     };
