@@ -393,3 +393,12 @@ fn rescale_compare_runs_both_schedules_per_seed_and_plots_them() {
         );
     }
 }
+
+#[test]
+fn kernel_rules_round_or_take_the_nearest_odd_size() {
+    let sizes = [1, 2, 3, 5, 7, 9, 11];
+    let at_half = |rule: KernelRule| sizes.map(|k| rule.apply(k, 0.5));
+    assert_eq!(at_half(KernelRule::Round), [1, 1, 2, 3, 4, 5, 6]);
+    assert_eq!(at_half(KernelRule::Odd), [1, 1, 1, 3, 3, 5, 5]);
+    assert_eq!(KernelRule::Odd.apply(3, 0.75), 3);
+}

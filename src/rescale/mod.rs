@@ -39,7 +39,7 @@ pub enum KernelRule {
     /// `max(1, round(k s))`, half away from zero (5 -> 3 and 3 -> 2 at s = 0.5).
     #[default]
     Round,
-    /// The odd size nearest to `k s`, ties to the larger (3 -> 3, 5 -> 3, 7 -> 3 at s = 0.5):
+    /// The odd size nearest to `k s`, ties to the larger (3 -> 1, 5 -> 3, 7 -> 3 at s = 0.5):
     /// "same" convolutions stay centred, which residual additions need (an even kernel would
     /// need asymmetric padding to keep a map's size).
     Odd,
