@@ -196,10 +196,7 @@ impl ModuleMapper for LoadTensors {
 }
 
 /// Loads `tensors` (by path) into `network`; every tensor must be used and every parameter found.
-pub fn load_tensors(
-    network: Network,
-    tensors: HashMap<String, (TensorData, Option<ParamId>)>,
-) -> Result<Network, String> {
+pub fn load_tensors(network: Network, tensors: Tensors) -> Result<Network, String> {
     let mut loader = LoadTensors {
         stack: PathStack::default(),
         tensors,
@@ -261,12 +258,35 @@ pub fn save(path: &Path, network: &Network, meta: &ModelMeta) -> Result<(), Chec
     })
 }
 
+/// Tensors by parameter path, with their parameter ids when known: a model's state off the
+/// device, which compression passes (filter pruning, kernel rescaling) transform.
+pub type Tensors = HashMap<String, (TensorData, Option<ParamId>)>;
+
+/// A model's float tensors as [`Tensors`] (see [`named_tensors`]).
+pub fn tensor_map<M: Module>(module: &M) -> Tensors {
+    named_tensors(module)
+        .into_iter()
+        .map(|(path, id, data)| (path, (data, Some(id))))
+        .collect()
+}
+
+/// The values and shape of tensor `name`, or why they cannot be had.
+pub fn floats(tensors: &Tensors, name: &str) -> Result<(Vec<f32>, Vec<usize>), String> {
+    let (data, _) = tensors
+        .get(name)
+        .ok_or_else(|| format!("tensor {name} is missing"))?;
+    let values = data
+        .try_to_vec::<f32>()
+        .map_err(|e| format!("tensor {name}: {e:?}"))?;
+    Ok((values, data.shape().to_vec()))
+}
+
 /// A checkpoint read from disk: architecture, metadata and tensors, not yet on a device.
 #[derive(Debug)]
 pub struct Loaded {
     pub arch: Arch,
     pub meta: ModelMeta,
-    pub tensors: HashMap<String, (TensorData, Option<ParamId>)>,
+    pub tensors: Tensors,
 }
 
 /// Reads and checks a checkpoint file: safetensors, or a compressed model (`.cpz`, see

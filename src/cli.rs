@@ -845,7 +845,6 @@ fn run_train(args: TrainArgs, device: Device) -> anyhow::Result<()> {
             args.rescale_kernels,
             args.rescale_min_gain,
         )?;
-        crate::rescale::phases::check(&config, &rc).map_err(anyhow::Error::msg)?;
         let out = crate::rescale::phases::train_rescaled(&config, &rc, &options)?;
         println!(
             "{} on {} with kernel rescaling from {scale} (switched after epoch {}): test accuracy {:.2}% (error {:.2}%), {:.1} s of training; model saved to {}",
@@ -1707,18 +1706,6 @@ fn run_rescale_compare(args: RescaleCompareArgs, device: Device) -> anyhow::Resu
             )
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    for rc in &schedules {
-        crate::rescale::phases::check(&config, rc).map_err(anyhow::Error::msg)?;
-    }
-    let rc = &schedules[0];
-    // The twin must exist before hours of baseline training.
-    let prepared = train::prepare(&config)?;
-    let full = config
-        .model
-        .arch(prepared.train.image_shape(), prepared.train.classes)
-        .map_err(anyhow::Error::msg)?;
-    crate::rescale::low_res_twin(&full, rc.scale, rc.kernels).map_err(anyhow::Error::msg)?;
-    drop(prepared);
     let out = args
         .out
         .clone()
@@ -1792,7 +1779,7 @@ fn run_rescale_compare(args: RescaleCompareArgs, device: Device) -> anyhow::Resu
         "{} on {}: baseline against kernel rescaling from {}",
         args.model.name(),
         args.dataset.name(),
-        rc.scale
+        args.rescale_from
     );
     let svg = compare::chart(&title, &results).to_svg();
     crate::atomic_file::write_atomic(&out.join("compare.svg"), svg.as_bytes())?;
@@ -1800,7 +1787,7 @@ fn run_rescale_compare(args: RescaleCompareArgs, device: Device) -> anyhow::Resu
         &out.join("compare.json"),
         serde_json::to_string_pretty(&serde_json::json!({
             "config": config,
-            "rescale": rc,
+            "rescale": schedules,
             "results": results,
         }))?
         .as_bytes(),

@@ -4,8 +4,7 @@
 mod common;
 
 use burn::prelude::*;
-use convpress::checkpoint::{load_tensors, named_tensors};
-use convpress::compress::structured::Tensors;
+use convpress::checkpoint::{Tensors, load_tensors, tensor_map};
 use convpress::data::DatasetKind;
 use convpress::models::{ModelKind, Network};
 use convpress::rescale::interp::{Interp, rescale_plane};
@@ -142,10 +141,7 @@ fn smooth_kernels_survive_down_then_up() {
 }
 
 fn tensors_of(net: &Network) -> Tensors {
-    named_tensors(net)
-        .into_iter()
-        .map(|(p, id, d)| (p, (d, Some(id))))
-        .collect()
+    tensor_map(net)
 }
 
 #[test]

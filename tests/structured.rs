@@ -4,17 +4,14 @@
 mod common;
 
 use burn::prelude::*;
-use convpress::checkpoint::{self, load_tensors, named_tensors};
-use convpress::compress::structured::{self, Analysis, Criterion, Target, Tensors};
+use convpress::checkpoint::{self, Tensors, load_tensors, tensor_map};
+use convpress::compress::structured::{self, Analysis, Criterion, Target};
 use convpress::models::{Arch, LayerSpec, ModelKind, Network};
 use rand::{Rng, SeedableRng};
 use std::process::Command;
 
 fn tensors_of(net: &Network) -> Tensors {
-    named_tensors(net)
-        .into_iter()
-        .map(|(p, id, d)| (p, (d, Some(id))))
-        .collect()
+    tensor_map(net)
 }
 
 fn build(arch: &Arch, tensors: Tensors, device: &Device) -> Network {

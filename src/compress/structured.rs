@@ -18,8 +18,8 @@
 //! The pass works on checkpoint data (architecture plus named tensors), so its result is saved,
 //! evaluated and fine-tuned like any other model.
 
+use crate::checkpoint::{Tensors, floats};
 use crate::models::{Arch, LayerSpec, Shape};
-use burn::module::ParamId;
 use burn::prelude::TensorData;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -330,9 +330,6 @@ pub struct Target {
     pub skip_coupled: bool,
 }
 
-/// Tensors by path, as in [`crate::checkpoint::Loaded`].
-pub type Tensors = HashMap<String, (TensorData, Option<ParamId>)>;
-
 /// The outcome of [`prune`]: the smaller architecture, its tensors and the groups with their
 /// kept counts.
 #[derive(Debug)]
@@ -340,16 +337,6 @@ pub struct Pruned {
     pub arch: Arch,
     pub tensors: Tensors,
     pub groups: Vec<ChannelGroup>,
-}
-
-fn floats(tensors: &Tensors, name: &str) -> Result<(Vec<f32>, Vec<usize>), String> {
-    let (data, _) = tensors
-        .get(name)
-        .ok_or_else(|| format!("tensor {name} is missing"))?;
-    let values = data
-        .try_to_vec::<f32>()
-        .map_err(|e| format!("tensor {name}: {e:?}"))?;
-    Ok((values, data.shape().to_vec()))
 }
 
 /// Per-channel importance of the channels of each group under `criterion`.

@@ -27,7 +27,7 @@ pub mod phases;
 
 pub use interp::Interp;
 
-use crate::compress::structured::Tensors;
+use crate::checkpoint::{Tensors, floats};
 use crate::models::{Arch, LayerSpec, Shape};
 use burn::prelude::TensorData;
 use serde::{Deserialize, Serialize};
@@ -260,16 +260,6 @@ fn rescale_layer(
     interp: Interp,
 ) -> Result<(), String> {
     let weight = format!("{path}.weight");
-    let get = |name: &str| -> Result<(Vec<f32>, Vec<usize>), String> {
-        let (d, _) = tensors
-            .get(name)
-            .ok_or_else(|| format!("tensor {name} is missing"))?;
-        Ok((
-            d.try_to_vec::<f32>()
-                .map_err(|e| format!("{name}: {e:?}"))?,
-            d.shape().to_vec(),
-        ))
-    };
     let id = tensors.get(&weight).and_then(|(_, id)| *id);
     match (a, b) {
         (
@@ -291,7 +281,7 @@ fn rescale_layer(
             if (ia, oa, ga) != (ib, ob, gb) {
                 return Err(format!("{path}: channels differ, only kernel sizes may"));
             }
-            let (w, shape) = get(&weight)?;
+            let (w, shape) = floats(tensors, &weight)?;
             let planes = shape[0] * shape[1];
             let (pa, pb) = (ka[0] * ka[1], kb[0] * kb[1]);
             let mut new = Vec::with_capacity(planes * pb);
@@ -345,7 +335,7 @@ fn rescale_layer(
                 return Err(format!("{path}: reads {ca} channels against {cb}"));
             }
             // Burn's dense layout is [in, out]; input feature c*H*W + y*W + x.
-            let (w, _) = get(&weight)?;
+            let (w, _) = floats(tensors, &weight)?;
             let n_out = *oa;
             let mut new = vec![0f32; nb * n_out];
             let mut plane = vec![0f32; ha * wa];

@@ -115,6 +115,23 @@ pub fn check(config: &TrainConfig, rc: &RescaleConfig) -> Result<(), String> {
     }
 }
 
+/// Everything a rescaled run needs settled before it trains: the settings checked, and the full
+/// architecture with its low-resolution twin (which fails, naming the layer, for a model that
+/// cannot be rescaled). Reads the data once, for its shape.
+pub fn plan(
+    config: &TrainConfig,
+    rc: &RescaleConfig,
+) -> anyhow::Result<(crate::models::Arch, crate::models::Arch)> {
+    config.check().map_err(anyhow::Error::msg)?;
+    check(config, rc).map_err(anyhow::Error::msg)?;
+    let prepared = train::prepare(config)?;
+    let full = config
+        .arch_for(prepared.train.image_shape(), prepared.train.classes)
+        .map_err(anyhow::Error::msg)?;
+    let twin = low_res_twin(&full, rc.scale, rc.kernels).map_err(anyhow::Error::msg)?;
+    Ok((full, twin))
+}
+
 /// Trains `config` with kernel rescaling into `options.run_dir`: `low-res/` holds the twin's
 /// run, `rescaled.safetensors` its kernels carried to full size, `full-res/` the rest of the
 /// run, and `rescale.json` the timeline.
@@ -123,8 +140,7 @@ pub fn train_rescaled(
     rc: &RescaleConfig,
     options: &TrainOptions,
 ) -> anyhow::Result<RescaledOutcome> {
-    config.check().map_err(anyhow::Error::msg)?;
-    check(config, rc).map_err(anyhow::Error::msg)?;
+    let (full, twin) = plan(config, rc)?;
     let run_dir = &options.run_dir;
     if run_dir.join("rescale.json").exists() || run_dir.join("low-res").exists() {
         bail!(
@@ -132,18 +148,6 @@ pub fn train_rescaled(
             run_dir.display()
         );
     }
-    let prepared = train::prepare(config)?;
-    let (input, classes) = (prepared.train.image_shape(), prepared.train.classes);
-    let full = match &config.arch {
-        Some(a) => a.clone(),
-        None => config
-            .model
-            .arch(input, classes)
-            .map_err(anyhow::Error::msg)?,
-    };
-    let twin = low_res_twin(&full, rc.scale, rc.kernels).map_err(anyhow::Error::msg)?;
-    drop(prepared);
-
     let low_epochs = match rc.switch {
         Switch::Epoch { epoch } => epoch,
         Switch::Auto { .. } => config.epochs - 1,

@@ -148,6 +148,19 @@ impl TrainConfig {
     }
 
     /// Refuses settings that cannot train, before any work is done.
+    /// The architecture this run trains for data of `input` shape and `classes` classes: the
+    /// given one (checked against the data) or the one `model` builds.
+    pub fn arch_for(&self, input: [usize; 3], classes: usize) -> Result<Arch, String> {
+        match &self.arch {
+            Some(arch) if arch.input != input || arch.classes != classes => Err(format!(
+                "the model takes {:?} images in {} classes; the data gives {input:?} in {classes}",
+                arch.input, arch.classes
+            )),
+            Some(arch) => Ok(arch.clone()),
+            None => self.model.arch(input, classes),
+        }
+    }
+
     /// Learning rate at `batch` of `batches` in (0-based) `epoch` of this run.
     pub fn lr_at(&self, epoch: usize, batch: usize, batches: usize) -> f64 {
         let (offset, total) = self

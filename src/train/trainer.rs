@@ -152,19 +152,9 @@ pub fn train(
         );
     }
     let prepared = prepare(config)?;
-    let (input, classes) = (prepared.train.image_shape(), prepared.train.classes);
-    let arch = match &config.arch {
-        Some(arch) if arch.input != input || arch.classes != classes => bail!(
-            "the model takes {:?} images in {} classes; the data gives {input:?} in {classes}",
-            arch.input,
-            arch.classes
-        ),
-        Some(arch) => arch.clone(),
-        None => config
-            .model
-            .arch(input, classes)
-            .map_err(anyhow::Error::msg)?,
-    };
+    let arch = config
+        .arch_for(prepared.train.image_shape(), prepared.train.classes)
+        .map_err(anyhow::Error::msg)?;
 
     let device = options.device.clone();
     let ad = device.clone().autodiff();
