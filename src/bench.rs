@@ -22,6 +22,8 @@ pub enum Mode {
 pub struct Measurement {
     pub framework: String,
     pub version: String,
+    /// Whose conv, batch-norm and pooling ran (convpress's kernels or Burn's ops).
+    pub ops: crate::kernels::Ops,
     pub model: String,
     pub batch: usize,
     pub threads: usize,
@@ -100,6 +102,7 @@ pub fn measure(
     Measurement {
         framework: "convpress".into(),
         version: format!("{} (burn 0.22.1 flex)", env!("CARGO_PKG_VERSION")),
+        ops: crate::kernels::current_ops(),
         model: model.name().into(),
         batch,
         threads: rayon::current_num_threads(),

@@ -28,6 +28,16 @@ pub struct Cli {
         env = "CONVPRESS_DEVICE"
     )]
     pub device: Backend,
+    /// Which implementation runs convolutions, batch norm and pooling on the CPU: convpress's
+    /// kernels, or Burn's own operations (for comparison).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "convpress",
+        env = "CONVPRESS_OPS"
+    )]
+    pub ops: crate::kernels::Ops,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -555,6 +565,7 @@ impl TrainArgs {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    crate::kernels::set_default_ops(cli.ops);
     if let Some(n) = cli.threads {
         if n == 0 {
             bail!("--threads must be at least 1");

@@ -22,6 +22,7 @@ pub mod cli;
 pub mod compress;
 pub mod data;
 pub mod device;
+pub mod kernels;
 pub mod models;
 pub mod plot;
 pub mod rescale;

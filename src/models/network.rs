@@ -1,6 +1,8 @@
 //! The Burn module for an [`Arch`]: one [`Layer`] per layer specification.
 
 use super::arch::{Arch, LayerSpec};
+use crate::kernels::{self, PoolParams};
+use burn::backend::ops::ConvOptions;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{
@@ -148,10 +150,10 @@ impl Layer {
 
     pub fn forward(&self, x: Activation) -> Activation {
         match self {
-            Layer::Conv2d(m) => Activation::Map(m.forward(x.map())),
+            Layer::Conv2d(m) => Activation::Map(conv2d(m, x.map())),
             Layer::BatchNorm(m) => match x {
-                Activation::Map(t) => Activation::Map(m.forward(t)),
-                Activation::Flat(t) => Activation::Flat(m.forward(t)),
+                Activation::Map(t) => Activation::Map(batch_norm(m, t)),
+                Activation::Flat(t) => Activation::Flat(batch_norm(m, t)),
             },
             Layer::Linear(m) => match x {
                 Activation::Flat(t) => Activation::Flat(m.forward(t)),
@@ -161,8 +163,8 @@ impl Layer {
                 Activation::Map(t) => Activation::Map(m.forward(t)),
                 Activation::Flat(t) => Activation::Flat(m.forward(t)),
             },
-            Layer::MaxPool(m) => Activation::Map(m.forward(x.map())),
-            Layer::AvgPool(m) => Activation::Map(m.forward(x.map())),
+            Layer::MaxPool(m) => Activation::Map(max_pool2d(m, x.map())),
+            Layer::AvgPool(m) => Activation::Map(avg_pool2d(m, x.map())),
             Layer::GlobalAvgPool(m) => Activation::Map(m.forward(x.map())),
             Layer::Flatten(_) => match x {
                 Activation::Map(t) => Activation::Flat(t.flatten(1, 3)),
@@ -174,5 +176,115 @@ impl Layer {
                 body.add(shortcut)
             }
         }
+    }
+}
+
+// The arithmetic of Burn's conv, batch-norm and pooling modules, run through
+// `kernels::extension` (convpress's CPU kernels on Flex, Burn's op elsewhere). Parameters,
+// running statistics and saved files are Burn's, unchanged.
+
+/// `((top, bottom), (left, right))` padding, as Burn's modules compute it.
+fn padding_pairs(
+    padding: &PaddingConfig2d,
+    hw: [usize; 2],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+) -> [(usize, usize); 2] {
+    let same = |i: usize| {
+        let out = hw[i].div_ceil(stride[i]);
+        let total = if out > 0 {
+            ((out - 1) * stride[i] + kernel[i]).saturating_sub(hw[i])
+        } else {
+            0
+        };
+        (total / 2, total - total / 2)
+    };
+    match *padding {
+        PaddingConfig2d::Valid => [(0, 0), (0, 0)],
+        PaddingConfig2d::Same => [same(0), same(1)],
+        PaddingConfig2d::Explicit(top, left, bottom, right) => [(top, bottom), (left, right)],
+    }
+}
+
+fn conv2d(m: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let [_, _, h, w] = x.dims();
+    let padding = padding_pairs(&m.padding, [h, w], m.kernel_size, m.stride);
+    let options = ConvOptions::new_with_padding(m.stride, padding, m.dilation, m.groups);
+    kernels::extension::conv2d(x, m.weight.val(), m.bias.as_ref().map(|b| b.val()), options)
+}
+
+/// Burn's `BatchNorm::forward`: batch statistics (and a running-average update) when the layer
+/// trains on an autodiff device, the running statistics otherwise.
+fn batch_norm<const D: usize>(m: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
+    let device = x.device();
+    if !(device.is_autodiff() && m.training.is_enabled()) {
+        let mean = m.running_mean.value().to_device(&device);
+        let var = m.running_var.value().to_device(&device);
+        return kernels::extension::batch_norm(
+            x,
+            m.gamma.val(),
+            m.beta.val(),
+            mean,
+            var,
+            m.epsilon,
+        );
+    }
+    let (y, mean, var) =
+        kernels::extension::batch_norm_train(x, m.gamma.val(), m.beta.val(), m.epsilon);
+    let running = |state: &burn::module::RunningState<Tensor<1>>, batch: Tensor<1>| {
+        let old = state.value_sync().to_device(&device);
+        let new = old.mul_scalar(1.0 - m.momentum) + batch.detach().mul_scalar(m.momentum);
+        state.update(new.detach());
+    };
+    running(&m.running_mean, mean);
+    running(&m.running_var, var);
+    y
+}
+
+/// Pooling parameters when the kernels can take the layer (symmetric padding, no ceil mode).
+fn pool_params(
+    padding: &PaddingConfig2d,
+    hw: [usize; 2],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    ceil_mode: bool,
+) -> Option<PoolParams> {
+    let [(t, b), (l, r)] = padding_pairs(padding, hw, kernel, stride);
+    (t == b && l == r && !ceil_mode).then_some(PoolParams {
+        kernel,
+        stride,
+        padding: [t, l],
+        dilation,
+    })
+}
+
+fn max_pool2d(m: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
+    let [_, _, h, w] = x.dims();
+    match pool_params(
+        &m.padding,
+        [h, w],
+        m.kernel_size,
+        m.stride,
+        m.dilation,
+        m.ceil_mode,
+    ) {
+        Some(p) => kernels::extension::max_pool2d(x, p),
+        None => m.forward(x),
+    }
+}
+
+fn avg_pool2d(m: &AvgPool2d, x: Tensor<4>) -> Tensor<4> {
+    let [_, _, h, w] = x.dims();
+    match pool_params(
+        &m.padding,
+        [h, w],
+        m.kernel_size,
+        m.stride,
+        [1, 1],
+        m.ceil_mode,
+    ) {
+        Some(p) => kernels::extension::avg_pool2d(x, p, m.count_include_pad),
+        None => m.forward(x),
     }
 }

@@ -1,0 +1,702 @@
+//! 2-D convolution, forward and backward, on `[N, C, H, W]` row-major `f32` buffers
+//! (PyTorch's and Burn's layout and semantics: weights `[out, in/groups, kh, kw]`, zero padding,
+//! stride, dilation, groups).
+//!
+//! Two implementations of each pass sit side by side:
+//! - [`reference`]: seven nested loops, slow and obviously right; the tests hold the fast path
+//!   to it, and it to finite differences;
+//! - the fast path ([`forward`], [`backward`]): im2col + GEMM per image (Chellapilla et al.
+//!   2006, "High performance convolutional neural networks for document processing"), one image
+//!   per rayon task with that thread's own column buffer, so the GEMMs run single-threaded on
+//!   cache-sized blocks. The weight gradient reuses the forward's column matrix
+//!   (`dW += dY · colsᵀ`); the input gradient is `col2im(Wᵀ · dY)`. A 1x1 stride-1 unpadded
+//!   convolution needs no im2col: the image *is* the column matrix. Convolutions with one input
+//!   channel per group (depthwise) skip GEMM, whose one-row products would be all overhead, for
+//!   direct shifted-row loops.
+
+use super::gemm::{Mat, Threads, sgemm};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Everything a convolution kernel needs to know about one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dProblem {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Input `[H, W]`.
+    pub in_hw: [usize; 2],
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    /// Zero padding before (top, left) and after (bottom, right).
+    pub pad_begin: [usize; 2],
+    pub pad_end: [usize; 2],
+    pub dilation: [usize; 2],
+    pub groups: usize,
+}
+
+impl Conv2dProblem {
+    /// Checks what the kernels rely on: positive sizes, groups dividing both channel counts and
+    /// a window that fits the padded input.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.groups == 0
+            || !self.in_channels.is_multiple_of(self.groups)
+            || !self.out_channels.is_multiple_of(self.groups)
+        {
+            return Err(format!(
+                "groups {} must divide {} and {}",
+                self.groups, self.in_channels, self.out_channels
+            ));
+        }
+        if self.kernel.contains(&0) || self.stride.contains(&0) || self.dilation.contains(&0) {
+            return Err("kernel, stride and dilation must be positive".into());
+        }
+        for i in 0..2 {
+            if self.in_hw[i] + self.pad_begin[i] + self.pad_end[i] < self.span(i) {
+                return Err(format!(
+                    "a {:?} window (dilation {:?}) does not fit the padded {:?} input",
+                    self.kernel, self.dilation, self.in_hw
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn span(&self, i: usize) -> usize {
+        self.dilation[i] * (self.kernel[i] - 1) + 1
+    }
+
+    /// Output `[H', W']`; the problem must be valid.
+    pub fn out_hw(&self) -> [usize; 2] {
+        [0, 1].map(|i| {
+            (self.in_hw[i] + self.pad_begin[i] + self.pad_end[i] - self.span(i)) / self.stride[i]
+                + 1
+        })
+    }
+
+    pub fn in_per_group(&self) -> usize {
+        self.in_channels / self.groups
+    }
+
+    pub fn out_per_group(&self) -> usize {
+        self.out_channels / self.groups
+    }
+
+    /// Rows of a group's column matrix (weights per output channel): `in/groups * kh * kw`.
+    pub fn patch_len(&self) -> usize {
+        self.in_per_group() * self.kernel[0] * self.kernel[1]
+    }
+
+    fn in_plane(&self) -> usize {
+        self.in_hw[0] * self.in_hw[1]
+    }
+
+    fn out_plane(&self) -> usize {
+        let [oh, ow] = self.out_hw();
+        oh * ow
+    }
+
+    pub fn x_len(&self) -> usize {
+        self.batch * self.in_channels * self.in_plane()
+    }
+
+    pub fn weight_len(&self) -> usize {
+        self.out_channels * self.patch_len()
+    }
+
+    pub fn y_len(&self) -> usize {
+        self.batch * self.out_channels * self.out_plane()
+    }
+
+    /// Multiply-adds of one forward pass.
+    pub fn macs(&self) -> usize {
+        self.batch * self.out_channels * self.out_plane() * self.patch_len()
+    }
+
+    /// A 1x1, stride 1, unpadded convolution: its column matrix is the input itself.
+    fn is_pointwise(&self) -> bool {
+        self.kernel == [1, 1]
+            && self.stride == [1, 1]
+            && self.pad_begin == [0, 0]
+            && self.pad_end == [0, 0]
+    }
+
+    /// One input channel per group (depthwise, possibly with a channel multiplier).
+    fn is_depthwise(&self) -> bool {
+        self.in_per_group() == 1 && self.groups > 1
+    }
+
+    fn check(&self, x: usize, w: usize, y: usize) {
+        if let Err(e) = self.validate() {
+            panic!("conv2d: {e}");
+        }
+        assert_eq!(x, self.x_len(), "conv2d: input length");
+        assert_eq!(w, self.weight_len(), "conv2d: weight length");
+        assert_eq!(y, self.y_len(), "conv2d: output length");
+    }
+}
+
+/// Output columns `j` whose input column `j * stride + offset` lies inside `0..len`:
+/// `lo..hi` (empty when none does).
+fn valid_range(offset: isize, stride: usize, len: usize, out: usize) -> (usize, usize) {
+    let lo = if offset >= 0 {
+        0
+    } else {
+        ((-offset) as usize).div_ceil(stride).min(out)
+    };
+    let limit = len as isize - 1 - offset;
+    let hi = if limit < 0 {
+        0
+    } else {
+        (limit as usize / stride + 1).min(out)
+    };
+    (lo, hi.max(lo))
+}
+
+/// The `[kh, kw]` tap `(ki, kj)` of the window as an offset into the input: input row
+/// `i * stride + off_h` feeds output row `i`.
+fn tap_offsets(p: &Conv2dProblem, ki: usize, kj: usize) -> (isize, isize) {
+    (
+        (ki * p.dilation[0]) as isize - p.pad_begin[0] as isize,
+        (kj * p.dilation[1]) as isize - p.pad_begin[1] as isize,
+    )
+}
+
+/// Column matrix `[in/groups * kh * kw, H' * W']` of one group of one image (`planes` holds its
+/// `in/groups` input planes).
+pub fn im2col(p: &Conv2dProblem, planes: &[f32], cols: &mut [f32]) {
+    let [h, w] = p.in_hw;
+    let [oh, ow] = p.out_hw();
+    let [kh, kw] = p.kernel;
+    let [sh, sw] = p.stride;
+    let mut rows = cols.chunks_exact_mut(oh * ow);
+    for plane in planes.chunks_exact(h * w).take(p.in_per_group()) {
+        for ki in 0..kh {
+            for kj in 0..kw {
+                let row = rows.next().expect("column buffer holds every tap");
+                let (off_h, off_w) = tap_offsets(p, ki, kj);
+                let (j_lo, j_hi) = valid_range(off_w, sw, w, ow);
+                for (i, out) in row.chunks_exact_mut(ow).enumerate() {
+                    let src = (i * sh) as isize + off_h;
+                    if src < 0 || src as usize >= h {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let line = &plane[src as usize * w..(src as usize + 1) * w];
+                    out[..j_lo].fill(0.0);
+                    out[j_hi..].fill(0.0);
+                    let start = (j_lo * sw) as isize + off_w;
+                    let start = start as usize;
+                    if sw == 1 {
+                        out[j_lo..j_hi].copy_from_slice(&line[start..start + (j_hi - j_lo)]);
+                    } else {
+                        for (k, o) in out[j_lo..j_hi].iter_mut().enumerate() {
+                            *o = line[start + k * sw];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: adds each column entry back onto the input position it was
+/// read from (`planes` must start zeroed or hold what it should add to).
+pub fn col2im(p: &Conv2dProblem, cols: &[f32], planes: &mut [f32]) {
+    let [h, w] = p.in_hw;
+    let [oh, ow] = p.out_hw();
+    let [kh, kw] = p.kernel;
+    let [sh, sw] = p.stride;
+    let mut rows = cols.chunks_exact(oh * ow);
+    for plane in planes.chunks_exact_mut(h * w).take(p.in_per_group()) {
+        for ki in 0..kh {
+            for kj in 0..kw {
+                let row = rows.next().expect("column buffer holds every tap");
+                let (off_h, off_w) = tap_offsets(p, ki, kj);
+                let (j_lo, j_hi) = valid_range(off_w, sw, w, ow);
+                if j_lo == j_hi {
+                    continue;
+                }
+                for (i, src_row) in row.chunks_exact(ow).enumerate() {
+                    let dst = (i * sh) as isize + off_h;
+                    if dst < 0 || dst as usize >= h {
+                        continue;
+                    }
+                    let line = &mut plane[dst as usize * w..(dst as usize + 1) * w];
+                    let start = ((j_lo * sw) as isize + off_w) as usize;
+                    if sw == 1 {
+                        for (o, &v) in line[start..start + (j_hi - j_lo)]
+                            .iter_mut()
+                            .zip(&src_row[j_lo..j_hi])
+                        {
+                            *o += v;
+                        }
+                    } else {
+                        for (k, &v) in src_row[j_lo..j_hi].iter().enumerate() {
+                            line[start + k * sw] += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a scratch buffer of `len` floats: the thread's own when it is free (it is
+/// reused from call to call, so steady-state training allocates no column matrices), a fresh
+/// one when a nested call on the same thread already holds it.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![0f32; len]),
+    })
+}
+
+/// Whether to spread the images of a batch over the threads (each GEMM then single-threaded)
+/// or, for a batch smaller than the pool, run images in turn with multi-threaded GEMMs.
+fn per_image_tasks(batch: usize) -> bool {
+    batch >= rayon::current_num_threads()
+}
+
+/// `y = conv2d(x, w) + bias`.
+pub fn forward(p: &Conv2dProblem, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+    p.check(x.len(), w.len(), y.len());
+    if let Some(b) = bias {
+        assert_eq!(b.len(), p.out_channels, "conv2d: bias length");
+    }
+    let x_img = p.in_channels * p.in_plane();
+    let y_img = p.out_channels * p.out_plane();
+    if x_img == 0 || y_img == 0 {
+        return;
+    }
+    let one =
+        |(x, y): (&[f32], &mut [f32]), threads: Threads| forward_image(p, x, w, bias, y, threads);
+    if per_image_tasks(p.batch) {
+        x.par_chunks_exact(x_img)
+            .zip(y.par_chunks_exact_mut(y_img))
+            .for_each(|pair| one(pair, Threads::One));
+    } else {
+        x.chunks_exact(x_img)
+            .zip(y.chunks_exact_mut(y_img))
+            .for_each(|pair| one(pair, Threads::All));
+    }
+}
+
+fn forward_image(
+    p: &Conv2dProblem,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    threads: Threads,
+) {
+    let plane = p.out_plane();
+    match bias {
+        Some(b) => {
+            for (row, &v) in y.chunks_exact_mut(plane).zip(b) {
+                row.fill(v);
+            }
+        }
+        None => y.fill(0.0),
+    }
+    if p.is_depthwise() {
+        return depthwise_forward(p, x, w, y);
+    }
+    let (k, og) = (p.patch_len(), p.out_per_group());
+    let x_group = p.in_per_group() * p.in_plane();
+    for g in 0..p.groups {
+        let planes = &x[g * x_group..(g + 1) * x_group];
+        let wg = Mat::rows(&w[g * og * k..(g + 1) * og * k], k);
+        let yg = &mut y[g * og * plane..(g + 1) * og * plane];
+        if p.is_pointwise() {
+            sgemm(
+                og,
+                plane,
+                k,
+                yg,
+                plane,
+                true,
+                wg,
+                Mat::rows(planes, plane),
+                threads,
+            );
+        } else {
+            with_scratch(k * plane, |cols| {
+                im2col(p, planes, cols);
+                sgemm(
+                    og,
+                    plane,
+                    k,
+                    yg,
+                    plane,
+                    true,
+                    wg,
+                    Mat::rows(cols, plane),
+                    threads,
+                );
+            });
+        }
+    }
+}
+
+/// Direct depthwise forward of one image: each output plane adds one shifted, strided copy of
+/// its input plane per tap.
+fn depthwise_forward(p: &Conv2dProblem, x: &[f32], w: &[f32], y: &mut [f32]) {
+    let [h, wd] = p.in_hw;
+    let [oh, ow] = p.out_hw();
+    let [kh, kw] = p.kernel;
+    let [sh, sw] = p.stride;
+    let og = p.out_per_group();
+    for (o, out) in y.chunks_exact_mut(oh * ow).enumerate() {
+        let plane = &x[(o / og) * h * wd..(o / og + 1) * h * wd];
+        for ki in 0..kh {
+            for kj in 0..kw {
+                let wv = w[(o * kh + ki) * kw + kj];
+                let (off_h, off_w) = tap_offsets(p, ki, kj);
+                let (j_lo, j_hi) = valid_range(off_w, sw, wd, ow);
+                for (i, row) in out.chunks_exact_mut(ow).enumerate() {
+                    let src = (i * sh) as isize + off_h;
+                    if src < 0 || src as usize >= h {
+                        continue;
+                    }
+                    let line = &plane[src as usize * wd..(src as usize + 1) * wd];
+                    let start = ((j_lo * sw) as isize + off_w) as usize;
+                    for (k, o) in row[j_lo..j_hi].iter_mut().enumerate() {
+                        *o += wv * line[start + k * sw];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Gradients of one convolution; each is `None` when not asked for.
+#[derive(Debug, Clone, Default)]
+pub struct ConvGrads {
+    pub x: Option<Vec<f32>>,
+    pub weight: Option<Vec<f32>>,
+    pub bias: Option<Vec<f32>>,
+}
+
+/// Which gradients [`backward`] computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wanted {
+    pub x: bool,
+    pub weight: bool,
+    pub bias: bool,
+}
+
+/// Gradients of `y = conv2d(x, w) + b` given `dy`, in one pass over the batch: per image the
+/// column matrix is built once and serves the weight gradient, and `Wᵀ · dY` is folded back
+/// into the input gradient. Weight gradients are summed per thread, then across threads.
+pub fn backward(p: &Conv2dProblem, x: &[f32], w: &[f32], dy: &[f32], wanted: Wanted) -> ConvGrads {
+    p.check(x.len(), w.len(), dy.len());
+    let x_img = p.in_channels * p.in_plane();
+    let y_img = p.out_channels * p.out_plane();
+    let mut grads = ConvGrads {
+        x: wanted.x.then(|| vec![0f32; x.len()]),
+        weight: None,
+        bias: wanted.bias.then(|| bias_grad(p, dy)),
+    };
+    if x_img == 0 || y_img == 0 || !(wanted.x || wanted.weight) {
+        grads.weight = wanted.weight.then(|| vec![0f32; w.len()]);
+        return grads;
+    }
+    let wlen = if wanted.weight { w.len() } else { 0 };
+    let one = |dx: Option<&mut [f32]>, x: &[f32], dy: &[f32], dw: &mut [f32], t: Threads| {
+        backward_image(p, x, w, dy, dx, wanted.weight.then_some(dw), t)
+    };
+    let dw = if per_image_tasks(p.batch) {
+        // Bound the number of per-thread weight-gradient buffers by splitting the batch into
+        // one contiguous run of images per thread.
+        let per_task = p.batch.div_ceil(rayon::current_num_threads()).max(1);
+        let xs = x.par_chunks(per_task * x_img);
+        let dys = dy.par_chunks(per_task * y_img);
+        let partial = |(xs, dys): (&[f32], &[f32]), dxs: Option<&mut [f32]>| {
+            let mut dw = vec![0f32; wlen];
+            let mut dxs = dxs.map(|d| d.chunks_exact_mut(x_img));
+            for (x, dy) in xs.chunks_exact(x_img).zip(dys.chunks_exact(y_img)) {
+                let dx = dxs
+                    .as_mut()
+                    .map(|it| it.next().expect("one input gradient per image"));
+                one(dx, x, dy, &mut dw, Threads::One);
+            }
+            dw
+        };
+        let parts: Vec<Vec<f32>> = match grads.x.as_mut() {
+            Some(dx) => xs
+                .zip(dys)
+                .zip(dx.par_chunks_mut(per_task * x_img))
+                .map(|(pair, dxs)| partial(pair, Some(dxs)))
+                .collect(),
+            None => xs.zip(dys).map(|pair| partial(pair, None)).collect(),
+        };
+        sum_parts(parts, wlen)
+    } else {
+        let mut dw = vec![0f32; wlen];
+        let mut dxs = grads.x.as_mut().map(|d| d.chunks_exact_mut(x_img));
+        for (x, dy) in x.chunks_exact(x_img).zip(dy.chunks_exact(y_img)) {
+            let dx = dxs
+                .as_mut()
+                .map(|it| it.next().expect("one input gradient per image"));
+            one(dx, x, dy, &mut dw, Threads::All);
+        }
+        dw
+    };
+    grads.weight = wanted.weight.then_some(dw);
+    grads
+}
+
+fn sum_parts(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    let mut parts = parts.into_iter();
+    let mut total = parts.next().unwrap_or_else(|| vec![0f32; len]);
+    for part in parts {
+        for (t, v) in total.iter_mut().zip(part) {
+            *t += v;
+        }
+    }
+    total
+}
+
+fn bias_grad(p: &Conv2dProblem, dy: &[f32]) -> Vec<f32> {
+    let plane = p.out_plane();
+    let mut db = vec![0f64; p.out_channels];
+    if plane > 0 {
+        for (i, row) in dy.chunks_exact(plane).enumerate() {
+            db[i % p.out_channels] += row.iter().map(|&v| v as f64).sum::<f64>();
+        }
+    }
+    db.into_iter().map(|v| v as f32).collect()
+}
+
+fn backward_image(
+    p: &Conv2dProblem,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    mut dx: Option<&mut [f32]>,
+    mut dw: Option<&mut [f32]>,
+    threads: Threads,
+) {
+    if p.is_depthwise() {
+        return depthwise_backward(p, x, w, dy, dx, dw);
+    }
+    let plane = p.out_plane();
+    let (k, og) = (p.patch_len(), p.out_per_group());
+    let x_group = p.in_per_group() * p.in_plane();
+    for g in 0..p.groups {
+        let planes = &x[g * x_group..(g + 1) * x_group];
+        let dyg = &dy[g * og * plane..(g + 1) * og * plane];
+        let wg = &w[g * og * k..(g + 1) * og * k];
+        let dxg = dx
+            .as_deref_mut()
+            .map(|d| &mut d[g * x_group..(g + 1) * x_group]);
+        let dwg = dw
+            .as_deref_mut()
+            .map(|d| &mut d[g * og * k..(g + 1) * og * k]);
+        if p.is_pointwise() {
+            if let Some(dwg) = dwg {
+                // dW[o, c] += Σ_p dY[o, p] · X[c, p]
+                let xt = Mat::transposed(planes, plane);
+                sgemm(
+                    og,
+                    k,
+                    plane,
+                    dwg,
+                    k,
+                    true,
+                    Mat::rows(dyg, plane),
+                    xt,
+                    threads,
+                );
+            }
+            if let Some(dxg) = dxg {
+                // dX[c, p] = Σ_o W[o, c] · dY[o, p]
+                let wt = Mat::transposed(wg, k);
+                sgemm(
+                    k,
+                    plane,
+                    og,
+                    dxg,
+                    plane,
+                    false,
+                    wt,
+                    Mat::rows(dyg, plane),
+                    threads,
+                );
+            }
+            continue;
+        }
+        with_scratch(k * plane, |cols| {
+            if let Some(dwg) = dwg {
+                im2col(p, planes, cols);
+                let ct = Mat::transposed(cols, plane);
+                sgemm(
+                    og,
+                    k,
+                    plane,
+                    dwg,
+                    k,
+                    true,
+                    Mat::rows(dyg, plane),
+                    ct,
+                    threads,
+                );
+            }
+            if let Some(dxg) = dxg {
+                let wt = Mat::transposed(wg, k);
+                sgemm(
+                    k,
+                    plane,
+                    og,
+                    cols,
+                    plane,
+                    false,
+                    wt,
+                    Mat::rows(dyg, plane),
+                    threads,
+                );
+                col2im(p, cols, dxg);
+            }
+        });
+    }
+}
+
+fn depthwise_backward(
+    p: &Conv2dProblem,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    mut dx: Option<&mut [f32]>,
+    mut dw: Option<&mut [f32]>,
+) {
+    let [h, wd] = p.in_hw;
+    let [oh, ow] = p.out_hw();
+    let [kh, kw] = p.kernel;
+    let [sh, sw] = p.stride;
+    let og = p.out_per_group();
+    for (o, grad) in dy.chunks_exact(oh * ow).enumerate() {
+        let c = o / og;
+        let plane = &x[c * h * wd..(c + 1) * h * wd];
+        for ki in 0..kh {
+            for kj in 0..kw {
+                let widx = (o * kh + ki) * kw + kj;
+                let wv = w[widx];
+                let (off_h, off_w) = tap_offsets(p, ki, kj);
+                let (j_lo, j_hi) = valid_range(off_w, sw, wd, ow);
+                let mut acc = 0f32;
+                for (i, row) in grad.chunks_exact(ow).enumerate() {
+                    let src = (i * sh) as isize + off_h;
+                    if src < 0 || src as usize >= h {
+                        continue;
+                    }
+                    let base = src as usize * wd;
+                    let start = ((j_lo * sw) as isize + off_w) as usize;
+                    if dw.is_some() {
+                        let line = &plane[base..base + wd];
+                        for (k, &g) in row[j_lo..j_hi].iter().enumerate() {
+                            acc += g * line[start + k * sw];
+                        }
+                    }
+                    if let Some(dx) = dx.as_deref_mut() {
+                        let line = &mut dx[c * h * wd + base..c * h * wd + base + wd];
+                        for (k, &g) in row[j_lo..j_hi].iter().enumerate() {
+                            line[start + k * sw] += wv * g;
+                        }
+                    }
+                }
+                if let Some(dw) = dw.as_deref_mut() {
+                    dw[widx] += acc;
+                }
+            }
+        }
+    }
+}
+
+/// The plain loops: the definition the fast path is tested against.
+pub mod reference {
+    use super::{Conv2dProblem, ConvGrads, Wanted};
+
+    /// Calls `f(n, o, c, i, j, input_index, output_index, weight_index)` for every
+    /// multiply-add of the convolution whose input position lies inside the image.
+    fn for_each_mac(p: &Conv2dProblem, mut f: impl FnMut(usize, usize, usize)) {
+        let [h, w] = p.in_hw;
+        let [oh, ow] = p.out_hw();
+        let [kh, kw] = p.kernel;
+        let (ig, og) = (p.in_per_group(), p.out_per_group());
+        for n in 0..p.batch {
+            for o in 0..p.out_channels {
+                let g = o / og;
+                for i in 0..oh {
+                    for j in 0..ow {
+                        let y_idx = ((n * p.out_channels + o) * oh + i) * ow + j;
+                        for c in 0..ig {
+                            for ki in 0..kh {
+                                for kj in 0..kw {
+                                    let r = (i * p.stride[0] + ki * p.dilation[0]) as isize
+                                        - p.pad_begin[0] as isize;
+                                    let s = (j * p.stride[1] + kj * p.dilation[1]) as isize
+                                        - p.pad_begin[1] as isize;
+                                    if r < 0 || s < 0 || r as usize >= h || s as usize >= w {
+                                        continue;
+                                    }
+                                    let ch = g * ig + c;
+                                    let x_idx = ((n * p.in_channels + ch) * h + r as usize) * w
+                                        + s as usize;
+                                    let w_idx = ((o * ig + c) * kh + ki) * kw + kj;
+                                    f(x_idx, y_idx, w_idx);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn forward(p: &Conv2dProblem, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+        p.check(x.len(), w.len(), p.y_len());
+        let plane = p.out_plane();
+        let mut y: Vec<f64> = (0..p.y_len())
+            .map(|i| bias.map_or(0.0, |b| b[(i / plane.max(1)) % p.out_channels] as f64))
+            .collect();
+        for_each_mac(p, |xi, yi, wi| y[yi] += x[xi] as f64 * w[wi] as f64);
+        y.into_iter().map(|v| v as f32).collect()
+    }
+
+    pub fn backward(
+        p: &Conv2dProblem,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        wanted: Wanted,
+    ) -> ConvGrads {
+        p.check(x.len(), w.len(), dy.len());
+        let mut dx = vec![0f64; x.len()];
+        let mut dw = vec![0f64; w.len()];
+        for_each_mac(p, |xi, yi, wi| {
+            dx[xi] += w[wi] as f64 * dy[yi] as f64;
+            dw[wi] += x[xi] as f64 * dy[yi] as f64;
+        });
+        let plane = p.out_plane().max(1);
+        let mut db = vec![0f64; p.out_channels];
+        for (i, &g) in dy.iter().enumerate() {
+            db[(i / plane) % p.out_channels] += g as f64;
+        }
+        let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
+        ConvGrads {
+            x: wanted.x.then(|| f32s(dx)),
+            weight: wanted.weight.then(|| f32s(dw)),
+            bias: wanted.bias.then(|| f32s(db)),
+        }
+    }
+}
