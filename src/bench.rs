@@ -373,3 +373,216 @@ pub fn agreement(
         sparse_accuracy: acc(sparse_ok),
     }
 }
+
+/// One operation benchmarked by [`measure_op`]: its name (shared with `bench/torch_ops.py`)
+/// and shapes. Batch 64, the training batch of the model benchmarks.
+#[derive(Debug, Clone, Copy)]
+pub struct OpCase {
+    pub name: &'static str,
+    pub kind: OpKind,
+    /// Input `[N, C, H, W]`.
+    pub input: [usize; 4],
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum OpKind {
+    /// `out` channels, square kernel, stride, padding; no bias (ResNet) or with bias (LeNet).
+    Conv {
+        out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    },
+    BatchNorm,
+    MaxPool2x2,
+}
+
+/// The layers that dominate LeNet-5 (Caffe) and ResNet-20 training.
+pub const OP_CASES: &[OpCase] = &[
+    OpCase {
+        name: "lenet5.conv1 1->20 k5 28x28",
+        kind: OpKind::Conv {
+            out: 20,
+            kernel: 5,
+            stride: 1,
+            padding: 0,
+            bias: true,
+        },
+        input: [64, 1, 28, 28],
+    },
+    OpCase {
+        name: "lenet5.conv2 20->50 k5 12x12",
+        kind: OpKind::Conv {
+            out: 50,
+            kernel: 5,
+            stride: 1,
+            padding: 0,
+            bias: true,
+        },
+        input: [64, 20, 12, 12],
+    },
+    OpCase {
+        name: "lenet5.pool1 2x2 20x24x24",
+        kind: OpKind::MaxPool2x2,
+        input: [64, 20, 24, 24],
+    },
+    OpCase {
+        name: "resnet20.conv 16->16 k3 32x32",
+        kind: OpKind::Conv {
+            out: 16,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+            bias: false,
+        },
+        input: [64, 16, 32, 32],
+    },
+    OpCase {
+        name: "resnet20.conv 16->32 k3 s2 32x32",
+        kind: OpKind::Conv {
+            out: 32,
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+            bias: false,
+        },
+        input: [64, 16, 32, 32],
+    },
+    OpCase {
+        name: "resnet20.conv 32->32 k3 16x16",
+        kind: OpKind::Conv {
+            out: 32,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+            bias: false,
+        },
+        input: [64, 32, 16, 16],
+    },
+    OpCase {
+        name: "resnet20.conv 64->64 k3 8x8",
+        kind: OpKind::Conv {
+            out: 64,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+            bias: false,
+        },
+        input: [64, 64, 8, 8],
+    },
+    OpCase {
+        name: "resnet20.shortcut 16->32 k1 s2",
+        kind: OpKind::Conv {
+            out: 32,
+            kernel: 1,
+            stride: 2,
+            padding: 0,
+            bias: false,
+        },
+        input: [64, 16, 32, 32],
+    },
+    OpCase {
+        name: "resnet20.bn 16x32x32",
+        kind: OpKind::BatchNorm,
+        input: [64, 16, 32, 32],
+    },
+    OpCase {
+        name: "resnet20.bn 64x8x8",
+        kind: OpKind::BatchNorm,
+        input: [64, 64, 8, 8],
+    },
+];
+
+/// Milliseconds per call of one operation, forward alone (plain device, inference) and
+/// forward + backward (autodiff device, gradients of the input and the parameters).
+#[derive(Debug, Clone, Serialize)]
+pub struct OpMeasurement {
+    pub framework: String,
+    pub ops: crate::kernels::Ops,
+    pub op: String,
+    pub threads: usize,
+    pub forward_ms: f64,
+    pub forward_backward_ms: f64,
+}
+
+/// Times one [`OpCase`] with whichever [`crate::kernels::Ops`] is in effect.
+pub fn measure_op(device: &Device, case: &OpCase, budget: Duration) -> OpMeasurement {
+    use crate::kernels::{PoolParams, extension as ext};
+    let [n, c, h, w] = case.input;
+    let normal = burn::tensor::Distribution::Normal(0.0, 1.0);
+    let run = |d: &Device, train: bool| {
+        let x = Tensor::<4>::random([n, c, h, w], normal, d);
+        let x = if train { x.require_grad() } else { x };
+        let op: Box<dyn Fn(Tensor<4>) -> (Tensor<4>, Vec<Tensor<1>>)> = match case.kind {
+            OpKind::Conv {
+                out,
+                kernel,
+                stride,
+                padding,
+                bias,
+            } => {
+                let wt = Tensor::<4>::random([out, c, kernel, kernel], normal, d);
+                let b = bias.then(|| Tensor::<1>::random([out], normal, d));
+                let (wt, b) = if train {
+                    (wt.require_grad(), b.map(Tensor::require_grad))
+                } else {
+                    (wt, b)
+                };
+                let options =
+                    burn::backend::ops::ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1);
+                Box::new(move |x| {
+                    let y = ext::conv2d(x, wt.clone(), b.clone(), options.clone());
+                    (y, vec![wt.clone().flatten(0, 3)])
+                })
+            }
+            OpKind::BatchNorm => {
+                let gamma = Tensor::<1>::ones([c], d);
+                let beta = Tensor::<1>::zeros([c], d);
+                let (gamma, beta) = if train {
+                    (gamma.require_grad(), beta.require_grad())
+                } else {
+                    (gamma, beta)
+                };
+                Box::new(move |x| {
+                    let y = if train {
+                        ext::batch_norm_train(x, gamma.clone(), beta.clone(), 1e-5).0
+                    } else {
+                        let mean = Tensor::<1>::zeros([c], &x.device());
+                        let var = Tensor::<1>::ones([c], &x.device());
+                        ext::batch_norm(x, gamma.clone(), beta.clone(), mean, var, 1e-5)
+                    };
+                    (y, vec![gamma.clone()])
+                })
+            }
+            OpKind::MaxPool2x2 => Box::new(|x| {
+                let p = PoolParams {
+                    kernel: [2, 2],
+                    stride: [2, 2],
+                    padding: [0, 0],
+                    dilation: [1, 1],
+                };
+                (ext::max_pool2d(x, p), vec![])
+            }),
+        };
+        let (iters, secs) = time_loop(budget, || {
+            let (y, _) = op(x.clone());
+            if train {
+                let grads = y.sum().backward();
+                let _ = x.grad(&grads);
+            } else {
+                let _: Vec<f32> = y.into_data().try_to_vec().expect("f32");
+            }
+            let _ = d.sync();
+        });
+        1000.0 * secs / iters as f64
+    };
+    OpMeasurement {
+        framework: "convpress".into(),
+        ops: crate::kernels::current_ops(),
+        op: case.name.into(),
+        threads: rayon::current_num_threads(),
+        forward_ms: run(device, false),
+        forward_backward_ms: run(&device.clone().autodiff(), true),
+    }
+}

@@ -148,6 +148,17 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
     },
+    /// Milliseconds per call of the operations that dominate LeNet-5 and ResNet-20 training
+    /// (convolutions, batch norm, pooling at batch 64), forward and forward + backward, with the
+    /// engine chosen by --ops. `bench/compare_ops.sh` puts them beside PyTorch's.
+    Ops {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Training and inference images per second on synthetic data.
     Train {
         #[arg(long, value_enum, default_value = "lenet5")]
@@ -639,6 +650,34 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     seconds,
                 },
         } => run_bench_latency(&checkpoint, &batch, seconds, cli.device.device()?),
+        Command::Bench {
+            command: BenchCommand::Ops { seconds, json },
+        } => {
+            check_bench_args(&[1], seconds)?;
+            let device = cli.device.device()?;
+            if !json {
+                println!(
+                    "{:<34} {:>9} {:>7} {:>12} {:>12}",
+                    "op (batch 64)", "ops", "threads", "forward ms", "fwd+bwd ms"
+                );
+            }
+            for case in bench::OP_CASES {
+                let r = bench::measure_op(&device, case, Duration::from_secs_f64(seconds));
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "{:<34} {:>9} {:>7} {:>12.3} {:>12.3}",
+                        r.op,
+                        format!("{:?}", r.ops).to_lowercase(),
+                        r.threads,
+                        r.forward_ms,
+                        r.forward_backward_ms
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Bench {
             command:
                 BenchCommand::Train {

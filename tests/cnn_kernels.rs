@@ -60,6 +60,11 @@ const CASES: &[Case] = &[
     (2, 2, 3, [9, 8], [3, 3], [1, 1], [2, 2], [2, 2], [2, 2], 1), // dilation
     (5, 3, 2, [4, 4], [4, 4], [1, 1], [0, 0], [0, 0], [1, 1], 1), // 1x1 output
     (1, 2, 2, [3, 5], [2, 4], [3, 1], [1, 2], [0, 1], [1, 1], 1), // odd everything
+    // Stride 1 with 8 or more input channels per group: the shifted-GEMM path.
+    (2, 8, 4, [6, 5], [3, 2], [1, 1], [2, 0], [0, 1], [1, 1], 1), // asymmetric padding
+    (2, 16, 6, [5, 5], [3, 3], [1, 1], [1, 1], [1, 1], [1, 1], 2), // groups
+    (3, 9, 3, [4, 9], [2, 3], [1, 1], [0, 2], [1, 0], [2, 1], 1), // dilated rows
+    (1, 8, 2, [3, 3], [3, 3], [1, 1], [0, 0], [0, 0], [1, 1], 1), // one output position
 ];
 
 fn problem(c: &Case) -> Conv2dProblem {
