@@ -74,3 +74,75 @@ fn lenet5_learns_real_mnist_in_one_short_epoch() {
         "{text}"
     );
 }
+
+/// Trains on the real data with the given engine, same seed and batches; returns the test
+/// accuracy and the first epoch's training loss.
+fn train_with(ops: convpress::kernels::Ops, model: ModelKind, images: usize) -> (f64, f64) {
+    let dir = common::real_mnist();
+    let run = tempfile::tempdir().unwrap();
+    let mut c = TrainConfig::defaults(model, DatasetKind::Mnist);
+    c.data_dir = dir;
+    c.epochs = 1;
+    c.train_limit = Some(images);
+    c.test_limit = Some(2000);
+    c.optimizer = train::OptimizerConfig::Sgd {
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+    };
+    let out = convpress::kernels::with_ops(ops, || {
+        train::train(
+            &c,
+            vec![],
+            &TrainOptions {
+                run_dir: run.path().join("run"),
+                device: burn::prelude::Device::flex(),
+                resume: false,
+                progress_bar: false,
+                verbose: false,
+            },
+        )
+        .unwrap()
+    });
+    (out.metrics[0].test_acc, out.metrics[0].train_loss)
+}
+
+#[test]
+fn convpress_kernels_train_to_the_same_accuracy_as_burns_ops() {
+    use convpress::kernels::Ops;
+    // (model, training images, least test accuracy, largest first-epoch loss). ResNet-20 gets
+    // 19 steps: its loss falls well below chance (ln 10 = 2.30), but its batch-norm running
+    // averages have not settled, so its test accuracy says little yet.
+    for (model, images, floor, max_loss) in [
+        (ModelKind::Lenet5, 6000, 0.90, 1.0),
+        (ModelKind::Resnet20, 1200, 0.0, 2.0),
+    ] {
+        let (acc_burn, loss_burn) = train_with(Ops::Burn, model, images);
+        let (acc_ours, loss_ours) = train_with(Ops::Convpress, model, images);
+        eprintln!(
+            "{}: Burn's ops {acc_burn:.4} (loss {loss_burn:.4}), convpress's {acc_ours:.4} (loss {loss_ours:.4})",
+            model.name()
+        );
+        assert!(
+            acc_burn >= floor && acc_ours >= floor,
+            "{}: both learn",
+            model.name()
+        );
+        assert!(
+            loss_burn < max_loss && loss_ours < max_loss,
+            "{}: both learn",
+            model.name()
+        );
+        // Same seed, same batches: only float rounding differs, so the runs stay close.
+        assert!(
+            (acc_burn - acc_ours).abs() <= 0.01,
+            "{}: accuracies differ",
+            model.name()
+        );
+        assert!(
+            (loss_burn - loss_ours).abs() <= 0.02 * loss_burn.max(0.1),
+            "{}: losses differ",
+            model.name()
+        );
+    }
+}

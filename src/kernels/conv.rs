@@ -225,12 +225,7 @@ pub fn im2col(p: &Conv2dProblem, planes: &[f32], cols: std::ops::Range<usize>, o
 
 /// The adjoint of [`im2col`]: adds each entry of the column block back onto the input
 /// position it was read from (`planes` must start zeroed or hold what it should add to).
-pub fn col2im(
-    p: &Conv2dProblem,
-    block: &[f32],
-    cols: std::ops::Range<usize>,
-    planes: &mut [f32],
-) {
+pub fn col2im(p: &Conv2dProblem, block: &[f32], cols: std::ops::Range<usize>, planes: &mut [f32]) {
     let [h, w] = p.in_hw;
     let ow = p.out_hw()[1];
     let [kh, kw] = p.kernel;
@@ -316,16 +311,57 @@ pub fn forward(p: &Conv2dProblem, x: &[f32], w: &[f32], bias: Option<&[f32]>, y:
     if x_img == 0 || y_img == 0 {
         return;
     }
+    let step = images_per_call(p);
     let one =
-        |(x, y): (&[f32], &mut [f32]), threads: Threads| forward_image(p, x, w, bias, y, threads);
+        |(x, y): (&[f32], &mut [f32]), threads: Threads| forward_images(p, x, w, bias, y, threads);
     if per_image_tasks(p.batch) {
-        x.par_chunks_exact(x_img)
-            .zip(y.par_chunks_exact_mut(y_img))
+        x.par_chunks(step * x_img)
+            .zip(y.par_chunks_mut(step * y_img))
             .for_each(|pair| one(pair, Threads::One));
     } else {
-        x.chunks_exact(x_img)
-            .zip(y.chunks_exact_mut(y_img))
+        x.chunks(step * x_img)
+            .zip(y.chunks_mut(step * y_img))
             .for_each(|pair| one(pair, Threads::All));
+    }
+}
+
+/// Images one call of the image kernels takes: several for the shifted-GEMM path (their
+/// padded planes laid end to end make one longer GEMM), one otherwise.
+fn images_per_call(p: &Conv2dProblem) -> usize {
+    if !shifted::applies(p) {
+        return 1;
+    }
+    let per_task = p.batch.div_ceil(rayon::current_num_threads()).max(1);
+    shifted::images_per_call(p).min(per_task)
+}
+
+/// The forward of consecutive images (`x.len()` a multiple of one image's size).
+fn forward_images(
+    p: &Conv2dProblem,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    threads: Threads,
+) {
+    let x_img = p.in_channels * p.in_plane();
+    let y_img = p.out_channels * p.out_plane();
+    if shifted::applies(p) {
+        let plane = p.out_plane();
+        for img in y.chunks_exact_mut(y_img) {
+            match bias {
+                Some(b) => {
+                    for (row, &v) in img.chunks_exact_mut(plane).zip(b) {
+                        row.fill(v);
+                    }
+                }
+                None => img.fill(0.0),
+            }
+        }
+        return shifted::forward_images(p, x, w, y, x.len() / x_img, threads);
+    }
+    for (x, y) in x.chunks_exact(x_img).zip(y.chunks_exact_mut(y_img)) {
+        forward_image(p, x, w, bias, y, threads);
     }
 }
 
@@ -348,9 +384,6 @@ fn forward_image(
     }
     if p.is_depthwise() {
         return depthwise_forward(p, x, w, y);
-    }
-    if shifted::applies(p) {
-        return shifted::forward_image(p, x, w, y, threads);
     }
     let (k, og) = (p.patch_len(), p.out_per_group());
     let x_group = p.in_per_group() * p.in_plane();
@@ -378,7 +411,17 @@ fn forward_image(
                 let block = &mut buf[..k * width];
                 im2col(p, planes, cols.clone(), block);
                 let out = &mut yg[cols.start..];
-                sgemm(og, width, k, out, plane, true, wg, Mat::rows(block, width), threads);
+                sgemm(
+                    og,
+                    width,
+                    k,
+                    out,
+                    plane,
+                    true,
+                    wg,
+                    Mat::rows(block, width),
+                    threads,
+                );
             }
         });
     }
@@ -449,8 +492,9 @@ pub fn backward(p: &Conv2dProblem, x: &[f32], w: &[f32], dy: &[f32], wanted: Wan
     }
     let wlen = if wanted.weight { w.len() } else { 0 };
     let one = |dx: Option<&mut [f32]>, x: &[f32], dy: &[f32], dw: &mut [f32], t: Threads| {
-        backward_image(p, x, w, dy, dx, wanted.weight.then_some(dw), t)
+        backward_images(p, x, w, dy, dx, wanted.weight.then_some(dw), t)
     };
+    let step = images_per_call(p);
     let dw = if per_image_tasks(p.batch) {
         // Bound the number of per-thread weight-gradient buffers by splitting the batch into
         // one contiguous run of images per thread.
@@ -459,8 +503,8 @@ pub fn backward(p: &Conv2dProblem, x: &[f32], w: &[f32], dy: &[f32], wanted: Wan
         let dys = dy.par_chunks(per_task * y_img);
         let partial = |(xs, dys): (&[f32], &[f32]), dxs: Option<&mut [f32]>| {
             let mut dw = vec![0f32; wlen];
-            let mut dxs = dxs.map(|d| d.chunks_exact_mut(x_img));
-            for (x, dy) in xs.chunks_exact(x_img).zip(dys.chunks_exact(y_img)) {
+            let mut dxs = dxs.map(|d| d.chunks_mut(step * x_img));
+            for (x, dy) in xs.chunks(step * x_img).zip(dys.chunks(step * y_img)) {
                 let dx = dxs
                     .as_mut()
                     .map(|it| it.next().expect("one input gradient per image"));
@@ -479,8 +523,8 @@ pub fn backward(p: &Conv2dProblem, x: &[f32], w: &[f32], dy: &[f32], wanted: Wan
         sum_parts(parts, wlen)
     } else {
         let mut dw = vec![0f32; wlen];
-        let mut dxs = grads.x.as_mut().map(|d| d.chunks_exact_mut(x_img));
-        for (x, dy) in x.chunks_exact(x_img).zip(dy.chunks_exact(y_img)) {
+        let mut dxs = grads.x.as_mut().map(|d| d.chunks_mut(step * x_img));
+        for (x, dy) in x.chunks(step * x_img).zip(dy.chunks(step * y_img)) {
             let dx = dxs
                 .as_mut()
                 .map(|it| it.next().expect("one input gradient per image"));
@@ -514,6 +558,34 @@ fn bias_grad(p: &Conv2dProblem, dy: &[f32]) -> Vec<f32> {
     db.into_iter().map(|v| v as f32).collect()
 }
 
+/// The backward of consecutive images; `dw` accumulates over them.
+fn backward_images(
+    p: &Conv2dProblem,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    mut dx: Option<&mut [f32]>,
+    mut dw: Option<&mut [f32]>,
+    threads: Threads,
+) {
+    let x_img = p.in_channels * p.in_plane();
+    let y_img = p.out_channels * p.out_plane();
+    let n = x.len() / x_img;
+    if shifted::applies(p) {
+        return shifted::backward_images(p, x, w, dy, dx, dw, n, threads);
+    }
+    for i in 0..n {
+        let dxi = dx
+            .as_deref_mut()
+            .map(|d| &mut d[i * x_img..(i + 1) * x_img]);
+        let (xi, dyi) = (
+            &x[i * x_img..(i + 1) * x_img],
+            &dy[i * y_img..(i + 1) * y_img],
+        );
+        backward_image(p, xi, w, dyi, dxi, dw.as_deref_mut(), threads);
+    }
+}
+
 fn backward_image(
     p: &Conv2dProblem,
     x: &[f32],
@@ -525,9 +597,6 @@ fn backward_image(
 ) {
     if p.is_depthwise() {
         return depthwise_backward(p, x, w, dy, dx, dw);
-    }
-    if shifted::applies(p) {
-        return shifted::backward_image(p, x, w, dy, dx, dw, threads);
     }
     let plane = p.out_plane();
     let (k, og) = (p.patch_len(), p.out_per_group());
@@ -686,19 +755,23 @@ mod shifted {
         (0..kh * kw).map(move |t| (t, (t / kw) * dh * wp + (t % kw) * dw))
     }
 
-    /// Copies `in/groups` planes into the padded buffer (borders zero).
-    fn pad(p: &Conv2dProblem, planes: &[f32], hp: usize, wp: usize, out: &mut [f32]) {
+    /// Images per call: their padded input planes fill about 64K floats (256 KB).
+    pub(super) fn images_per_call(p: &Conv2dProblem) -> usize {
+        let (hp, wp, _) = dims(p);
+        (64 * 1024 / (p.in_per_group() * hp * wp).max(1)).max(1)
+    }
+
+    /// Copies one plane into its padded slot (borders zero).
+    fn pad(p: &Conv2dProblem, src: &[f32], wp: usize, dst: &mut [f32]) {
         let [h, w] = p.in_hw;
         let (top, left) = (p.pad_begin[0], p.pad_begin[1]);
-        for (src, dst) in planes.chunks_exact(h * w).zip(out.chunks_exact_mut(hp * wp)) {
-            dst[..top * wp].fill(0.0);
-            dst[(top + h) * wp..].fill(0.0);
-            for (r, line) in src.chunks_exact(w).enumerate() {
-                let row = &mut dst[(top + r) * wp..(top + r + 1) * wp];
-                row[..left].fill(0.0);
-                row[left..left + w].copy_from_slice(line);
-                row[left + w..].fill(0.0);
-            }
+        dst[..top * wp].fill(0.0);
+        dst[(top + h) * wp..].fill(0.0);
+        for (r, line) in src.chunks_exact(w).enumerate() {
+            let row = &mut dst[(top + r) * wp..(top + r + 1) * wp];
+            row[..left].fill(0.0);
+            row[left..left + w].copy_from_slice(line);
+            row[left + w..].fill(0.0);
         }
     }
 
@@ -713,36 +786,83 @@ mod shifted {
         }
     }
 
-    pub(super) fn forward_image(
+    /// Layout of `n` images of one group: channel `c` of image `i` is padded at
+    /// `c * n * img + i * img` (`img = Hp * Wp`), so the images of a channel are end to end and
+    /// one GEMM row runs through all of them; `total` positions are computed.
+    struct Layout {
+        img: usize,
+        channel: usize,
+        total: usize,
+    }
+
+    fn layout(p: &Conv2dProblem, n: usize) -> (usize, usize, Layout) {
+        let (hp, wp, len) = dims(p);
+        let img = hp * wp;
+        (
+            hp,
+            wp,
+            Layout {
+                img,
+                channel: n * img,
+                total: (n - 1) * img + len,
+            },
+        )
+    }
+
+    /// Pads group `g` of `n` images into `xp`.
+    fn pad_group(
+        p: &Conv2dProblem,
+        x: &[f32],
+        g: usize,
+        n: usize,
+        wp: usize,
+        l: &Layout,
+        xp: &mut [f32],
+    ) {
+        let (ig, plane) = (p.in_per_group(), p.in_plane());
+        let x_img = p.in_channels * plane;
+        for c in 0..ig {
+            for i in 0..n {
+                let src = &x[i * x_img + (g * ig + c) * plane..][..plane];
+                pad(p, src, wp, &mut xp[c * l.channel + i * l.img..][..l.img]);
+            }
+        }
+    }
+
+    pub(super) fn forward_images(
         p: &Conv2dProblem,
         x: &[f32],
         w: &[f32],
         y: &mut [f32],
+        n: usize,
         threads: Threads,
     ) {
-        let (hp, wp, len) = dims(p);
+        let (_, wp, l) = layout(p, n);
         let (ig, og, [oh, ow]) = (p.in_per_group(), p.out_per_group(), p.out_hw());
-        let x_group = ig * p.in_plane();
+        let y_img = p.out_channels * oh * ow;
         let w_group = og * p.patch_len();
         for g in 0..p.groups {
-            with_scratch(ig * hp * wp + og * len, |buf| {
-                let (xp, acc) = buf.split_at_mut(ig * hp * wp);
-                pad(p, &x[g * x_group..(g + 1) * x_group], hp, wp, xp);
+            with_scratch(ig * l.channel + og * l.total, |buf| {
+                let (xp, acc) = buf.split_at_mut(ig * l.channel);
+                pad_group(p, x, g, n, wp, &l, xp);
                 let wg = &w[g * w_group..(g + 1) * w_group];
                 for (t, off) in taps(p, wp) {
                     let view = Mat {
                         data: &xp[off..],
-                        row_stride: hp * wp,
+                        row_stride: l.channel,
                         col_stride: 1,
                     };
                     let wt = tap_weights(wg, p, t, false);
-                    sgemm(og, len, ig, acc, len, t > 0, wt, view, threads);
+                    sgemm(og, l.total, ig, acc, l.total, t > 0, wt, view, threads);
                 }
-                let yg = &mut y[g * og * oh * ow..(g + 1) * og * oh * ow];
-                for (out, a) in yg.chunks_exact_mut(oh * ow).zip(acc.chunks_exact(len)) {
-                    for (i, row) in out.chunks_exact_mut(ow).enumerate() {
-                        for (o, &v) in row.iter_mut().zip(&a[i * wp..i * wp + ow]) {
-                            *o += v;
+                for i in 0..n {
+                    for o in 0..og {
+                        let out = &mut y[i * y_img + (g * og + o) * oh * ow..][..oh * ow];
+                        let a = &acc[o * l.total + i * l.img..];
+                        for (r, row) in out.chunks_exact_mut(ow).enumerate() {
+                            for (v, &s) in row.iter_mut().zip(&a[r * wp..r * wp + ow]) {
+                                *v += s;
+                            }
                         }
                     }
                 }
@@ -750,48 +870,54 @@ mod shifted {
         }
     }
 
-    pub(super) fn backward_image(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward_images(
         p: &Conv2dProblem,
         x: &[f32],
         w: &[f32],
         dy: &[f32],
         mut dx: Option<&mut [f32]>,
         mut dw: Option<&mut [f32]>,
+        n: usize,
         threads: Threads,
     ) {
-        let (hp, wp, len) = dims(p);
+        let (_, wp, l) = layout(p, n);
         let (ig, og, [oh, ow]) = (p.in_per_group(), p.out_per_group(), p.out_hw());
         let [h, wd] = p.in_hw;
+        let (x_img, y_img) = (p.in_channels * h * wd, p.out_channels * oh * ow);
         let taps_n = p.kernel[0] * p.kernel[1];
-        let x_group = ig * p.in_plane();
         let w_group = og * p.patch_len();
-        let padded = ig * hp * wp;
+        let padded = ig * l.channel;
         for g in 0..p.groups {
-            with_scratch(2 * padded + og * len + taps_n * og * ig, |buf| {
+            with_scratch(2 * padded + og * l.total + taps_n * og * ig, |buf| {
                 let (xp, rest) = buf.split_at_mut(padded);
                 let (dxp, rest) = rest.split_at_mut(padded);
-                let (dyp, dwt) = rest.split_at_mut(og * len);
-                // dY on the padded-width grid, zero in the discarded columns.
-                let dyg = &dy[g * og * oh * ow..(g + 1) * og * oh * ow];
-                for (dst, src) in dyp.chunks_exact_mut(len).zip(dyg.chunks_exact(oh * ow)) {
-                    dst.fill(0.0);
-                    for (i, row) in src.chunks_exact(ow).enumerate() {
-                        dst[i * wp..i * wp + ow].copy_from_slice(row);
+                let (dyp, dwt) = rest.split_at_mut(og * l.total);
+                // dY on the padded grid, zero in the discarded positions.
+                dyp.fill(0.0);
+                for i in 0..n {
+                    for o in 0..og {
+                        let src = &dy[i * y_img + (g * og + o) * oh * ow..][..oh * ow];
+                        let dst = &mut dyp[o * l.total + i * l.img..];
+                        for (r, row) in src.chunks_exact(ow).enumerate() {
+                            dst[r * wp..r * wp + ow].copy_from_slice(row);
+                        }
                     }
                 }
                 let wg = &w[g * w_group..(g + 1) * w_group];
                 if let Some(dw) = dw.as_deref_mut() {
                     // dW_tap[o, c] = Σ_q dY[o, q] · X[c, q + off], kept tap-major, then added
                     // into the [out, in, kh, kw] layout.
-                    pad(p, &x[g * x_group..(g + 1) * x_group], hp, wp, xp);
+                    pad_group(p, x, g, n, wp, &l, xp);
                     for (t, off) in taps(p, wp) {
                         let view = Mat {
                             data: &xp[off..],
                             row_stride: 1,
-                            col_stride: hp * wp,
+                            col_stride: l.channel,
                         };
                         let dst = &mut dwt[t * og * ig..(t + 1) * og * ig];
-                        sgemm(og, ig, len, dst, ig, false, Mat::rows(dyp, len), view, threads);
+                        let dyr = Mat::rows(dyp, l.total);
+                        sgemm(og, ig, l.total, dst, ig, false, dyr, view, threads);
                     }
                     let dwg = &mut dw[g * w_group..(g + 1) * w_group];
                     for (t, block) in dwt.chunks_exact(og * ig).enumerate() {
@@ -801,19 +927,23 @@ mod shifted {
                     }
                 }
                 if let Some(dx) = dx.as_deref_mut() {
-                    // dX[c, q + off] += Σ_o W_tap[o, c] · dY[o, q], then the interior copied out.
+                    // dX[c, q + off] += Σ_o W_tap[o, c] · dY[o, q], then the interiors copied out.
                     dxp.fill(0.0);
                     for (t, off) in taps(p, wp) {
                         let wt = tap_weights(wg, p, t, true);
+                        let dyr = Mat::rows(dyp, l.total);
                         let dst = &mut dxp[off..];
-                        sgemm(ig, len, og, dst, hp * wp, true, wt, Mat::rows(dyp, len), threads);
+                        sgemm(ig, l.total, og, dst, l.channel, true, wt, dyr, threads);
                     }
                     let (top, left) = (p.pad_begin[0], p.pad_begin[1]);
-                    let dxg = &mut dx[g * x_group..(g + 1) * x_group];
-                    for (out, src) in dxg.chunks_exact_mut(h * wd).zip(dxp.chunks_exact(hp * wp)) {
-                        for (r, line) in out.chunks_exact_mut(wd).enumerate() {
-                            let at = (top + r) * wp + left;
-                            line.copy_from_slice(&src[at..at + wd]);
+                    for i in 0..n {
+                        for c in 0..ig {
+                            let out = &mut dx[i * x_img + (g * ig + c) * h * wd..][..h * wd];
+                            let src = &dxp[c * l.channel + i * l.img..];
+                            for (r, line) in out.chunks_exact_mut(wd).enumerate() {
+                                let at = (top + r) * wp + left;
+                                line.copy_from_slice(&src[at..at + wd]);
+                            }
                         }
                     }
                 }
