@@ -8,6 +8,8 @@
 //!   weight sharing, Huffman coding and the compressed file);
 //! - [`rescale`]: kernel rescaling, training at low resolution first;
 //! - [`device`]: the Burn backend that runs the tensors;
+//! - [`kernels`]: convpress's own CPU conv, batch-norm and pooling kernels (forward and
+//!   backward), plugged into Burn as a backend extension;
 //! - [`runtime`]: compressed inference: sparse CSR linear and im2col conv kernels, whole pruned
 //!   models;
 //! - [`plot`]: SVG line charts for reports (sensitivity curves, accuracy against time);

@@ -270,6 +270,7 @@ pub mod reference {
         let mut dx = vec![0f32; x.len()];
         let (mut dg, mut db) = (vec![], vec![]);
         let m_count = s.count() as f64;
+        #[allow(clippy::needless_range_loop)] // c indexes the data, gamma and the outputs alike
         for c in 0..s.channels {
             let (m, v) = stats(s, x, c);
             let inv = 1.0 / (v + eps).sqrt();
