@@ -266,6 +266,10 @@ pub struct TrainArgs {
     /// Percentage points of training accuracy below which `auto` switches.
     #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     pub rescale_min_gain: f64,
+    /// The optimizer at the switch: `reset` (fresh) or `carry` (the low-resolution momentum,
+    /// rescaled like the weights).
+    #[arg(long, value_enum, default_value = "reset")]
+    pub rescale_optimizer: crate::rescale::phases::OptimizerState,
 }
 
 /// The kernel-rescaling settings of `--rescale-*` flags.
@@ -275,6 +279,7 @@ fn rescale_config(
     interp: crate::rescale::Interp,
     kernels: crate::rescale::KernelRule,
     min_gain_points: f64,
+    optimizer: crate::rescale::phases::OptimizerState,
 ) -> anyhow::Result<crate::rescale::phases::RescaleConfig> {
     use crate::rescale::phases::{RescaleConfig, Switch};
     let switch = match at.unwrap_or("auto") {
@@ -292,6 +297,7 @@ fn rescale_config(
         switch,
         interp,
         kernels,
+        optimizer,
     })
 }
 
@@ -428,6 +434,10 @@ pub struct RescaleCompareArgs {
     pub rescale_kernels: crate::rescale::KernelRule,
     #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     pub rescale_min_gain: f64,
+    /// Optimizer states at the switch to compare, each `reset` or `carry` (every switch point
+    /// runs with each).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [crate::rescale::phases::OptimizerState::Reset])]
+    pub rescale_optimizer: Vec<crate::rescale::phases::OptimizerState>,
     #[arg(long)]
     pub train_limit: Option<usize>,
     #[arg(long)]
@@ -894,6 +904,7 @@ fn run_train(args: TrainArgs, device: Device) -> anyhow::Result<()> {
             args.rescale_interp,
             args.rescale_kernels,
             args.rescale_min_gain,
+            args.rescale_optimizer,
         )?;
         let out = crate::rescale::phases::train_rescaled(&config, &rc, &options)?;
         println!(
@@ -1743,16 +1754,21 @@ fn run_rescale_compare(args: RescaleCompareArgs, device: Device) -> anyhow::Resu
     if args.rescale_at.is_empty() {
         bail!("--rescale-at needs at least one switch point");
     }
+    if args.rescale_optimizer.is_empty() {
+        bail!("--rescale-optimizer needs at least one of reset, carry");
+    }
     let schedules = args
         .rescale_at
         .iter()
-        .map(|at| {
+        .flat_map(|at| args.rescale_optimizer.iter().map(move |&o| (at, o)))
+        .map(|(at, optimizer)| {
             rescale_config(
                 args.rescale_from,
                 Some(at),
                 args.rescale_interp,
                 args.rescale_kernels,
                 args.rescale_min_gain,
+                optimizer,
             )
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

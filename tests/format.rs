@@ -280,6 +280,7 @@ fn seed_models() -> Vec<(&'static str, Model)> {
                         kernel: [3, 3],
                         stride: [1, 1],
                         padding: [0, 0],
+                        pad_extra: [0, 0],
                         dilation: [1, 1],
                         groups: 1,
                         bias: true,

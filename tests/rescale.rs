@@ -8,7 +8,7 @@ use convpress::checkpoint::{Tensors, load_tensors, tensor_map};
 use convpress::data::DatasetKind;
 use convpress::models::{ModelKind, Network};
 use convpress::rescale::interp::{Interp, rescale_plane};
-use convpress::rescale::phases::{self, RescaleConfig, Switch};
+use convpress::rescale::phases::{self, OptimizerState, RescaleConfig, Switch};
 use convpress::rescale::{KernelRule, low_res_twin, rescale_tensors};
 use convpress::train::{OptimizerConfig, TrainConfig, TrainOptions};
 use std::f64::consts::PI;
@@ -152,6 +152,8 @@ fn twins_of_the_zoo_build_run_and_load_back_into_the_full_models() {
         (ModelKind::Lenet300, [1, 28, 28], KernelRule::Round),
         (ModelKind::VggSmall, [3, 32, 32], KernelRule::Odd),
         (ModelKind::Resnet20, [1, 32, 32], KernelRule::Odd),
+        // 3x3 -> 2x2: "same" padding becomes (0, 1), and the residual shapes still agree.
+        (ModelKind::Resnet20, [1, 32, 32], KernelRule::Round),
     ];
     for (model, input, rule) in cases {
         let full = model.arch(input, 10).unwrap();
@@ -227,11 +229,22 @@ fn impossible_rescalings_are_refused_with_the_layer_named() {
     let e = low_res_twin(&lenet5, 0.1, KernelRule::Round).unwrap_err();
     assert!(e.contains("layers.") && e.contains("larger"), "{e}");
     let vgg = ModelKind::VggSmall.arch([3, 32, 32], 10).unwrap();
-    let e = low_res_twin(&vgg, 0.5, KernelRule::Round).unwrap_err();
-    assert!(e.contains("layers.17"), "{e}");
+    // 32 -> 4 pixels: the second max-pooling (layers.13) leaves no map for the third.
+    let e = low_res_twin(&vgg, 0.125, KernelRule::Round).unwrap_err();
+    assert!(e.contains("layers."), "{e}");
+    assert!(low_res_twin(&vgg, 0.5, KernelRule::Round).is_ok());
+    // Even twin kernels keep "same" maps with one extra row and column of padding after them.
     let resnet = ModelKind::Resnet20.arch([1, 32, 32], 10).unwrap();
-    let e = low_res_twin(&resnet, 0.5, KernelRule::Round).unwrap_err();
-    assert!(e.contains("residual") && e.contains("layers.3"), "{e}");
+    let twin = low_res_twin(&resnet, 0.5, KernelRule::Round).unwrap();
+    assert!(matches!(
+        twin.layers[0],
+        convpress::models::arch::LayerSpec::Conv2d {
+            kernel: [2, 2],
+            padding: [0, 0],
+            pad_extra: [1, 1],
+            ..
+        }
+    ));
 
     let mut c = TrainConfig::defaults(ModelKind::Lenet5, DatasetKind::Mnist);
     c.epochs = 4;
@@ -240,6 +253,7 @@ fn impossible_rescalings_are_refused_with_the_layer_named() {
         switch,
         interp: Interp::Bicubic,
         kernels: KernelRule::Round,
+        optimizer: OptimizerState::Reset,
     };
     for epoch in [0, 4, 9] {
         let e = phases::check(&c, &rc(Switch::Epoch { epoch })).unwrap_err();
@@ -303,6 +317,7 @@ fn a_short_rescaled_lenet5_run_learns_real_mnist() {
         switch: Switch::Epoch { epoch: 1 },
         interp: Interp::Bicubic,
         kernels: KernelRule::Round,
+        optimizer: OptimizerState::Reset,
     };
     let out = phases::train_rescaled(
         &c,
@@ -397,4 +412,74 @@ fn kernel_rules_round_or_take_the_nearest_odd_size() {
     assert_eq!(at_half(KernelRule::Round), [1, 1, 2, 3, 4, 5, 6]);
     assert_eq!(at_half(KernelRule::Odd), [1, 1, 1, 3, 3, 5, 5]);
     assert_eq!(KernelRule::Odd.apply(3, 0.75), 3);
+}
+
+#[test]
+fn carried_optimizer_state_is_rescaled_like_the_weights_and_loads_into_the_full_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::write_synthetic_mnist(&data, 256, 64, 28);
+    let mut c = TrainConfig::defaults(ModelKind::Lenet5, DatasetKind::Mnist);
+    c.data_dir = data;
+    c.epochs = 2;
+    let rc = RescaleConfig {
+        scale: 0.5,
+        switch: Switch::Epoch { epoch: 1 },
+        interp: Interp::Bicubic,
+        kernels: KernelRule::Round,
+        optimizer: OptimizerState::Carry,
+    };
+    let run = dir.path().join("run");
+    let options = TrainOptions {
+        run_dir: run.clone(),
+        device: Device::flex(),
+        resume: false,
+        progress_bar: false,
+        verbose: false,
+    };
+    // The full-resolution phase steps with the carried state: shapes that did not fit would
+    // fail there.
+    let out = phases::train_rescaled(&c, &rc, &options).unwrap();
+    assert_eq!(out.timeline.len(), 2);
+    let full = convpress::checkpoint::read(&run.join("rescaled.safetensors")).unwrap();
+    let low = convpress::checkpoint::read(&run.join("low-res/model.safetensors")).unwrap();
+    let shape_of = |t: &Tensors| -> std::collections::HashMap<u64, (String, Vec<usize>)> {
+        t.iter()
+            .filter_map(|(p, (d, id))| id.map(|id| (id.val(), (p.clone(), d.shape().to_vec()))))
+            .collect()
+    };
+    let (full_shapes, low_shapes) = (shape_of(&full.tensors), shape_of(&low.tensors));
+    let before =
+        burn_pack::Reader::from_file(run.join("low-res/checkpoints/epoch-0001/optimizer.bpk"))
+            .unwrap()
+            .into_tensors()
+            .unwrap();
+    let after = burn_pack::Reader::from_file(run.join("rescaled-optimizer.bpk"))
+        .unwrap()
+        .into_tensors()
+        .unwrap();
+    assert_eq!(before.len(), after.len());
+    assert!(!after.is_empty());
+    let mut kernels = 0;
+    for t in after {
+        let (name, _, shape, id, bytes) = t.into_parts().unwrap();
+        let (path, full_shape) = &full_shapes[&id.unwrap()];
+        assert_eq!(shape.to_vec(), *full_shape, "{name} ({path})");
+        let low_shape = &low_shapes[&id.unwrap()].1;
+        if low_shape != full_shape {
+            kernels += 1;
+            // A real carried direction, not zeros.
+            assert!(floats(&bytes).iter().any(|x| *x != 0.0), "{name}");
+        }
+    }
+    // conv1, conv2 and fc1 (which reads the flattened map) change shape.
+    assert_eq!(kernels, 3);
+}
+
+/// Little-endian `f32`s from a state tensor's bytes.
+fn floats(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }

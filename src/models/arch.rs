@@ -19,6 +19,10 @@ pub enum LayerSpec {
         kernel: [usize; 2],
         stride: [usize; 2],
         padding: [usize; 2],
+        /// Extra zero padding after the input (bottom, right), on top of `padding`: the odd
+        /// pixel of "same" padding for even kernels, which low-resolution twins have.
+        #[serde(default, skip_serializing_if = "is_zero2")]
+        pad_extra: [usize; 2],
         #[serde(default = "one2")]
         dilation: [usize; 2],
         #[serde(default = "one")]
@@ -56,6 +60,10 @@ pub enum LayerSpec {
 fn one() -> usize {
     1
 }
+fn is_zero2(v: &[usize; 2]) -> bool {
+    *v == [0, 0]
+}
+
 fn one2() -> [usize; 2] {
     [1, 1]
 }
@@ -177,27 +185,33 @@ impl LayerSpec {
             Shape::Map(m) => Ok(m),
             Shape::Flat(_) => Err(format!("{} needs a feature map, got {s}", self.kind())),
         };
-        let window =
-            |len: usize, k: usize, s: usize, p: usize, d: usize| -> Result<usize, String> {
-                // k, s and d are checked positive before this is called.
-                let too_large = || format!("{}: window or padding too large", self.kind());
-                let span = d
-                    .checked_mul(k - 1)
-                    .and_then(|x| x.checked_add(1))
-                    .ok_or_else(too_large)?;
-                let padded = p
-                    .checked_mul(2)
-                    .and_then(|x| x.checked_add(len))
-                    .ok_or_else(too_large)?;
-                if padded < span {
-                    Err(format!(
-                        "{}: window {span} is larger than the padded input {padded}",
-                        self.kind(),
-                    ))
-                } else {
-                    Ok((padded - span) / s + 1)
-                }
-            };
+        let window = |len: usize,
+                      k: usize,
+                      s: usize,
+                      p: usize,
+                      extra: usize,
+                      d: usize|
+         -> Result<usize, String> {
+            // k, s and d are checked positive before this is called.
+            let too_large = || format!("{}: window or padding too large", self.kind());
+            let span = d
+                .checked_mul(k - 1)
+                .and_then(|x| x.checked_add(1))
+                .ok_or_else(too_large)?;
+            let padded = p
+                .checked_mul(2)
+                .and_then(|x| x.checked_add(len))
+                .and_then(|x| x.checked_add(extra))
+                .ok_or_else(too_large)?;
+            if padded < span {
+                Err(format!(
+                    "{}: window {span} is larger than the padded input {padded}",
+                    self.kind(),
+                ))
+            } else {
+                Ok((padded - span) / s + 1)
+            }
+        };
         match self {
             LayerSpec::Conv2d {
                 in_channels,
@@ -205,6 +219,7 @@ impl LayerSpec {
                 kernel,
                 stride,
                 padding,
+                pad_extra,
                 dilation,
                 groups,
                 ..
@@ -225,8 +240,22 @@ impl LayerSpec {
                 }
                 Ok(Shape::Map([
                     *out_channels,
-                    window(h, kernel[0], stride[0], padding[0], dilation[0])?,
-                    window(w, kernel[1], stride[1], padding[1], dilation[1])?,
+                    window(
+                        h,
+                        kernel[0],
+                        stride[0],
+                        padding[0],
+                        pad_extra[0],
+                        dilation[0],
+                    )?,
+                    window(
+                        w,
+                        kernel[1],
+                        stride[1],
+                        padding[1],
+                        pad_extra[1],
+                        dilation[1],
+                    )?,
                 ]))
             }
             LayerSpec::BatchNorm { features } => {
@@ -250,8 +279,8 @@ impl LayerSpec {
                 }
                 Ok(Shape::Map([
                     c,
-                    window(h, kernel[0], stride[0], 0, 1)?,
-                    window(w, kernel[1], stride[1], 0, 1)?,
+                    window(h, kernel[0], stride[0], 0, 0, 1)?,
+                    window(w, kernel[1], stride[1], 0, 0, 1)?,
                 ]))
             }
             LayerSpec::GlobalAvgPool => {
@@ -408,6 +437,7 @@ pub mod build {
             kernel: [k, k],
             stride: [stride, stride],
             padding: [pad, pad],
+            pad_extra: [0, 0],
             dilation: [1, 1],
             groups: 1,
             bias,

@@ -104,6 +104,7 @@ impl Layer {
                 kernel,
                 stride,
                 padding,
+                pad_extra,
                 dilation,
                 groups,
                 bias,
@@ -111,7 +112,10 @@ impl Layer {
                 Conv2dConfig::new([in_channels, out_channels], kernel)
                     .with_stride(stride)
                     .with_padding(PaddingConfig2d::Explicit(
-                        padding[0], padding[1], padding[0], padding[1],
+                        padding[0],
+                        padding[1],
+                        padding[0] + pad_extra[0],
+                        padding[1] + pad_extra[1],
                     ))
                     .with_dilation(dilation)
                     .with_groups(groups)

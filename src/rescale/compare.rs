@@ -46,9 +46,13 @@ pub fn mean_std(v: &[f64]) -> (f64, f64) {
 
 /// A rescaling schedule's label: `auto` or `epoch N`.
 pub fn label(rc: &RescaleConfig) -> String {
-    match rc.switch {
+    let at = match rc.switch {
         super::phases::Switch::Auto { .. } => "auto".into(),
         super::phases::Switch::Epoch { epoch } => format!("at {epoch}"),
+    };
+    match rc.optimizer {
+        super::phases::OptimizerState::Reset => at,
+        super::phases::OptimizerState::Carry => format!("{at} carry"),
     }
 }
 

@@ -11,14 +11,17 @@
 //! - Kernel sizes: `k -> max(1, round(k s))` (half away from zero: 5 -> 3 at s = 0.5), or the
 //!   nearest odd size for networks with residual additions ([`KernelRule`]). Strides,
 //!   dilations and pooling are kept, so feature maps shrink with the image; a "same" convolution
-//!   (2p = d(k - 1)) stays "same" with `p' = d(k' - 1) / 2`, other padding is `round(p s)`.
+//!   (2p = d(k - 1)) stays "same": `d(k' - 1)` zeros in all, the odd one after the input when
+//!   `k'` is even (so the round rule keeps residual shapes: 3 -> 2 at s = 0.5 with padding
+//!   (0, 1)); other padding is `round(p s)`.
 //! - A dense layer reading a flattened map is a convolution whose kernel covers the map: its
 //!   weights are reshaped to `(out, C, H, W)` and rescaled like kernels ([`rescale_tensors`]).
 //! - Amplitude: multiplied by the ratio of tap counts, `(k'_h k'_w) / (k_h k_w)`
 //!   ([`interp::rescale_plane`]). Biases and batch-norm statistics are carried unchanged (the
 //!   correction keeps activations on the same scale, so the statistics still fit).
-//! - Optimizer state: reset at the switch (momentum of a kernel that changed shape has no
-//!   meaning at the new size).
+//! - Optimizer state: reset at the switch (the default), or carried
+//!   ([`phases::OptimizerState`]): each momentum tensor is a weight-space direction, so it is
+//!   rescaled exactly like its weight ([`rescale_optimizer_state`]).
 //! - When to switch: [`phases::Switch`].
 
 pub mod compare;
@@ -31,6 +34,7 @@ use crate::checkpoint::{Tensors, floats};
 use crate::models::{Arch, LayerSpec, Shape};
 use burn::prelude::TensorData;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 /// How a kernel size is scaled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -40,8 +44,8 @@ pub enum KernelRule {
     #[default]
     Round,
     /// The odd size nearest to `k s`, ties to the larger (3 -> 1, 5 -> 3, 7 -> 3 at s = 0.5):
-    /// "same" convolutions stay centred, which residual additions need (an even kernel would
-    /// need asymmetric padding to keep a map's size).
+    /// "same" convolutions stay centred and symmetric (an even kernel keeps a map's size with
+    /// one extra row and column of padding after it).
     Odd,
 }
 
@@ -109,24 +113,31 @@ fn twin_layers(
                 kernel,
                 stride,
                 padding,
+                pad_extra,
                 dilation,
                 groups,
                 bias,
             } => {
                 let k2 = [rule.apply(kernel[0], scale), rule.apply(kernel[1], scale)];
+                // (before, extra after): a "same" convolution stays "same", its odd pixel of
+                // padding after the input when the new kernel is even.
                 let pad = |d: usize| {
-                    if 2 * padding[d] == dilation[d] * (kernel[d] - 1) {
-                        dilation[d] * (k2[d] - 1) / 2
+                    if pad_extra[d] == 0 && 2 * padding[d] == dilation[d] * (kernel[d] - 1) {
+                        let total = dilation[d] * (k2[d] - 1);
+                        (total / 2, total % 2)
                     } else {
-                        (padding[d] as f64 * scale).round() as usize
+                        let p = |v: usize| (v as f64 * scale).round() as usize;
+                        (p(padding[d]), p(padding[d] + pad_extra[d]) - p(padding[d]))
                     }
                 };
+                let (p0, p1) = (pad(0), pad(1));
                 LayerSpec::Conv2d {
                     in_channels,
                     out_channels,
                     kernel: k2,
                     stride,
-                    padding: [pad(0), pad(1)],
+                    padding: [p0.0, p1.0],
+                    pad_extra: [p0.1, p1.1],
                     dilation,
                     groups,
                     bias,
@@ -191,6 +202,93 @@ pub fn rescale_tensors(
         &mut |path, a, b, fa, fb| rescale_layer(path, a, b, fa, fb, tensors, &mut out, interp),
     )?;
     Ok(out)
+}
+
+/// Rescales a saved optimizer state (`optimizer.bpk` of the low-resolution phase) for the
+/// full model. Each per-parameter state tensor (SGD's velocity, Adam's moments) is a direction
+/// in weight space, so it is resampled exactly like the weight it belongs to (kernels
+/// interpolated with the amplitude correction, the rest carried unchanged); parameters are
+/// matched by id, which the rescaled checkpoint keeps. `weights` are the twin's tensors.
+pub fn rescale_optimizer_state(
+    from: &Arch,
+    to: &Arch,
+    weights: &Tensors,
+    state: &std::path::Path,
+    out: &std::path::Path,
+    interp: Interp,
+) -> Result<(), String> {
+    let reader =
+        burn_pack::Reader::from_file(state).map_err(|e| format!("{}: {e}", state.display()))?;
+    let scalars = reader.scalars().clone();
+    let metadata = reader.metadata().clone();
+    let entries = reader
+        .into_tensors()
+        .map_err(|e| format!("{}: {e}", state.display()))?
+        .into_iter()
+        .map(|t| {
+            t.into_parts()
+                .map_err(|e| format!("{}: {e}", state.display()))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let path_of: HashMap<u64, &String> = weights
+        .iter()
+        .filter_map(|(path, (_, id))| id.map(|id| (id.val(), path)))
+        .collect();
+    // One rescaling pass per state field ("velocity", "moment_1", ...): the twin's tensors with
+    // that field's values in place of the weights they belong to.
+    let field = |name: &str| {
+        name.split_once('.')
+            .map_or(String::new(), |(_, f)| f.to_string())
+    };
+    let mut fields: Vec<String> = entries.iter().map(|e| field(&e.0)).collect();
+    fields.sort();
+    fields.dedup();
+    let mut rescaled: HashMap<String, TensorData> = HashMap::new();
+    for f in &fields {
+        let mut map = weights.clone();
+        for (name, dtype, shape, id, bytes) in &entries {
+            let Some(path) = id.and_then(|id| path_of.get(&id)) else {
+                continue;
+            };
+            if field(name) != *f || *map[*path].0.shape() != *shape {
+                continue;
+            }
+            let data = TensorData::from_bytes(bytes.clone(), shape.clone(), *dtype);
+            map.get_mut(*path).expect("known path").0 = data;
+        }
+        let out_map = rescale_tensors(from, to, &map, interp)?;
+        for (name, _, shape, id, _) in &entries {
+            let Some(path) = id.and_then(|id| path_of.get(&id)) else {
+                continue;
+            };
+            if field(name) == *f && *weights[*path].0.shape() == *shape {
+                rescaled.insert(name.clone(), out_map[*path].0.clone());
+            }
+        }
+    }
+    let tensors = entries
+        .into_iter()
+        .map(
+            |(name, dtype, shape, id, bytes)| match rescaled.remove(&name) {
+                Some(data) => {
+                    let (bytes, shape, dtype) = data.into_parts();
+                    burn_pack::Tensor::new(name, dtype, shape, id, bytes)
+                }
+                None => burn_pack::Tensor::new(name, dtype, shape, id, bytes),
+            },
+        )
+        .collect();
+    let mut writer = burn_pack::Writer::new(tensors);
+    for (k, v) in &scalars {
+        writer = writer.with_scalar(k, *v);
+    }
+    for (k, v) in &metadata {
+        writer = writer.with_metadata(k, v);
+    }
+    writer
+        .overwrite(true)
+        .write_to_file(out)
+        .map_err(|e| format!("{}: {e}", out.display()))
 }
 
 type Visit<'a> = dyn FnMut(&str, &LayerSpec, &LayerSpec, Feat, Feat) -> Result<(), String> + 'a;

@@ -33,6 +33,20 @@ pub struct RescaleConfig {
     pub interp: Interp,
     #[serde(default)]
     pub kernels: KernelRule,
+    #[serde(default)]
+    pub optimizer: OptimizerState,
+}
+
+/// What the full-resolution phase's optimizer starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerState {
+    /// A fresh optimizer (no momentum yet).
+    #[default]
+    Reset,
+    /// The low-resolution phase's state, each tensor rescaled like its weight
+    /// ([`super::rescale_optimizer_state`]).
+    Carry,
 }
 
 /// One point of a run's accuracy-against-time curve.
@@ -204,9 +218,25 @@ pub fn train_rescaled(
         ..loaded.meta
     };
     checkpoint::save(&rescaled_path, &network, &meta)?;
+    let carried = match rc.optimizer {
+        OptimizerState::Reset => None,
+        OptimizerState::Carry => {
+            let state = low_run
+                .run_dir
+                .join("checkpoints")
+                .join(format!("epoch-{switch_epoch:04}"))
+                .join("optimizer.bpk");
+            let carried = run_dir.join("rescaled-optimizer.bpk");
+            let t = &loaded.tensors;
+            super::rescale_optimizer_state(&twin, &full, t, &state, &carried, rc.interp)
+                .map_err(anyhow::Error::msg)?;
+            Some(carried)
+        }
+    };
     let rescale_seconds = started.elapsed().as_secs_f64();
 
     let mut high = config.clone();
+    high.init_optimizer = carried;
     high.arch = Some(full);
     high.epochs = config.epochs - switch_epoch;
     high.init_from = Some(rescaled_path);

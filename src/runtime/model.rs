@@ -276,10 +276,16 @@ fn build(
                 kernel,
                 stride,
                 padding,
+                pad_extra,
                 dilation,
                 groups,
                 bias,
             } => {
+                if pad_extra != [0, 0] {
+                    return Err(format!(
+                        "{path}: asymmetric padding (a low-resolution twin's even kernel) is not supported by the sparse runtime"
+                    ));
+                }
                 let geometry = ConvGeometry {
                     in_channels,
                     out_channels,

@@ -77,6 +77,11 @@ pub struct TrainConfig {
     /// retraining after pruning). Its architecture must be the one `model` builds.
     #[serde(default)]
     pub init_from: Option<PathBuf>,
+    /// Start the optimizer from this saved state (`optimizer.bpk`, keyed by parameter id)
+    /// instead of a fresh one: a rescaled run's full-resolution phase carrying the
+    /// low-resolution phase's momentum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_optimizer: Option<PathBuf>,
     /// Train this architecture instead of the one `model` builds: a model whose structure a
     /// compression pass changed (filter pruning). Its input and classes must fit the data.
     #[serde(default)]
@@ -142,6 +147,7 @@ impl TrainConfig {
             train_limit: None,
             test_limit: None,
             init_from: None,
+            init_optimizer: None,
             arch: None,
             schedule_span: None,
         }

@@ -196,6 +196,11 @@ pub fn train(
                 Some(path) => checkpoint::load_into(path, fresh)?.0,
                 None => fresh,
             };
+            if let Some(path) = &config.init_optimizer {
+                optim = optim
+                    .load(path)
+                    .map_err(|e| anyhow::anyhow!("{}: {e:?}", path.display()))?;
+            }
             let state = TrainState {
                 epochs_done: 0,
                 steps: 0,
