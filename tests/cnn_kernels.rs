@@ -497,8 +497,10 @@ fn whole_networks_give_the_same_loss_gradients_and_running_statistics_with_eithe
         let run = |ops| {
             with_ops(ops, || {
                 let d = ad();
-                d.seed(1);
-                let net = Network::new(&arch, &d).unwrap();
+                let net = seeded(|| {
+                    d.seed(1);
+                    Network::new(&arch, &d).unwrap()
+                });
                 let xs = t4(x.clone(), [3, input[0], input[1], input[2]], &d);
                 let out = net.forward(xs);
                 let loss = (out.clone() * out.clone()).mean();
@@ -533,6 +535,17 @@ fn whole_networks_give_the_same_loss_gradients_and_running_statistics_with_eithe
     }
 }
 
+/// Seeding and drawing initial weights under one lock: the device's generator is shared by
+/// the tests running in parallel in this process, and Burn draws a parameter's initial values
+/// lazily, so they are forced here.
+fn seeded(f: impl FnOnce() -> Network) -> Network {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let net = f();
+    let _ = convpress::checkpoint::tensor_map(&net);
+    net
+}
+
 struct Collect<'a> {
     grads: &'a burn::tensor::Gradients,
     out: &'a mut Vec<f32>,
@@ -543,5 +556,34 @@ impl burn::module::ModuleVisitor for Collect<'_> {
         if let Some(g) = param.val().grad(self.grads) {
             self.out.extend(vec_of(g));
         }
+    }
+}
+
+#[test]
+fn fused_inference_equals_burns_layer_by_layer_inference() {
+    for (model, input) in [
+        (ModelKind::Lenet5, [1, 28, 28]),
+        (ModelKind::Resnet20, [3, 16, 16]),
+        (ModelKind::VggSmall, [3, 16, 16]),
+    ] {
+        let arch = model.arch(input, 10).unwrap();
+        let d = ad();
+        let net = seeded(|| {
+            d.seed(2);
+            Network::new(&arch, &d).unwrap()
+        });
+        // One training forward moves the running statistics away from (0, 1).
+        let n = 4 * input.iter().product::<usize>();
+        let _ = net.forward(t4(values(n, 5), [4, input[0], input[1], input[2]], &d));
+        let net = burn::module::Module::valid(&net);
+        let plain = Device::flex();
+        let x = t4(
+            values(3 * n / 4, 6),
+            [3, input[0], input[1], input[2]],
+            &plain,
+        );
+        let layer_by_layer = with_ops(Ops::Burn, || vec_of(net.forward(x.clone())));
+        let fused = with_ops(Ops::Convpress, || vec_of(net.forward(x.clone())));
+        assert_close(&fused, &layer_by_layer, 1e-4, model.name());
     }
 }

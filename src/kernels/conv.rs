@@ -302,6 +302,23 @@ fn per_image_tasks(batch: usize) -> bool {
 
 /// `y = conv2d(x, w) + bias`.
 pub fn forward(p: &Conv2dProblem, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+    forward_with(p, x, w, bias, false, y)
+}
+
+/// `y = max(0, conv2d(x, w) + bias)`, the ReLU applied to each image's output while it is
+/// still in cache (inference, where a following ReLU needs no separate pass).
+pub fn forward_relu(p: &Conv2dProblem, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+    forward_with(p, x, w, bias, true, y)
+}
+
+fn forward_with(
+    p: &Conv2dProblem,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+    y: &mut [f32],
+) {
     p.check(x.len(), w.len(), y.len());
     if let Some(b) = bias {
         assert_eq!(b.len(), p.out_channels, "conv2d: bias length");
@@ -312,8 +329,14 @@ pub fn forward(p: &Conv2dProblem, x: &[f32], w: &[f32], bias: Option<&[f32]>, y:
         return;
     }
     let step = images_per_call(p);
-    let one =
-        |(x, y): (&[f32], &mut [f32]), threads: Threads| forward_images(p, x, w, bias, y, threads);
+    let one = |(x, y): (&[f32], &mut [f32]), threads: Threads| {
+        forward_images(p, x, w, bias, y, threads);
+        if relu {
+            for v in y.iter_mut() {
+                *v = v.max(0.0);
+            }
+        }
+    };
     if per_image_tasks(p.batch) {
         x.par_chunks(step * x_img)
             .zip(y.par_chunks_mut(step * y_img))

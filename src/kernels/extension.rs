@@ -74,7 +74,7 @@ pub fn with_ops<R>(ops: Ops, f: impl FnOnce() -> R) -> R {
 }
 
 /// Whether a call on `tensor` goes to convpress's kernels.
-fn routed<const D: usize>(tensor: &Tensor<D>) -> bool {
+pub fn routed<const D: usize>(tensor: &Tensor<D>) -> bool {
     current_ops() == Ops::Convpress
         && tensor.dtype() == DType::F32
         && matches!(
@@ -94,6 +94,14 @@ pub trait CnnOps: Backend {
     ) -> FloatTensor<Self>;
 
     fn cp_conv2d_bias(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self>;
+
+    /// `max(0, conv2d(x) + bias)` in one pass, for inference.
+    fn cp_conv2d_bias_relu(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
@@ -212,10 +220,25 @@ fn conv_forward(
     b: Option<&FlexTensor>,
     o: &ConvOptions<2>,
 ) -> FlexTensor {
+    conv_forward_act(x, w, b, o, false)
+}
+
+fn conv_forward_act(
+    x: &FlexTensor,
+    w: &FlexTensor,
+    b: Option<&FlexTensor>,
+    o: &ConvOptions<2>,
+    relu: bool,
+) -> FlexTensor {
     let p = conv_problem(x, w, o);
     let bias = b.map(values);
     let mut y = vec![0f32; p.y_len()];
-    conv::forward(&p, &values(x), &values(w), bias.as_deref(), &mut y);
+    let (xv, wv) = (values(x), values(w));
+    if relu {
+        conv::forward_relu(&p, &xv, &wv, bias.as_deref(), &mut y);
+    } else {
+        conv::forward(&p, &xv, &wv, bias.as_deref(), &mut y);
+    }
     let [oh, ow] = p.out_hw();
     tensor(y, vec![p.batch, p.out_channels, oh, ow])
 }
@@ -252,6 +275,15 @@ impl CnnOps for Flex {
         options: ConvOptions<2>,
     ) -> FlexTensor {
         conv_forward(&x, &weight, Some(&bias), &options)
+    }
+
+    fn cp_conv2d_bias_relu(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        options: ConvOptions<2>,
+    ) -> FlexTensor {
+        conv_forward_act(&x, &weight, Some(&bias), &options, true)
     }
 
     fn cp_batch_norm_train(
@@ -465,6 +497,18 @@ impl<C: CheckpointStrategy> CnnOps for Autodiff<Flex, C> {
         }
     }
 
+    fn cp_conv2d_bias_relu(
+        x: AdTensor<C>,
+        weight: AdTensor<C>,
+        bias: AdTensor<C>,
+        options: ConvOptions<2>,
+    ) -> AdTensor<C> {
+        // Differentiable as two recorded operations.
+        use burn::backend::ops::ActivationOps;
+        let y = Self::cp_conv2d_bias(x, weight, bias, options);
+        <Self as ActivationOps<Self>>::relu(y)
+    }
+
     fn cp_batch_norm_train(
         x: AdTensor<C>,
         gamma: AdTensor<C>,
@@ -551,6 +595,25 @@ pub fn conv2d(
         ),
         None => <D as CnnOps>::cp_conv2d(x.into_dispatch(), weight.into_dispatch(), options),
     })
+}
+
+/// `max(0, conv2d(x, weight) + bias)`: one pass over the output on convpress's kernels.
+pub fn conv2d_relu(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Tensor<1>,
+    options: ConvOptions<2>,
+) -> Tensor<4> {
+    if !routed(&x) || weight.dtype() != DType::F32 {
+        let y = burn::tensor::module::conv2d(x, weight, Some(bias), options);
+        return burn::tensor::activation::relu(y);
+    }
+    Tensor::from_dispatch(<burn::backend::Dispatch as CnnOps>::cp_conv2d_bias_relu(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        options,
+    ))
 }
 
 /// Batch norm with the batch's statistics: `(y, mean, biased variance)`; `x` is `[N, C, ...]`.

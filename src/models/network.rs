@@ -89,10 +89,61 @@ impl Network {
 }
 
 fn run(layers: &[Layer], mut x: Activation) -> Activation {
-    for layer in layers {
-        x = layer.forward(x);
+    let mut i = 0;
+    while i < layers.len() {
+        if let Some((y, used)) = fused_inference(&layers[i..], &x) {
+            x = y;
+            i += used;
+        } else {
+            x = layers[i].forward(x);
+            i += 1;
+        }
     }
     x
+}
+
+/// At inference on convpress's kernels, a convolution followed by batch norm and/or ReLU runs
+/// as one convolution: batch norm with its running statistics is an affine map per output
+/// channel, folded into the weights and bias (`w γ/σ`, `(b − μ) γ/σ + β`; Jacob et al. 2018,
+/// §3.2), and the ReLU is applied as each image's output is written. Saves one or two passes
+/// over every such layer's output. Training, autodiff devices and `--ops burn` keep the layers.
+fn fused_inference(layers: &[Layer], x: &Activation) -> Option<(Activation, usize)> {
+    let (Layer::Conv2d(conv), Activation::Map(input)) = (layers.first()?, x) else {
+        return None;
+    };
+    if input.device().is_autodiff() || !kernels::extension::routed(input) {
+        return None;
+    }
+    let out = conv.weight.dims()[0];
+    let mut weight = conv.weight.val();
+    let mut bias = match &conv.bias {
+        Some(b) => b.val(),
+        None => Tensor::zeros([out], &input.device()),
+    };
+    let mut used = 1;
+    if let Some(Layer::BatchNorm(bn)) = layers.get(1) {
+        let device = input.device();
+        let var = bn.running_var.value().to_device(&device);
+        let mean = bn.running_mean.value().to_device(&device);
+        let scale = bn.gamma.val() / var.add_scalar(bn.epsilon).sqrt();
+        weight = weight * scale.clone().reshape([out, 1, 1, 1]);
+        bias = (bias - mean) * scale + bn.beta.val();
+        used = 2;
+    }
+    let relu = matches!(layers.get(used), Some(Layer::Relu(_)));
+    if used == 1 && !relu {
+        return None;
+    }
+    let [_, _, h, w] = input.dims();
+    let padding = padding_pairs(&conv.padding, [h, w], conv.kernel_size, conv.stride);
+    let options = ConvOptions::new_with_padding(conv.stride, padding, conv.dilation, conv.groups);
+    let y = if relu {
+        used += 1;
+        kernels::extension::conv2d_relu(input.clone(), weight, bias, options)
+    } else {
+        kernels::extension::conv2d(input.clone(), weight, Some(bias), options)
+    };
+    Some((Activation::Map(y), used))
 }
 
 impl Layer {
