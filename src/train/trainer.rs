@@ -190,8 +190,7 @@ pub fn train(
                 &config_path,
                 serde_json::to_string_pretty(config)?.as_bytes(),
             )?;
-            ad.seed(config.seed);
-            let fresh = Network::new(&arch, &ad).map_err(anyhow::Error::msg)?;
+            let fresh = seeded_network(&arch, &ad, config.seed)?;
             let model = match &config.init_from {
                 Some(path) => checkpoint::load_into(path, fresh)?.0,
                 None => fresh,
@@ -434,4 +433,21 @@ fn append_metrics(path: &Path, m: &EpochMetrics) -> anyhow::Result<()> {
         .open(path)?;
     writeln!(f, "{}", serde_json::to_string(m)?)?;
     Ok(())
+}
+
+/// A freshly initialised network drawn from the device's generator seeded with `seed`. The
+/// generator is process-wide and Burn draws initial weights lazily (on first use), so two runs
+/// in one process (tests, a library user's threads) could interleave their draws: seeding and
+/// drawing happen under one lock, with every parameter forced.
+fn seeded_network(
+    arch: &crate::models::Arch,
+    device: &Device,
+    seed: u64,
+) -> anyhow::Result<Network> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    device.seed(seed);
+    let network = Network::new(arch, device).map_err(anyhow::Error::msg)?;
+    let _ = checkpoint::tensor_map(&network);
+    Ok(network)
 }
