@@ -3,25 +3,16 @@
 //! batch 1), the reference equals finite differences, and through the Burn extension both
 //! values and gradients equal Burn's own ops, down to whole networks.
 
+mod common;
+
+use common::values;
+
 use burn::backend::ops::ConvOptions;
 use burn::prelude::*;
 use convpress::kernels::conv::{self, Conv2dProblem, Wanted};
 use convpress::kernels::norm::{self, NormShape};
 use convpress::kernels::{self, Ops, PoolParams, with_ops};
 use convpress::models::{ModelKind, Network};
-
-/// Deterministic pseudo-random values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");

@@ -2,22 +2,13 @@
 //! many shapes, sparsities and batch sizes (odd sizes, empty rows, no bias, batch 1, and
 //! sizes large enough to take the multi-threaded path).
 
+mod common;
+
+use common::values;
+
 use convpress::compress::prune::level_mask;
 use convpress::runtime::sparse::CsrLinear;
 use convpress::runtime::{DenseReference, LinearKernel};
-
-/// Deterministic pseudo-random values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 /// A reference layer with weights pruned to `sparsity` (and, if asked, a few rows emptied).
 fn reference(
