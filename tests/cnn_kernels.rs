@@ -488,10 +488,7 @@ fn whole_networks_give_the_same_loss_gradients_and_running_statistics_with_eithe
         let run = |ops| {
             with_ops(ops, || {
                 let d = ad();
-                let net = seeded(|| {
-                    d.seed(1);
-                    Network::new(&arch, &d).unwrap()
-                });
+                let net = Network::seeded(&arch, &d, 1).unwrap();
                 let xs = t4(x.clone(), [3, input[0], input[1], input[2]], &d);
                 let out = net.forward(xs);
                 let loss = (out.clone() * out.clone()).mean();
@@ -526,17 +523,6 @@ fn whole_networks_give_the_same_loss_gradients_and_running_statistics_with_eithe
     }
 }
 
-/// Seeding and drawing initial weights under one lock: the device's generator is shared by
-/// the tests running in parallel in this process, and Burn draws a parameter's initial values
-/// lazily, so they are forced here.
-fn seeded(f: impl FnOnce() -> Network) -> Network {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let net = f();
-    let _ = convpress::checkpoint::tensor_map(&net);
-    net
-}
-
 struct Collect<'a> {
     grads: &'a burn::tensor::Gradients,
     out: &'a mut Vec<f32>,
@@ -559,10 +545,7 @@ fn fused_inference_equals_burns_layer_by_layer_inference() {
     ] {
         let arch = model.arch(input, 10).unwrap();
         let d = ad();
-        let net = seeded(|| {
-            d.seed(2);
-            Network::new(&arch, &d).unwrap()
-        });
+        let net = Network::seeded(&arch, &d, 2).unwrap();
         // One training forward moves the running statistics away from (0, 1).
         let n = 4 * input.iter().product::<usize>();
         let _ = net.forward(t4(values(n, 5), [4, input[0], input[1], input[2]], &d));

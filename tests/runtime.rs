@@ -1,6 +1,10 @@
 //! The whole-model sparse runtime against Burn: pruned zoo models with non-trivial batch-norm
 //! statistics must give the same class scores as `Network::forward`.
 
+mod common;
+
+use common::uniform;
+
 use burn::module::Module;
 use burn::prelude::*;
 use convpress::checkpoint::{self, ModelMeta};
@@ -21,19 +25,6 @@ fn meta() -> ModelMeta {
         },
         info: serde_json::json!({}),
     }
-}
-
-/// Deterministic pseudo-random values in [lo, hi).
-fn uniform(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
-        })
-        .collect()
 }
 
 /// A randomly initialised `kind` with its conv and linear weights pruned by magnitude to

@@ -162,19 +162,58 @@ fn tap_offsets(p: &Conv2dProblem, ki: usize, kj: usize) -> (isize, isize) {
     )
 }
 
-/// Calls `f(i, j0, j1, at)` for each piece of output row `i` inside the output positions
-/// `cols` (row-major `i * W' + j`): columns `j0..j1`, starting at `at` within the range.
-fn row_pieces(
+/// One piece of a column-matrix row: output row `i`, columns `j0..j1` of it, stored from `at`
+/// in the block row. Columns `lo..hi` read the input line `line` (an offset into the group's
+/// planes, `None` when the row falls in the padding) at `start + (j - lo) * stride`; the others
+/// read padding.
+struct Piece {
+    at: usize,
+    j0: usize,
+    j1: usize,
+    lo: usize,
+    hi: usize,
+    line: Option<usize>,
+    start: usize,
+}
+
+/// Walks the block of columns `cols` (output positions `i * W' + j`) of a group's column
+/// matrix, row `r = (c, ki, kj)` by row, calling `f(r, piece)`: the one index computation that
+/// [`im2col`] and its adjoint [`col2im`] share.
+fn for_each_piece(
+    p: &Conv2dProblem,
     cols: std::ops::Range<usize>,
-    ow: usize,
-    mut f: impl FnMut(usize, usize, usize, usize),
+    mut f: impl FnMut(usize, Piece),
 ) {
-    let mut q = cols.start;
-    while q < cols.end {
-        let (i, j0) = (q / ow, q % ow);
-        let j1 = ow.min(j0 + (cols.end - q));
-        f(i, j0, j1, q - cols.start);
-        q += j1 - j0;
+    let [h, w] = p.in_hw;
+    let ow = p.out_hw()[1];
+    let [kh, kw] = p.kernel;
+    let sh = p.stride[0];
+    for r in 0..p.patch_len() {
+        let (c, ki, kj) = (r / (kh * kw), r / kw % kh, r % kw);
+        let (off_h, off_w) = tap_offsets(p, ki, kj);
+        let (v_lo, v_hi) = valid_range(off_w, p.stride[1], w, ow);
+        let mut q = cols.start;
+        while q < cols.end {
+            let (i, j0) = (q / ow, q % ow);
+            let j1 = ow.min(j0 + (cols.end - q));
+            let (lo, hi) = (v_lo.clamp(j0, j1), v_hi.clamp(j0, j1));
+            let src = (i * sh) as isize + off_h;
+            let line = (src >= 0 && (src as usize) < h).then(|| (c * h + src as usize) * w);
+            let start = ((lo * p.stride[1]) as isize + off_w).max(0) as usize;
+            f(
+                r,
+                Piece {
+                    at: q - cols.start,
+                    j0,
+                    j1,
+                    lo,
+                    hi,
+                    line,
+                    start,
+                },
+            );
+            q += j1 - j0;
+        }
     }
 }
 
@@ -182,84 +221,50 @@ fn row_pieces(
 /// image (`planes` holds its `in/groups` input planes), into `out` (`[rows, cols.len()]`).
 /// Building the matrix a block of columns at a time keeps it in cache for the GEMM that reads it.
 pub fn im2col(p: &Conv2dProblem, planes: &[f32], cols: std::ops::Range<usize>, out: &mut [f32]) {
-    let [h, w] = p.in_hw;
-    let ow = p.out_hw()[1];
-    let [kh, kw] = p.kernel;
-    let [sh, sw] = p.stride;
-    let width = cols.len();
-    let mut rows = out.chunks_exact_mut(width);
-    for plane in planes.chunks_exact(h * w).take(p.in_per_group()) {
-        for ki in 0..kh {
-            for kj in 0..kw {
-                let row = rows.next().expect("column buffer holds every tap");
-                let (off_h, off_w) = tap_offsets(p, ki, kj);
-                let (v_lo, v_hi) = valid_range(off_w, sw, w, ow);
-                row_pieces(cols.clone(), ow, |i, j0, j1, at| {
-                    let out = &mut row[at..at + (j1 - j0)];
-                    let src = (i * sh) as isize + off_h;
-                    if src < 0 || src as usize >= h {
-                        out.fill(0.0);
-                        return;
-                    }
-                    let line = &plane[src as usize * w..(src as usize + 1) * w];
-                    let (lo, hi) = (v_lo.clamp(j0, j1), v_hi.clamp(j0, j1));
-                    out[..lo - j0].fill(0.0);
-                    out[hi - j0..].fill(0.0);
-                    if lo == hi {
-                        return;
-                    }
-                    let start = ((lo * sw) as isize + off_w) as usize;
-                    let dst = &mut out[lo - j0..hi - j0];
-                    if sw == 1 {
-                        dst.copy_from_slice(&line[start..start + (hi - lo)]);
-                    } else {
-                        for (k, o) in dst.iter_mut().enumerate() {
-                            *o = line[start + k * sw];
-                        }
-                    }
-                });
+    let (width, sw) = (cols.len(), p.stride[1]);
+    for_each_piece(p, cols, |r, x| {
+        let dst = &mut out[r * width + x.at..][..x.j1 - x.j0];
+        let Some(line) = x.line else {
+            dst.fill(0.0);
+            return;
+        };
+        dst[..x.lo - x.j0].fill(0.0);
+        dst[x.hi - x.j0..].fill(0.0);
+        if x.lo == x.hi {
+            return;
+        }
+        let dst = &mut dst[x.lo - x.j0..x.hi - x.j0];
+        let src = &planes[line + x.start..];
+        if sw == 1 {
+            dst.copy_from_slice(&src[..dst.len()]);
+        } else {
+            for (k, o) in dst.iter_mut().enumerate() {
+                *o = src[k * sw];
             }
         }
-    }
+    });
 }
 
 /// The adjoint of [`im2col`]: adds each entry of the column block back onto the input
 /// position it was read from (`planes` must start zeroed or hold what it should add to).
 pub fn col2im(p: &Conv2dProblem, block: &[f32], cols: std::ops::Range<usize>, planes: &mut [f32]) {
-    let [h, w] = p.in_hw;
-    let ow = p.out_hw()[1];
-    let [kh, kw] = p.kernel;
-    let [sh, sw] = p.stride;
-    let width = cols.len();
-    let mut rows = block.chunks_exact(width);
-    for plane in planes.chunks_exact_mut(h * w).take(p.in_per_group()) {
-        for ki in 0..kh {
-            for kj in 0..kw {
-                let row = rows.next().expect("column buffer holds every tap");
-                let (off_h, off_w) = tap_offsets(p, ki, kj);
-                let (v_lo, v_hi) = valid_range(off_w, sw, w, ow);
-                row_pieces(cols.clone(), ow, |i, j0, j1, at| {
-                    let dst = (i * sh) as isize + off_h;
-                    let (lo, hi) = (v_lo.clamp(j0, j1), v_hi.clamp(j0, j1));
-                    if dst < 0 || dst as usize >= h || lo == hi {
-                        return;
-                    }
-                    let line = &mut plane[dst as usize * w..(dst as usize + 1) * w];
-                    let src = &row[at + lo - j0..at + hi - j0];
-                    let start = ((lo * sw) as isize + off_w) as usize;
-                    if sw == 1 {
-                        for (o, &v) in line[start..start + (hi - lo)].iter_mut().zip(src) {
-                            *o += v;
-                        }
-                    } else {
-                        for (k, &v) in src.iter().enumerate() {
-                            line[start + k * sw] += v;
-                        }
-                    }
-                });
+    let (width, sw) = (cols.len(), p.stride[1]);
+    for_each_piece(p, cols, |r, x| {
+        let Some(line) = x.line.filter(|_| x.lo < x.hi) else {
+            return;
+        };
+        let src = &block[r * width + x.at + (x.lo - x.j0)..][..x.hi - x.lo];
+        let dst = &mut planes[line + x.start..];
+        if sw == 1 {
+            for (o, &v) in dst.iter_mut().zip(src) {
+                *o += v;
+            }
+        } else {
+            for (k, &v) in src.iter().enumerate() {
+                dst[k * sw] += v;
             }
         }
-    }
+    });
 }
 
 /// Output columns per block of the column matrix: about 48K floats (192 KB, inside a core's

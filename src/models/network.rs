@@ -79,6 +79,26 @@ impl Network {
         })
     }
 
+    /// [`Network::new`] with its initial weights drawn from `device`'s generator seeded with
+    /// `seed`. The generator is process-wide and Burn draws a parameter's initial values
+    /// lazily (on first use), so two seeded networks built at once in one process (tests, a
+    /// library user's threads) could interleave their draws: seeding and drawing every
+    /// parameter happen here under one lock.
+    pub fn seeded(arch: &Arch, device: &Device, seed: u64) -> Result<Self, String> {
+        struct Draw;
+        impl burn::module::ModuleVisitor for Draw {
+            fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+                let _ = param.val();
+            }
+        }
+        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        device.seed(seed);
+        let network = Network::new(arch, device)?;
+        network.visit(&mut Draw);
+        Ok(network)
+    }
+
     /// Class scores `[N, classes]` for images `[N, C, H, W]`.
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         match run(&self.layers, Activation::Map(images)) {

@@ -221,10 +221,8 @@ pub fn train_rescaled(
     let carried = match rc.optimizer {
         OptimizerState::Reset => None,
         OptimizerState::Carry => {
-            let state = low_run
-                .run_dir
-                .join("checkpoints")
-                .join(format!("epoch-{switch_epoch:04}"))
+            let state = train::latest_checkpoint(&low_run.run_dir)
+                .context("the low-resolution run left no checkpoint")?
                 .join("optimizer.bpk");
             let carried = run_dir.join("rescaled-optimizer.bpk");
             let t = &loaded.tensors;

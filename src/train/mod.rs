@@ -8,4 +8,6 @@ pub mod trainer;
 pub use config::{OptimizerConfig, ScheduleSpan, TrainConfig};
 pub use hooks::{EpochMetrics, Progress, TrainHook};
 pub use schedule::Schedule;
-pub use trainer::{Prepared, TrainOptions, TrainOutcome, evaluate, prepare, train};
+pub use trainer::{
+    Prepared, TrainOptions, TrainOutcome, evaluate, latest_checkpoint, prepare, train,
+};

@@ -117,7 +117,8 @@ fn count_correct(logits: Tensor<2>, labels: Tensor<1, Int>) -> i64 {
     pred.equal(labels).int().sum().into_scalar()
 }
 
-fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
+/// The newest complete checkpoint folder of a run (model, optimizer state, progress).
+pub fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
     let name = std::fs::read_to_string(run_dir.join("checkpoints/latest")).ok()?;
     let dir = run_dir.join("checkpoints").join(name.trim());
     dir.join("state.json").is_file().then_some(dir)
@@ -190,7 +191,7 @@ pub fn train(
                 &config_path,
                 serde_json::to_string_pretty(config)?.as_bytes(),
             )?;
-            let fresh = seeded_network(&arch, &ad, config.seed)?;
+            let fresh = Network::seeded(&arch, &ad, config.seed).map_err(anyhow::Error::msg)?;
             let model = match &config.init_from {
                 Some(path) => checkpoint::load_into(path, fresh)?.0,
                 None => fresh,
@@ -433,21 +434,4 @@ fn append_metrics(path: &Path, m: &EpochMetrics) -> anyhow::Result<()> {
         .open(path)?;
     writeln!(f, "{}", serde_json::to_string(m)?)?;
     Ok(())
-}
-
-/// A freshly initialised network drawn from the device's generator seeded with `seed`. The
-/// generator is process-wide and Burn draws initial weights lazily (on first use), so two runs
-/// in one process (tests, a library user's threads) could interleave their draws: seeding and
-/// drawing happen under one lock, with every parameter forced.
-fn seeded_network(
-    arch: &crate::models::Arch,
-    device: &Device,
-    seed: u64,
-) -> anyhow::Result<Network> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    device.seed(seed);
-    let network = Network::new(arch, device).map_err(anyhow::Error::msg)?;
-    let _ = checkpoint::tensor_map(&network);
-    Ok(network)
 }

@@ -70,15 +70,20 @@ pub fn real_mnist() -> std::path::PathBuf {
     dir
 }
 
-/// Deterministic pseudo-random values in [-1, 1) (kernel conformance tests).
-pub fn values(n: usize, seed: u64) -> Vec<f32> {
+/// Deterministic pseudo-random values in [lo, hi).
+pub fn uniform(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
             s ^= s << 13;
             s ^= s >> 7;
             s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
         })
         .collect()
+}
+
+/// Deterministic pseudo-random values in [-1, 1) (kernel conformance tests).
+pub fn values(n: usize, seed: u64) -> Vec<f32> {
+    uniform(n, seed, -1.0, 1.0)
 }
