@@ -56,6 +56,11 @@ const CASES: &[Case] = &[
     (2, 16, 6, [5, 5], [3, 3], [1, 1], [1, 1], [1, 1], [1, 1], 2), // groups
     (3, 9, 3, [4, 9], [2, 3], [1, 1], [0, 2], [1, 0], [2, 1], 1), // dilated rows
     (1, 8, 2, [3, 3], [3, 3], [1, 1], [0, 0], [0, 0], [1, 1], 1), // one output position
+    // Wide enough for several 8-pixel segments per row in the direct kernel, with ragged row
+    // ends, output channels not a multiple of 4, strides and dilations on phase planes.
+    (2, 5, 7, [13, 35], [3, 3], [2, 2], [1, 1], [1, 1], [1, 1], 1), // stride 2, 18 columns
+    (1, 3, 9, [11, 30], [5, 3], [1, 1], [2, 1], [2, 1], [1, 2], 1), // dilated columns, 28 wide
+    (3, 6, 10, [9, 41], [3, 5], [1, 3], [1, 2], [0, 2], [2, 1], 2), // stride (1, 3), groups
 ];
 
 fn problem(c: &Case) -> Conv2dProblem {
@@ -103,12 +108,16 @@ fn fast_conv_equals_the_reference_forward_and_backward() {
         let dy = values(p.y_len(), i as u64 + 300);
         let mut y = vec![0f32; p.y_len()];
         conv::forward(&p, &x, &w, Some(&b), &mut y);
-        assert_close(
-            &y,
-            &conv::reference::forward(&p, &x, &w, Some(&b)),
-            1e-5,
-            &format!("case {i} y"),
-        );
+        let want = conv::reference::forward(&p, &x, &w, Some(&b));
+        assert_close(&y, &want, 1e-5, &format!("case {i} y"));
+        // The GEMM paths the direct kernel replaces where AVX2 is present stay tested.
+        let mut y_gemm = vec![f32::NAN; p.y_len()];
+        conv::forward_gemm(&p, &x, &w, Some(&b), &mut y_gemm);
+        assert_close(&y_gemm, &want, 1e-5, &format!("case {i} y (GEMM)"));
+        let mut y_relu = vec![f32::NAN; p.y_len()];
+        conv::forward_relu(&p, &x, &w, Some(&b), &mut y_relu);
+        let want_relu: Vec<f32> = want.iter().map(|v| v.max(0.0)).collect();
+        assert_close(&y_relu, &want_relu, 1e-5, &format!("case {i} relu(y)"));
         let fast = conv::backward(&p, &x, &w, &dy, ALL);
         let slow = conv::reference::backward(&p, &x, &w, &dy, ALL);
         assert_close(

@@ -18,6 +18,9 @@ use super::gemm::{Mat, Threads, sgemm};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
+mod direct;
+pub use direct::available as direct_available;
+
 /// Everything a convolution kernel needs to know about one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv2dProblem {
@@ -307,13 +310,19 @@ fn per_image_tasks(batch: usize) -> bool {
 
 /// `y = conv2d(x, w) + bias`.
 pub fn forward(p: &Conv2dProblem, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
-    forward_with(p, x, w, bias, false, y)
+    forward_with(p, x, w, bias, false, true, y)
 }
 
-/// `y = max(0, conv2d(x, w) + bias)`, the ReLU applied to each image's output while it is
-/// still in cache (inference, where a following ReLU needs no separate pass).
+/// `y = max(0, conv2d(x, w) + bias)`, the ReLU applied to each output block while it is
+/// still in registers or cache (inference, where a following ReLU needs no separate pass).
 pub fn forward_relu(p: &Conv2dProblem, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
-    forward_with(p, x, w, bias, true, y)
+    forward_with(p, x, w, bias, true, true, y)
+}
+
+/// [`forward`] without the direct kernel: the GEMM paths it replaces where AVX2 is present,
+/// kept callable so that the tests hold them to the reference on every machine.
+pub fn forward_gemm(p: &Conv2dProblem, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+    forward_with(p, x, w, bias, false, false, y)
 }
 
 fn forward_with(
@@ -322,6 +331,7 @@ fn forward_with(
     w: &[f32],
     bias: Option<&[f32]>,
     relu: bool,
+    allow_direct: bool,
     y: &mut [f32],
 ) {
     p.check(x.len(), w.len(), y.len());
@@ -332,6 +342,9 @@ fn forward_with(
     let y_img = p.out_channels * p.out_plane();
     if x_img == 0 || y_img == 0 {
         return;
+    }
+    if allow_direct && direct::applies(p) {
+        return direct::forward(p, x, w, bias, relu, y);
     }
     let step = images_per_call(p);
     let one = |(x, y): (&[f32], &mut [f32]), threads: Threads| {
