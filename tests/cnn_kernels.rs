@@ -114,6 +114,8 @@ fn fast_conv_equals_the_reference_forward_and_backward() {
         let mut y_gemm = vec![f32::NAN; p.y_len()];
         conv::forward_gemm(&p, &x, &w, Some(&b), &mut y_gemm);
         assert_close(&y_gemm, &want, 1e-5, &format!("case {i} y (GEMM)"));
+        let y_new = conv::forward_new(&p, &x, &w, Some(&b), false);
+        assert_close(&y_new, &want, 1e-5, &format!("case {i} y (new buffer)"));
         let mut y_relu = vec![f32::NAN; p.y_len()];
         conv::forward_relu(&p, &x, &w, Some(&b), &mut y_relu);
         let want_relu: Vec<f32> = want.iter().map(|v| v.max(0.0)).collect();
@@ -125,6 +127,13 @@ fn fast_conv_equals_the_reference_forward_and_backward() {
             slow.x.as_ref().unwrap(),
             1e-5,
             &format!("case {i} dx"),
+        );
+        let gemm = conv::backward_gemm(&p, &x, &w, &dy, ALL);
+        assert_close(
+            gemm.x.as_ref().unwrap(),
+            slow.x.as_ref().unwrap(),
+            1e-5,
+            &format!("case {i} dx (GEMM)"),
         );
         assert_close(
             fast.weight.as_ref().unwrap(),

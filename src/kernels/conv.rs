@@ -17,6 +17,7 @@
 use super::gemm::{Mat, Threads, sgemm};
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 mod direct;
 pub use direct::available as direct_available;
@@ -319,6 +320,39 @@ pub fn forward_relu(p: &Conv2dProblem, x: &[f32], w: &[f32], bias: Option<&[f32]
     forward_with(p, x, w, bias, true, true, y)
 }
 
+/// [`forward`] or [`forward_relu`] into a new buffer, which is not zeroed first when the direct
+/// kernel writes every element anyway.
+pub fn forward_new(
+    p: &Conv2dProblem,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
+    let x_img = p.in_channels * p.in_plane();
+    if p.validate().is_ok() && x_img > 0 && p.out_plane() > 0 && direct::applies(p) {
+        p.check(x.len(), w.len(), p.y_len());
+        if let Some(b) = bias {
+            assert_eq!(b.len(), p.out_channels, "conv2d: bias length");
+        }
+        let mut y = Vec::with_capacity(p.y_len());
+        direct::forward(
+            p,
+            x,
+            w,
+            bias,
+            relu,
+            &mut y.spare_capacity_mut()[..p.y_len()],
+        );
+        // SAFETY: the direct kernel wrote all `y_len` elements (see `direct::forward`).
+        unsafe { y.set_len(p.y_len()) };
+        return y;
+    }
+    let mut y = vec![0f32; p.y_len()];
+    forward_with(p, x, w, bias, relu, true, &mut y);
+    y
+}
+
 /// [`forward`] without the direct kernel: the GEMM paths it replaces where AVX2 is present,
 /// kept callable so that the tests hold them to the reference on every machine.
 pub fn forward_gemm(p: &Conv2dProblem, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
@@ -344,6 +378,9 @@ fn forward_with(
         return;
     }
     if allow_direct && direct::applies(p) {
+        // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and the kernel only writes
+        // initialised values through this view.
+        let y = unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) };
         return direct::forward(p, x, w, bias, relu, y);
     }
     let step = images_per_call(p);
@@ -519,7 +556,38 @@ pub struct Wanted {
 /// column matrix is built once and serves the weight gradient, and `Wᵀ · dY` is folded back
 /// into the input gradient. Weight gradients are summed per thread, then across threads.
 pub fn backward(p: &Conv2dProblem, x: &[f32], w: &[f32], dy: &[f32], wanted: Wanted) -> ConvGrads {
+    backward_with(p, x, w, dy, wanted, true)
+}
+
+/// [`backward`] with the input gradient from the GEMM paths, as [`forward_gemm`].
+pub fn backward_gemm(
+    p: &Conv2dProblem,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    wanted: Wanted,
+) -> ConvGrads {
+    backward_with(p, x, w, dy, wanted, false)
+}
+
+fn backward_with(
+    p: &Conv2dProblem,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    wanted: Wanted,
+    allow_direct: bool,
+) -> ConvGrads {
     p.check(x.len(), w.len(), dy.len());
+    if allow_direct
+        && wanted.x
+        && let Some(tp) = input_gradient_problem(p)
+    {
+        let dx = forward_new(&tp, dy, &flip_transpose(p, w), None, false);
+        let mut grads = backward(p, x, w, dy, Wanted { x: false, ..wanted });
+        grads.x = Some(dx);
+        return grads;
+    }
     let x_img = p.in_channels * p.in_plane();
     let y_img = p.out_channels * p.out_plane();
     let mut grads = ConvGrads {
@@ -575,6 +643,49 @@ pub fn backward(p: &Conv2dProblem, x: &[f32], w: &[f32], dy: &[f32], wanted: Wan
     };
     grads.weight = wanted.weight.then_some(dw);
     grads
+}
+
+/// The input gradient of a stride-1 convolution is the "full" convolution of `dY` with the
+/// weights flipped in both spatial axes and with input and output channels swapped:
+/// `dX[c, y, x] = Σ_{o,i,j} W[o, c, i, j] · dY[o, y + p − i·d, x + p − j·d]`, i.e. padding
+/// `d·(k − 1) − p` on each side. The direct kernel then serves the backward pass too.
+fn input_gradient_problem(p: &Conv2dProblem) -> Option<Conv2dProblem> {
+    if p.stride != [1, 1] {
+        return None;
+    }
+    let full = [0, 1].map(|i| p.dilation[i] * (p.kernel[i] - 1));
+    let (pad_begin, pad_end) = (
+        [0, 1].map(|i| full[i].checked_sub(p.pad_begin[i])),
+        [0, 1].map(|i| full[i].checked_sub(p.pad_end[i])),
+    );
+    let tp = Conv2dProblem {
+        in_channels: p.out_channels,
+        out_channels: p.in_channels,
+        in_hw: p.out_hw(),
+        pad_begin: [pad_begin[0]?, pad_begin[1]?],
+        pad_end: [pad_end[0]?, pad_end[1]?],
+        ..*p
+    };
+    (direct::applies(&tp) && tp.validate().is_ok()).then_some(tp)
+}
+
+/// Weights of [`input_gradient_problem`]: `W'[g·ig + c, o, i, j] = W[g·og + o, c, kh−1−i, kw−1−j]`.
+fn flip_transpose(p: &Conv2dProblem, w: &[f32]) -> Vec<f32> {
+    let (ig, og, [kh, kw]) = (p.in_per_group(), p.out_per_group(), p.kernel);
+    let taps = kh * kw;
+    let mut out = vec![0f32; w.len()];
+    for g in 0..p.groups {
+        for o in 0..og {
+            for c in 0..ig {
+                let src = &w[((g * og + o) * ig + c) * taps..][..taps];
+                let dst = &mut out[((g * ig + c) * og + o) * taps..][..taps];
+                for (t, &v) in src.iter().enumerate() {
+                    dst[taps - 1 - t] = v;
+                }
+            }
+        }
+    }
+    out
 }
 
 fn sum_parts(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {

@@ -232,13 +232,8 @@ fn conv_forward_act(
 ) -> FlexTensor {
     let p = conv_problem(x, w, o);
     let bias = b.map(values);
-    let mut y = vec![0f32; p.y_len()];
     let (xv, wv) = (values(x), values(w));
-    if relu {
-        conv::forward_relu(&p, &xv, &wv, bias.as_deref(), &mut y);
-    } else {
-        conv::forward(&p, &xv, &wv, bias.as_deref(), &mut y);
-    }
+    let y = conv::forward_new(&p, &xv, &wv, bias.as_deref(), relu);
     let [oh, ow] = p.out_hw();
     tensor(y, vec![p.batch, p.out_channels, oh, ow])
 }

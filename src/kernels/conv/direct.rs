@@ -19,6 +19,7 @@
 
 use super::{Conv2dProblem, per_image_tasks};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Floats in one AVX2 register: the output pixels of a segment.
 const LANES: usize = 8;
@@ -181,20 +182,23 @@ fn pack(p: &Conv2dProblem, w: &[f32], g: usize) -> Vec<f32> {
     packed
 }
 
-/// `y = conv2d(x, w) + bias`, then `max(0, ·)` when `relu`.
+/// `y = conv2d(x, w) + bias`, then `max(0, ·)` when `relu`. Every element of `y` is written
+/// (each output plane is the union of its segments), so `y` may start uninitialised: the
+/// callers that allocate the output skip zeroing it, a pass over as many bytes as the
+/// convolution writes.
 pub(super) fn forward(
     p: &Conv2dProblem,
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
     relu: bool,
-    y: &mut [f32],
+    y: &mut [MaybeUninit<f32>],
 ) {
     let plan = Plan::new(p);
     let packed: Vec<Vec<f32>> = (0..p.groups).map(|g| pack(p, w, g)).collect();
     let x_img = p.in_channels * p.in_plane();
     let y_img = p.out_channels * p.out_plane();
-    let run = |x: &[f32], y: &mut [f32], parallel_tiles: bool| {
+    let run = |x: &[f32], y: &mut [MaybeUninit<f32>], parallel_tiles: bool| {
         super::with_scratch(plan.prepared, |buf| {
             for (g, packed) in packed.iter().enumerate() {
                 prepare(p, &plan, x, g, &mut buf[..plan.prepared - LANES]);
@@ -224,7 +228,7 @@ fn group(
     bias: Option<&[f32]>,
     relu: bool,
     g: usize,
-    y_img: &mut [f32],
+    y_img: &mut [MaybeUninit<f32>],
     parallel_tiles: bool,
 ) {
     let (og, plane, k) = (p.out_per_group(), p.out_plane(), p.patch_len());
@@ -235,7 +239,7 @@ fn group(
         + LANES;
     assert!(far <= xp.len(), "direct conv: prepared input too short");
     let y_group = &mut y_img[g * og * plane..(g + 1) * og * plane];
-    let tile = |t: usize, y_tile: &mut [f32]| {
+    let tile = |t: usize, y_tile: &mut [MaybeUninit<f32>]| {
         let n_oc = y_tile.len() / plane;
         let mut b = [0f32; NR];
         if let Some(bias) = bias {
@@ -264,7 +268,7 @@ fn group(
 
 /// Where a tile's results go: `n_oc` output planes of `plane` floats each.
 struct Out<'a> {
-    y: &'a mut [f32],
+    y: &'a mut [MaybeUninit<f32>],
     plane: usize,
     n_oc: usize,
     relu: bool,
@@ -296,7 +300,10 @@ fn run_tile(xp: &[f32], steps: &[usize], segs: &[Segment], w: &[f32], b: [f32; N
 impl Out<'_> {
     /// Stores the pixels that exist of one segment of output channel `j`.
     fn store(&mut self, j: usize, seg: &Segment, values: &[f32; LANES]) {
-        self.y[j * self.plane + seg.output..][..seg.valid].copy_from_slice(&values[..seg.valid]);
+        let dst = &mut self.y[j * self.plane + seg.output..][..seg.valid];
+        for (d, &v) in dst.iter_mut().zip(values) {
+            d.write(v);
+        }
     }
 }
 
@@ -338,7 +345,7 @@ unsafe fn block_avx2<const S: usize, const N: usize>(
             let v = if out.relu { _mm256_max_ps(v, zero) } else { v };
             if seg.valid == LANES {
                 let dst = &mut out.y[j * out.plane + seg.output..][..LANES];
-                unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), v) };
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr().cast::<f32>(), v) };
             } else {
                 let mut tmp = [0f32; LANES];
                 unsafe { _mm256_storeu_ps(tmp.as_mut_ptr(), v) };
