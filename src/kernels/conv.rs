@@ -2,7 +2,7 @@
 //! (PyTorch's and Burn's layout and semantics: weights `[out, in/groups, kh, kw]`, zero padding,
 //! stride, dilation, groups).
 //!
-//! Two implementations of each pass sit side by side:
+//! A plain reference and the fast paths sit side by side:
 //! - [`reference`]: seven nested loops, slow and obviously right; the tests hold the fast path
 //!   to it, and it to finite differences;
 //! - the fast path ([`forward`], [`backward`]): im2col + GEMM per image (Chellapilla et al.
@@ -12,15 +12,19 @@
 //!   (`dW += dY · colsᵀ`); the input gradient is `col2im(Wᵀ · dY)`. A 1x1 stride-1 unpadded
 //!   convolution needs no im2col: the image *is* the column matrix. Convolutions with one input
 //!   channel per group (depthwise) skip GEMM, whose one-row products would be all overhead, for
-//!   direct shifted-row loops.
+//!   direct shifted-row loops;
+//! - [`direct`] (x86-64 with AVX2 and FMA, checked at run time): the forward of every
+//!   convolution with a window of 2+ taps that is not depthwise, and the input gradient of the
+//!   stride-1 ones, with register-blocked micro-kernels and no column matrix. Where it runs, the
+//!   GEMM paths above still compute weight gradients, and [`forward_gemm`] / [`backward_gemm`]
+//!   keep them callable so the tests hold them to the reference on every machine.
 
 use super::gemm::{Mat, Threads, sgemm};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
-mod direct;
-pub use direct::available as direct_available;
+pub mod direct;
 
 /// Everything a convolution kernel needs to know about one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
