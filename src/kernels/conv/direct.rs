@@ -152,9 +152,16 @@ fn prepare(p: &Conv2dProblem, plan: &Plan, x_img: &[f32], g: usize, dst: &mut [f
                 chan[row_base + left..][..w].copy_from_slice(line);
                 continue;
             }
-            for (col, &v) in line.iter().enumerate() {
-                let cp = col + left;
-                chan[row_base + (cp % s1) * phase + cp / s1] = v;
+            // Phase column b takes the input columns whose padded index is b modulo s1.
+            for b in 0..s1 {
+                let first = (b + s1 - left % s1) % s1;
+                if first >= w {
+                    continue;
+                }
+                let dst = &mut chan[row_base + b * phase + (first + left) / s1..];
+                for (d, &v) in dst.iter_mut().zip(line[first..].iter().step_by(s1)) {
+                    *d = v;
+                }
             }
         }
     }
