@@ -2023,10 +2023,10 @@ fn run_bench_model(
         }
     }
     if per_layer {
-        let stored: std::collections::HashMap<String, (usize, usize)> = sparse
+        let stored: std::collections::HashMap<String, (usize, usize, &str)> = sparse
             .layers()
             .into_iter()
-            .map(|l| (l.path, (l.stored, l.weights)))
+            .map(|l| (l.path, (l.stored, l.weights, l.kernel)))
             .collect();
         for &b in batch {
             let times = bench::sparse_layer_times(
@@ -2047,18 +2047,19 @@ fn run_bench_model(
             }
             println!("\nsparse runtime per layer, batch {b}:");
             println!(
-                "{:<22} {:<18} {:>17} {:>10}",
-                "layer", "kind", "stored/weights", "ms"
+                "{:<22} {:<18} {:>17} {:<14} {:>10}",
+                "layer", "kind", "stored/weights", "kernel", "ms"
             );
             for t in &times {
-                let kept = stored
+                let (kept, kernel) = stored
                     .get(&t.path)
-                    .map_or(String::new(), |(s, w)| format!("{s}/{w}"));
+                    .map_or((String::new(), ""), |(s, w, k)| (format!("{s}/{w}"), *k));
                 println!(
-                    "{:<22} {:<18} {:>17} {:>10.4}",
+                    "{:<22} {:<18} {:>17} {:<14} {:>10.4}",
                     t.path,
                     t.kind,
                     kept,
+                    kernel,
                     1000.0 * t.seconds
                 );
             }

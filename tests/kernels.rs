@@ -148,7 +148,9 @@ fn burn_layout_is_transposed_into_the_reference() {
 
 // ---- Convolutions -------------------------------------------------------------------------
 
-use convpress::runtime::conv::{Conv2dKernel, ConvGeometry, DirectConv, SparseIm2colConv};
+use convpress::runtime::conv::{
+    Conv2dKernel, ConvGeometry, DenseConv, DirectConv, SparseIm2colConv,
+};
 
 /// A reference convolution with random weights pruned by magnitude to `sparsity`.
 fn conv_reference(g: ConvGeometry, sparsity: f64, bias: bool, seed: u64) -> DirectConv {
@@ -290,6 +292,7 @@ conv_kernel_conformance!(direct_conv, |r| Box::new(r.clone()));
 conv_kernel_conformance!(sparse_im2col_conv, |r| Box::new(
     SparseIm2colConv::from_dense(r)
 ));
+conv_kernel_conformance!(dense_conv, |r| Box::new(DenseConv::from_reference(r)));
 
 #[test]
 fn the_reference_convolution_matches_hand_computed_values() {

@@ -556,9 +556,11 @@ pub struct Wanted {
     pub bias: bool,
 }
 
-/// Gradients of `y = conv2d(x, w) + b` given `dy`, in one pass over the batch: per image the
-/// column matrix is built once and serves the weight gradient, and `Wᵀ · dY` is folded back
-/// into the input gradient. Weight gradients are summed per thread, then across threads.
+/// Gradients of `y = conv2d(x, w) + b` given `dy`. Where the direct kernel applies to the
+/// input gradient (stride 1, see [`input_gradient_problem`]) it computes it as a convolution
+/// of `dy`; otherwise one pass over the batch builds each image's column matrix once for the
+/// weight gradient and folds `Wᵀ · dY` back into the input gradient. Weight gradients are
+/// summed per thread, then across threads.
 pub fn backward(p: &Conv2dProblem, x: &[f32], w: &[f32], dy: &[f32], wanted: Wanted) -> ConvGrads {
     backward_with(p, x, w, dy, wanted, true)
 }

@@ -1,12 +1,14 @@
-//! Whole-model CPU inference for pruned networks: every convolution runs as
-//! [`SparseIm2colConv`], every fully connected layer as [`CsrLinear`], so the weights that
-//! pruning removed are neither stored nor multiplied (Han et al. 2015, "Learning both weights
-//! and connections", section 5: the pruned network's speed-up on CPU comes from sparse
-//! matrix-vector products). The rest (batch-norm in evaluation form, ReLU, pooling, flatten,
-//! residual sums) is plain Rust on `[batch, C, H, W]` row-major activations.
+//! Whole-model CPU inference for pruned networks: every fully connected layer runs as
+//! [`CsrLinear`] and every convolution as [`SparseIm2colConv`], so the weights that pruning
+//! removed are neither stored nor multiplied (Han et al. 2015, "Learning both weights and
+//! connections", section 5: the pruned network's speed-up on CPU comes from sparse
+//! matrix-vector products), except convolutions that kept more than [`DenseConv::DENSITY`] of
+//! their weights: those run dense on convpress's training kernels, which is faster there. The
+//! rest (batch-norm in evaluation form, ReLU, pooling, flatten, residual sums) is plain Rust on
+//! `[batch, C, H, W]` row-major activations.
 
 use super::LinearKernel;
-use super::conv::{Conv2dKernel, ConvGeometry, DirectConv, SparseIm2colConv};
+use super::conv::{Conv2dKernel, ConvGeometry, DenseConv, DirectConv, SparseIm2colConv};
 use super::sparse::CsrLinear;
 use crate::checkpoint::{CheckpointError, Loaded};
 use crate::models::{Arch, LayerSpec, Shape};
@@ -23,7 +25,7 @@ const PARALLEL_MIN_ELEMENTS: usize = 32 * 1024;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Conv(SparseIm2colConv),
+    Conv(ConvLayer),
     Linear(CsrLinear),
     /// Batch-norm in evaluation form, `x * scale[c] + shift[c]` (when no convolution precedes
     /// it to fold it into).
@@ -46,6 +48,46 @@ enum Op {
         body: Vec<Step>,
         shortcut: Vec<Step>,
     },
+}
+
+/// A convolution, sparse or dense by how much of it pruning kept.
+#[derive(Debug, Clone)]
+enum ConvLayer {
+    Sparse(SparseIm2colConv),
+    Dense(DenseConv),
+}
+
+impl ConvLayer {
+    fn new(dense: &DirectConv) -> Self {
+        let stored = dense.weight.iter().filter(|&&w| w != 0.0).count();
+        if DenseConv::pays_off(&dense.geometry, stored) {
+            ConvLayer::Dense(DenseConv::from_reference(dense))
+        } else {
+            ConvLayer::Sparse(SparseIm2colConv::from_dense(dense))
+        }
+    }
+
+    fn kernel(&self) -> &dyn Conv2dKernel {
+        match self {
+            ConvLayer::Sparse(k) => k,
+            ConvLayer::Dense(k) => k,
+        }
+    }
+
+    /// Weights the kernel stores: the non-zeros for the sparse one, all for the dense one.
+    fn stored(&self) -> usize {
+        match self {
+            ConvLayer::Sparse(k) => k.nnz(),
+            ConvLayer::Dense(k) => k.weight.len(),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            ConvLayer::Sparse(_) => "sparse im2col",
+            ConvLayer::Dense(_) => "dense",
+        }
+    }
 }
 
 /// One executed layer (a convolution with its batch-norm folded in counts as one).
@@ -77,6 +119,8 @@ pub struct LayerInfo {
     pub stored: usize,
     /// Bytes the runtime holds for the layer.
     pub bytes: usize,
+    /// Which kernel runs it: "sparse im2col", "dense" or "csr".
+    pub kernel: &'static str,
 }
 
 /// A pruned network ready to run on the CPU.
@@ -209,7 +253,7 @@ impl SparseModel {
             steps
                 .iter()
                 .map(|s| match &s.op {
-                    Op::Conv(k) => k.weight_bytes(),
+                    Op::Conv(k) => k.kernel().weight_bytes(),
                     Op::Linear(k) => k.weight_bytes(),
                     Op::Affine { scale, shift } => 4 * (scale.len() + shift.len()),
                     Op::Residual { body, shortcut } => sum(body) + sum(shortcut),
@@ -229,9 +273,19 @@ impl SparseModel {
     pub fn layers(&self) -> Vec<LayerInfo> {
         fn walk(steps: &[Step], out: &mut Vec<LayerInfo>) {
             for s in steps {
-                let (weights, stored, bytes) = match &s.op {
-                    Op::Conv(k) => (k.geometry.weight_len(), k.nnz(), k.weight_bytes()),
-                    Op::Linear(k) => (k.in_features * k.out_features, k.nnz(), k.weight_bytes()),
+                let (weights, stored, bytes, kernel) = match &s.op {
+                    Op::Conv(k) => (
+                        k.kernel().geometry().weight_len(),
+                        k.stored(),
+                        k.kernel().weight_bytes(),
+                        k.name(),
+                    ),
+                    Op::Linear(k) => (
+                        k.in_features * k.out_features,
+                        k.nnz(),
+                        k.weight_bytes(),
+                        "csr",
+                    ),
                     Op::Residual { body, shortcut } => {
                         walk(body, out);
                         walk(shortcut, out);
@@ -245,6 +299,7 @@ impl SparseModel {
                     weights,
                     stored,
                     bytes,
+                    kernel,
                 });
             }
         }
@@ -323,7 +378,7 @@ fn build(
                 }
                 let dense =
                     DirectConv::new(geometry, weight, bias).map_err(|e| format!("{path}: {e}"))?;
-                Op::Conv(SparseIm2colConv::from_dense(&dense))
+                Op::Conv(ConvLayer::new(&dense))
             }
             LayerSpec::Linear {
                 in_features,
@@ -415,7 +470,7 @@ impl Step {
         match &self.op {
             Op::Conv(k) => {
                 let mut y = vec![0f32; out_len];
-                k.forward(&x, batch, [h, w], &mut y);
+                k.kernel().forward(&x, batch, [h, w], &mut y);
                 y
             }
             Op::Linear(k) => {
