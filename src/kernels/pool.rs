@@ -106,24 +106,31 @@ pub fn max_forward(p: &PoolProblem, x: &[f32]) -> (Vec<f32>, Vec<i64>) {
             {
                 return max_2x2(p.in_hw[1], ow, x, y, idx);
             }
-            for (o, (yv, iv)) in y.iter_mut().zip(idx.iter_mut()).enumerate() {
-                // NaN wins, so it propagates as in Burn and PyTorch.
-                let (mut best, mut at) = (f32::NEG_INFINITY, -1i64);
-                p.window(o / ow, o % ow, |k| {
-                    let v = x[k];
-                    if at < 0 || v > best || (v.is_nan() && !best.is_nan()) {
-                        best = v;
-                        at = k as i64;
-                    }
-                });
-                *yv = best;
-                *iv = at;
-            }
+            max_any(p, ow, x, y, idx)
         });
     (y, idx)
 }
 
-/// The common 2x2, stride-2 window, unrolled.
+/// Any window, one input plane.
+fn max_any(p: &PoolProblem, ow: usize, x: &[f32], y: &mut [f32], idx: &mut [i64]) {
+    for (o, (yv, iv)) in y.iter_mut().zip(idx.iter_mut()).enumerate() {
+        // NaN wins, so it propagates as in Burn and PyTorch.
+        let (mut best, mut at) = (f32::NEG_INFINITY, -1i64);
+        p.window(o / ow, o % ow, |k| {
+            let v = x[k];
+            if at < 0 || v > best || (v.is_nan() && !best.is_nan()) {
+                best = v;
+                at = k as i64;
+            }
+        });
+        *yv = best;
+        *iv = at;
+    }
+}
+
+/// The common 2x2, stride-2 window, unrolled and branch-free: which of four values is largest
+/// is a coin toss on real activations, so compare-and-branch code mispredicts about every other
+/// comparison; selects (`cmov`/blends) do not.
 fn max_2x2(w: usize, ow: usize, x: &[f32], y: &mut [f32], idx: &mut [i64]) {
     for (i, (yrow, irow)) in y
         .chunks_exact_mut(ow)
@@ -131,16 +138,26 @@ fn max_2x2(w: usize, ow: usize, x: &[f32], y: &mut [f32], idx: &mut [i64]) {
         .enumerate()
     {
         let (r0, r1) = (2 * i * w, (2 * i + 1) * w);
-        for j in 0..ow {
-            let cand = [r0 + 2 * j, r0 + 2 * j + 1, r1 + 2 * j, r1 + 2 * j + 1];
-            let mut at = cand[0];
-            for &k in &cand[1..] {
-                if x[k] > x[at] || (x[k].is_nan() && !x[at].is_nan()) {
-                    at = k;
-                }
+        let (top, bottom) = (&x[r0..r0 + 2 * ow], &x[r1..r1 + 2 * ow]);
+        let pairs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+        for (j, ((yv, iv), (t, b))) in yrow.iter_mut().zip(irow.iter_mut()).zip(pairs).enumerate() {
+            let (mut best, mut at) = (t[0], r0 + 2 * j);
+            for (v, k) in [
+                (t[1], r0 + 2 * j + 1),
+                (b[0], r1 + 2 * j),
+                (b[1], r1 + 2 * j + 1),
+            ] {
+                // `v > best`, except that a NaN wins (it propagates as in Burn and PyTorch)
+                // and the first NaN stays; `&` rather than `&&` keeps it free of branches.
+                #[allow(clippy::neg_cmp_op_on_partial_ord, clippy::eq_op)]
+                let take = !(v <= best) & (best == best);
+                let mask = (take as usize).wrapping_neg();
+                at ^= (at ^ k) & mask;
+                best =
+                    f32::from_bits(best.to_bits() ^ ((best.to_bits() ^ v.to_bits()) & mask as u32));
             }
-            yrow[j] = x[at];
-            irow[j] = at as i64;
+            *yv = best;
+            *iv = at as i64;
         }
     }
 }
@@ -217,4 +234,52 @@ pub fn avg_backward(p: &PoolProblem, dy: &[f32], count_include_pad: bool) -> Vec
             }
         });
     dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The branch-free 2x2 path picks the same value and index as the general loop, with
+    /// ties, infinities and NaNs (first NaN wins) in every position of the window.
+    #[test]
+    fn unrolled_2x2_equals_the_general_window() {
+        let p = PoolProblem {
+            planes: 1,
+            in_hw: [6, 9],
+            kernel: [2, 2],
+            stride: [2, 2],
+            padding: [0, 0],
+            dilation: [1, 1],
+        };
+        let specials = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1.0,
+            1.0,
+            -0.0,
+            0.0,
+        ];
+        for seed in 0..64usize {
+            let x: Vec<f32> = (0..54)
+                .map(|i| {
+                    let h = (i * 7 + seed * 13) % 23;
+                    if h < specials.len() && (i + seed) % 3 == 0 {
+                        specials[h]
+                    } else {
+                        (h as f32 - 11.0) * 0.5
+                    }
+                })
+                .collect();
+            let [_, ow] = p.out_hw();
+            let (mut y1, mut i1) = (vec![0f32; p.y_len()], vec![0i64; p.y_len()]);
+            let (mut y2, mut i2) = (y1.clone(), i1.clone());
+            max_2x2(9, ow, &x, &mut y1, &mut i1);
+            max_any(&p, ow, &x, &mut y2, &mut i2);
+            assert_eq!(i1, i2, "seed {seed}");
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y1), bits(&y2), "seed {seed}");
+        }
+    }
 }
