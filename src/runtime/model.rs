@@ -11,6 +11,7 @@ use super::LinearKernel;
 use super::conv::{Conv2dKernel, ConvGeometry, DenseConv, DirectConv, SparseIm2colConv};
 use super::sparse::CsrLinear;
 use crate::checkpoint::{CheckpointError, Loaded};
+use crate::kernels::{self, pool::PoolProblem};
 use crate::models::{Arch, LayerSpec, Shape};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -500,12 +501,8 @@ impl Step {
                 }
                 x
             }
-            Op::MaxPool { kernel, stride } => {
-                pool(&x, [h, w], [oh, ow], *kernel, *stride, out_len, true)
-            }
-            Op::AvgPool { kernel, stride } => {
-                pool(&x, [h, w], [oh, ow], *kernel, *stride, out_len, false)
-            }
+            Op::MaxPool { kernel, stride } => pool(&x, [h, w], *kernel, *stride, true),
+            Op::AvgPool { kernel, stride } => pool(&x, [h, w], *kernel, *stride, false),
             Op::GlobalAvgPool => {
                 let n = (h * w) as f32;
                 x.chunks_exact(h * w)
@@ -524,39 +521,27 @@ impl Step {
     }
 }
 
-/// Unpadded pooling with window `kernel` and `stride` on every `[H, W]` plane: the maximum, or
-/// the mean (no padding, so every window has `kh * kw` elements).
+/// Unpadded pooling with window `kernel` and `stride` on every `[H, W]` plane, on the training
+/// kernels ([`crate::kernels::pool`]): the maximum (NaN propagating, as in Burn), or the mean
+/// (no padding, so every window has `kh * kw` elements).
 fn pool(
     x: &[f32],
     [h, w]: [usize; 2],
-    [oh, ow]: [usize; 2],
     kernel: [usize; 2],
     stride: [usize; 2],
-    out_len: usize,
     max: bool,
 ) -> Vec<f32> {
-    let mut y = vec![0f32; out_len];
-    let n = (kernel[0] * kernel[1]) as f32;
-    let plane = |(src, dst): (&[f32], &mut [f32])| {
-        for i in 0..oh {
-            for (j, out) in dst[i * ow..(i + 1) * ow].iter_mut().enumerate() {
-                let mut acc = if max { f32::NEG_INFINITY } else { 0.0 };
-                for ki in 0..kernel[0] {
-                    let row = (i * stride[0] + ki) * w + j * stride[1];
-                    for &v in &src[row..row + kernel[1]] {
-                        acc = if max { acc.max(v) } else { acc + v };
-                    }
-                }
-                *out = if max { acc } else { acc / n };
-            }
-        }
+    let p = PoolProblem {
+        planes: x.len() / (h * w).max(1),
+        in_hw: [h, w],
+        kernel,
+        stride,
+        padding: [0, 0],
+        dilation: [1, 1],
     };
-    if x.len() >= PARALLEL_MIN_ELEMENTS {
-        x.par_chunks(h * w)
-            .zip(y.par_chunks_mut(oh * ow))
-            .for_each(plane);
+    if max {
+        kernels::pool::max_forward(&p, x).0
     } else {
-        x.chunks(h * w).zip(y.chunks_mut(oh * ow)).for_each(plane);
+        kernels::pool::avg_forward(&p, x, true)
     }
-    y
 }
