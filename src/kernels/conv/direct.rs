@@ -201,6 +201,8 @@ pub(super) fn forward(
     relu: bool,
     y: &mut [MaybeUninit<f32>],
 ) {
+    // The micro-kernels' soundness rests on this, not on the callers having asked `applies`.
+    assert!(available(), "direct conv: this CPU lacks AVX2/FMA");
     let plan = Plan::new(p);
     let packed: Vec<Vec<f32>> = (0..p.groups).map(|g| pack(p, w, g)).collect();
     let x_img = p.in_channels * p.in_plane();
@@ -225,7 +227,7 @@ pub(super) fn forward(
     }
 }
 
-/// One group of one image: every 4-channel tile over every segment.
+/// One group of one image: every tile of up to `NR` output channels over every segment.
 #[allow(clippy::too_many_arguments)]
 fn group(
     p: &Conv2dProblem,
@@ -285,8 +287,9 @@ struct Out<'a> {
 fn run_tile(xp: &[f32], steps: &[usize], segs: &[Segment], w: &[f32], b: [f32; NR], mut out: Out) {
     assert_eq!(w.len(), steps.len() * block_width(out.n_oc));
     let kernel = |block: &[Segment], out: &mut Out| {
-        // SAFETY: `group` checked every load against `xp`, `w` holds `steps.len()` rows of the
-        // block's width (asserted above), and stores are bounds-checked slices of `out.y`.
+        // SAFETY: `forward` asserted AVX2 and FMA, `group` checked every load against `xp`,
+        // `w` holds `steps.len()` rows of the block's width (asserted above), and stores are
+        // bounds-checked slices of `out.y`.
         unsafe {
             match (block.len(), block_width(out.n_oc)) {
                 (2, 6) => block_avx2::<2, 6>(xp, steps, block, w, b, out),
