@@ -336,3 +336,21 @@ fn impossible_targets_are_refused_before_reading_the_checkpoint() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Output piped into a reader that stops early (`convpress ... | head`) ends the process
+/// quietly instead of panicking on the write.
+#[cfg(unix)]
+#[test]
+fn a_closed_pipe_ends_the_output_without_a_panic() {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_convpress"))
+        .args(["bench", "ops", "--seconds", "0.01"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away before anything is read
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
