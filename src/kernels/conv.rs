@@ -429,21 +429,25 @@ fn forward_images(
     let x_img = p.in_channels * p.in_plane();
     let y_img = p.out_channels * p.out_plane();
     if shifted::applies(p) {
-        let plane = p.out_plane();
         for img in y.chunks_exact_mut(y_img) {
-            match bias {
-                Some(b) => {
-                    for (row, &v) in img.chunks_exact_mut(plane).zip(b) {
-                        row.fill(v);
-                    }
-                }
-                None => img.fill(0.0),
-            }
+            start_from_bias(p, bias, img);
         }
         return shifted::forward_images(p, x, w, y, x.len() / x_img, threads);
     }
     for (x, y) in x.chunks_exact(x_img).zip(y.chunks_exact_mut(y_img)) {
         forward_image(p, x, w, bias, y, threads);
+    }
+}
+
+/// Sets one image's output planes to their bias (or zero): the GEMM paths accumulate onto it.
+fn start_from_bias(p: &Conv2dProblem, bias: Option<&[f32]>, y_img: &mut [f32]) {
+    match bias {
+        Some(b) => {
+            for (row, &v) in y_img.chunks_exact_mut(p.out_plane()).zip(b) {
+                row.fill(v);
+            }
+        }
+        None => y_img.fill(0.0),
     }
 }
 
@@ -456,14 +460,7 @@ fn forward_image(
     threads: Threads,
 ) {
     let plane = p.out_plane();
-    match bias {
-        Some(b) => {
-            for (row, &v) in y.chunks_exact_mut(plane).zip(b) {
-                row.fill(v);
-            }
-        }
-        None => y.fill(0.0),
-    }
+    start_from_bias(p, bias, y);
     if p.is_depthwise() {
         return depthwise_forward(p, x, w, y);
     }
