@@ -141,26 +141,32 @@ fn prepare(p: &Conv2dProblem, plan: &Plan, x_img: &[f32], g: usize, dst: &mut [f
         }
         return;
     }
+    // Where each input row starts in its phase plane, and for each phase column the first input
+    // column it takes (every s1-th from there) and where that lands: computed once per call,
+    // since the divisions cost more than the copies they place.
+    let rows: Vec<usize> = (0..h)
+        .map(|r| {
+            let rp = r + top;
+            (rp % s0) * s1 * phase + (rp / s0) * plan.wq
+        })
+        .collect();
+    let cols: Vec<(usize, usize)> = (0..s1)
+        .map(|b| ((b + s1 - left % s1) % s1, b))
+        .filter(|&(first, _)| first < w)
+        .map(|(first, b)| (first, b * phase + (first + left) / s1))
+        .collect();
     dst.fill(0.0);
     for c in 0..ig {
         let src = &x_img[(g * ig + c) * plane..][..plane];
         let chan = &mut dst[c * plan.channel..][..plan.channel];
-        for (r, line) in src.chunks_exact(w).enumerate() {
-            let rp = r + top;
-            let row_base = (rp % s0) * s1 * phase + (rp / s0) * plan.wq;
-            if s1 == 1 {
-                chan[row_base + left..][..w].copy_from_slice(line);
-                continue;
-            }
-            // Phase column b takes the input columns whose padded index is b modulo s1.
-            for b in 0..s1 {
-                let first = (b + s1 - left % s1) % s1;
-                if first >= w {
-                    continue;
-                }
-                let dst = &mut chan[row_base + b * phase + (first + left) / s1..];
-                for (d, &v) in dst.iter_mut().zip(line[first..].iter().step_by(s1)) {
-                    *d = v;
+        for (line, &row_base) in src.chunks_exact(w).zip(&rows) {
+            for &(first, at) in &cols {
+                // `chunks` rather than `step_by`, which compiles to a much slower loop here.
+                for (d, run) in chan[row_base + at..]
+                    .iter_mut()
+                    .zip(line[first..].chunks(s1))
+                {
+                    *d = run[0];
                 }
             }
         }
