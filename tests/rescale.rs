@@ -14,6 +14,17 @@ use convpress::train::{OptimizerConfig, TrainConfig, TrainOptions};
 use std::f64::consts::PI;
 use std::process::Command;
 
+/// Half resolution, bicubic, round-rule twin: the settings these tests share.
+fn half_scale(switch: Switch, optimizer: OptimizerState) -> RescaleConfig {
+    RescaleConfig {
+        scale: 0.5,
+        switch,
+        interp: Interp::Bicubic,
+        kernels: KernelRule::Round,
+        optimizer,
+    }
+}
+
 /// Circular cross-correlation `y[p] = sum_q w[q] x[p + q]` of an `n x n` image (periodic, so no
 /// border effects blur the comparison).
 fn correlate(x: &[f32], n: usize, w: &[f32], k: usize) -> Vec<f32> {
@@ -80,6 +91,7 @@ fn mean_abs(a: &[f32]) -> f64 {
 
 /// conv(shrink(x), rescale(w)) ≈ shrink(conv(x, w)) within 5% (relative L2), for smooth x and
 /// w, with both interpolations; without the amplitude correction it is 4x off.
+
 #[test]
 fn convolution_commutes_with_shrinking_up_to_the_amplitude_correction() {
     let n = 64;
@@ -248,13 +260,7 @@ fn impossible_rescalings_are_refused_with_the_layer_named() {
 
     let mut c = TrainConfig::defaults(ModelKind::Lenet5, DatasetKind::Mnist);
     c.epochs = 4;
-    let rc = |switch| RescaleConfig {
-        scale: 0.5,
-        switch,
-        interp: Interp::Bicubic,
-        kernels: KernelRule::Round,
-        optimizer: OptimizerState::Reset,
-    };
+    let rc = |switch| half_scale(switch, OptimizerState::Reset);
     for epoch in [0, 4, 9] {
         let e = phases::check(&c, &rc(Switch::Epoch { epoch })).unwrap_err();
         assert!(e.contains("--rescale-at"), "{e}");
@@ -312,13 +318,7 @@ fn a_short_rescaled_lenet5_run_learns_real_mnist() {
         momentum: 0.9,
         weight_decay: 5e-4,
     };
-    let rc = RescaleConfig {
-        scale: 0.5,
-        switch: Switch::Epoch { epoch: 1 },
-        interp: Interp::Bicubic,
-        kernels: KernelRule::Round,
-        optimizer: OptimizerState::Reset,
-    };
+    let rc = half_scale(Switch::Epoch { epoch: 1 }, OptimizerState::Reset);
     let out = phases::train_rescaled(
         &c,
         &rc,
@@ -422,13 +422,7 @@ fn carried_optimizer_state_is_rescaled_like_the_weights_and_loads_into_the_full_
     let mut c = TrainConfig::defaults(ModelKind::Lenet5, DatasetKind::Mnist);
     c.data_dir = data;
     c.epochs = 2;
-    let rc = RescaleConfig {
-        scale: 0.5,
-        switch: Switch::Epoch { epoch: 1 },
-        interp: Interp::Bicubic,
-        kernels: KernelRule::Round,
-        optimizer: OptimizerState::Carry,
-    };
+    let rc = half_scale(Switch::Epoch { epoch: 1 }, OptimizerState::Carry);
     let run = dir.path().join("run");
     let options = TrainOptions {
         run_dir: run.clone(),

@@ -333,12 +333,8 @@ pub fn forward_new(
     bias: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
-    let x_img = p.in_channels * p.in_plane();
-    if p.validate().is_ok() && x_img > 0 && p.out_plane() > 0 && direct::applies(p) {
-        p.check(x.len(), w.len(), p.y_len());
-        if let Some(b) = bias {
-            assert_eq!(b.len(), p.out_channels, "conv2d: bias length");
-        }
+    check_forward(p, x, w, bias, p.y_len());
+    if p.in_channels * p.in_plane() > 0 && p.out_plane() > 0 && direct::applies(p) {
         let mut y = Vec::with_capacity(p.y_len());
         direct::forward(
             p,
@@ -363,6 +359,14 @@ pub fn forward_gemm(p: &Conv2dProblem, x: &[f32], w: &[f32], bias: Option<&[f32]
     forward_with(p, x, w, bias, false, false, y)
 }
 
+/// Panics with a clear message unless the buffers fit the problem.
+fn check_forward(p: &Conv2dProblem, x: &[f32], w: &[f32], bias: Option<&[f32]>, y_len: usize) {
+    p.check(x.len(), w.len(), y_len);
+    if let Some(b) = bias {
+        assert_eq!(b.len(), p.out_channels, "conv2d: bias length");
+    }
+}
+
 fn forward_with(
     p: &Conv2dProblem,
     x: &[f32],
@@ -372,10 +376,7 @@ fn forward_with(
     allow_direct: bool,
     y: &mut [f32],
 ) {
-    p.check(x.len(), w.len(), y.len());
-    if let Some(b) = bias {
-        assert_eq!(b.len(), p.out_channels, "conv2d: bias length");
-    }
+    check_forward(p, x, w, bias, y.len());
     let x_img = p.in_channels * p.in_plane();
     let y_img = p.out_channels * p.out_plane();
     if x_img == 0 || y_img == 0 {

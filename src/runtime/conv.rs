@@ -198,10 +198,9 @@ impl Conv2dKernel for DirectConv {
 /// a time costs more than multiplying them (see [`DenseConv::pays_off`]).
 #[derive(Debug, Clone)]
 pub struct DenseConv {
-    pub geometry: ConvGeometry,
-    /// `[out, in/groups, kh, kw]` row-major.
-    pub weight: Vec<f32>,
-    pub bias: Option<Vec<f32>>,
+    /// The same dense weights, bias and geometry the reference holds; only the arithmetic
+    /// differs.
+    pub layer: DirectConv,
 }
 
 impl DenseConv {
@@ -213,11 +212,7 @@ impl DenseConv {
     pub const DENSITY: f64 = 0.2;
 
     pub fn from_reference(r: &DirectConv) -> Self {
-        DenseConv {
-            geometry: r.geometry,
-            weight: r.weight.clone(),
-            bias: r.bias.clone(),
-        }
+        DenseConv { layer: r.clone() }
     }
 
     /// Whether a layer with `stored` of its weights non-zero runs faster dense.
@@ -228,20 +223,21 @@ impl DenseConv {
 
 impl Conv2dKernel for DenseConv {
     fn geometry(&self) -> &ConvGeometry {
-        &self.geometry
+        &self.layer.geometry
     }
 
     fn forward(&self, x: &[f32], batch: usize, hw: [usize; 2], y: &mut [f32]) {
-        let out_hw = check_sizes(&self.geometry, x, batch, hw, y);
+        let l = &self.layer;
+        let out_hw = check_sizes(&l.geometry, x, batch, hw, y);
         if out_hw.contains(&0) || batch == 0 {
             return;
         }
-        let p = self.geometry.problem(batch, hw);
-        kernels::forward(&p, x, &self.weight, self.bias.as_deref(), y);
+        let p = l.geometry.problem(batch, hw);
+        kernels::forward(&p, x, &l.weight, l.bias.as_deref(), y);
     }
 
     fn weight_bytes(&self) -> usize {
-        4 * (self.weight.len() + self.bias.as_ref().map_or(0, Vec::len))
+        self.layer.weight_bytes()
     }
 }
 

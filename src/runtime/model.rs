@@ -79,7 +79,7 @@ impl ConvLayer {
     fn stored(&self) -> usize {
         match self {
             ConvLayer::Sparse(k) => k.nnz(),
-            ConvLayer::Dense(k) => k.weight.len(),
+            ConvLayer::Dense(k) => k.layer.weight.len(),
         }
     }
 
