@@ -31,6 +31,35 @@ pub struct ModelMeta {
     pub info: serde_json::Value,
 }
 
+impl ModelMeta {
+    /// The dataset folder the model was trained on (`info.data_dir`), which later stages use
+    /// unless told otherwise; `None` for files written before it was recorded.
+    pub fn data_dir(&self) -> Option<std::path::PathBuf> {
+        self.info
+            .get("data_dir")
+            .and_then(|v| v.as_str())
+            .map(std::path::PathBuf::from)
+    }
+
+    /// The dataset folder to use: `given`, else the one the model was trained on, else the
+    /// dataset's default.
+    pub fn data_dir_or(&self, given: Option<&Path>) -> std::path::PathBuf {
+        given
+            .map(Path::to_path_buf)
+            .or_else(|| self.data_dir())
+            .unwrap_or_else(|| self.dataset.default_dir())
+    }
+
+    /// The same metadata with `info.data_dir` set to `dir`.
+    pub fn with_data_dir(mut self, dir: &Path) -> Self {
+        if !self.info.is_object() {
+            self.info = serde_json::json!({});
+        }
+        self.info["data_dir"] = dir.display().to_string().into();
+        self
+    }
+}
+
 /// Why a checkpoint could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -282,7 +311,7 @@ pub fn floats(tensors: &Tensors, name: &str) -> Result<(Vec<f32>, Vec<usize>), S
 }
 
 /// A checkpoint read from disk: architecture, metadata and tensors, not yet on a device.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Loaded {
     pub arch: Arch,
     pub meta: ModelMeta,
@@ -383,4 +412,31 @@ pub fn load_into(path: &Path, network: Network) -> Result<(Network, ModelMeta), 
     }
     let network = load_tensors(network, loaded.tensors).map_err(|e| invalid(path, e))?;
     Ok((network, loaded.meta))
+}
+
+/// The test split in `dir` of the dataset of the model in `path` (first `limit` images),
+/// preprocessed as it was trained, checked against the input its architecture takes.
+pub fn test_split(
+    path: &Path,
+    arch: &Arch,
+    meta: &ModelMeta,
+    dir: &Path,
+    limit: Option<usize>,
+) -> anyhow::Result<crate::data::ImageSet> {
+    let splits = crate::data::load(meta.dataset, dir)?;
+    let mut test = splits.test;
+    if let Some(n) = limit {
+        test = test.take(n);
+    }
+    let got = meta.preprocess.output_shape(test.image_shape());
+    if arch.input != got {
+        anyhow::bail!(
+            "{} expects {:?} input but {} images preprocess to {:?}",
+            path.display(),
+            arch.input,
+            dir.display(),
+            got
+        );
+    }
+    Ok(meta.preprocess.apply(&test))
 }

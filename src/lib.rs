@@ -12,7 +12,10 @@
 //!   backward), plugged into Burn as a backend extension;
 //! - [`runtime`]: compressed inference: sparse CSR linear and im2col conv kernels, whole pruned
 //!   models;
-//! - [`plot`]: SVG line charts for reports (sensitivity curves, accuracy against time);
+//! - [`pipeline`]: the stage interface, the model and constraints that flow between stages,
+//!   TOML recipes, the runner and its reports;
+//! - [`inspect`]: what a model file holds (`convpress info`);
+//! - [`plot`]: SVG charts for reports (plotters);
 //! - [`bench`]: throughput measurements;
 //! - [`atomic_file`]: all-or-nothing file writes;
 //! - [`cli`]: the `convpress` command.
@@ -24,8 +27,10 @@ pub mod cli;
 pub mod compress;
 pub mod data;
 pub mod device;
+pub mod inspect;
 pub mod kernels;
 pub mod models;
+pub mod pipeline;
 pub mod plot;
 pub mod rescale;
 pub mod runtime;

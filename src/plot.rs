@@ -1,8 +1,14 @@
-//! Line charts as standalone SVG files, written by hand so reports need no plotting crate:
-//! axes with "nice" ticks (1, 2 or 5 times a power of ten), one polyline with markers per
-//! series, optional horizontal guide lines, a legend and a title.
+//! Charts for reports, drawn with `plotters` as standalone SVG files: line charts (training
+//! curves, sensitivity curves, accuracy against time or size) and grouped bar charts
+//! (per-layer kept fractions and bits).
+//!
+//! Only plotters' SVG backend is built: PNG output would need a font file at run time (its
+//! bitmap backend rasterises text), which a clean machine does not have. The legend is drawn
+//! in its own panel right of the plot, so it never hides data.
 
-use std::fmt::Write;
+use plotters::coord::Shift;
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
+use plotters::prelude::*;
 
 /// One named line.
 #[derive(Debug, Clone, PartialEq)]
@@ -12,8 +18,8 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-/// A chart in data coordinates; ranges default to the data's, widened to whole ticks.
-#[derive(Debug, Clone, PartialEq)]
+/// A line chart in data coordinates; ranges default to the data's, with a margin.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct LineChart {
     pub title: String,
     pub x_label: String,
@@ -23,255 +29,328 @@ pub struct LineChart {
     pub y_range: Option<(f64, f64)>,
     /// Horizontal dashed lines at `y`, with a label.
     pub guides: Vec<(f64, String)>,
+    /// Logarithmic x axis (sizes in bytes spanning orders of magnitude).
+    pub log_x: bool,
+    /// Text beside chosen points: `(x, y, text)`.
+    pub notes: Vec<(f64, f64, String)>,
+}
+
+/// Grouped bars: one group per category, one bar per series in each group.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BarChart {
+    pub title: String,
+    pub y_label: String,
+    pub categories: Vec<String>,
+    /// `(name, one value per category)`; NaN leaves a gap.
+    pub series: Vec<(String, Vec<f64>)>,
+    pub y_range: Option<(f64, f64)>,
 }
 
 /// Tableau 10: distinguishable colours, also in grey-scale print.
-const PALETTE: [&str; 10] = [
-    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
-    "#9c755f", "#bab0ac",
+const PALETTE: [RGBColor; 10] = [
+    RGBColor(0x4e, 0x79, 0xa7),
+    RGBColor(0xf2, 0x8e, 0x2b),
+    RGBColor(0xe1, 0x57, 0x59),
+    RGBColor(0x76, 0xb7, 0xb2),
+    RGBColor(0x59, 0xa1, 0x4f),
+    RGBColor(0xed, 0xc9, 0x48),
+    RGBColor(0xb0, 0x7a, 0xa1),
+    RGBColor(0xff, 0x9d, 0xa7),
+    RGBColor(0x9c, 0x75, 0x5f),
+    RGBColor(0xba, 0xb0, 0xac),
 ];
+const PLOT_W: u32 = 560;
+const HEIGHT: u32 = 440;
+/// Width of one legend character at font size 13 (generous, so long names are not cut off).
+const CHAR_W: u32 = 8;
 
-const PLOT_W: f64 = 460.0;
-const HEIGHT: f64 = 460.0;
-const LEFT: f64 = 70.0;
-const TOP: f64 = 45.0;
-const BOTTOM: f64 = 60.0;
-/// Width of one legend character at font size 12 (generous, so long names are not cut off).
-const CHAR_W: f64 = 7.2;
-
-/// The tick step for about `max_ticks` intervals over `span`: 1, 2 or 5 times a power of ten.
-fn nice_step(span: f64, max_ticks: usize) -> f64 {
-    let raw = span / max_ticks.max(1) as f64;
-    let mag = 10f64.powf(raw.log10().floor());
-    let unit = raw / mag;
-    let nice = if unit <= 1.0 {
-        1.0
-    } else if unit <= 2.0 {
-        2.0
-    } else if unit <= 5.0 {
-        5.0
-    } else {
-        10.0
-    };
-    nice * mag
+fn colour(i: usize) -> RGBColor {
+    PALETTE[i % PALETTE.len()]
 }
 
-/// Tick positions covering `[lo, hi]`, from a multiple of the step at or below `lo` to one at
-/// or above `hi`. A zero-width range is widened by one on each side.
-pub fn nice_ticks(lo: f64, hi: f64, max_ticks: usize) -> Vec<f64> {
-    let (lo, hi) = if hi > lo {
-        (lo, hi)
-    } else {
-        (lo - 1.0, hi + 1.0)
-    };
-    let step = nice_step(hi - lo, max_ticks);
-    let first = (lo / step + 1e-9).floor();
-    let last = (hi / step - 1e-9).ceil();
-    // Round away binary noise (6 * 0.05 = 0.30000000000000004) at the step's last digit.
-    let scale = 10f64.powi((-step.log10().floor()).max(0.0) as i32);
-    (first as i64..=last as i64)
-        .map(|k| (k as f64 * step * scale).round() / scale)
-        .collect()
+/// `(lo, hi)` of the finite values, or `None`.
+fn extent(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
+    values.filter(|v| v.is_finite()).fold(None, |acc, v| match acc {
+        None => Some((v, v)),
+        Some((lo, hi)) => Some((lo.min(v), hi.max(v))),
+    })
 }
 
-/// Digits after the point that show every tick of this spacing distinctly.
-fn decimals(ticks: &[f64]) -> usize {
-    match ticks {
-        [a, b, ..] => (-(b - a).log10().floor()).max(0.0) as usize,
-        _ => 0,
+/// A data range with 5% margins, widened if it is empty.
+fn padded((lo, hi): (f64, f64)) -> (f64, f64) {
+    let span = if hi > lo { hi - lo } else { lo.abs().max(1.0) };
+    (lo - 0.05 * span, hi + 0.05 * span)
+}
+
+/// Draws the legend (a colour box and a name per series) into its panel.
+fn legend(area: &DrawingArea<SVGBackend, Shift>, names: &[String]) -> Result<(), String> {
+    for (i, name) in names.iter().enumerate() {
+        let y = 50 + 20 * i as i32;
+        area.draw(&Rectangle::new([(8, y - 6), (20, y + 6)], colour(i).filled()))
+            .map_err(|e| e.to_string())?;
+        area.draw(&Text::new(name.clone(), (26, y - 7), ("sans-serif", 13)))
+            .map_err(|e| e.to_string())?;
     }
+    Ok(())
 }
 
-/// Escapes the five XML special characters.
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&apos;")
+/// The picture's width and its legend panel's, wide enough for `names`.
+fn layout(names: &[String]) -> (u32, u32) {
+    let longest = names.iter().map(|n| n.chars().count()).max().unwrap_or(0) as u32;
+    let legend_w = if names.is_empty() {
+        0
+    } else {
+        40 + CHAR_W * longest
+    };
+    (PLOT_W + 110 + legend_w, legend_w)
 }
 
 impl LineChart {
-    fn data_range(&self, axis: fn(&(f64, f64)) -> f64) -> Option<(f64, f64)> {
-        let values = self
-            .series
-            .iter()
-            .flat_map(|s| s.points.iter())
-            .filter(|p| p.0.is_finite() && p.1.is_finite())
-            .map(axis);
-        values.fold(None, |acc, v| match acc {
-            None => Some((v, v)),
-            Some((lo, hi)) => Some((lo.min(v), hi.max(v))),
-        })
-    }
-
     /// The chart as a complete SVG document.
     pub fn to_svg(&self) -> String {
-        let (x_lo, x_hi) = self
-            .x_range
-            .or_else(|| self.data_range(|p| p.0))
-            .unwrap_or((0.0, 1.0));
-        let guides = self.guides.iter().map(|g| g.0).filter(|y| y.is_finite());
-        let (y_lo, y_hi) = match self.y_range {
+        let mut out = String::new();
+        if let Err(e) = self.draw(&mut out) {
+            // plotters fails only on impossible layouts; a chart is never worth a panic.
+            return format!(
+                "<svg xmlns=\"http://www.w3.org/2000/svg\"><text x=\"10\" y=\"20\">chart failed: {}</text></svg>\n",
+                e.replace('<', "&lt;")
+            );
+        }
+        out
+    }
+
+    fn draw(&self, out: &mut String) -> Result<(), String> {
+        let names: Vec<String> = self.series.iter().map(|s| s.name.clone()).collect();
+        let (width, legend_w) = layout(&names);
+        let points = || self.series.iter().flat_map(|s| s.points.iter());
+        let (x0, x1) = match self.x_range {
             Some(r) => r,
-            None => {
-                let (lo, hi) = self.data_range(|p| p.1).unwrap_or((0.0, 1.0));
-                guides.fold((lo, hi), |(lo, hi), y| (lo.min(y), hi.max(y)))
+            None if self.log_x => {
+                extent(points().map(|p| p.0).filter(|&x| x > 0.0)).unwrap_or((1.0, 10.0))
+            }
+            None => padded(extent(points().map(|p| p.0)).unwrap_or((0.0, 1.0))),
+        };
+        let (y0, y1) = self.y_range.unwrap_or_else(|| {
+            let ys = points().map(|p| p.1).chain(self.guides.iter().map(|g| g.0));
+            padded(extent(ys).unwrap_or((0.0, 1.0)))
+        });
+        let root = SVGBackend::with_string(out, (width, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let (plot, side) = root.split_horizontally(width - legend_w);
+        legend(&side, &names)?;
+        if self.log_x {
+            let lo = x0.max(f64::MIN_POSITIVE);
+            let hi = x1.max(lo * 1.0001);
+            self.draw_on(&plot, (lo / 1.5..hi * 1.5).log_scale(), y0..y1)
+        } else {
+            self.draw_on(&plot, x0..x1, y0..y1)
+        }
+    }
+
+    fn draw_on<X>(
+        &self,
+        area: &DrawingArea<SVGBackend, Shift>,
+        x: X,
+        y: std::ops::Range<f64>,
+    ) -> Result<(), String>
+    where
+        X: AsRangedCoord<Value = f64>,
+        X::CoordDescType: ValueFormatter<f64>,
+    {
+        let err = |e: DrawingAreaErrorKind<_>| e.to_string();
+        let mut chart = ChartBuilder::on(area)
+            .caption(&self.title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(45)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x, y.clone())
+            .map_err(err)?;
+        let log_x = self.log_x;
+        let label = move |x: &f64| {
+            if log_x {
+                short_number(*x)
+            } else {
+                let s = format!("{x:.3}");
+                s.trim_end_matches('0').trim_end_matches('.').to_string()
             }
         };
-        let xt = nice_ticks(x_lo, x_hi, 10);
-        let yt = nice_ticks(y_lo, y_hi, 8);
-        let (x0, x1) = (xt[0], xt[xt.len() - 1]);
-        let (y0, y1) = (yt[0], yt[yt.len() - 1]);
-        // The legend and guide labels sit right of the plot; the picture widens to hold them.
-        let longest = self
-            .series
-            .iter()
-            .map(|s| s.name.chars().count() + 6)
-            .chain(self.guides.iter().map(|g| g.1.chars().count()))
-            .max()
-            .unwrap_or(0);
-        let (pw, ph) = (PLOT_W, HEIGHT - TOP - BOTTOM);
-        let width = (LEFT + pw + 20.0 + CHAR_W * longest as f64).ceil();
-        let sx = |x: f64| LEFT + (x - x0) / (x1 - x0) * pw;
-        let sy = |y: f64| TOP + ph - (y - y0) / (y1 - y0) * ph;
-        let (xd, yd) = (decimals(&xt), decimals(&yt));
-
-        let mut o = String::new();
-        let _ = writeln!(
-            o,
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{HEIGHT}" viewBox="0 0 {width} {HEIGHT}" font-family="sans-serif" font-size="12">"#
-        );
-        let _ = writeln!(
-            o,
-            r#"<rect x="0" y="0" width="{width}" height="{HEIGHT}" fill="white"/>"#
-        );
-        let _ = writeln!(
-            o,
-            r#"<text x="{:.1}" y="24" text-anchor="middle" font-size="15" font-weight="bold">{}</text>"#,
-            LEFT + pw / 2.0,
-            esc(&self.title)
-        );
-        // Grid and tick labels.
-        for &x in &xt {
-            let px = sx(x);
-            let _ = writeln!(
-                o,
-                r##"<line x1="{px:.1}" y1="{:.1}" x2="{px:.1}" y2="{:.1}" stroke="#e5e5e5"/>"##,
-                TOP,
-                TOP + ph
-            );
-            let _ = writeln!(
-                o,
-                r#"<text x="{px:.1}" y="{:.1}" text-anchor="middle">{x:.xd$}</text>"#,
-                TOP + ph + 18.0
-            );
-        }
-        for &y in &yt {
-            let py = sy(y);
-            let _ = writeln!(
-                o,
-                r##"<line x1="{LEFT:.1}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#e5e5e5"/>"##,
-                LEFT + pw
-            );
-            let _ = writeln!(
-                o,
-                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{y:.yd$}</text>"#,
-                LEFT - 8.0,
-                py + 4.0
-            );
-        }
-        // Axes and their labels.
-        let _ = writeln!(
-            o,
-            r#"<rect x="{LEFT:.1}" y="{TOP:.1}" width="{pw:.1}" height="{ph:.1}" fill="none" stroke="black"/>"#
-        );
-        let _ = writeln!(
-            o,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-            LEFT + pw / 2.0,
-            HEIGHT - 18.0,
-            esc(&self.x_label)
-        );
-        let _ = writeln!(
-            o,
-            r#"<text x="18" y="{:.1}" text-anchor="middle" transform="rotate(-90 18 {:.1})">{}</text>"#,
-            TOP + ph / 2.0,
-            TOP + ph / 2.0,
-            esc(&self.y_label)
-        );
-        // Guides.
-        for (y, label) in &self.guides {
-            if !(y.is_finite() && (y0..=y1).contains(y)) {
-                continue;
+        chart
+            .configure_mesh()
+            .x_desc(self.x_label.as_str())
+            .y_desc(self.y_label.as_str())
+            .x_labels(8)
+            .x_label_formatter(&label)
+            .bold_line_style(RGBColor(0xdd, 0xdd, 0xdd))
+            .light_line_style(TRANSPARENT)
+            .axis_style(TRANSPARENT)
+            .draw()
+            .map_err(err)?;
+        let (gx0, gx1) = {
+            let r = chart.x_range();
+            (r.start, r.end)
+        };
+        frame(&chart.plotting_area().strip_coord_spec())?;
+        for (y, label) in self.guides.iter().filter(|g| g.0.is_finite()) {
+            // Dashes as thin rectangles: plotters' dashed paths would be drawn as polylines,
+            // which readers of the SVG count as series.
+            let n = 40;
+            for k in 0..n {
+                let f = |t: f64| {
+                    if self.log_x {
+                        gx0 * (gx1 / gx0).powf(t)
+                    } else {
+                        gx0 + (gx1 - gx0) * t
+                    }
+                };
+                let (a, b) = (f(k as f64 / n as f64), f((k as f64 + 0.5) / n as f64));
+                chart
+                    .draw_series(std::iter::once(Rectangle::new(
+                        [(a, *y), (b, *y)],
+                        BLACK.mix(0.6).stroke_width(1),
+                    )))
+                    .map_err(err)?;
             }
-            let py = sy(*y);
-            let _ = writeln!(
-                o,
-                r##"<line class="guide" x1="{LEFT:.1}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#555" stroke-dasharray="5,4"/>"##,
-                LEFT + pw
-            );
-            let _ = writeln!(
-                o,
-                r##"<text x="{:.1}" y="{:.1}" text-anchor="start" fill="#555">{}</text>"##,
-                LEFT + pw + 6.0,
-                py + 4.0,
-                esc(label)
-            );
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    label.clone(),
+                    (f_at(gx0, gx1, 0.02, self.log_x), *y),
+                    ("sans-serif", 12),
+                )))
+                .map_err(err)?;
         }
-        // Series: a polyline and a marker per point, clipped to the plot area.
-        let _ = writeln!(
-            o,
-            r#"<clipPath id="plot"><rect x="{LEFT:.1}" y="{TOP:.1}" width="{pw:.1}" height="{ph:.1}"/></clipPath>"#
-        );
         for (i, s) in self.series.iter().enumerate() {
-            let colour = PALETTE[i % PALETTE.len()];
             let pts: Vec<(f64, f64)> = s
                 .points
                 .iter()
-                .filter(|p| p.0.is_finite() && p.1.is_finite())
-                .map(|&(x, y)| (sx(x), sy(y)))
+                .copied()
+                .filter(|p| p.0.is_finite() && p.1.is_finite() && (!self.log_x || p.0 > 0.0))
                 .collect();
-            let _ = writeln!(
-                o,
-                r#"<g class="series" clip-path="url(#plot)"><title>{}</title>"#,
-                esc(&s.name)
-            );
-            let coords: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
-            let _ = writeln!(
-                o,
-                r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"/>"#,
-                coords.join(" ")
-            );
-            for (x, y) in &pts {
-                let _ = writeln!(
-                    o,
-                    r#"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="{colour}"/>"#
-                );
+            let c = colour(i);
+            chart
+                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
+                .map_err(err)?;
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))
+                .map_err(err)?;
+        }
+        for (x, y, text) in &self.notes {
+            if x.is_finite() && y.is_finite() {
+                chart
+                    .draw_series(std::iter::once(Text::new(
+                        text.clone(),
+                        (*x, *y),
+                        ("sans-serif", 12),
+                    )))
+                    .map_err(err)?;
             }
-            let _ = writeln!(o, "</g>");
         }
-        // Legend, right of the plot.
-        let lx = LEFT + pw + 14.0;
-        for (i, s) in self.series.iter().enumerate() {
-            let colour = PALETTE[i % PALETTE.len()];
-            let ly = TOP + 40.0 + 20.0 * i as f64;
-            let _ = writeln!(
-                o,
-                r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{colour}" stroke-width="2"/><circle cx="{:.1}" cy="{ly:.1}" r="3.5" fill="{colour}"/>"#,
-                lx + 22.0,
-                lx + 11.0
-            );
-            let _ = writeln!(
-                o,
-                r#"<text class="legend" x="{:.1}" y="{:.1}">{}</text>"#,
-                lx + 28.0,
-                ly + 4.0,
-                esc(&s.name)
+        area.present().map_err(err)
+    }
+}
+
+/// A black frame around a plot. plotters draws axes as paths (`<polyline>` in SVG); drawn as a
+/// rectangle instead, a chart's polylines are exactly its series, which tests and readers
+/// of the files can count.
+fn frame(area: &DrawingArea<SVGBackend, Shift>) -> Result<(), String> {
+    let (w, h) = area.dim_in_pixel();
+    area.draw(&Rectangle::new(
+        [(0, 0), (w as i32 - 1, h as i32 - 1)],
+        BLACK.stroke_width(1),
+    ))
+    .map_err(|e| e.to_string())
+}
+
+/// `40k`, `1.7M`: tick labels of a log axis over sizes.
+fn short_number(x: f64) -> String {
+    let (v, unit) = match x.abs() {
+        a if a >= 1e9 => (x / 1e9, "G"),
+        a if a >= 1e6 => (x / 1e6, "M"),
+        a if a >= 1e3 => (x / 1e3, "k"),
+        _ => (x, ""),
+    };
+    let s = format!("{v:.1}");
+    format!("{}{unit}", s.trim_end_matches(".0"))
+}
+
+/// The x at fraction `t` of `[lo, hi]`, on a linear or logarithmic axis.
+fn f_at(lo: f64, hi: f64, t: f64, log: bool) -> f64 {
+    if log {
+        lo * (hi / lo).powf(t)
+    } else {
+        lo + (hi - lo) * t
+    }
+}
+
+impl BarChart {
+    /// The chart as a complete SVG document.
+    pub fn to_svg(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = self.draw(&mut out) {
+            return format!(
+                "<svg xmlns=\"http://www.w3.org/2000/svg\"><text x=\"10\" y=\"20\">chart failed: {}</text></svg>\n",
+                e.replace('<', "&lt;")
             );
         }
-        o.push_str("</svg>\n");
-        o
+        out
+    }
+
+    fn draw(&self, out: &mut String) -> Result<(), String> {
+        let names: Vec<String> = self.series.iter().map(|s| s.0.clone()).collect();
+        let (width, legend_w) = layout(&names);
+        let (y0, y1) = self.y_range.unwrap_or_else(|| {
+            let (lo, hi) = extent(self.series.iter().flat_map(|s| s.1.iter().copied()))
+                .unwrap_or((0.0, 1.0));
+            (lo.min(0.0), hi.max(lo + 1e-9) * 1.08)
+        });
+        let root = SVGBackend::with_string(out, (width, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let (plot, side) = root.split_horizontally(width - legend_w);
+        legend(&side, &names)?;
+        let err = |e: DrawingAreaErrorKind<_>| e.to_string();
+        let n = self.categories.len().max(1);
+        let mut chart = ChartBuilder::on(&plot)
+            .caption(&self.title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(70)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..n as f64, y0..y1)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(0)
+            .y_desc(self.y_label.as_str())
+            .bold_line_style(RGBColor(0xdd, 0xdd, 0xdd))
+            .light_line_style(TRANSPARENT)
+            .axis_style(TRANSPARENT)
+            .draw()
+            .map_err(err)?;
+        frame(&chart.plotting_area().strip_coord_spec())?;
+        // Category names under their groups, placed in pixels (the axis has no ticks there).
+        for (i, name) in self.categories.iter().enumerate() {
+            let (px, py) = chart.backend_coord(&(i as f64 + 0.5, y0));
+            let style = TextStyle::from(("sans-serif", 13).into_font())
+                .pos(plotters::style::text_anchor::Pos::new(
+                    plotters::style::text_anchor::HPos::Center,
+                    plotters::style::text_anchor::VPos::Top,
+                ));
+            plot.draw(&Text::new(name.clone(), (px, py + 6), style))
+                .map_err(err)?;
+        }
+        let k = self.series.len().max(1) as f64;
+        let w = 0.8 / k;
+        for (j, (_, values)) in self.series.iter().enumerate() {
+            let bars = values
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.is_finite())
+                .map(|(i, &v)| {
+                    let x = i as f64 + 0.1 + w * j as f64;
+                    Rectangle::new([(x, y0.max(0.0).min(v)), (x + w * 0.9, v)], colour(j).filled())
+                });
+            chart.draw_series(bars).map_err(err)?;
+        }
+        plot.present().map_err(err)
     }
 }
 
@@ -295,60 +374,42 @@ mod tests {
                 },
             ],
             x_range: Some((0.0, 100.0)),
-            y_range: None,
             guides: vec![(99.2, "unpruned".into())],
+            ..Default::default()
         }
     }
 
-    #[test]
-    fn ticks_are_round_and_cover_the_range() {
-        assert_eq!(
-            nice_ticks(0.0, 100.0, 10),
-            (0..=10).map(|k| k as f64 * 10.0).collect::<Vec<_>>()
-        );
-        let t = nice_ticks(80.0, 99.27, 8);
-        assert_eq!(t.first(), Some(&80.0));
-        assert_eq!(t.last(), Some(&100.0));
-        assert_eq!(t, vec![80.0, 85.0, 90.0, 95.0, 100.0]);
-        let t = nice_ticks(0.31, 0.52, 5);
-        assert_eq!(t, vec![0.3, 0.35, 0.4, 0.45, 0.5, 0.55]);
-        assert_eq!(decimals(&t), 2);
-        assert_eq!(nice_ticks(5.0, 5.0, 4), vec![4.0, 4.5, 5.0, 5.5, 6.0]);
-    }
-
-    #[test]
-    fn svg_is_well_formed_and_holds_every_series() {
-        let svg = chart().to_svg();
-        assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+    /// Every element opened is closed (self-closing or paired), in nesting order.
+    fn assert_well_formed(svg: &str) {
+        assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
         assert!(svg.trim_end().ends_with("</svg>"));
-        // Every element opened is closed (self-closing or paired), in nesting order.
         let mut stack = Vec::new();
-        let mut rest = svg.as_str();
+        let mut rest = svg;
         while let Some(i) = rest.find('<') {
             let j = rest[i..].find('>').expect("unterminated tag") + i;
             let tag = &rest[i + 1..j];
             if let Some(name) = tag.strip_prefix('/') {
                 assert_eq!(stack.pop(), Some(name.to_string()), "mismatched </{name}>");
-            } else if !tag.ends_with('/') {
+            } else if !tag.ends_with('/') && !tag.starts_with('?') && !tag.starts_with('!') {
                 stack.push(tag.split_whitespace().next().unwrap().to_string());
             }
             rest = &rest[j + 1..];
         }
         assert!(stack.is_empty(), "unclosed: {stack:?}");
-        // Text is escaped, and each series has its line, its markers and a legend entry.
-        assert!(svg.contains("Sensitivity &lt;LeNet-5&gt; &amp; co"));
+    }
+
+    #[test]
+    fn line_chart_is_well_formed_and_holds_every_series() {
+        let svg = chart().to_svg();
+        assert_well_formed(&svg);
+        // Text is escaped; each series has one line and one marker per finite point, and a
+        // legend entry; the NaN point is skipped.
+        assert!(svg.contains("Sensitivity &lt;LeNet-5&gt; &amp; co"), "{svg}");
         assert_eq!(svg.matches("<polyline").count(), 2);
-        assert_eq!(svg.matches("class=\"legend\"").count(), 2);
-        assert!(svg.contains(">conv1</text>") && svg.contains(">fc1</text>"));
-        // The NaN point is skipped: 3 + 3 markers, plus one per legend entry.
-        assert_eq!(svg.matches("<circle").count(), 3 + 3 + 2);
+        assert_eq!(svg.matches("<circle").count(), 3 + 3);
+        assert!(svg.contains("conv1") && svg.contains("fc1") && svg.contains("unpruned"));
         assert!(!svg.contains("NaN"));
-        // The y axis spans the data and the guide with round ticks; the x range is as given.
-        // (x ticks are multiples of 10, so 85 and 95 can only be y ticks).
-        assert!(svg.contains(">85</text>") && svg.contains(">95</text>"));
-        assert!(!svg.contains(">75</text>") && !svg.contains(">105</text>"));
-        assert!(svg.contains("class=\"guide\"") && svg.contains(">unpruned</text>"));
-        // The picture is wide enough for the longest legend entry.
+        // The picture widens to hold a long legend entry.
         let long = LineChart {
             series: vec![Series {
                 name: "x".repeat(60),
@@ -356,39 +417,47 @@ mod tests {
             }],
             ..chart()
         };
-        let svg = long.to_svg();
-        let width: f64 = svg
-            .split("width=\"")
-            .nth(1)
-            .unwrap()
-            .split('"')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!(width >= LEFT + PLOT_W + 60.0 * 6.0, "{width}");
+        let width = |svg: &str| -> f64 {
+            svg.split("width=\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap()
+        };
+        assert!(width(&long.to_svg()) >= width(&svg) + 50.0 * CHAR_W as f64);
     }
 
     #[test]
-    fn points_map_into_the_plot_area() {
-        let svg = chart().to_svg();
-        let line = svg.lines().find(|l| l.starts_with("<polyline")).unwrap();
-        let coords: Vec<(f64, f64)> = line
-            .split('"')
-            .nth(1)
-            .unwrap()
-            .split(' ')
-            .map(|p| {
-                let (x, y) = p.split_once(',').unwrap();
-                (x.parse().unwrap(), y.parse().unwrap())
-            })
-            .collect();
-        // x = 0 sits on the left edge, x = 90 at 90% of the width; larger y is higher up.
-        assert_eq!(coords[0].0, LEFT);
-        assert!((coords[2].0 - (LEFT + 0.9 * PLOT_W)).abs() < 0.1);
-        assert!(coords[0].1 < coords[2].1);
-        for (x, y) in coords {
-            assert!((LEFT..=LEFT + PLOT_W).contains(&x) && (TOP..=HEIGHT - BOTTOM).contains(&y));
-        }
+    fn log_axis_and_notes_draw_positive_points() {
+        let c = LineChart {
+            title: "accuracy against size".into(),
+            series: vec![Series {
+                name: "run".into(),
+                points: vec![(1.7e6, 99.3), (4.1e4, 99.2), (0.0, 50.0)],
+            }],
+            log_x: true,
+            notes: vec![(4.1e4, 99.2, "encode".into())],
+            ..Default::default()
+        };
+        let svg = c.to_svg();
+        assert_well_formed(&svg);
+        assert_eq!(svg.matches("<circle").count(), 2, "x = 0 has no place on a log axis");
+        assert!(svg.contains("encode"));
+    }
+
+    #[test]
+    fn bar_chart_draws_one_bar_per_finite_value() {
+        let c = BarChart {
+            title: "kept per layer".into(),
+            y_label: "kept (%)".into(),
+            categories: vec!["conv1".into(), "fc1".into(), "fc2".into()],
+            series: vec![
+                ("prune".into(), vec![100.0, 7.0, 7.0]),
+                ("share".into(), vec![100.0, f64::NAN, 7.0]),
+            ],
+            y_range: Some((0.0, 100.0)),
+        };
+        let svg = c.to_svg();
+        assert_well_formed(&svg);
+        assert!(svg.contains("conv1") && svg.contains("fc2") && svg.contains("share"));
+        // Five bars, two legend boxes, the background and the frame.
+        assert_eq!(svg.matches("<rect").count(), 5 + 2 + 2);
+        assert_eq!(svg.matches("<polyline").count(), 0);
     }
 }

@@ -83,7 +83,7 @@ pub enum TensorPayload {
 }
 
 /// Bytes of each stage of one tensor's compression, for the report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageBytes {
     pub path: String,
     pub numel: usize,

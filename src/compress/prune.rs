@@ -193,6 +193,12 @@ impl Masks {
         self.masks.keys()
     }
 
+    /// The keep-mask of `path` read back from the device, if it has one.
+    fn keep_of(&self, path: &str) -> Option<Vec<bool>> {
+        let m: Vec<f32> = self.masks.get(path)?.to_data().try_to_vec().ok()?;
+        Some(m.into_iter().map(|v| v != 0.0).collect())
+    }
+
     /// `model` with every masked parameter multiplied by its mask.
     pub fn apply(&self, model: Network) -> Network {
         map_params_by_path(model, |path, w| {
@@ -200,6 +206,15 @@ impl Masks {
             Some(w.clone() * mask.clone().to_device(&w.device()))
         })
     }
+}
+
+/// The device `model`'s parameters live on.
+fn device_of(model: &Network) -> Device {
+    model
+        .devices()
+        .into_iter()
+        .next()
+        .unwrap_or_else(Device::flex)
 }
 
 /// Fraction of exactly-zero entries of each weight tensor (conv and linear weights).
@@ -230,6 +245,9 @@ fn under(path: &str, layer: &str) -> bool {
 pub struct PruneHook {
     rules: Vec<(String, Schedule)>,
     masks: Masks,
+    /// Masks fixed before this run (an earlier pruning stage), put on the device when training
+    /// starts; new masks are intersected with them, so no pruned weight comes back.
+    initial: BTreeMap<String, Vec<bool>>,
 }
 
 impl PruneHook {
@@ -257,7 +275,24 @@ impl PruneHook {
         Ok(PruneHook {
             rules,
             masks: Masks::default(),
+            initial: BTreeMap::new(),
         })
+    }
+
+    /// A hook that only keeps the given masks applied (no rule prunes anything new): what
+    /// fine-tuning a pruned model needs.
+    pub fn keeping(masks: BTreeMap<String, Vec<bool>>) -> Self {
+        PruneHook {
+            rules: Vec::new(),
+            masks: Masks::default(),
+            initial: masks,
+        }
+    }
+
+    /// Starts from masks fixed earlier: entries they pruned stay pruned whatever the rules do.
+    pub fn with_masks(mut self, masks: BTreeMap<String, Vec<bool>>) -> Self {
+        self.initial = masks;
+        self
     }
 
     pub fn masks(&self) -> &Masks {
@@ -289,15 +324,14 @@ impl PruneHook {
             }
             if let Some(s) = self.rule_of(&path).and_then(|i| due[i]) {
                 let w: Vec<f32> = data.try_to_vec().expect("f32 weights");
-                keep.insert(path, level_mask(&w, s).expect("checked sparsity"));
+                let mut k = level_mask(&w, s).expect("checked sparsity");
+                if let Some(old) = self.masks.keep_of(&path) {
+                    k.iter_mut().zip(old).for_each(|(k, o)| *k &= o);
+                }
+                keep.insert(path, k);
             }
         }
-        let device = model
-            .devices()
-            .into_iter()
-            .next()
-            .unwrap_or_else(Device::flex);
-        self.masks.update(keep, &device);
+        self.masks.update(keep, &device_of(&model));
         self.masks.apply(model)
     }
 }
@@ -308,6 +342,10 @@ impl TrainHook for PruneHook {
     }
 
     fn on_epoch_begin(&mut self, progress: &Progress, model: Network) -> Network {
+        if !self.initial.is_empty() {
+            self.masks
+                .update(std::mem::take(&mut self.initial), &device_of(&model));
+        }
         let remaining = (progress.epochs - progress.epoch) * progress.batches;
         for (_, schedule) in &mut self.rules {
             if matches!(schedule, Schedule::AgpOverRun { .. }) {

@@ -17,7 +17,7 @@ use crate::train::evaluate;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Sparsities tested when none are given: dense, then ever finer steps where curves bend.
 pub const DEFAULT_SPARSITIES: [f64; 9] = [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98];
@@ -336,8 +336,216 @@ impl Sensitivity {
                 100.0 * self.baseline_accuracy,
                 format!("unpruned {:.2}%", 100.0 * self.baseline_accuracy),
             )],
+            ..Default::default()
         }
     }
+}
+
+/// `convpress sensitivity`'s flags.
+#[derive(clap::Args, Debug)]
+pub struct SensitivityArgs {
+    /// The trained model to analyse.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Sparsities to test per layer, comma separated, each in [0, 1).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_negative_numbers = true,
+        default_values_t = DEFAULT_SPARSITIES
+    )]
+    pub sparsities: Vec<f64>,
+    /// Layers to analyse by path (`layers.5`); all conv and linear layers if none.
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<String>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Allowed accuracy drop in percentage points: pick each layer's largest sparsity within
+    /// it, print the targets and write them to `targets.json` for `prune --targets`.
+    #[arg(long, allow_negative_numbers = true)]
+    pub max_drop: Option<f64>,
+    /// Folder for sensitivity.json, sensitivity.csv, sensitivity.svg (and targets.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Chart title (default: the model and the number of test images).
+    #[arg(long)]
+    pub title: Option<String>,
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+
+/// `convpress sensitivity`: the analysis of one checkpoint, its table, and its files in
+/// `args.out` (nothing is written if any argument is wrong).
+pub fn command(args: &SensitivityArgs, device: Device) -> anyhow::Result<()> {
+    use crate::atomic_file::write_atomic;
+    use crate::checkpoint;
+    use anyhow::{Context as _, bail};
+    use std::io::IsTerminal;
+    // Every argument is checked before the (long) evaluations, and nothing is written if any
+    // is wrong.
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    if args.limit == Some(0) {
+        bail!("--limit must be at least 1");
+    }
+    let sparsities = check_sparsities(&args.sparsities)
+        .map_err(|e| anyhow::anyhow!("--sparsities: {e}"))?;
+    if let Some(d) = args.max_drop
+        && !(d.is_finite() && d >= 0.0)
+    {
+        bail!("--max-drop must be a non-negative number of percentage points, got {d}");
+    }
+    if args.out.exists() && !args.out.is_dir() {
+        bail!("--out {} exists and is not a folder", args.out.display());
+    }
+    let (model, meta) = checkpoint::load(&args.checkpoint, &device)?;
+    let shapes: Vec<(String, Vec<usize>)> = checkpoint::named_tensors(&model)
+        .into_iter()
+        .map(|(p, _, d)| (p, d.shape().to_vec()))
+        .collect();
+    let all = prunable_weights(shapes.iter().map(|(p, s)| (p.as_str(), s.as_slice())));
+    let layers =
+        select_layers(&all, &args.layers).map_err(|e| anyhow::anyhow!("--layers: {e}"))?;
+    let test = checkpoint::test_split(
+        &args.checkpoint,
+        &model.arch,
+        &meta,
+        &meta.data_dir_or(args.data_dir.as_deref()),
+        args.limit,
+    )?;
+    let evaluations = layers.len() * sparsities.iter().filter(|&&s| s > 0.0).count() + 1;
+    eprintln!(
+        "sensitivity of {} ({}): {} layers x {} sparsities on {} test images",
+        args.checkpoint.display(),
+        model.arch.name,
+        layers.len(),
+        sparsities.len(),
+        test.n
+    );
+    let bar = if std::io::stderr().is_terminal() && !args.no_progress {
+        let bar = indicatif::ProgressBar::new(evaluations as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "sensitivity [{bar:30}] {pos}/{len} evaluations  {elapsed} elapsed  eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.inc(1); // the unpruned model's evaluation comes first
+    let started = std::time::Instant::now();
+    let result = analyse(
+        &model,
+        &test,
+        &layers,
+        &sparsities,
+        args.batch_size,
+        &device,
+        || bar.inc(1),
+    )
+    .map_err(anyhow::Error::msg)?;
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+
+    let title = args.title.clone().unwrap_or_else(|| {
+        format!(
+            "Pruning sensitivity: {} on {} ({} test images)",
+            result.model,
+            meta.dataset.name(),
+            result.test_images
+        )
+    });
+    /// The analysis with the file it analysed, in field order.
+    #[derive(serde::Serialize)]
+    struct Report<'a> {
+        checkpoint: String,
+        #[serde(flatten)]
+        result: &'a Sensitivity,
+    }
+    let json = Report {
+        checkpoint: args.checkpoint.display().to_string(),
+        result: &result,
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let write = |name: &str, bytes: &[u8]| {
+        let path = args.out.join(name);
+        write_atomic(&path, bytes).with_context(|| format!("cannot write {}", path.display()))
+    };
+    write(
+        "sensitivity.json",
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )?;
+    write("sensitivity.csv", result.to_csv().as_bytes())?;
+    write("sensitivity.svg", result.chart(&title).to_svg().as_bytes())?;
+
+    println!(
+        "{} on {}, {} test images, unpruned {:.2}%; test accuracy (%) with one layer pruned to each sparsity, no retraining ({:.0} s):",
+        result.model,
+        meta.dataset.name(),
+        result.test_images,
+        100.0 * result.baseline_accuracy,
+        seconds
+    );
+    print!("{}", result.table());
+    if let Some(max_drop) = args.max_drop {
+        let targets = derive_targets(&result, max_drop);
+        println!(
+            "per-layer targets: the largest sparsity before the drop first exceeds {max_drop} points (each layer pruned alone):"
+        );
+        println!(
+            "{:<22} {:>9} {:>9} {:>8}",
+            "layer", "sparsity", "accuracy", "drop"
+        );
+        for t in &targets {
+            println!(
+                "{:<22} {:>8.0}% {:>8.2}% {:>8.2}",
+                t.layer,
+                100.0 * t.sparsity,
+                100.0 * t.accuracy,
+                t.drop_points
+            );
+        }
+        let flag: Vec<String> = targets
+            .iter()
+            .map(|t| format!("{}={}", t.layer, t.sparsity))
+            .collect();
+        println!("--layer-sparsity {}", flag.join(","));
+        let file = TargetsFile {
+            checkpoint: Some(args.checkpoint.display().to_string()),
+            max_drop_points: Some(max_drop),
+            baseline_accuracy: Some(result.baseline_accuracy),
+            test_images: Some(result.test_images),
+            layer_sparsity: targets
+                .iter()
+                .map(|t| (t.layer.clone(), t.sparsity))
+                .collect(),
+        };
+        write(
+            "targets.json",
+            serde_json::to_string_pretty(&file)?.as_bytes(),
+        )?;
+    }
+    println!(
+        "wrote sensitivity.json, sensitivity.csv, sensitivity.svg{} to {}",
+        if args.max_drop.is_some() {
+            ", targets.json"
+        } else {
+            ""
+        },
+        args.out.display()
+    );
+    Ok(())
 }
 
 #[cfg(test)]

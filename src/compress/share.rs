@@ -20,6 +20,11 @@ impl Codebook {
             .map(|a| a.map_or(0.0, |k| self.centroids[k as usize]))
             .collect()
     }
+
+    /// Bits of a cluster index: the codebook holds `2^bits` values.
+    pub fn bits(&self) -> u32 {
+        self.centroids.len().max(1).ilog2()
+    }
 }
 
 /// Clusters the non-zero entries of `weights` into `2^bits` values with Lloyd's algorithm

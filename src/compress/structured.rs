@@ -25,10 +25,13 @@ use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
 /// How filters are ranked inside a channel group; the lowest-ranked are removed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Criterion {
     /// Mean absolute weight of the filter (Li et al. 2017).
+    #[default]
     L1,
     /// Root mean square of the filter's weights.
     L2,
@@ -37,7 +40,7 @@ pub enum Criterion {
 }
 
 /// A set of channels that must be kept or removed together.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ChannelGroup {
     /// Channels (or neurons) before pruning.
     pub channels: usize,

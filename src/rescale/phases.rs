@@ -216,7 +216,8 @@ pub fn train_rescaled(
         preprocess,
         info: serde_json::json!({ "rescaled_from": low_out.model_path, "scale": rc.scale }),
         ..loaded.meta
-    };
+    }
+    .with_data_dir(&config.data_dir);
     checkpoint::save(&rescaled_path, &network, &meta)?;
     let carried = match rc.optimizer {
         OptimizerState::Reset => None,

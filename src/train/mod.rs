@@ -9,5 +9,5 @@ pub use config::{OptimizerConfig, ScheduleSpan, TrainConfig};
 pub use hooks::{EpochMetrics, Progress, TrainHook};
 pub use schedule::Schedule;
 pub use trainer::{
-    Prepared, TrainOptions, TrainOutcome, evaluate, latest_checkpoint, prepare, train,
+    Prepared, TrainOptions, TrainOutcome, evaluate, latest_checkpoint, prepare, read_metrics, train,
 };

@@ -163,7 +163,8 @@ pub fn train(
         dataset: config.dataset,
         preprocess: prepared.preprocess.clone(),
         info: serde_json::json!({}),
-    };
+    }
+    .with_data_dir(&config.data_dir);
 
     let mut optim: ModuleOptimizer = config.optimizer.build();
     let (mut model, mut state, mut metrics) = match (options.resume, existing) {
@@ -177,7 +178,7 @@ pub fn train(
                 .map_err(|e| anyhow::anyhow!("{}: {e:?}", dir.join("optimizer.bpk").display()))?;
             let state: TrainState =
                 serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
-            let metrics = read_metrics(&run_dir.join("metrics.jsonl"), state.epochs_done)?;
+            let metrics = read_metrics_upto(&run_dir.join("metrics.jsonl"), state.epochs_done)?;
             (model, state, metrics)
         }
         (true, None) => bail!(
@@ -335,6 +336,7 @@ pub fn train(
             "train_seconds": last.cumulative_train_seconds,
             "seed": config.seed,
         });
+        final_meta = final_meta.with_data_dir(&config.data_dir);
     }
     checkpoint::save(&model_path, &model.valid(), &final_meta)?;
     Ok(TrainOutcome {
@@ -404,7 +406,12 @@ fn save_checkpoint(
     Ok(())
 }
 
-fn read_metrics(path: &Path, epochs: usize) -> anyhow::Result<Vec<EpochMetrics>> {
+/// The per-epoch figures a run folder has logged so far.
+pub fn read_metrics(run_dir: &Path) -> anyhow::Result<Vec<EpochMetrics>> {
+    read_metrics_upto(&run_dir.join("metrics.jsonl"), usize::MAX)
+}
+
+fn read_metrics_upto(path: &Path, epochs: usize) -> anyhow::Result<Vec<EpochMetrics>> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut out = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {

@@ -10,6 +10,8 @@ use burn::prelude::*;
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
+pub mod commands;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -44,6 +46,18 @@ pub fn bench_input(model: ModelKind) -> [usize; 3] {
 
 /// Runs `step` once to warm up, then repeatedly until `budget` has passed (at least 3 times);
 /// returns the number of iterations and the seconds they took.
+/// Refuses benchmark settings that cannot be measured.
+pub fn check_bench_args(batch: &[usize], seconds: f64) -> anyhow::Result<()> {
+    if batch.contains(&0) {
+        anyhow::bail!("--batch sizes must be at least 1");
+    }
+    if !(seconds.is_finite() && seconds > 0.0) {
+        anyhow::bail!("--seconds must be positive");
+    }
+    Ok(())
+}
+
+
 fn time_loop(budget: Duration, mut step: impl FnMut()) -> (usize, f64) {
     step();
     let start = Instant::now();
@@ -126,6 +140,25 @@ pub fn infer_latency(network: &Network, batch: usize, budget: Duration, device: 
     let (iters, secs) = time_loop(budget, || {
         let out = net.forward(x.clone());
         let _: Vec<f32> = out.into_data().try_to_vec().expect("f32");
+    });
+    1000.0 * secs / iters as f64
+}
+
+/// Milliseconds per forward pass of convpress's sparse runtime on a random batch of `batch`
+/// images: the latency a report gives for a pruned model.
+pub fn sparse_latency(
+    model: &crate::runtime::model::SparseModel,
+    batch: usize,
+    budget: Duration,
+) -> f64 {
+    use rand::{Rng, SeedableRng};
+    let len: usize = model.arch.input.iter().product();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let x: Vec<f32> = (0..batch * len)
+        .map(|_| rng.random_range(-2.0f32..2.0))
+        .collect();
+    let (iters, secs) = time_loop(budget, || {
+        std::hint::black_box(model.forward(&x, batch));
     });
     1000.0 * secs / iters as f64
 }

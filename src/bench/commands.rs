@@ -1,0 +1,351 @@
+//! The `convpress bench` commands: what they measure is in the parent module; these print
+//! it (a table, or one JSON object per line).
+
+use super::{Mode, OP_CASES, check_bench_args, measure, measure_op};
+use crate::checkpoint;
+use crate::data;
+use crate::models::ModelKind;
+use anyhow::bail;
+use burn::prelude::*;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What `convpress bench sparse --checkpoint` measures.
+#[derive(Debug, Clone)]
+pub struct ModelComparison {
+    pub batch: Vec<usize>,
+    pub seconds: f64,
+    pub json: bool,
+    /// Test images on which the two engines' class scores are compared.
+    pub limit: usize,
+    pub data_dir: Option<PathBuf>,
+    /// Also time the sparse runtime layer by layer.
+    pub per_layer: bool,
+}
+
+/// `convpress bench ops`: milliseconds per call of each case of [`OP_CASES`].
+pub fn print_ops(device: &Device, seconds: f64, json: bool) -> anyhow::Result<()> {
+    check_bench_args(&[1], seconds)?;
+    if !json {
+        println!(
+            "{:<34} {:>9} {:>7} {:>12} {:>12}",
+            "op (batch 64)", "ops", "threads", "forward ms", "fwd+bwd ms"
+        );
+    }
+    for case in OP_CASES {
+        let r = measure_op(device, case, Duration::from_secs_f64(seconds));
+        if json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "{:<34} {:>9} {:>7} {:>12.3} {:>12.3}",
+                r.op,
+                format!("{:?}", r.ops).to_lowercase(),
+                r.threads,
+                r.forward_ms,
+                r.forward_backward_ms
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `convpress bench train`: images per second for each batch size and mode.
+pub fn print_train(
+    device: &Device,
+    model: ModelKind,
+    batch: &[usize],
+    mode: &[Mode],
+    seconds: f64,
+    json: bool,
+) -> anyhow::Result<()> {
+    check_bench_args(batch, seconds)?;
+    if !json {
+        println!(
+            "{:<10} {:>6} {:>7} {:>6} {:>12} {:>10}",
+            "model", "batch", "threads", "mode", "images/s", "ms/iter"
+        );
+    }
+    for &b in batch {
+        for &m in mode {
+            let r = measure(device, model, b, m, Duration::from_secs_f64(seconds));
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{:<10} {:>6} {:>7} {:>6} {:>12.1} {:>10.3}",
+                    r.model,
+                    r.batch,
+                    r.threads,
+                    format!("{:?}", r.mode).to_lowercase(),
+                    r.images_per_sec,
+                    r.ms_per_iter
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `convpress bench latency`: parameters, FLOPs and latency of saved models side by side.
+pub fn compare_latency(
+    paths: &[PathBuf],
+    batch: &[usize],
+    seconds: f64,
+    device: &Device,
+) -> anyhow::Result<()> {
+    check_bench_args(batch, seconds)?;
+    // Load everything first: a bad file fails before minutes of measuring.
+    let models = paths
+        .iter()
+        .map(|p| checkpoint::load(p, device).map(|(m, _)| m))
+        .collect::<Result<Vec<_>, _>>()?;
+    print!("{:<48} {:>9} {:>12}", "checkpoint", "params", "FLOPs");
+    for b in batch {
+        print!(" {:>10} {:>6}", format!("b{b} ms"), "x");
+    }
+    println!();
+    let mut first: Vec<f64> = Vec::new();
+    for (path, model) in paths.iter().zip(&models) {
+        print!(
+            "{:<48} {:>9} {:>12}",
+            path.display().to_string(),
+            model.arch.num_params(),
+            model.arch.flops()
+        );
+        for (k, &b) in batch.iter().enumerate() {
+            let ms = super::infer_latency(model, b, Duration::from_secs_f64(seconds), device);
+            if first.len() <= k {
+                first.push(ms);
+            }
+            print!(" {:>10.3} {:>5.2}x", ms, first[k] / ms);
+        }
+        println!();
+    }
+    println!(
+        "({} threads; x: the first model's latency divided by this one's)",
+        rayon::current_num_threads()
+    );
+    Ok(())
+}
+
+
+/// `convpress bench sparse` without a checkpoint: CSR against dense for single layers.
+pub fn compare_sparse_layers(
+    sparsity: &[f64],
+    batch: &[usize],
+    seconds: f64,
+    json: bool,
+) -> anyhow::Result<()> {
+    check_bench_args(batch, seconds)?;
+    if let Some(s) = sparsity.iter().find(|s| !(0.0..1.0).contains(*s)) {
+        bail!("--sparsity must be in [0, 1), got {s}");
+    }
+    if !json {
+        println!(
+            "{:<14} {:>9} {:>8} {:>5} {:>7} {:>12} {:>12} {:>8} {:>11} {:>12}",
+            "layer",
+            "shape",
+            "sparsity",
+            "batch",
+            "threads",
+            "dense us",
+            "sparse us",
+            "speedup",
+            "dense B",
+            "sparse B"
+        );
+    }
+    // The fully connected layers that dominate LeNet-5's and LeNet-300's parameters, and one of
+    // the size Han et al. timed (AlexNet's fc7, 4096x4096: 64 MB dense, beyond the caches).
+    let layers = [
+        ("lenet5.fc1", 800, 500),
+        ("lenet300.fc1", 784, 300),
+        ("alexnet.fc7", 4096, 4096),
+    ];
+    for &s in sparsity {
+        for &(name, i, o) in &layers {
+            for &b in batch {
+                let r = super::measure_sparse_linear(
+                    name,
+                    i,
+                    o,
+                    s,
+                    b,
+                    Duration::from_secs_f64(seconds),
+                )
+                .map_err(anyhow::Error::msg)?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "{:<14} {:>9} {:>8.2} {:>5} {:>7} {:>12.1} {:>12.1} {:>7.2}x {:>11} {:>12}",
+                        r.layer,
+                        format!("{i}x{o}"),
+                        r.sparsity,
+                        r.batch,
+                        r.threads,
+                        r.dense_us,
+                        r.sparse_us,
+                        r.speedup,
+                        r.dense_bytes,
+                        r.sparse_bytes
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+
+/// Whole-model inference of a pruned checkpoint: Burn dense against the sparse runtime, and
+/// how closely their class scores agree on real test images.
+pub fn compare_model(path: &std::path::Path, cmp: &ModelComparison) -> anyhow::Result<()> {
+    let ModelComparison {
+        batch,
+        seconds,
+        json,
+        limit,
+        data_dir,
+        per_layer,
+    } = cmp;
+    let (batch, seconds, json, limit, per_layer) = (&batch[..], *seconds, *json, *limit, *per_layer);
+    let data_dir = data_dir.clone();
+    use crate::runtime::model::SparseModel;
+    check_bench_args(batch, seconds)?;
+    let device = Device::flex();
+    let (dense, meta) = checkpoint::load(path, &device)?;
+    let dense = dense.valid();
+    let sparse = SparseModel::from_loaded(&checkpoint::read(path)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let input = sparse.arch.input;
+    let len: usize = input.iter().product();
+    // Real test images when the checkpoint's dataset is there, else Gaussian noise.
+    let dir = data_dir.unwrap_or_else(|| meta.dataset.default_dir());
+    let (images, labels) = match data::load(meta.dataset, &dir) {
+        Ok(splits) if meta.preprocess.output_shape(splits.test.image_shape()) == input => {
+            let test = meta.preprocess.apply(&splits.test.take(limit.max(1)));
+            (test.pixels, Some(test.labels))
+        }
+        other => {
+            if let Err(e) = other {
+                eprintln!("no test images ({e}); comparing on random inputs");
+            } else {
+                eprintln!("test images do not fit the model; comparing on random inputs");
+            }
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+            let n = limit.clamp(1, 256);
+            let x = (0..n * len)
+                .map(|_| rng.random_range(-2.0f32..2.0))
+                .collect();
+            (x, None)
+        }
+    };
+    let name = path.display().to_string();
+    if !json {
+        println!(
+            "{:<10} {:>5} {:>7} {:>10} {:>10} {:>11} {:>11} {:>8} {:>10} {:>10}",
+            "model",
+            "batch",
+            "threads",
+            "dense ms",
+            "sparse ms",
+            "dense im/s",
+            "sparse im/s",
+            "speedup",
+            "dense B",
+            "sparse B"
+        );
+    }
+    for &b in batch {
+        let r = super::measure_model(
+            &name,
+            &dense,
+            &sparse,
+            &images,
+            b,
+            Duration::from_secs_f64(seconds),
+        );
+        if json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "{:<10} {:>5} {:>7} {:>10.3} {:>10.3} {:>11.0} {:>11.0} {:>7.2}x {:>10} {:>10}",
+                r.model,
+                r.batch,
+                r.threads,
+                r.dense_ms,
+                r.sparse_ms,
+                r.dense_images_per_sec,
+                r.sparse_images_per_sec,
+                r.speedup,
+                r.dense_bytes,
+                r.sparse_bytes
+            );
+        }
+    }
+    if per_layer {
+        let stored: std::collections::HashMap<String, (usize, usize, &str)> = sparse
+            .layers()
+            .into_iter()
+            .map(|l| (l.path, (l.stored, l.weights, l.kernel)))
+            .collect();
+        for &b in batch {
+            let times = super::sparse_layer_times(
+                &sparse,
+                &images,
+                b,
+                Duration::from_secs_f64(seconds / 2.0),
+            );
+            if json {
+                for t in &times {
+                    println!(
+                        "{}",
+                        serde_json::json!({"batch": b, "path": t.path, "kind": t.kind,
+                            "sparse_ms": 1000.0 * t.seconds})
+                    );
+                }
+                continue;
+            }
+            println!("\nsparse runtime per layer, batch {b}:");
+            println!(
+                "{:<22} {:<18} {:>17} {:<14} {:>10}",
+                "layer", "kind", "stored/weights", "kernel", "ms"
+            );
+            for t in &times {
+                let (kept, kernel) = stored
+                    .get(&t.path)
+                    .map_or((String::new(), ""), |(s, w, k)| (format!("{s}/{w}"), *k));
+                println!(
+                    "{:<22} {:<18} {:>17} {:<14} {:>10.4}",
+                    t.path,
+                    t.kind,
+                    kept,
+                    kernel,
+                    1000.0 * t.seconds
+                );
+            }
+        }
+    }
+    let a = super::agreement(&dense, &sparse, &images, labels.as_deref());
+    if json {
+        println!("{}", serde_json::to_string(&a)?);
+    } else {
+        let acc = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{:.2}%", 100.0 * v));
+        println!(
+            "\n{} {} images: max |logit difference| {:.3e} (largest |logit| {:.2}); same \
+             prediction on {}/{}; accuracy Burn dense {}, sparse runtime {}",
+            if labels.is_some() { "test" } else { "random" },
+            a.images,
+            a.max_abs_diff,
+            a.max_abs_logit,
+            a.same_prediction,
+            a.images,
+            acc(a.dense_accuracy),
+            acc(a.sparse_accuracy)
+        );
+    }
+    Ok(())
+}

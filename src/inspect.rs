@@ -1,0 +1,81 @@
+//! `convpress info`: what a model file holds, layer by layer: shapes, parameters, FLOPs and
+//! bytes; for a compressed file also the bytes of each compression step.
+
+use crate::checkpoint;
+use std::path::Path;
+
+/// `convpress info`: what the file at `path` holds.
+pub fn info(path: &Path, json: bool) -> anyhow::Result<()> {
+    let loaded = checkpoint::read(path)?;
+    let file_bytes = std::fs::metadata(path)?.len();
+    let stats = loaded.arch.layer_stats();
+    if json {
+        let v = serde_json::json!({
+            "checkpoint": path,
+            "arch": loaded.arch,
+            "meta": loaded.meta,
+            "layers": stats,
+            "params": loaded.arch.num_params(),
+            "flops": loaded.arch.flops(),
+            "file_bytes": file_bytes,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{}: {} on {} input {}x{}x{}, {} classes",
+        path.display(),
+        loaded.arch.name,
+        loaded.meta.dataset.name(),
+        loaded.arch.input[0],
+        loaded.arch.input[1],
+        loaded.arch.input[2],
+        loaded.arch.classes
+    );
+    println!(
+        "{:<22} {:<16} {:>12} {:>12} {:>10} {:>13} {:>11}",
+        "layer", "kind", "input", "output", "params", "FLOPs", "f32 bytes"
+    );
+    for s in &stats {
+        println!(
+            "{:<22} {:<16} {:>12} {:>12} {:>10} {:>13} {:>11}",
+            s.path,
+            s.kind,
+            s.input.to_string(),
+            s.output.to_string(),
+            s.params,
+            s.flops,
+            4 * s.params
+        );
+    }
+    let params = loaded.arch.num_params();
+    let buffers: usize = loaded
+        .tensors
+        .values()
+        .map(|(d, _)| d.num_elements())
+        .sum::<usize>()
+        - params;
+    println!(
+        "total: {} parameters ({} bytes as f32), {} buffer values (batch-norm statistics), {} FLOPs per image; file {} bytes",
+        params,
+        4 * params,
+        buffers,
+        loaded.arch.flops(),
+        file_bytes
+    );
+    let bytes = std::fs::read(path)?;
+    if crate::compress::format::is_compressed(&bytes) {
+        let stages = crate::compress::format::stages(&bytes)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        println!("compression stages:");
+        println!(
+            "{}",
+            crate::pipeline::stages::encode::stage_table(&stages, file_bytes as usize, path)
+        );
+    }
+    if let Some(acc) = loaded.meta.info.get("test_acc").and_then(|v| v.as_f64()) {
+        println!("recorded test accuracy: {:.2}%", 100.0 * acc);
+    }
+    Ok(())
+}
+

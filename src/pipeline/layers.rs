@@ -1,0 +1,66 @@
+//! Per-layer settings: a stage's default, overridden for the layers a pattern names.
+//!
+//! Patterns are layer paths (`layers.5`, `layers.3.body.0`) or glob patterns over them
+//! (`layers.*`, `layers.?.body.*`). One rule decides: **the last pattern that matches a layer
+//! wins**, in recipe order, so a recipe reads from general to specific. A pattern that matches
+//! no layer is an error (a typo must not silently leave a layer alone).
+
+use crate::models::Arch;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// `(pattern, value)` pairs in recipe order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerRules<T>(pub Vec<(String, T)>);
+
+impl<T> Default for LayerRules<T> {
+    fn default() -> Self {
+        LayerRules(Vec::new())
+    }
+}
+
+impl<T: Clone> LayerRules<T> {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The value of every layer of `layers` that some pattern names (the last match wins);
+    /// refuses a pattern that names none of them, listing the ones that exist.
+    pub fn resolve(&self, layers: &[String]) -> Result<BTreeMap<String, T>, String> {
+        let mut out = BTreeMap::new();
+        for (pattern, value) in &self.0 {
+            let glob = glob::Pattern::new(pattern)
+                .map_err(|e| format!("layer pattern {pattern:?} is not a glob pattern: {e}"))?;
+            let hits: Vec<&String> = layers.iter().filter(|l| glob.matches(l)).collect();
+            if hits.is_empty() {
+                return Err(format!(
+                    "layer pattern {pattern:?} matches no layer; the layers are {}",
+                    layers.join(", ")
+                ));
+            }
+            for l in hits {
+                out.insert(l.clone(), value.clone());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The layers of `arch` that hold weights (convolutions and dense layers), by path, with
+/// `conv` or `linear`: what pruning, sharing and encoding work on. Their weight tensor is
+/// `<path>.weight`.
+pub fn weighted_layers(arch: &Arch) -> Vec<(String, &'static str)> {
+    arch.layer_stats()
+        .into_iter()
+        .filter_map(|s| match s.kind {
+            "conv2d" => Some((s.path, "conv")),
+            "linear" => Some((s.path, "linear")),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Just the paths of [`weighted_layers`].
+pub fn weighted_layer_paths(arch: &Arch) -> Vec<String> {
+    weighted_layers(arch).into_iter().map(|(p, _)| p).collect()
+}

@@ -1,0 +1,150 @@
+//! The figures of a model file that every report gives: test accuracy, bytes on disk,
+//! parameters, non-zero parameters, FLOPs, and latency measured on the runtime that would
+//! serve it (the sparse runtime for a model that is mostly zeros, convpress's dense kernels
+//! through Burn otherwise).
+
+use super::layers::weighted_layers;
+use super::recipe::ReportSettings;
+use super::{Context, Model};
+use crate::checkpoint::{self, floats};
+use crate::data::ImageSet;
+use crate::runtime::model::SparseModel;
+use crate::{bench, train};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Duration;
+
+/// A model's figures, as measured from its file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Figures {
+    pub test_acc: f64,
+    pub test_loss: f64,
+    pub test_images: usize,
+    /// Bytes of the file on disk (what `ls -l` says).
+    pub file_bytes: u64,
+    /// Parameters of the architecture (batch-norm statistics are not parameters).
+    pub params: usize,
+    /// Parameters that are not exactly zero.
+    pub nonzero: usize,
+    /// FLOPs per image of the dense architecture (a multiply-add is 2).
+    pub flops: u64,
+    /// FLOPs per image when the zero weights of conv and linear layers are skipped.
+    pub flops_nonzero: u64,
+    /// `sparse` (convpress's CSR and sparse-im2col runtime) or `dense`.
+    pub runtime: String,
+    pub latency: Vec<Latency>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    pub batch: usize,
+    /// Milliseconds per forward pass of the whole batch.
+    pub ms: f64,
+}
+
+/// One conv or linear layer: how much of it is left, and how many bits a weight takes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerFigures {
+    pub layer: String,
+    pub kind: String,
+    pub weights: usize,
+    pub kept: usize,
+    /// Bits per weight: the codebook's index width, or 32 for f32.
+    pub bits: u32,
+}
+
+/// The test split of `model`'s dataset in `dir` (see [`checkpoint::test_split`]).
+pub fn test_set(model: &Model, dir: &Path, limit: Option<usize>) -> anyhow::Result<ImageSet> {
+    checkpoint::test_split(&model.file, model.arch(), model.meta(), dir, limit)
+}
+
+/// Kept weights and bits of every conv and linear layer.
+pub fn layer_figures(model: &Model) -> anyhow::Result<Vec<LayerFigures>> {
+    let mut out = Vec::new();
+    for (layer, kind) in weighted_layers(model.arch()) {
+        let param = format!("{layer}.weight");
+        let (w, _) = floats(&model.loaded.tensors, &param).map_err(anyhow::Error::msg)?;
+        let bits = model
+            .constraints
+            .codebooks
+            .get(&param)
+            .map_or(32, |b| b.bits());
+        out.push(LayerFigures {
+            layer,
+            kind: kind.into(),
+            weights: w.len(),
+            kept: w.iter().filter(|&&v| v != 0.0).count(),
+            bits,
+        });
+    }
+    Ok(out)
+}
+
+/// Measures `model` from its file: accuracy on the test split (`settings.test_limit` images),
+/// sizes, FLOPs and latency at each of `settings.batches`.
+pub fn measure(
+    model: &Model,
+    cx: &Context,
+    settings: &ReportSettings,
+) -> anyhow::Result<(Figures, Vec<LayerFigures>)> {
+    let (network, _) = checkpoint::load(&model.file, &cx.device)?;
+    let test = test_set(model, &cx.data_dir_for(model.meta()), settings.test_limit)?;
+    let (test_loss, test_acc) = train::evaluate(&network, &test, 256, &cx.device);
+    let layers = layer_figures(model)?;
+    let arch = model.arch();
+    let params = arch.num_params();
+    let nonzero = model
+        .loaded
+        .tensors
+        .iter()
+        .filter(|(name, _)| !name.ends_with("running_mean") && !name.ends_with("running_var"))
+        .map(|(_, (d, _))| {
+            d.as_slice::<f32>()
+                .map_or(0, |v| v.iter().filter(|&&x| x != 0.0).count())
+        })
+        .sum();
+    let flops = arch.flops();
+    let flops_nonzero = arch
+        .layer_stats()
+        .iter()
+        .map(|s| match layers.iter().find(|l| l.layer == s.path) {
+            Some(l) => (s.flops as f64 * l.kept as f64 / l.weights.max(1) as f64) as u64,
+            None => s.flops,
+        })
+        .sum();
+    let (weights, kept) = layers
+        .iter()
+        .fold((0, 0), |(w, k), l| (w + l.weights, k + l.kept));
+    // The sparse runtime serves models that are mostly zeros; it refuses a few layer kinds
+    // (asymmetric padding), which then run dense.
+    let sparse = if 2 * kept < weights {
+        SparseModel::from_loaded(&model.loaded).ok()
+    } else {
+        None
+    };
+    let budget = Duration::from_secs_f64(settings.latency_seconds);
+    let latency = settings
+        .batches
+        .iter()
+        .map(|&batch| Latency {
+            batch,
+            ms: match &sparse {
+                Some(s) => bench::sparse_latency(s, batch, budget),
+                None => bench::infer_latency(&network, batch, budget, &cx.device),
+            },
+        })
+        .collect();
+    let figures = Figures {
+        test_acc,
+        test_loss,
+        test_images: test.n,
+        file_bytes: std::fs::metadata(&model.file)?.len(),
+        params,
+        nonzero,
+        flops,
+        flops_nonzero,
+        runtime: if sparse.is_some() { "sparse" } else { "dense" }.into(),
+        latency,
+    };
+    Ok((figures, layers))
+}

@@ -1,0 +1,245 @@
+//! Runs a recipe into a run folder:
+//!
+//! - `recipe.toml`: the recipe as given; `resolved.json`: every stage with all its settings
+//!   (defaults filled in), what `--resume` compares against;
+//! - `stages/NN-kind/`: each stage's work (its training run, checkpoints, output file, the
+//!   constraints beside it) and `stage.json`, its report entry, written last: a stage whose
+//!   folder has it is finished;
+//! - `metrics.jsonl`: one line per training epoch of every stage and one per finished stage;
+//! - `report.json`, `report.md`, `plots/`: rewritten after every stage.
+//!
+//! Every stage is planned before the first one runs, so a recipe that cannot run is refused
+//! with nothing done. A stage that fails leaves the finished ones intact; `--resume` skips
+//! them (reading their outputs back) and reruns the failed one from its start.
+
+use super::measure::{self, Figures};
+use super::recipe::Recipe;
+use super::report::{Entry, Report};
+use super::{Context, Model, Plan};
+use crate::atomic_file::write_atomic;
+use anyhow::{Context as _, bail};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Where a recipe runs and what it starts from.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub run_dir: PathBuf,
+    /// A checkpoint to start from instead of training one.
+    pub from: Option<PathBuf>,
+    /// Continue the run in `run_dir`, skipping its finished stages.
+    pub resume: bool,
+}
+
+/// The folder of stage `index` (0-based) of kind `kind`.
+pub fn stage_dir(run_dir: &Path, index: usize, kind: &str) -> PathBuf {
+    run_dir.join("stages").join(format!("{:02}-{kind}", index + 1))
+}
+
+fn resolved(recipe: &Recipe, opts: &RunOptions) -> serde_json::Value {
+    serde_json::json!({
+        "recipe": recipe.path,
+        "from": opts.from,
+        "report": recipe.report,
+        "stages": recipe.stages.iter().map(|e| serde_json::json!({
+            "kind": e.stage.kind(),
+            "line": e.line,
+            "settings": e.stage.settings(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Checks the whole recipe against the starting model before anything runs; errors name the
+/// stage's recipe line and say how to fix it.
+pub fn plan(recipe: &Recipe, input: Option<&Model>, cx: &Context) -> anyhow::Result<()> {
+    let mut plan = input.map(Plan::of).unwrap_or_default();
+    for (i, e) in recipe.stages.iter().enumerate() {
+        plan = e.stage.plan(&plan, cx).map_err(|why| {
+            anyhow::anyhow!(
+                "{}: stage {} ({}): {why}",
+                recipe.locate(i),
+                i + 1,
+                e.stage.kind()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Runs `recipe` as `opts` says; returns the report it wrote.
+pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<Report> {
+    let input = match &opts.from {
+        Some(path) => Some(Model::open(path).with_context(|| format!("--from {}", path.display()))?),
+        None => None,
+    };
+    if let Some(m) = &input {
+        m.constraints
+            .check(&m.loaded.tensors)
+            .map_err(|e| anyhow::anyhow!("--from {}: {e}", m.file.display()))?;
+    }
+    plan(recipe, input.as_ref(), cx)?;
+
+    let run_dir = &opts.run_dir;
+    let resolved_path = run_dir.join("resolved.json");
+    let want = resolved(recipe, opts);
+    if resolved_path.exists() {
+        if !opts.resume {
+            bail!(
+                "{} already holds a run: pass --resume to continue it, or choose another --run-dir",
+                run_dir.display()
+            );
+        }
+        let text = std::fs::read_to_string(&resolved_path)?;
+        let had: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is damaged", resolved_path.display()))?;
+        if had["from"] != want["from"] {
+            bail!(
+                "cannot resume: the run started from {}, not {}",
+                had["from"],
+                want["from"]
+            );
+        }
+        for (i, e) in recipe.stages.iter().enumerate() {
+            let done = stage_dir(run_dir, i, e.stage.kind()).join("stage.json").exists();
+            if done && had["stages"].get(i) != want["stages"].get(i) {
+                bail!(
+                    "cannot resume: stage {} ({}) finished with other settings than {} gives now; use another --run-dir",
+                    i + 1,
+                    e.stage.kind(),
+                    recipe.locate(i)
+                );
+            }
+        }
+    } else if opts.resume {
+        bail!("cannot resume: {} holds no recipe run", run_dir.display());
+    } else if std::fs::read_dir(run_dir).is_ok_and(|mut d| d.next().is_some()) {
+        bail!(
+            "{} is not empty: choose another --run-dir",
+            run_dir.display()
+        );
+    }
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    write_atomic(&run_dir.join("recipe.toml"), recipe.text.as_bytes())?;
+    write_atomic(&resolved_path, serde_json::to_string_pretty(&want)?.as_bytes())?;
+
+    let mut report = Report {
+        recipe: recipe.path.clone(),
+        description: recipe.description.clone(),
+        from: opts.from.clone(),
+        threads: rayon::current_num_threads(),
+        stages: Vec::new(),
+    };
+    let metrics_path = run_dir.join("metrics.jsonl");
+    if !opts.resume {
+        write_atomic(&metrics_path, b"")?;
+    }
+    if let Some(m) = &input {
+        // The starting point is entry 0, so ratios are taken against it.
+        let (figures, layers) = measure::measure(m, cx, &recipe.report)?;
+        report.stages.push(entry(0, "from", 0, serde_json::json!({}), 0.0, m, figures, layers));
+    }
+    let mut model = input;
+    let n = recipe.stages.len();
+    for (i, e) in recipe.stages.iter().enumerate() {
+        let kind = e.stage.kind();
+        let dir = stage_dir(run_dir, i, kind);
+        let done = dir.join("stage.json");
+        if done.exists() {
+            let entry: Entry = serde_json::from_str(&std::fs::read_to_string(&done)?)
+                .with_context(|| format!("{} is damaged", done.display()))?;
+            eprintln!("stage {}/{n}: {kind} finished already ({})", i + 1, dir.display());
+            model = Some(Model::open(&entry.file)?);
+            report.stages.push(entry);
+            continue;
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot clear the unfinished {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        eprintln!(
+            "stage {}/{n}: {kind} ({}), folder {}",
+            i + 1,
+            recipe.locate(i),
+            dir.display()
+        );
+        let stage_cx = Context {
+            dir: dir.clone(),
+            ..cx.clone()
+        };
+        let started = Instant::now();
+        let out = e
+            .stage
+            .run(model.take(), &stage_cx)
+            .with_context(|| format!("stage {} ({kind}, {})", i + 1, recipe.locate(i)))?;
+        let seconds = started.elapsed().as_secs_f64();
+        out.model
+            .constraints
+            .check(&out.model.loaded.tensors)
+            .map_err(|why| anyhow::anyhow!("internal error: stage {} ({kind}) broke an earlier stage's constraint: {why}", i + 1))?;
+        let (figures, layers) = measure::measure(&out.model, &stage_cx, &recipe.report)?;
+        let mut ent = entry(i + 1, kind, e.line, e.stage.settings(), seconds, &out.model, figures, layers);
+        ent.details = out.details;
+        ent.curve = out.curve;
+        append_metrics(&metrics_path, &ent)?;
+        write_atomic(&done, serde_json::to_string_pretty(&ent)?.as_bytes())?;
+        eprintln!(
+            "stage {}/{n}: {kind} done in {seconds:.1} s: test accuracy {:.2}%, {} bytes",
+            i + 1,
+            100.0 * ent.figures.test_acc,
+            ent.figures.file_bytes
+        );
+        report.stages.push(ent);
+        report.write(run_dir)?;
+        model = Some(out.model);
+    }
+    report.write(run_dir)?;
+    Ok(report)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn entry(
+    index: usize,
+    kind: &str,
+    line: usize,
+    settings: serde_json::Value,
+    seconds: f64,
+    model: &Model,
+    figures: Figures,
+    layers: Vec<measure::LayerFigures>,
+) -> Entry {
+    Entry {
+        index,
+        kind: kind.into(),
+        line,
+        settings,
+        seconds,
+        file: model.file.clone(),
+        figures,
+        layers,
+        details: serde_json::json!({}),
+        curve: vec![],
+    }
+}
+
+/// One line per training epoch of the stage, then one with the stage's figures.
+fn append_metrics(path: &Path, e: &Entry) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    for m in &e.curve {
+        let mut v = serde_json::to_value(m)?;
+        v["stage"] = e.index.into();
+        v["kind"] = e.kind.clone().into();
+        writeln!(f, "{v}")?;
+    }
+    writeln!(
+        f,
+        "{}",
+        serde_json::json!({"stage": e.index, "kind": e.kind, "seconds": e.seconds, "figures": e.figures})
+    )?;
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! The `eval` stage: test accuracy and loss of the model so far, decoded from its file, on its
+//! dataset's test split. The model passes through unchanged.
+
+use crate::checkpoint;
+use crate::pipeline::measure::test_set;
+use crate::pipeline::recipe::{self, StageTable};
+use crate::pipeline::{Context, Model, Outcome, Plan, Stage, required};
+use crate::train;
+use anyhow::bail;
+use serde::{Deserialize, Serialize};
+
+/// `convpress eval`'s flags and the `eval` stage's keys.
+#[derive(clap::Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct EvalParams {
+    /// Evaluate only the first N test images.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+}
+
+impl Default for EvalParams {
+    fn default() -> Self {
+        recipe::clap_defaults()
+    }
+}
+
+pub struct Eval {
+    pub params: EvalParams,
+}
+
+pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, recipe::Error> {
+    t.no_layers()?;
+    Ok(Box::new(Eval {
+        params: t.params()?,
+    }))
+}
+
+impl Stage for Eval {
+    fn kind(&self) -> &'static str {
+        "eval"
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::to_value(&self.params).expect("settings serialise")
+    }
+
+    fn plan(&self, before: &Plan, _cx: &Context) -> Result<Plan, String> {
+        before.arch()?;
+        if self.params.batch_size == 0 {
+            return Err("batch-size must be at least 1".into());
+        }
+        if self.params.limit == Some(0) {
+            return Err("limit must be at least 1".into());
+        }
+        Ok(before.clone())
+    }
+
+    fn run(&self, input: Option<Model>, cx: &Context) -> anyhow::Result<Outcome> {
+        let model = required(input, self.kind())?;
+        if self.params.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        let (network, _) = checkpoint::load(&model.file, &cx.device)?;
+        let test = test_set(&model, &cx.data_dir_for(model.meta()), self.params.limit)?;
+        let (loss, acc) = train::evaluate(&network, &test, self.params.batch_size, &cx.device);
+        let details = serde_json::json!({
+            "test_acc": acc,
+            "test_loss": loss,
+            "test_images": test.n,
+        });
+        Ok(Outcome {
+            model,
+            details,
+            curve: vec![],
+        })
+    }
+}
+
+/// The line `convpress eval` prints.
+pub fn summary(out: &Outcome) -> String {
+    let d = &out.details;
+    let acc = d["test_acc"].as_f64().unwrap_or(f64::NAN);
+    format!(
+        "{}: {} on {} test split ({} images): accuracy {:.2}% (error {:.2}%), loss {:.4}",
+        out.model.file.display(),
+        out.model.arch().name,
+        out.model.meta().dataset.name(),
+        d["test_images"],
+        100.0 * acc,
+        100.0 * (1.0 - acc),
+        d["test_loss"].as_f64().unwrap_or(f64::NAN)
+    )
+}

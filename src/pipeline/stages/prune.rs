@@ -1,0 +1,278 @@
+//! The `prune` stage: magnitude pruning while the model retrains (`compress::prune`), the
+//! sparsity of each layer rising along Zhu & Gupta's AGP curve over the first half of the
+//! epochs. Masks it leaves are intersected with earlier ones and kept by every later stage.
+
+use crate::compress::prune::{PruneHook, Schedule, sparsity_report};
+use crate::compress::sensitivity::TargetsFile;
+use crate::pipeline::layers::{LayerRules, weighted_layer_paths};
+use crate::pipeline::recipe::{self, StageTable};
+use crate::pipeline::stages::{reopen, retrain_config, train_keeping};
+use crate::pipeline::{Constraints, Context, Model, Outcome, Plan, Stage, State, required};
+use anyhow::bail;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// `convpress prune`'s flags (but those naming layers) and the `prune` stage's keys.
+#[derive(clap::Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct PruneParams {
+    /// Final fraction of conv and linear weights removed, in every chosen layer.
+    #[arg(long, allow_negative_numbers = true)]
+    pub sparsity: Option<f64>,
+    /// Per-layer final sparsities from a JSON file (`{"layer_sparsity": {"layers.2": 0.9}}`,
+    /// as `convpress sensitivity --max-drop` writes); they override --sparsity.
+    #[arg(long)]
+    pub targets: Option<PathBuf>,
+    /// Retraining epochs; the sparsity ramps up over the first half of them.
+    #[arg(long, default_value_t = 4)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Retrain on the first N training images only.
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    pub test_limit: Option<usize>,
+}
+
+impl Default for PruneParams {
+    fn default() -> Self {
+        recipe::clap_defaults()
+    }
+}
+
+/// A per-layer override: `"layers.5" = { sparsity = 0.95 }`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerSparsity {
+    pub sparsity: f64,
+}
+
+pub struct Prune {
+    pub params: PruneParams,
+    /// Overrides after `sparsity` and `targets`: the last pattern matching a layer wins.
+    pub layers: LayerRules<LayerSparsity>,
+}
+
+/// Refuses a sparsity outside `[0, 1)`; `what` names it as the user wrote it.
+fn in_range(what: &str, s: f64) -> Result<(), String> {
+    if (0.0..1.0).contains(&s) {
+        Ok(())
+    } else {
+        Err(format!("{what}: sparsity must be in [0, 1), got {s}"))
+    }
+}
+
+pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, recipe::Error> {
+    Ok(Box::new(Prune {
+        params: t.params()?,
+        layers: t.layers()?,
+    }))
+}
+
+impl Prune {
+    /// `--sparsity` alone, checked before the checkpoint is even read.
+    pub fn check_sparsity_flag(sparsity: Option<f64>) -> anyhow::Result<()> {
+        if let Some(s) = sparsity
+            && !(0.0..1.0).contains(&s)
+        {
+            bail!("--sparsity must be in [0, 1), got {s}");
+        }
+        Ok(())
+    }
+
+    /// The stage `convpress prune` runs on `model`: `--sparsity` over `--layers` (or all),
+    /// then `--targets`, then `--layer-sparsity`, each overriding the one before for the
+    /// layers it names; every layer named must be one of the model's.
+    pub fn from_flags(
+        mut params: PruneParams,
+        layers: &[String],
+        layer_sparsity: &[(String, f64)],
+        model: &Model,
+    ) -> anyhow::Result<Prune> {
+        use crate::compress::sensitivity::{prunable_weights, select_layers};
+        Self::check_sparsity_flag(params.sparsity)?;
+        let mut shapes: Vec<(&str, Vec<usize>)> = model
+            .loaded
+            .tensors
+            .iter()
+            .map(|(name, (data, _))| (name.as_str(), data.shape().to_vec()))
+            .collect();
+        shapes.sort();
+        let prunable = prunable_weights(shapes.iter().map(|(n, s)| (*n, s.as_slice())));
+        let mut named = Vec::new();
+        if let Some(path) = params.targets.take() {
+            let file = TargetsFile::read(&path).map_err(anyhow::Error::msg)?;
+            for (layer, s) in file.layer_sparsity {
+                in_range(&format!("--targets {} {layer}", path.display()), s)
+                    .map_err(anyhow::Error::msg)?;
+                named.push((layer, LayerSparsity { sparsity: s }));
+            }
+        }
+        let mut given = std::collections::BTreeSet::new();
+        for (layer, s) in layer_sparsity {
+            if !given.insert(layer) {
+                bail!("--layer-sparsity: {layer} is given twice");
+            }
+            in_range(&format!("--layer-sparsity {layer}"), *s).map_err(anyhow::Error::msg)?;
+            named.push((layer.clone(), LayerSparsity { sparsity: *s }));
+        }
+        let mut rules = Vec::new();
+        if let Some(s) = params.sparsity {
+            select_layers(&prunable, layers).map_err(|e| anyhow::anyhow!("--layers: {e}"))?;
+            if !layers.is_empty() {
+                params.sparsity = None;
+                rules.extend(layers.iter().map(|l| (l.clone(), LayerSparsity { sparsity: s })));
+            }
+        }
+        let names: Vec<String> = named.iter().map(|(l, _)| l.clone()).collect();
+        select_layers(&prunable, &names).map_err(|e| anyhow::anyhow!("per-layer sparsity: {e}"))?;
+        rules.extend(named);
+        Ok(Prune {
+            params,
+            layers: LayerRules(rules),
+        })
+    }
+
+    /// The final sparsity of every layer that is pruned (`0` leaves a layer alone).
+    pub fn targets(&self, layers: &[String]) -> Result<BTreeMap<String, f64>, String> {
+        let mut out = BTreeMap::new();
+        if let Some(s) = self.params.sparsity {
+            in_range("sparsity", s)?;
+            out.extend(layers.iter().map(|l| (l.clone(), s)));
+        }
+        let mut rules = Vec::new();
+        if let Some(path) = &self.params.targets {
+            let file = TargetsFile::read(path)?;
+            rules.extend(
+                file.layer_sparsity
+                    .into_iter()
+                    .map(|(l, sparsity)| (l, LayerSparsity { sparsity })),
+            );
+        }
+        rules.extend(self.layers.0.iter().cloned());
+        for (layer, v) in LayerRules(rules).resolve(layers)? {
+            in_range(&layer, v.sparsity)?;
+            out.insert(layer, v.sparsity);
+        }
+        out.retain(|_, s| *s > 0.0);
+        if out.is_empty() {
+            return Err(
+                "nothing to prune: give a sparsity, per-layer sparsities or a targets file".into(),
+            );
+        }
+        Ok(out)
+    }
+}
+
+impl Stage for Prune {
+    fn kind(&self) -> &'static str {
+        "prune"
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::json!({ "params": self.params, "layers": self.layers })
+    }
+
+    fn plan(&self, before: &Plan, _cx: &Context) -> Result<Plan, String> {
+        before.not_encoded()?;
+        if before.state.contains(&State::Codebooks) {
+            return Err(
+                "pruning after share would break the codebooks (new zeros among shared weights): put prune before share".into(),
+            );
+        }
+        self.targets(&weighted_layer_paths(before.arch()?))?;
+        Ok(before.clone().with(State::Masks))
+    }
+
+    fn run(&self, input: Option<Model>, cx: &Context) -> anyhow::Result<Outcome> {
+        let input = required(input, self.kind())?;
+        let targets = self
+            .targets(&weighted_layer_paths(input.arch()))
+            .map_err(anyhow::Error::msg)?;
+        let p = &self.params;
+        let mut config = retrain_config(&input, p.epochs, p.lr, p.seed, cx)?;
+        config.train_limit = p.train_limit;
+        config.test_limit = p.test_limit;
+        let schedule = |s: f64| Schedule::AgpOverRun {
+            final_sparsity: s,
+            fraction: 0.5,
+            events: 10,
+        };
+        let rules = targets
+            .iter()
+            .map(|(layer, &s)| (layer.clone(), schedule(s)))
+            .collect();
+        let hook = PruneHook::per_layer(rules)
+            .map_err(anyhow::Error::msg)?
+            .with_masks(input.constraints.masks.clone());
+        let rest = Constraints {
+            masks: Default::default(),
+            ..input.constraints.clone()
+        };
+        let (outcome, mut kept) = train_keeping(&config, &rest, vec![Box::new(hook)], cx)?;
+        // The masks are the zeros the hook left: every masked entry is zero after the last
+        // step, and an unmasked weight that is exactly zero may as well stay so.
+        let report = sparsity_report(&outcome.model);
+        let tensors = crate::checkpoint::tensor_map(&outcome.model);
+        let mut masks = input.constraints.masks.clone();
+        for layer in targets.keys() {
+            let param = format!("{layer}.weight");
+            let (w, _) = crate::checkpoint::floats(&tensors, &param).map_err(anyhow::Error::msg)?;
+            masks.insert(param, w.iter().map(|&v| v != 0.0).collect());
+        }
+        kept.masks = masks;
+        let details = serde_json::json!({
+            "sparsity": targets,
+            "epochs": p.epochs,
+            "layers": report
+                .iter()
+                .map(|(l, n, z)| serde_json::json!({"layer": l, "weights": n, "kept": n - z}))
+                .collect::<Vec<_>>(),
+        });
+        Ok(Outcome {
+            model: reopen(&outcome.model_path, &kept)?,
+            details,
+            curve: outcome.metrics,
+        })
+    }
+}
+
+/// `convpress prune`'s table: weights kept per layer, and the closing line.
+pub fn table(out: &Outcome) -> String {
+    let mut s = format!(
+        "{:<22} {:>10} {:>10} {:>9}\n",
+        "layer", "weights", "kept", "kept %"
+    );
+    let (mut total, mut kept) = (0u64, 0u64);
+    for l in out.details["layers"].as_array().into_iter().flatten() {
+        let (n, k) = (
+            l["weights"].as_u64().unwrap_or(0),
+            l["kept"].as_u64().unwrap_or(0),
+        );
+        total += n;
+        kept += k;
+        s.push_str(&format!(
+            "{:<22} {:>10} {:>10} {:>8.2}%\n",
+            l["layer"].as_str().unwrap_or(""),
+            n,
+            k,
+            100.0 * k as f64 / n.max(1) as f64
+        ));
+    }
+    let acc = out.curve.last().map_or(0.0, |m| m.test_acc);
+    s.push_str(&format!(
+        "pruned {}: {} of {} weights kept ({:.2}%), test accuracy {:.2}%; saved to {}",
+        out.model.arch().name,
+        kept,
+        total,
+        100.0 * kept as f64 / total.max(1) as f64,
+        100.0 * acc,
+        out.model.file.display()
+    ));
+    s
+}

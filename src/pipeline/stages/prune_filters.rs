@@ -1,0 +1,262 @@
+//! The `prune-filters` stage: structured pruning (`compress::structured`). Whole filters are
+//! removed from every prunable channel group (residual additions tie groups together), so the
+//! result is a smaller dense model with a new architecture. Fine-tuning is a `finetune` stage
+//! after it; `convpress prune-filters` runs both.
+
+use crate::checkpoint::{self, ModelMeta};
+use crate::compress::structured::{self, Analysis, Criterion, Target};
+use crate::pipeline::recipe::{self, StageTable};
+use crate::pipeline::stages::finetune::{Finetune, FinetuneParams};
+use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, measure, required};
+use crate::{bench, train};
+use anyhow::bail;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Duration;
+
+/// `convpress prune-filters`'s pruning flags, and the `prune-filters` stage's keys.
+#[derive(clap::Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FilterParams {
+    /// Fraction of the channels removed from every prunable channel group, in [0, 1).
+    #[arg(long, allow_negative_numbers = true)]
+    pub ratio: f64,
+    /// How filters are ranked.
+    #[arg(long, value_enum, default_value = "l1")]
+    #[serde(default)]
+    pub criterion: Criterion,
+    /// Keep channel groups tied together by residual additions whole.
+    #[arg(long)]
+    #[serde(default)]
+    pub skip_coupled: bool,
+}
+
+pub struct PruneFilters {
+    pub params: FilterParams,
+}
+
+pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, recipe::Error> {
+    t.no_layers()?;
+    Ok(Box::new(PruneFilters {
+        params: t.params()?,
+    }))
+}
+
+impl PruneFilters {
+    fn target(&self) -> Result<Target, String> {
+        let r = self.params.ratio;
+        if !(r.is_finite() && (0.0..1.0).contains(&r)) {
+            return Err(format!("--ratio must be in [0, 1), got {r}"));
+        }
+        Ok(Target {
+            ratio: r,
+            criterion: self.params.criterion,
+            skip_coupled: self.params.skip_coupled,
+        })
+    }
+}
+
+impl Stage for PruneFilters {
+    fn kind(&self) -> &'static str {
+        "prune-filters"
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::to_value(&self.params).expect("settings serialise")
+    }
+
+    fn plan(&self, before: &Plan, _cx: &Context) -> Result<Plan, String> {
+        before.not_encoded()?;
+        if before.state.contains(&State::Masks) || before.state.contains(&State::Codebooks) {
+            return Err(
+                "filters are removed before weights are pruned or shared (masks and codebooks have the old shapes): move prune-filters before prune and share".into(),
+            );
+        }
+        self.target()?;
+        Analysis::new(before.arch()?)?;
+        Ok(before.clone())
+    }
+
+    fn run(&self, input: Option<Model>, cx: &Context) -> anyhow::Result<Outcome> {
+        let input = required(input, self.kind())?;
+        let target = self.target().map_err(anyhow::Error::msg)?;
+        let pruned = structured::prune(input.arch(), &input.loaded.tensors, &target)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", input.file.display()))?;
+        let meta = ModelMeta {
+            info: serde_json::json!({
+                "pruned_from": input.file,
+                "ratio": target.ratio,
+                "criterion": target.criterion,
+                "skip_coupled": target.skip_coupled,
+            }),
+            ..input.meta().clone()
+        };
+        let meta = match input.meta().data_dir() {
+            Some(d) => meta.with_data_dir(&d),
+            None => meta,
+        };
+        let (a, b) = (input.arch(), &pruned.arch);
+        let details = serde_json::json!({
+            "groups": pruned.groups,
+            "params": [a.num_params(), b.num_params()],
+            "flops": [a.flops(), b.flops()],
+        });
+        let model = Model::save_tensors(
+            &cx.dir.join("pruned.safetensors"),
+            &pruned.arch,
+            pruned.tensors,
+            &meta,
+            &Default::default(),
+            &cx.device,
+        )?;
+        Ok(Outcome {
+            model,
+            details,
+            curve: vec![],
+        })
+    }
+}
+
+/// `convpress prune-filters`: the stage, then `finetune` in the same folder (`run_dir`, by
+/// default `runs/<model>-filters-<percent>-<criterion>`), with accuracy and latency of the
+/// dense, pruned and fine-tuned models; prints its tables and writes `report.json`.
+pub fn command(
+    stage: &PruneFilters,
+    finetune: &FinetuneParams,
+    checkpoint_path: &Path,
+    latency_seconds: f64,
+    run_dir: Option<std::path::PathBuf>,
+    cx: Context,
+) -> anyhow::Result<()> {
+    stage.target().map_err(anyhow::Error::msg)?;
+    if !(latency_seconds.is_finite() && latency_seconds > 0.0) {
+        bail!("--latency-seconds must be positive");
+    }
+    if finetune.train_limit == Some(0) || finetune.test_limit == Some(0) {
+        bail!("--train-limit and --test-limit must be at least 1");
+    }
+    let input = Model::open(checkpoint_path)?;
+    // Everything that can fail on input is checked before anything is written.
+    structured::prune(input.arch(), &input.loaded.tensors, &stage.target().expect("checked"))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", checkpoint_path.display()))?;
+    let test = measure::test_set(&input, &cx.data_dir_for(input.meta()), finetune.test_limit)?;
+    let dir = run_dir.unwrap_or_else(|| {
+        let criterion = clap::ValueEnum::to_possible_value(&stage.params.criterion)
+            .expect("a named value");
+        std::path::PathBuf::from("runs").join(format!(
+            "{}-filters-{}-{}",
+            input.arch().name,
+            (stage.params.ratio * 100.0).round(),
+            criterion.get_name()
+        ))
+    });
+    let cx = &Context { dir, ..cx };
+    if cx.dir.join("config.json").exists() || cx.dir.join("pruned.safetensors").exists() {
+        bail!(
+            "{} already holds a run: choose another --run-dir",
+            cx.dir.display()
+        );
+    }
+    std::fs::create_dir_all(&cx.dir)?;
+    let out = stage.run(Some(input.clone()), cx)?;
+
+    println!("{:<6} {:>9} {:>7}  producers", "group", "channels", "kept");
+    let groups: Vec<structured::ChannelGroup> =
+        serde_json::from_value(out.details["groups"].clone()).unwrap_or_default();
+    for (i, g) in groups.iter().enumerate() {
+        if g.producers.is_empty() {
+            continue;
+        }
+        let note = g
+            .fixed
+            .as_deref()
+            .map_or(String::new(), |f| format!(" (fixed: {f})"));
+        println!(
+            "{:<6} {:>9} {:>7}  {}{}",
+            i,
+            g.channels,
+            g.kept,
+            g.producers.join(" + "),
+            note
+        );
+    }
+
+    let device = &cx.device;
+    let (dense, _) = checkpoint::load(checkpoint_path, device)?;
+    let (cut, _) = checkpoint::load(&out.model.file, device)?;
+    let budget = Duration::from_secs_f64(latency_seconds);
+    let (_, acc_dense) = train::evaluate(&dense, &test, 256, device);
+    let (_, acc_cut) = train::evaluate(&cut, &test, 256, device);
+    let mut latency = serde_json::Map::new();
+    for (name, net) in [("dense", &dense), ("pruned", &cut)] {
+        for batch in [1usize, 64] {
+            let ms = bench::infer_latency(net, batch, budget, device);
+            latency.insert(format!("{name}_b{batch}_ms"), ms.into());
+        }
+    }
+    let (acc_tuned, model_path) = if finetune.epochs > 0 {
+        let tuned = Finetune {
+            params: finetune.clone(),
+        }
+        .run(Some(out.model.clone()), cx)?;
+        (tuned.curve.last().map(|m| m.test_acc), tuned.model.file)
+    } else {
+        (None, out.model.file.clone())
+    };
+
+    let (a, b) = (input.arch(), out.model.arch());
+    let ms = |k: &str| latency[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "{:<8} {:>10} {:>13} {:>10} {:>10} {:>9}",
+        "model", "params", "FLOPs", "b1 ms", "b64 ms", "accuracy"
+    );
+    for (name, arch, acc) in [("dense", a, acc_dense), ("pruned", b, acc_cut)] {
+        let tail = match (name, acc_tuned) {
+            ("pruned", Some(t)) => format!(
+                " -> {:.2}% after {} fine-tuning epochs",
+                100.0 * t,
+                finetune.epochs
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "{:<8} {:>10} {:>13} {:>10.3} {:>10.2} {:>8.2}%{tail}",
+            name,
+            arch.num_params(),
+            arch.flops(),
+            ms(&format!("{name}_b1_ms")),
+            ms(&format!("{name}_b64_ms")),
+            100.0 * acc
+        );
+    }
+    println!(
+        "params {:.2}x fewer, FLOPs {:.2}x fewer, latency {:.2}x (batch 1) and {:.2}x (batch 64) lower; saved to {}",
+        a.num_params() as f64 / b.num_params() as f64,
+        a.flops() as f64 / b.flops() as f64,
+        ms("dense_b1_ms") / ms("pruned_b1_ms"),
+        ms("dense_b64_ms") / ms("pruned_b64_ms"),
+        model_path.display()
+    );
+    let report = serde_json::json!({
+        "checkpoint": checkpoint_path,
+        "ratio": stage.params.ratio,
+        "criterion": stage.params.criterion,
+        "skip_coupled": stage.params.skip_coupled,
+        "groups": out.details["groups"],
+        "params": [a.num_params(), b.num_params()],
+        "flops": [a.flops(), b.flops()],
+        "latency": latency,
+        "threads": rayon::current_num_threads(),
+        "test_images": test.n,
+        "accuracy_dense": acc_dense,
+        "accuracy_pruned": acc_cut,
+        "accuracy_finetuned": acc_tuned,
+        "finetune_epochs": finetune.epochs,
+        "model": model_path,
+    });
+    crate::atomic_file::write_atomic(
+        &cx.dir.join("report.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    Ok(())
+}
