@@ -512,7 +512,9 @@ fn run_prune(args: PruneArgs, device: Device) -> anyhow::Result<()> {
         run_dir.display()
     );
     let cx = context(run_dir.clone(), device, args.data_dir, args.no_progress);
-    stage.plan(&crate::pipeline::Plan::of(&input), &cx).map_err(anyhow::Error::msg)?;
+    stage
+        .plan(&crate::pipeline::Plan::of(&input), &cx)
+        .map_err(anyhow::Error::msg)?;
     let out = stage.run(Some(input), &cx)?;
     crate::atomic_file::write_atomic(
         &run_dir.join("report.json"),

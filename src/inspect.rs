@@ -78,4 +78,3 @@ pub fn info(path: &Path, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
-

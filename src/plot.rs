@@ -70,10 +70,12 @@ fn colour(i: usize) -> RGBColor {
 
 /// `(lo, hi)` of the finite values, or `None`.
 fn extent(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
-    values.filter(|v| v.is_finite()).fold(None, |acc, v| match acc {
-        None => Some((v, v)),
-        Some((lo, hi)) => Some((lo.min(v), hi.max(v))),
-    })
+    values
+        .filter(|v| v.is_finite())
+        .fold(None, |acc, v| match acc {
+            None => Some((v, v)),
+            Some((lo, hi)) => Some((lo.min(v), hi.max(v))),
+        })
 }
 
 /// A data range with 5% margins, widened if it is empty.
@@ -86,8 +88,11 @@ fn padded((lo, hi): (f64, f64)) -> (f64, f64) {
 fn legend(area: &DrawingArea<SVGBackend, Shift>, names: &[String]) -> Result<(), String> {
     for (i, name) in names.iter().enumerate() {
         let y = 50 + 20 * i as i32;
-        area.draw(&Rectangle::new([(8, y - 6), (20, y + 6)], colour(i).filled()))
-            .map_err(|e| e.to_string())?;
+        area.draw(&Rectangle::new(
+            [(8, y - 6), (20, y + 6)],
+            colour(i).filled(),
+        ))
+        .map_err(|e| e.to_string())?;
         area.draw(&Text::new(name.clone(), (26, y - 7), ("sans-serif", 13)))
             .map_err(|e| e.to_string())?;
     }
@@ -298,8 +303,8 @@ impl BarChart {
         let names: Vec<String> = self.series.iter().map(|s| s.0.clone()).collect();
         let (width, legend_w) = layout(&names);
         let (y0, y1) = self.y_range.unwrap_or_else(|| {
-            let (lo, hi) = extent(self.series.iter().flat_map(|s| s.1.iter().copied()))
-                .unwrap_or((0.0, 1.0));
+            let (lo, hi) =
+                extent(self.series.iter().flat_map(|s| s.1.iter().copied())).unwrap_or((0.0, 1.0));
             (lo.min(0.0), hi.max(lo + 1e-9) * 1.08)
         });
         let root = SVGBackend::with_string(out, (width, HEIGHT)).into_drawing_area();
@@ -329,11 +334,12 @@ impl BarChart {
         // Category names under their groups, placed in pixels (the axis has no ticks there).
         for (i, name) in self.categories.iter().enumerate() {
             let (px, py) = chart.backend_coord(&(i as f64 + 0.5, y0));
-            let style = TextStyle::from(("sans-serif", 13).into_font())
-                .pos(plotters::style::text_anchor::Pos::new(
+            let style = TextStyle::from(("sans-serif", 13).into_font()).pos(
+                plotters::style::text_anchor::Pos::new(
                     plotters::style::text_anchor::HPos::Center,
                     plotters::style::text_anchor::VPos::Top,
-                ));
+                ),
+            );
             plot.draw(&Text::new(name.clone(), (px, py + 6), style))
                 .map_err(err)?;
         }
@@ -346,7 +352,10 @@ impl BarChart {
                 .filter(|(_, v)| v.is_finite())
                 .map(|(i, &v)| {
                     let x = i as f64 + 0.1 + w * j as f64;
-                    Rectangle::new([(x, y0.max(0.0).min(v)), (x + w * 0.9, v)], colour(j).filled())
+                    Rectangle::new(
+                        [(x, y0.max(0.0).min(v)), (x + w * 0.9, v)],
+                        colour(j).filled(),
+                    )
                 });
             chart.draw_series(bars).map_err(err)?;
         }
@@ -404,7 +413,10 @@ mod tests {
         assert_well_formed(&svg);
         // Text is escaped; each series has one line and one marker per finite point, and a
         // legend entry; the NaN point is skipped.
-        assert!(svg.contains("Sensitivity &lt;LeNet-5&gt; &amp; co"), "{svg}");
+        assert!(
+            svg.contains("Sensitivity &lt;LeNet-5&gt; &amp; co"),
+            "{svg}"
+        );
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert_eq!(svg.matches("<circle").count(), 3 + 3);
         assert!(svg.contains("conv1") && svg.contains("fc1") && svg.contains("unpruned"));
@@ -418,7 +430,14 @@ mod tests {
             ..chart()
         };
         let width = |svg: &str| -> f64 {
-            svg.split("width=\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap()
+            svg.split("width=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
         };
         assert!(width(&long.to_svg()) >= width(&svg) + 50.0 * CHAR_W as f64);
     }
@@ -437,7 +456,11 @@ mod tests {
         };
         let svg = c.to_svg();
         assert_well_formed(&svg);
-        assert_eq!(svg.matches("<circle").count(), 2, "x = 0 has no place on a log axis");
+        assert_eq!(
+            svg.matches("<circle").count(),
+            2,
+            "x = 0 has no place on a log axis"
+        );
         assert!(svg.contains("encode"));
     }
 

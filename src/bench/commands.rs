@@ -129,7 +129,6 @@ pub fn compare_latency(
     Ok(())
 }
 
-
 /// `convpress bench sparse` without a checkpoint: CSR against dense for single layers.
 pub fn compare_sparse_layers(
     sparsity: &[f64],
@@ -198,7 +197,6 @@ pub fn compare_sparse_layers(
     Ok(())
 }
 
-
 /// Whole-model inference of a pruned checkpoint: Burn dense against the sparse runtime, and
 /// how closely their class scores agree on real test images.
 pub fn compare_model(path: &std::path::Path, cmp: &ModelComparison) -> anyhow::Result<()> {
@@ -210,7 +208,8 @@ pub fn compare_model(path: &std::path::Path, cmp: &ModelComparison) -> anyhow::R
         data_dir,
         per_layer,
     } = cmp;
-    let (batch, seconds, json, limit, per_layer) = (&batch[..], *seconds, *json, *limit, *per_layer);
+    let (batch, seconds, json, limit, per_layer) =
+        (&batch[..], *seconds, *json, *limit, *per_layer);
     let data_dir = data_dir.clone();
     use crate::runtime::model::SparseModel;
     check_bench_args(batch, seconds)?;

@@ -57,7 +57,6 @@ pub fn check_bench_args(batch: &[usize], seconds: f64) -> anyhow::Result<()> {
     Ok(())
 }
 
-
 fn time_loop(budget: Duration, mut step: impl FnMut()) -> (usize, f64) {
     step();
     let start = Instant::now();

@@ -379,7 +379,6 @@ pub struct SensitivityArgs {
     pub no_progress: bool,
 }
 
-
 /// `convpress sensitivity`: the analysis of one checkpoint, its table, and its files in
 /// `args.out` (nothing is written if any argument is wrong).
 pub fn command(args: &SensitivityArgs, device: Device) -> anyhow::Result<()> {
@@ -395,8 +394,8 @@ pub fn command(args: &SensitivityArgs, device: Device) -> anyhow::Result<()> {
     if args.limit == Some(0) {
         bail!("--limit must be at least 1");
     }
-    let sparsities = check_sparsities(&args.sparsities)
-        .map_err(|e| anyhow::anyhow!("--sparsities: {e}"))?;
+    let sparsities =
+        check_sparsities(&args.sparsities).map_err(|e| anyhow::anyhow!("--sparsities: {e}"))?;
     if let Some(d) = args.max_drop
         && !(d.is_finite() && d >= 0.0)
     {
@@ -411,8 +410,7 @@ pub fn command(args: &SensitivityArgs, device: Device) -> anyhow::Result<()> {
         .map(|(p, _, d)| (p, d.shape().to_vec()))
         .collect();
     let all = prunable_weights(shapes.iter().map(|(p, s)| (p.as_str(), s.as_slice())));
-    let layers =
-        select_layers(&all, &args.layers).map_err(|e| anyhow::anyhow!("--layers: {e}"))?;
+    let layers = select_layers(&all, &args.layers).map_err(|e| anyhow::anyhow!("--layers: {e}"))?;
     let test = checkpoint::test_split(
         &args.checkpoint,
         &model.arch,

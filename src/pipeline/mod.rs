@@ -75,8 +75,9 @@ impl Model {
         device: &Device,
     ) -> anyhow::Result<Model> {
         let network = Network::new(arch, device).map_err(anyhow::Error::msg)?;
-        let network = checkpoint::load_tensors(network, tensors)
-            .map_err(|e| anyhow::anyhow!("internal error: tensors do not fit {}: {e}", arch.name))?;
+        let network = checkpoint::load_tensors(network, tensors).map_err(|e| {
+            anyhow::anyhow!("internal error: tensors do not fit {}: {e}", arch.name)
+        })?;
         Model::save(file, &network, meta, constraints)
     }
 

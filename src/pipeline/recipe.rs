@@ -234,7 +234,9 @@ fn parse_text(text: &str) -> Result<Parsed, Error> {
             other => {
                 return Err(Error::at(
                     key.span(),
-                    format!("unknown key {other:?}: a recipe has description, [report] and [[stage]] tables"),
+                    format!(
+                        "unknown key {other:?}: a recipe has description, [report] and [[stage]] tables"
+                    ),
                 ));
             }
         }
@@ -255,17 +257,15 @@ fn parse_stage(text: &str, item: &Spanned<DeValue<'_>>) -> Result<Entry, Error> 
         .as_table()
         .ok_or_else(|| Error::at(span.clone(), "a stage must be a table"))?
         .clone();
-    let kind = table
-        .remove("kind")
-        .ok_or_else(|| {
-            Error::at(
-                span.clone(),
-                format!(
-                    "this stage has no kind: add kind = \"...\", one of {}",
-                    registry::names()
-                ),
-            )
-        })?;
+    let kind = table.remove("kind").ok_or_else(|| {
+        Error::at(
+            span.clone(),
+            format!(
+                "this stage has no kind: add kind = \"...\", one of {}",
+                registry::names()
+            ),
+        )
+    })?;
     let name = kind
         .get_ref()
         .as_str()
@@ -274,7 +274,10 @@ fn parse_stage(text: &str, item: &Spanned<DeValue<'_>>) -> Result<Entry, Error> 
     let entry = registry::find(&name).ok_or_else(|| {
         Error::at(
             kind.span(),
-            format!("unknown stage {name:?}: the stages are {}", registry::names()),
+            format!(
+                "unknown stage {name:?}: the stages are {}",
+                registry::names()
+            ),
         )
     })?;
     let layers = table.remove("layers");

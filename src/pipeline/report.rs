@@ -65,7 +65,9 @@ impl Report {
     /// The file size each ratio is taken against: the first stage's file (or the starting
     /// checkpoint's, which the first entry measures when a run starts from one).
     fn base_bytes(&self) -> u64 {
-        self.stages.first().map_or(1, |e| e.figures.file_bytes.max(1))
+        self.stages
+            .first()
+            .map_or(1, |e| e.figures.file_bytes.max(1))
     }
 
     /// The stage table as Markdown (a terminal reads it as well).
@@ -145,7 +147,9 @@ impl Report {
                 e.file.display(),
                 e.settings
             );
-            o.push_str("| layer | kind | weights | kept | kept % | bits |\n|---|---|---|---|---|---|\n");
+            o.push_str(
+                "| layer | kind | weights | kept | kept % | bits |\n|---|---|---|---|---|---|\n",
+            );
             for l in &e.layers {
                 let _ = writeln!(
                     o,
@@ -179,7 +183,12 @@ impl Report {
                 points: points.clone(),
             }],
             log_x: true,
-            notes: notes(self.stages.iter().zip(&points).map(|(e, &p)| (p, e.label()))),
+            notes: notes(
+                self.stages
+                    .iter()
+                    .zip(&points)
+                    .map(|(e, &p)| (p, e.label())),
+            ),
             ..Default::default()
         };
         let categories: Vec<String> = self

@@ -34,7 +34,9 @@ pub struct RunOptions {
 
 /// The folder of stage `index` (0-based) of kind `kind`.
 pub fn stage_dir(run_dir: &Path, index: usize, kind: &str) -> PathBuf {
-    run_dir.join("stages").join(format!("{:02}-{kind}", index + 1))
+    run_dir
+        .join("stages")
+        .join(format!("{:02}-{kind}", index + 1))
 }
 
 fn resolved(recipe: &Recipe, opts: &RunOptions) -> serde_json::Value {
@@ -70,7 +72,9 @@ pub fn plan(recipe: &Recipe, input: Option<&Model>, cx: &Context) -> anyhow::Res
 /// Runs `recipe` as `opts` says; returns the report it wrote.
 pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<Report> {
     let input = match &opts.from {
-        Some(path) => Some(Model::open(path).with_context(|| format!("--from {}", path.display()))?),
+        Some(path) => {
+            Some(Model::open(path).with_context(|| format!("--from {}", path.display()))?)
+        }
         None => None,
     };
     if let Some(m) = &input {
@@ -101,7 +105,9 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
             );
         }
         for (i, e) in recipe.stages.iter().enumerate() {
-            let done = stage_dir(run_dir, i, e.stage.kind()).join("stage.json").exists();
+            let done = stage_dir(run_dir, i, e.stage.kind())
+                .join("stage.json")
+                .exists();
             if done && had["stages"].get(i) != want["stages"].get(i) {
                 bail!(
                     "cannot resume: stage {} ({}) finished with other settings than {} gives now; use another --run-dir",
@@ -122,7 +128,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
     write_atomic(&run_dir.join("recipe.toml"), recipe.text.as_bytes())?;
-    write_atomic(&resolved_path, serde_json::to_string_pretty(&want)?.as_bytes())?;
+    write_atomic(
+        &resolved_path,
+        serde_json::to_string_pretty(&want)?.as_bytes(),
+    )?;
 
     let mut report = Report {
         recipe: recipe.path.clone(),
@@ -138,7 +147,16 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
     if let Some(m) = &input {
         // The starting point is entry 0, so ratios are taken against it.
         let (figures, layers) = measure::measure(m, cx, &recipe.report)?;
-        report.stages.push(entry(0, "from", 0, serde_json::json!({}), 0.0, m, figures, layers));
+        report.stages.push(entry(
+            0,
+            "from",
+            0,
+            serde_json::json!({}),
+            0.0,
+            m,
+            figures,
+            layers,
+        ));
     }
     let mut model = input;
     let n = recipe.stages.len();
@@ -149,7 +167,11 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
         if done.exists() {
             let entry: Entry = serde_json::from_str(&std::fs::read_to_string(&done)?)
                 .with_context(|| format!("{} is damaged", done.display()))?;
-            eprintln!("stage {}/{n}: {kind} finished already ({})", i + 1, dir.display());
+            eprintln!(
+                "stage {}/{n}: {kind} finished already ({})",
+                i + 1,
+                dir.display()
+            );
             model = Some(Model::open(&entry.file)?);
             report.stages.push(entry);
             continue;
@@ -178,9 +200,23 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
         out.model
             .constraints
             .check(&out.model.loaded.tensors)
-            .map_err(|why| anyhow::anyhow!("internal error: stage {} ({kind}) broke an earlier stage's constraint: {why}", i + 1))?;
+            .map_err(|why| {
+                anyhow::anyhow!(
+                    "internal error: stage {} ({kind}) broke an earlier stage's constraint: {why}",
+                    i + 1
+                )
+            })?;
         let (figures, layers) = measure::measure(&out.model, &stage_cx, &recipe.report)?;
-        let mut ent = entry(i + 1, kind, e.line, e.stage.settings(), seconds, &out.model, figures, layers);
+        let mut ent = entry(
+            i + 1,
+            kind,
+            e.line,
+            e.stage.settings(),
+            seconds,
+            &out.model,
+            figures,
+            layers,
+        );
         ent.details = out.details;
         ent.curve = out.curve;
         append_metrics(&metrics_path, &ent)?;

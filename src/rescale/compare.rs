@@ -179,7 +179,6 @@ pub struct CompareArgs {
     pub no_progress: bool,
 }
 
-
 /// `convpress rescale-compare`: [`compare`] for every schedule the flags list, its table,
 /// `compare.json` and `compare.svg`.
 pub fn command(args: &CompareArgs, device: burn::prelude::Device) -> anyhow::Result<()> {
@@ -277,9 +276,8 @@ pub fn command(args: &CompareArgs, device: burn::prelude::Device) -> anyhow::Res
             );
         }
     }
-    let stat = |f: &dyn Fn(&SeedResult) -> f64| {
-        mean_std(&results.iter().map(f).collect::<Vec<_>>())
-    };
+    let stat =
+        |f: &dyn Fn(&SeedResult) -> f64| mean_std(&results.iter().map(f).collect::<Vec<_>>());
     let (ba, bas) = stat(&|r| 100.0 * r.baseline_acc());
     let (bt, bts) = stat(&|r| r.baseline_seconds());
     println!("mean ± std over {} seeds:", results.len());

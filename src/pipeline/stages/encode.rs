@@ -110,8 +110,8 @@ impl Stage for Encode {
         names.sort();
         let mut payloads = Vec::new();
         for name in names {
-            let (values, shape) =
-                crate::checkpoint::floats(&input.loaded.tensors, name).map_err(anyhow::Error::msg)?;
+            let (values, shape) = crate::checkpoint::floats(&input.loaded.tensors, name)
+                .map_err(anyhow::Error::msg)?;
             let payload = match (books.get(name), gaps.get(name)) {
                 (Some(book), Some(&gap_bits)) => TensorPayload::Shared {
                     centroids: book.centroids.clone(),
@@ -123,8 +123,8 @@ impl Stage for Encode {
             };
             payloads.push((name.clone(), shape, payload));
         }
-        let (bytes, stages) = format::encode(input.arch(), input.meta(), payloads)
-            .map_err(anyhow::Error::msg)?;
+        let (bytes, stages) =
+            format::encode(input.arch(), input.meta(), payloads).map_err(anyhow::Error::msg)?;
         let out = self.out.clone().unwrap_or_else(|| cx.dir.join("model.cpz"));
         crate::atomic_file::write_atomic(&out, &bytes)
             .with_context(|| format!("cannot write {}", out.display()))?;

@@ -126,7 +126,11 @@ impl Prune {
             select_layers(&prunable, layers).map_err(|e| anyhow::anyhow!("--layers: {e}"))?;
             if !layers.is_empty() {
                 params.sparsity = None;
-                rules.extend(layers.iter().map(|l| (l.clone(), LayerSparsity { sparsity: s })));
+                rules.extend(
+                    layers
+                        .iter()
+                        .map(|l| (l.clone(), LayerSparsity { sparsity: s })),
+                );
             }
         }
         let names: Vec<String> = named.iter().map(|(l, _)| l.clone()).collect();

@@ -137,12 +137,16 @@ pub fn command(
     }
     let input = Model::open(checkpoint_path)?;
     // Everything that can fail on input is checked before anything is written.
-    structured::prune(input.arch(), &input.loaded.tensors, &stage.target().expect("checked"))
-        .map_err(|e| anyhow::anyhow!("{}: {e}", checkpoint_path.display()))?;
+    structured::prune(
+        input.arch(),
+        &input.loaded.tensors,
+        &stage.target().expect("checked"),
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", checkpoint_path.display()))?;
     let test = measure::test_set(&input, &cx.data_dir_for(input.meta()), finetune.test_limit)?;
     let dir = run_dir.unwrap_or_else(|| {
-        let criterion = clap::ValueEnum::to_possible_value(&stage.params.criterion)
-            .expect("a named value");
+        let criterion =
+            clap::ValueEnum::to_possible_value(&stage.params.criterion).expect("a named value");
         std::path::PathBuf::from("runs").join(format!(
             "{}-filters-{}-{}",
             input.arch().name,

@@ -75,11 +75,7 @@ impl<'de> Deserialize<'de> for RescaleAt {
 /// `14x14` (or `14`) as `[14, 14]`.
 pub fn parse_hw(s: &str) -> Result<[usize; 2], String> {
     let parts: Vec<&str> = s.split(['x', 'X']).collect();
-    let num = |p: &str, what: &str| {
-        p.trim()
-            .parse()
-            .map_err(|_| format!("bad {what} in {s:?}"))
-    };
+    let num = |p: &str, what: &str| p.trim().parse().map_err(|_| format!("bad {what} in {s:?}"));
     match parts[..] {
         [h, w] => Ok([num(h, "height")?, num(w, "width")?]),
         [n] => {
@@ -355,7 +351,10 @@ impl Stage for Train {
 
     fn run(&self, input: Option<Model>, cx: &Context) -> anyhow::Result<Outcome> {
         if input.is_some() {
-            bail!("{} trains from scratch and takes no input model", self.kind());
+            bail!(
+                "{} trains from scratch and takes no input model",
+                self.kind()
+            );
         }
         let p = self.params();
         let config = p.config(cx.data_dir.as_deref());
@@ -381,7 +380,10 @@ impl Stage for Train {
             }
             None => {
                 let out = train::train(&config, vec![], &options)?;
-                let seconds = out.metrics.last().map_or(0.0, |m| m.cumulative_train_seconds);
+                let seconds = out
+                    .metrics
+                    .last()
+                    .map_or(0.0, |m| m.cumulative_train_seconds);
                 let details = serde_json::json!({ "train_seconds": seconds });
                 (out.model_path, out.metrics, details)
             }
@@ -432,7 +434,10 @@ pub fn resume(run_dir: &Path, epochs: Option<usize>, cx: &Context) -> anyhow::Re
         crate::atomic_file::write_atomic(&path, serde_json::to_string_pretty(&config)?.as_bytes())?;
     }
     let out = train::train(&config, vec![], &cx.train_options(run_dir, true))?;
-    let seconds = out.metrics.last().map_or(0.0, |m| m.cumulative_train_seconds);
+    let seconds = out
+        .metrics
+        .last()
+        .map_or(0.0, |m| m.cumulative_train_seconds);
     let outcome = Outcome {
         model: Model::open(&out.model_path)?,
         details: serde_json::json!({ "train_seconds": seconds }),
