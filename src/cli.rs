@@ -8,13 +8,13 @@ use crate::device::Backend;
 use crate::models::ModelKind;
 use crate::pipeline::recipe::Recipe;
 use crate::pipeline::runner::{self, RunOptions};
-use crate::pipeline::stages::encode::{self, Encode, EncodeParams};
+use crate::pipeline::stages::encode::{self, EncodeParams};
 use crate::pipeline::stages::eval::{self, Eval, EvalParams};
-use crate::pipeline::stages::finetune::{Finetune, FinetuneParams};
-use crate::pipeline::stages::prune::{self, Prune, PruneParams};
+use crate::pipeline::stages::finetune::FinetuneParams;
+use crate::pipeline::stages::prune::{self, PruneParams};
 use crate::pipeline::stages::prune_filters::{self, FilterParams, PruneFilters};
-use crate::pipeline::stages::share::{Share, ShareParams};
-use crate::pipeline::stages::train::{self, Train, TrainParams};
+use crate::pipeline::stages::share::ShareParams;
+use crate::pipeline::stages::train::{self, TrainParams};
 use crate::pipeline::{Context, Model, Stage, report};
 use anyhow::{Context as _, bail};
 use burn::prelude::Device;
@@ -330,15 +330,6 @@ fn context(dir: PathBuf, device: Device, data_dir: Option<PathBuf>, no_progress:
     }
 }
 
-/// `runs/<name>-<unix time>`.
-fn timestamped(name: &str) -> PathBuf {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    PathBuf::from("runs").join(format!("{name}-{secs}"))
-}
-
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::kernels::set_default_ops(cli.ops);
     if let Some(n) = cli.threads {
@@ -369,9 +360,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             params,
         } => {
+            let stage = Eval { params };
+            stage.check().map_err(anyhow::Error::msg)?;
             let model = Model::open(&checkpoint)?;
             let cx = context(PathBuf::new(), device()?, data_dir, true);
-            let out = Eval { params }.run(Some(model), &cx)?;
+            let out = stage.run(Some(model), &cx)?;
             println!("{}", eval::summary(&out));
             Ok(())
         }
@@ -432,208 +425,58 @@ fn run_bench(
             batch,
             seconds,
         } => bench::compare_latency(&checkpoint, &batch, seconds, &device()?),
-        BenchCommand::Ops { seconds, json } => bench::print_ops(&device()?, seconds, json),
+        BenchCommand::Ops { seconds, json } => {
+            crate::bench::check_bench_args(&[1], seconds)?;
+            bench::print_ops(&device()?, seconds, json)
+        }
         BenchCommand::Train {
             model,
             batch,
             mode,
             seconds,
             json,
-        } => bench::print_train(&device()?, model, &batch, &mode, seconds, json),
+        } => {
+            crate::bench::check_bench_args(&batch, seconds)?;
+            bench::print_train(&device()?, model, &batch, &mode, seconds, json)
+        }
     }
 }
 
 fn run_train(args: TrainArgs, device: Device) -> anyhow::Result<()> {
-    let p = &args.params;
-    if args.resume {
-        let run_dir = args.run_dir.clone().expect("clap requires --run-dir");
-        let cx = context(run_dir.clone(), device, None, args.no_progress);
-        println!("{}", train::resume(&run_dir, p.epochs, &cx)?);
-        return Ok(());
-    }
-    let config = p.config(None);
-    let run_dir = args.run_dir.clone().unwrap_or_else(|| {
-        timestamped(&format!(
-            "{}-{}",
-            config.model.name(),
-            config.dataset.name()
-        ))
-    });
-    eprintln!(
-        "training {} on {} for {} epochs (seed {}), run folder {}",
-        config.model.name(),
-        config.dataset.name(),
-        config.epochs,
-        config.seed,
-        run_dir.display()
-    );
-    let cx = context(run_dir, device, None, args.no_progress);
-    let out = Train::new(p.clone()).run(None, &cx)?;
-    println!("{}", train::summary(&config, &out));
-    Ok(())
+    let cx = context(PathBuf::new(), device, None, args.no_progress);
+    train::command(&args.params, args.run_dir, args.resume, cx)
 }
 
 fn run_prune(args: PruneArgs, device: Device) -> anyhow::Result<()> {
-    // The target first: an impossible one is refused before anything is read.
-    Prune::check_sparsity_flag(args.params.sparsity)?;
-    let input = Model::open(&args.checkpoint)?;
-    let stage = Prune::from_flags(
-        args.params.clone(),
+    let cx = context(PathBuf::new(), device, args.data_dir, args.no_progress);
+    prune::command(
+        &args.checkpoint,
+        args.params,
         &args.layers,
         &args.layer_sparsity,
-        &input,
-    )?;
-    let targets = stage
-        .targets(&crate::pipeline::layers::weighted_layer_paths(input.arch()))
-        .map_err(anyhow::Error::msg)?;
-    let name = &input.arch().name;
-    let first = targets.values().next().copied().unwrap_or(0.0);
-    let uniform = targets.values().all(|&s| s == first);
-    let run_dir = args.run_dir.clone().unwrap_or_else(|| {
-        PathBuf::from("runs").join(if uniform {
-            format!("{name}-pruned-{}", (first * 100.0).round())
-        } else {
-            format!("{name}-pruned-per-layer")
-        })
-    });
-    let what = if uniform {
-        format!("{:.1}% sparsity", 100.0 * first)
-    } else {
-        let per: Vec<String> = targets
-            .iter()
-            .map(|(l, s)| format!("{l} {:.1}%", 100.0 * s))
-            .collect();
-        format!("per-layer sparsity ({})", per.join(", "))
-    };
-    eprintln!(
-        "pruning {} to {what} over {} retraining epochs, run folder {}",
-        args.checkpoint.display(),
-        args.params.epochs,
-        run_dir.display()
-    );
-    let cx = context(run_dir.clone(), device, args.data_dir, args.no_progress);
-    stage
-        .plan(&crate::pipeline::Plan::of(&input), &cx)
-        .map_err(anyhow::Error::msg)?;
-    let out = stage.run(Some(input), &cx)?;
-    crate::atomic_file::write_atomic(
-        &run_dir.join("report.json"),
-        serde_json::to_string_pretty(&serde_json::json!({
-            "checkpoint": args.checkpoint,
-            "rules": targets,
-            "epochs": args.params.epochs,
-            "layers": out.details["layers"],
-            "test_acc": out.curve.last().map(|m| m.test_acc),
-            "model": out.model.file,
-        }))?
-        .as_bytes(),
-    )?;
-    println!("{}", prune::table(&out));
-    Ok(())
+        args.run_dir,
+        cx,
+    )
 }
 
 fn run_encode(args: EncodeArgs, device: Device) -> anyhow::Result<()> {
-    use crate::pipeline::stages::share::check_bits;
-    for (flag, v) in [
-        ("--conv-bits", args.share.conv_bits),
-        ("--fc-bits", args.share.fc_bits),
-    ] {
-        check_bits(flag, v).map_err(anyhow::Error::msg)?;
-    }
-    for (flag, v) in [
-        ("--conv-gap-bits", args.encode.conv_gap_bits),
-        ("--fc-gap-bits", args.encode.fc_gap_bits),
-    ] {
-        encode::check_gap_bits(flag, v).map_err(anyhow::Error::msg)?;
-    }
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| args.checkpoint.with_extension("cpz"));
-    let source = Model::open(&args.checkpoint)?;
-    // Share, fine-tune the centroids if asked, encode: the stages of a recipe, run here with
-    // the files where this command has always put them.
-    let work = args
-        .run_dir
-        .clone()
-        .unwrap_or_else(|| out.with_extension("finetune"));
-    let scratch = std::env::temp_dir().join(format!("convpress-encode-{}", std::process::id()));
-    let share_dir = if args.finetune_epochs > 0 {
-        eprintln!(
-            "fine-tuning the shared weights for {} epochs, run folder {}",
-            args.finetune_epochs,
-            work.display()
-        );
-        work.join("shared")
-    } else {
-        scratch.clone()
-    };
-    std::fs::create_dir_all(&share_dir)?;
-    let cx = context(share_dir, device, args.data_dir.clone(), false);
-    let share = Share {
-        params: args.share.clone(),
-        layers: Default::default(),
-    };
-    let mut model = share.run(Some(source.clone()), &cx)?.model;
-    if args.finetune_epochs > 0 {
-        let finetune = Finetune {
-            params: FinetuneParams {
-                epochs: args.finetune_epochs,
-                lr: args.finetune_lr,
-                seed: 1,
-                train_limit: None,
-                test_limit: None,
-            },
-        };
-        let cx = Context {
-            dir: work,
-            ..cx.clone()
-        };
-        model = finetune.run(Some(model), &cx)?.model;
-    }
-    let stage = Encode {
-        params: args.encode.clone(),
-        layers: Default::default(),
-        out: Some(out.clone()),
-    };
-    let encoded = stage.run(Some(model), &cx);
-    let _ = std::fs::remove_dir_all(&scratch);
-    let encoded = encoded?;
-    let d = &encoded.details;
-    let file_bytes = d["file_bytes"].as_u64().unwrap_or(0) as usize;
-    crate::atomic_file::write_atomic(
-        &out.with_extension("report.json"),
-        serde_json::to_string_pretty(&serde_json::json!({
-            "checkpoint": args.checkpoint,
-            "file": out,
-            "file_bytes": file_bytes,
-            "dense_bytes": d["dense_bytes"],
-            "stages": d["stages"],
-            "finetune_epochs": args.finetune_epochs,
-        }))?
-        .as_bytes(),
-    )?;
-    let stages: Vec<crate::compress::format::StageBytes> =
-        serde_json::from_value(d["stages"].clone())?;
-    println!("{}", encode::stage_table(&stages, file_bytes, &out));
-    // The decoded file is the model that counts: evaluate it, and the source, if data is here.
-    let eval = Eval {
-        params: EvalParams::default(),
-    };
-    let acc = |m: Model| -> anyhow::Result<f64> {
-        let out = eval.run(Some(m), &cx)?;
-        Ok(out.details["test_acc"].as_f64().unwrap_or(f64::NAN))
-    };
-    match acc(source).and_then(|a| Ok((a, acc(encoded.model)?))) {
-        Ok((a_src, a_dec)) => println!(
-            "test accuracy: {:.2}% before encoding, {:.2}% decoded from {}",
-            100.0 * a_src,
-            100.0 * a_dec,
-            out.display()
-        ),
-        Err(e) => println!("(not evaluated: {e:#})"),
-    }
-    Ok(())
+    let finetune = (args.finetune_epochs > 0).then_some(FinetuneParams {
+        epochs: args.finetune_epochs,
+        lr: args.finetune_lr,
+        seed: 1,
+        train_limit: None,
+        test_limit: None,
+    });
+    let cx = context(PathBuf::new(), device, args.data_dir, false);
+    encode::command(
+        &args.checkpoint,
+        args.out,
+        args.share,
+        args.encode,
+        finetune,
+        args.run_dir,
+        cx,
+    )
 }
 
 fn run_compress(args: CompressArgs, device: Device) -> anyhow::Result<()> {
@@ -661,27 +504,5 @@ fn run_compress(args: CompressArgs, device: Device) -> anyhow::Result<()> {
 }
 
 fn run_report(args: ReportArgs) -> anyhow::Result<()> {
-    let reports = args
-        .runs
-        .iter()
-        .map(|r| Ok((r.display().to_string(), report::Report::read(r)?)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    if let [(_, r)] = &reports[..] {
-        // One run: its table, and its report.md and charts drawn again from report.json.
-        r.write(&args.runs[0])?;
-        println!("{}", r.table());
-        return Ok(());
-    }
-    let (table, chart) = report::compare(&reports);
-    let out = args.out.unwrap_or_else(|| PathBuf::from("runs/compare"));
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    crate::atomic_file::write_atomic(
-        &out.join("compare.md"),
-        format!("# convpress runs compared\n\n{table}\n![accuracy against size](compare.svg)\n")
-            .as_bytes(),
-    )?;
-    crate::atomic_file::write_atomic(&out.join("compare.svg"), chart.to_svg().as_bytes())?;
-    println!("{table}");
-    println!("wrote {} and compare.svg", out.join("compare.md").display());
-    Ok(())
+    report::command(&args.runs, args.out.as_deref())
 }

@@ -221,7 +221,7 @@ pub fn compare_model(path: &std::path::Path, cmp: &ModelComparison) -> anyhow::R
     let input = sparse.arch.input;
     let len: usize = input.iter().product();
     // Real test images when the checkpoint's dataset is there, else Gaussian noise.
-    let dir = data_dir.unwrap_or_else(|| meta.dataset.default_dir());
+    let dir = meta.data_dir_or(data_dir.as_deref());
     let (images, labels) = match data::load(meta.dataset, &dir) {
         Ok(splits) if meta.preprocess.output_shape(splits.test.image_shape()) == input => {
             let test = meta.preprocess.apply(&splits.test.take(limit.max(1)));

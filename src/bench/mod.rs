@@ -44,8 +44,6 @@ pub fn bench_input(model: ModelKind) -> [usize; 3] {
     }
 }
 
-/// Runs `step` once to warm up, then repeatedly until `budget` has passed (at least 3 times);
-/// returns the number of iterations and the seconds they took.
 /// Refuses benchmark settings that cannot be measured.
 pub fn check_bench_args(batch: &[usize], seconds: f64) -> anyhow::Result<()> {
     if batch.contains(&0) {
@@ -57,6 +55,8 @@ pub fn check_bench_args(batch: &[usize], seconds: f64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `step` once to warm up, then repeatedly until `budget` has passed (at least 3 times);
+/// returns the number of iterations and the seconds they took.
 fn time_loop(budget: Duration, mut step: impl FnMut()) -> (usize, f64) {
     step();
     let start = Instant::now();

@@ -142,6 +142,16 @@ impl TensorEntry {
     }
 }
 
+/// How each tensor of a model file is stored (its header entries, bits included). The file
+/// is fully decoded first, so a damaged one is refused.
+pub fn entries(bytes: &[u8]) -> Result<Vec<TensorEntry>, String> {
+    decode(bytes)?;
+    let hlen = u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes")) as usize;
+    let header: Header =
+        serde_json::from_slice(&bytes[20..20 + hlen]).map_err(|e| e.to_string())?;
+    Ok(header.tensors)
+}
+
 /// Bytes of each compression stage per tensor of a model file, read back from the file (what
 /// `convpress info` shows). The file is fully decoded first, so a damaged one is refused.
 pub fn stages(bytes: &[u8]) -> Result<Vec<StageBytes>, String> {

@@ -20,10 +20,6 @@ impl<T> Default for LayerRules<T> {
 }
 
 impl<T: Clone> LayerRules<T> {
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// The value of every layer of `layers` that some pattern names (the last match wins);
     /// refuses a pattern that names none of them, listing the ones that exist.
     pub fn resolve(&self, layers: &[String]) -> Result<BTreeMap<String, T>, String> {

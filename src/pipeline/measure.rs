@@ -30,16 +30,21 @@ pub struct Figures {
     pub flops: u64,
     /// FLOPs per image when the zero weights of conv and linear layers are skipped.
     pub flops_nonzero: u64,
-    /// `sparse` (convpress's CSR and sparse-im2col runtime) or `dense`.
-    pub runtime: String,
     pub latency: Vec<Latency>,
 }
 
+/// Latency at one batch size on the runtime that would serve the model: the faster of
+/// convpress's dense kernels (through Burn) and, for a model that is mostly zeros, its sparse
+/// runtime (CSR linear layers, sparse im2col convolutions).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
     pub batch: usize,
-    /// Milliseconds per forward pass of the whole batch.
+    /// Milliseconds per forward pass of the whole batch, on `runtime`.
     pub ms: f64,
+    /// `dense` or `sparse`.
+    pub runtime: String,
+    /// Milliseconds on the dense runtime (equal to `ms` when it is the one chosen).
+    pub dense_ms: f64,
 }
 
 /// One conv or linear layer: how much of it is left, and how many bits a weight takes.
@@ -58,17 +63,28 @@ pub fn test_set(model: &Model, dir: &Path, limit: Option<usize>) -> anyhow::Resu
     checkpoint::test_split(&model.file, model.arch(), model.meta(), dir, limit)
 }
 
-/// Kept weights and bits of every conv and linear layer.
+/// Kept weights and bits of every conv and linear layer: bits from the codebooks, or for a
+/// compressed file from the file itself.
 pub fn layer_figures(model: &Model) -> anyhow::Result<Vec<LayerFigures>> {
+    use crate::compress::format::{self, Encoding};
+    let mut stored = std::collections::HashMap::new();
+    if model.is_encoded() {
+        let bytes = std::fs::read(&model.file)?;
+        for e in format::entries(&bytes).map_err(anyhow::Error::msg)? {
+            if let Encoding::Shared { bits, .. } = e.encoding {
+                stored.insert(e.path, bits);
+            }
+        }
+    }
     let mut out = Vec::new();
     for (layer, kind) in weighted_layers(model.arch()) {
         let param = format!("{layer}.weight");
         let (w, _) = floats(&model.loaded.tensors, &param).map_err(anyhow::Error::msg)?;
-        let bits = model
-            .constraints
-            .codebooks
-            .get(&param)
-            .map_or(32, |b| b.bits());
+        let bits = match (model.constraints.codebooks.get(&param), stored.get(&param)) {
+            (Some(b), _) => b.bits(),
+            (None, Some(&b)) => b,
+            (None, None) => 32,
+        };
         out.push(LayerFigures {
             layer,
             kind: kind.into(),
@@ -115,8 +131,8 @@ pub fn measure(
     let (weights, kept) = layers
         .iter()
         .fold((0, 0), |(w, k), l| (w + l.weights, k + l.kept));
-    // The sparse runtime serves models that are mostly zeros; it refuses a few layer kinds
-    // (asymmetric padding), which then run dense.
+    // The sparse runtime is timed for models that are mostly zeros (it refuses a few layer
+    // kinds, asymmetric padding, which then run dense only).
     let sparse = if 2 * kept < weights {
         SparseModel::from_loaded(&model.loaded).ok()
     } else {
@@ -126,12 +142,22 @@ pub fn measure(
     let latency = settings
         .batches
         .iter()
-        .map(|&batch| Latency {
-            batch,
-            ms: match &sparse {
-                Some(s) => bench::sparse_latency(s, batch, budget),
-                None => bench::infer_latency(&network, batch, budget, &cx.device),
-            },
+        .map(|&batch| {
+            let dense_ms = bench::infer_latency(&network, batch, budget, &cx.device);
+            let sparse_ms = sparse
+                .as_ref()
+                .map_or(f64::INFINITY, |s| bench::sparse_latency(s, batch, budget));
+            let (ms, runtime) = if sparse_ms < dense_ms {
+                (sparse_ms, "sparse")
+            } else {
+                (dense_ms, "dense")
+            };
+            Latency {
+                batch,
+                ms,
+                runtime: runtime.into(),
+                dense_ms,
+            }
         })
         .collect();
     let figures = Figures {
@@ -143,7 +169,6 @@ pub fn measure(
         nonzero,
         flops,
         flops_nonzero,
-        runtime: if sparse.is_some() { "sparse" } else { "dense" }.into(),
         latency,
     };
     Ok((figures, layers))

@@ -91,9 +91,11 @@ impl Model {
 
     /// Whether the file is a compressed model (`.cpz`), which training stages cannot continue.
     pub fn is_encoded(&self) -> bool {
-        std::fs::read(&self.file)
-            .map(|b| crate::compress::format::is_compressed(&b))
-            .unwrap_or(false)
+        use std::io::Read;
+        let mut head = [0u8; 4];
+        std::fs::File::open(&self.file)
+            .and_then(|mut f| f.read_exact(&mut head))
+            .is_ok_and(|()| crate::compress::format::is_compressed(&head))
     }
 }
 
@@ -204,8 +206,8 @@ pub struct Outcome {
 
 /// One step of a recipe.
 ///
-/// `plan` checks the stage against what the stages before it leave (no training, no files:
-/// `cx.dir` may not exist yet) and says what it leaves; `run` does the work in `cx.dir`. A stage that trains keeps the input's
+/// `plan` checks the stage against what the stages before it leave (it may read the data, but
+/// trains nothing and writes nothing: `cx.dir` may not exist yet) and says what it leaves; `run` does the work in `cx.dir`. A stage that trains keeps the input's
 /// constraints through [`Constraints::enforcer`].
 pub trait Stage {
     /// The recipe name (`prune`).
@@ -220,6 +222,15 @@ pub trait Stage {
 
     /// Runs the stage on `input` (`None` only for a stage that trains from scratch).
     fn run(&self, input: Option<Model>, cx: &Context) -> anyhow::Result<Outcome>;
+}
+
+/// `runs/<name>-<unix time>`: a fresh run folder for a command not told where to write.
+pub fn timestamped_run_dir(name: &str) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    PathBuf::from("runs").join(format!("{name}-{secs}"))
 }
 
 /// The input model, for a stage that needs one.

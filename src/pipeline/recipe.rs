@@ -148,6 +148,25 @@ pub struct ReportSettings {
     pub test_limit: Option<usize>,
 }
 
+impl ReportSettings {
+    /// Refuses settings that cannot be measured.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.latency_seconds.is_finite() && self.latency_seconds > 0.0) {
+            return Err(format!(
+                "latency-seconds must be a positive number, got {}",
+                self.latency_seconds
+            ));
+        }
+        if self.batches.is_empty() || self.batches.contains(&0) {
+            return Err("batches must list batch sizes of at least 1".into());
+        }
+        if self.test_limit == Some(0) {
+            return Err("test-limit must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 impl Default for ReportSettings {
     fn default() -> Self {
         ReportSettings {
@@ -221,7 +240,10 @@ fn parse_text(text: &str) -> Result<Parsed, Error> {
                 )
             }
             "report" => {
-                report = ReportSettings::deserialize(ValueDeserializer::from(value.clone()))?
+                report = ReportSettings::deserialize(ValueDeserializer::from(value.clone()))?;
+                report
+                    .check()
+                    .map_err(|e| Error::at(value.span(), format!("[report]: {e}")))?;
             }
             "stage" => {
                 let array = value.get_ref().as_array().ok_or_else(|| {

@@ -34,12 +34,13 @@ impl Entry {
         format!("{} {}", self.index, self.kind)
     }
 
-    fn latency(&self, batch: usize) -> Option<f64> {
+    /// `0.189 sparse`: the latency at `batch` and the runtime that gave it.
+    fn latency(&self, batch: usize) -> String {
         self.figures
             .latency
             .iter()
             .find(|l| l.batch == batch)
-            .map(|l| l.ms)
+            .map_or(String::new(), |l| format!("{:.3} {}", l.ms, l.runtime))
     }
 }
 
@@ -83,8 +84,8 @@ impl Report {
         for b in &batches {
             let _ = write!(o, " b{b} ms |");
         }
-        o.push_str(" runtime | stage s |\n|---|---|---|---|---|---|---|---|");
-        o.push_str(&"---|".repeat(batches.len() + 2));
+        o.push_str(" stage s |\n|---|---|---|---|---|---|---|---|");
+        o.push_str(&"---|".repeat(batches.len() + 1));
         o.push('\n');
         let base = self.base_bytes() as f64;
         for e in &self.stages {
@@ -102,13 +103,9 @@ impl Report {
                 f.flops_nonzero
             );
             for &b in &batches {
-                match e.latency(b) {
-                    Some(ms) => write!(o, " {ms:.3} |"),
-                    None => write!(o, " |"),
-                }
-                .expect("writing to a String");
+                let _ = write!(o, " {} |", e.latency(b));
             }
-            let _ = writeln!(o, " {} | {:.1} |", f.runtime, e.seconds);
+            let _ = writeln!(o, " {:.1} |", e.seconds);
         }
         o
     }
@@ -126,7 +123,7 @@ impl Report {
         }
         let _ = writeln!(
             o,
-            "  \nMeasured on {} threads; accuracy on {} test images; ratio: the first stage's file bytes over each stage's.\n",
+            "  \nMeasured on {} threads; accuracy on {} test images; ratio: the first stage's file bytes over each stage's; latency: milliseconds per batch on the faster of the dense and (for mostly-zero models) sparse runtimes.\n",
             self.threads,
             self.stages.first().map_or(0, |e| e.figures.test_images)
         );
@@ -323,11 +320,7 @@ pub fn compare(runs: &[(String, Report)]) -> (String, LineChart) {
             b.nonzero
         );
         for &batch in &batches {
-            match last.latency(batch) {
-                Some(ms) => write!(o, " {ms:.3} |"),
-                None => write!(o, " |"),
-            }
-            .expect("writing to a String");
+            let _ = write!(o, " {} |", last.latency(batch));
         }
         o.push('\n');
         series.push(Series {
@@ -348,4 +341,31 @@ pub fn compare(runs: &[(String, Report)]) -> (String, LineChart) {
         ..Default::default()
     };
     (o, chart)
+}
+
+/// `convpress report RUN...`: one run's table (its report.md and charts drawn again from
+/// report.json), or several compared, written to `out` (default `runs/compare`).
+pub fn command(runs: &[PathBuf], out: Option<&Path>) -> anyhow::Result<()> {
+    let reports = runs
+        .iter()
+        .map(|r| Ok((r.display().to_string(), Report::read(r)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if let [(_, r)] = &reports[..] {
+        // One run: its table, and its report.md and charts drawn again from report.json.
+        r.write(&runs[0])?;
+        println!("{}", r.table());
+        return Ok(());
+    }
+    let (table, chart) = compare(&reports);
+    let out = out.map_or_else(|| PathBuf::from("runs/compare"), Path::to_path_buf);
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    crate::atomic_file::write_atomic(
+        &out.join("compare.md"),
+        format!("# convpress runs compared\n\n{table}\n![accuracy against size](compare.svg)\n")
+            .as_bytes(),
+    )?;
+    crate::atomic_file::write_atomic(&out.join("compare.svg"), chart.to_svg().as_bytes())?;
+    println!("{table}");
+    println!("wrote {} and compare.svg", out.join("compare.md").display());
+    Ok(())
 }

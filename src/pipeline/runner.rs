@@ -12,7 +12,7 @@
 //! with nothing done. A stage that fails leaves the finished ones intact; `--resume` skips
 //! them (reading their outputs back) and reruns the failed one from its start.
 
-use super::measure::{self, Figures};
+use super::measure;
 use super::recipe::Recipe;
 use super::report::{Entry, Report};
 use super::{Context, Model, Plan};
@@ -39,10 +39,11 @@ pub fn stage_dir(run_dir: &Path, index: usize, kind: &str) -> PathBuf {
         .join(format!("{:02}-{kind}", index + 1))
 }
 
-fn resolved(recipe: &Recipe, opts: &RunOptions) -> serde_json::Value {
+fn resolved(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> serde_json::Value {
     serde_json::json!({
         "recipe": recipe.path,
         "from": opts.from,
+        "data_dir": cx.data_dir,
         "report": recipe.report,
         "stages": recipe.stages.iter().map(|e| serde_json::json!({
             "kind": e.stage.kind(),
@@ -86,7 +87,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
 
     let run_dir = &opts.run_dir;
     let resolved_path = run_dir.join("resolved.json");
-    let want = resolved(recipe, opts);
+    let want = resolved(recipe, opts, cx);
     if resolved_path.exists() {
         if !opts.resume {
             bail!(
@@ -147,16 +148,18 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
     if let Some(m) = &input {
         // The starting point is entry 0, so ratios are taken against it.
         let (figures, layers) = measure::measure(m, cx, &recipe.report)?;
-        report.stages.push(entry(
-            0,
-            "from",
-            0,
-            serde_json::json!({}),
-            0.0,
-            m,
+        report.stages.push(Entry {
+            index: 0,
+            kind: "from".into(),
+            line: 0,
+            settings: serde_json::json!({}),
+            seconds: 0.0,
+            file: m.file.clone(),
             figures,
             layers,
-        ));
+            details: serde_json::json!({}),
+            curve: vec![],
+        });
     }
     let mut model = input;
     let n = recipe.stages.len();
@@ -207,20 +210,20 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
                 )
             })?;
         let (figures, layers) = measure::measure(&out.model, &stage_cx, &recipe.report)?;
-        let mut ent = entry(
-            i + 1,
-            kind,
-            e.line,
-            e.stage.settings(),
+        let ent = Entry {
+            index: i + 1,
+            kind: kind.into(),
+            line: e.line,
+            settings: e.stage.settings(),
             seconds,
-            &out.model,
+            file: out.model.file.clone(),
             figures,
             layers,
-        );
-        ent.details = out.details;
-        ent.curve = out.curve;
-        append_metrics(&metrics_path, &ent)?;
+            details: out.details,
+            curve: out.curve,
+        };
         write_atomic(&done, serde_json::to_string_pretty(&ent)?.as_bytes())?;
+        append_metrics(&metrics_path, &ent)?;
         eprintln!(
             "stage {}/{n}: {kind} done in {seconds:.1} s: test accuracy {:.2}%, {} bytes",
             i + 1,
@@ -233,31 +236,6 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
     }
     report.write(run_dir)?;
     Ok(report)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn entry(
-    index: usize,
-    kind: &str,
-    line: usize,
-    settings: serde_json::Value,
-    seconds: f64,
-    model: &Model,
-    figures: Figures,
-    layers: Vec<measure::LayerFigures>,
-) -> Entry {
-    Entry {
-        index,
-        kind: kind.into(),
-        line,
-        settings,
-        seconds,
-        file: model.file.clone(),
-        figures,
-        layers,
-        details: serde_json::json!({}),
-        curve: vec![],
-    }
 }
 
 /// One line per training epoch of the stage, then one with the stage's figures.

@@ -183,3 +183,114 @@ pub fn stage_table(stages: &[StageBytes], file_bytes: usize, file: &Path) -> Str
     ));
     o
 }
+
+/// `convpress encode`: the `share` stage, `finetune` of the centroids if asked (in `run_dir`,
+/// default `<out>.finetune/`), then this stage, writing `out` (default: the checkpoint with
+/// `.cpz`) and `<out>.report.json`; prints the bytes of each step and the accuracy before
+/// and after (decoded from the file), if the data is there.
+pub fn command(
+    checkpoint: &Path,
+    out: Option<PathBuf>,
+    share: super::share::ShareParams,
+    params: EncodeParams,
+    finetune: Option<super::finetune::FinetuneParams>,
+    run_dir: Option<PathBuf>,
+    cx: Context,
+) -> anyhow::Result<()> {
+    use super::eval::{Eval, EvalParams};
+    use super::finetune::Finetune;
+    use super::share::{Share, check_bits};
+    // Impossible settings are refused before the checkpoint is read.
+    for (flag, v) in [
+        ("--conv-bits", share.conv_bits),
+        ("--fc-bits", share.fc_bits),
+    ] {
+        check_bits(flag, v).map_err(anyhow::Error::msg)?;
+    }
+    for (flag, v) in [
+        ("--conv-gap-bits", params.conv_gap_bits),
+        ("--fc-gap-bits", params.fc_gap_bits),
+    ] {
+        check_gap_bits(flag, v).map_err(anyhow::Error::msg)?;
+    }
+    let out = out.unwrap_or_else(|| checkpoint.with_extension("cpz"));
+    let source = Model::open(checkpoint)?;
+    let work = run_dir.unwrap_or_else(|| out.with_extension("finetune"));
+    // Without fine-tuning the shared model is only a step on the way: it goes to a scratch
+    // folder that is removed at the end.
+    let scratch = std::env::temp_dir().join(format!("convpress-encode-{}", std::process::id()));
+    let share_dir = match &finetune {
+        Some(f) => {
+            eprintln!(
+                "fine-tuning the shared weights for {} epochs, run folder {}",
+                f.epochs,
+                work.display()
+            );
+            work.join("shared")
+        }
+        None => scratch.clone(),
+    };
+    std::fs::create_dir_all(&share_dir)?;
+    let cx = Context {
+        dir: share_dir,
+        ..cx
+    };
+    let result = (|| -> anyhow::Result<Outcome> {
+        let share = Share {
+            params: share,
+            layers: Default::default(),
+        };
+        let mut model = share.run(Some(source.clone()), &cx)?.model;
+        if let Some(params) = finetune.clone() {
+            let tune_cx = Context {
+                dir: work.clone(),
+                ..cx.clone()
+            };
+            model = Finetune { params }.run(Some(model), &tune_cx)?.model;
+        }
+        let stage = Encode {
+            params,
+            layers: Default::default(),
+            out: Some(out.clone()),
+        };
+        stage.run(Some(model), &cx)
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    let encoded = result?;
+    let d = &encoded.details;
+    let file_bytes = d["file_bytes"].as_u64().unwrap_or(0) as usize;
+    crate::atomic_file::write_atomic(
+        &out.with_extension("report.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "checkpoint": checkpoint,
+            "file": out,
+            "file_bytes": file_bytes,
+            "dense_bytes": d["dense_bytes"],
+            "stages": d["stages"],
+            "finetune_epochs": finetune.map_or(0, |f| f.epochs),
+        }))?
+        .as_bytes(),
+    )?;
+    let stages: Vec<StageBytes> = serde_json::from_value(d["stages"].clone())?;
+    println!("{}", stage_table(&stages, file_bytes, &out));
+    // The decoded file is the model that counts: evaluate it, and the source, if data is here.
+    let dir = cx.data_dir_for(source.meta());
+    if let Err(e) = crate::data::load(source.meta().dataset, &dir) {
+        println!("(not evaluated: {e})");
+        return Ok(());
+    }
+    let eval = Eval {
+        params: EvalParams::default(),
+    };
+    let acc = |m: Model| -> anyhow::Result<f64> {
+        let r = eval.run(Some(m), &cx)?;
+        Ok(r.details["test_acc"].as_f64().unwrap_or(f64::NAN))
+    };
+    println!(
+        "test accuracy: {:.2}% before encoding, {:.2}% decoded from {}",
+        100.0 * acc(source)?,
+        100.0 * acc(encoded.model)?,
+        out.display()
+    );
+    Ok(())
+}

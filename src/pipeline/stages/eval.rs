@@ -6,7 +6,6 @@ use crate::pipeline::measure::test_set;
 use crate::pipeline::recipe::{self, StageTable};
 use crate::pipeline::{Context, Model, Outcome, Plan, Stage, required};
 use crate::train;
-use anyhow::bail;
 use serde::{Deserialize, Serialize};
 
 /// `convpress eval`'s flags and the `eval` stage's keys.
@@ -37,6 +36,19 @@ pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, recipe::Error> {
     }))
 }
 
+impl Eval {
+    /// Refuses settings that cannot evaluate.
+    pub fn check(&self) -> Result<(), String> {
+        if self.params.batch_size == 0 {
+            return Err("--batch-size must be at least 1".into());
+        }
+        if self.params.limit == Some(0) {
+            return Err("--limit must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 impl Stage for Eval {
     fn kind(&self) -> &'static str {
         "eval"
@@ -48,20 +60,13 @@ impl Stage for Eval {
 
     fn plan(&self, before: &Plan, _cx: &Context) -> Result<Plan, String> {
         before.arch()?;
-        if self.params.batch_size == 0 {
-            return Err("batch-size must be at least 1".into());
-        }
-        if self.params.limit == Some(0) {
-            return Err("limit must be at least 1".into());
-        }
+        self.check()?;
         Ok(before.clone())
     }
 
     fn run(&self, input: Option<Model>, cx: &Context) -> anyhow::Result<Outcome> {
         let model = required(input, self.kind())?;
-        if self.params.batch_size == 0 {
-            bail!("--batch-size must be at least 1");
-        }
+        self.check().map_err(anyhow::Error::msg)?;
         let (network, _) = checkpoint::load(&model.file, &cx.device)?;
         let test = test_set(&model, &cx.data_dir_for(model.meta()), self.params.limit)?;
         let (loss, acc) = train::evaluate(&network, &test, self.params.batch_size, &cx.device);

@@ -121,28 +121,54 @@ impl Prune {
             in_range(&format!("--layer-sparsity {layer}"), *s).map_err(anyhow::Error::msg)?;
             named.push((layer.clone(), LayerSparsity { sparsity: *s }));
         }
-        let mut rules = Vec::new();
-        if let Some(s) = params.sparsity {
+        // The command's rule: each weight follows the most specific name it lies under
+        // (`layers.3` names a whole residual block), `""` standing for every layer.
+        let mut rules: Vec<(String, f64)> = Vec::new();
+        if let Some(s) = params.sparsity.take() {
             select_layers(&prunable, layers).map_err(|e| anyhow::anyhow!("--layers: {e}"))?;
-            if !layers.is_empty() {
-                params.sparsity = None;
-                rules.extend(
-                    layers
-                        .iter()
-                        .map(|l| (l.clone(), LayerSparsity { sparsity: s })),
-                );
+            if layers.is_empty() {
+                rules.push((String::new(), s));
             }
+            let named_here = |l: &String| named.iter().any(|(n, _)| n == l);
+            rules.extend(
+                layers
+                    .iter()
+                    .filter(|l| !named_here(l))
+                    .map(|l| (l.clone(), s)),
+            );
         }
         let names: Vec<String> = named.iter().map(|(l, _)| l.clone()).collect();
         select_layers(&prunable, &names).map_err(|e| anyhow::anyhow!("per-layer sparsity: {e}"))?;
-        rules.extend(named);
+        // The targets file's entries first: the flag overrides it for the layers both name.
+        let mut per_layer = BTreeMap::new();
+        for (l, v) in named {
+            per_layer.insert(l, v.sparsity);
+        }
+        rules.extend(per_layer);
+        if rules.is_empty() {
+            bail!("nothing to prune: give --sparsity, --layer-sparsity or --targets");
+        }
+        // Resolved here into one exact rule per layer, so the stage sees no overlaps.
+        let under = |param: &str, rule: &str| {
+            rule.is_empty() || param == rule || param.starts_with(&format!("{rule}."))
+        };
+        let exact = prunable
+            .iter()
+            .filter_map(|w| {
+                let (_, s) = rules
+                    .iter()
+                    .filter(|(r, _)| under(&w.param, r))
+                    .max_by_key(|(r, _)| r.len())?;
+                Some((w.layer.clone(), LayerSparsity { sparsity: *s }))
+            })
+            .collect();
         Ok(Prune {
             params,
-            layers: LayerRules(rules),
+            layers: LayerRules(exact),
         })
     }
 
-    /// The final sparsity of every layer that is pruned (`0` leaves a layer alone).
+    /// The final sparsity of every layer a setting names (`0`: left alone).
     pub fn targets(&self, layers: &[String]) -> Result<BTreeMap<String, f64>, String> {
         let mut out = BTreeMap::new();
         if let Some(s) = self.params.sparsity {
@@ -163,7 +189,6 @@ impl Prune {
             in_range(&layer, v.sparsity)?;
             out.insert(layer, v.sparsity);
         }
-        out.retain(|_, s| *s > 0.0);
         if out.is_empty() {
             return Err(
                 "nothing to prune: give a sparsity, per-layer sparsities or a targets file".into(),
@@ -209,6 +234,7 @@ impl Stage for Prune {
         };
         let rules = targets
             .iter()
+            .filter(|(_, s)| **s > 0.0)
             .map(|(layer, &s)| (layer.clone(), schedule(s)))
             .collect();
         let hook = PruneHook::per_layer(rules)
@@ -224,7 +250,7 @@ impl Stage for Prune {
         let report = sparsity_report(&outcome.model);
         let tensors = crate::checkpoint::tensor_map(&outcome.model);
         let mut masks = input.constraints.masks.clone();
-        for layer in targets.keys() {
+        for layer in targets.iter().filter(|(_, s)| **s > 0.0).map(|(l, _)| l) {
             let param = format!("{layer}.weight");
             let (w, _) = crate::checkpoint::floats(&tensors, &param).map_err(anyhow::Error::msg)?;
             masks.insert(param, w.iter().map(|&v| v != 0.0).collect());
@@ -279,4 +305,71 @@ pub fn table(out: &Outcome) -> String {
         out.model.file.display()
     ));
     s
+}
+
+/// `convpress prune`: the stage on `checkpoint` in `run_dir` (default
+/// `runs/<model>-pruned-<percent>` or `-per-layer`), its `report.json` and its table.
+pub fn command(
+    checkpoint: &std::path::Path,
+    params: PruneParams,
+    layers: &[String],
+    layer_sparsity: &[(String, f64)],
+    run_dir: Option<PathBuf>,
+    cx: Context,
+) -> anyhow::Result<()> {
+    // The target first: an impossible one is refused before anything is read.
+    Prune::check_sparsity_flag(params.sparsity)?;
+    let input = Model::open(checkpoint)?;
+    let epochs = params.epochs;
+    let stage = Prune::from_flags(params, layers, layer_sparsity, &input)?;
+    let targets = stage
+        .targets(&weighted_layer_paths(input.arch()))
+        .map_err(anyhow::Error::msg)?;
+    let name = &input.arch().name;
+    let first = targets.values().next().copied().unwrap_or(0.0);
+    let uniform = targets.values().all(|&s| s == first);
+    let run_dir = run_dir.unwrap_or_else(|| {
+        PathBuf::from("runs").join(if uniform {
+            format!("{name}-pruned-{}", (first * 100.0).round())
+        } else {
+            format!("{name}-pruned-per-layer")
+        })
+    });
+    let what = if uniform {
+        format!("{:.1}% sparsity", 100.0 * first)
+    } else {
+        let per: Vec<String> = targets
+            .iter()
+            .map(|(l, s)| format!("{l} {:.1}%", 100.0 * s))
+            .collect();
+        format!("per-layer sparsity ({})", per.join(", "))
+    };
+    eprintln!(
+        "pruning {} to {what} over {} retraining epochs, run folder {}",
+        checkpoint.display(),
+        epochs,
+        run_dir.display()
+    );
+    let cx = Context {
+        dir: run_dir.clone(),
+        ..cx
+    };
+    stage
+        .plan(&Plan::of(&input), &cx)
+        .map_err(anyhow::Error::msg)?;
+    let out = stage.run(Some(input), &cx)?;
+    crate::atomic_file::write_atomic(
+        &run_dir.join("report.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "checkpoint": checkpoint,
+            "rules": targets.iter().collect::<Vec<_>>(),
+            "epochs": epochs,
+            "layers": out.details["layers"],
+            "test_acc": out.curve.last().map(|m| m.test_acc),
+            "model": out.model.file,
+        }))?
+        .as_bytes(),
+    )?;
+    println!("{}", table(&out));
+    Ok(())
 }

@@ -136,6 +136,9 @@ pub fn command(
         bail!("--train-limit and --test-limit must be at least 1");
     }
     let input = Model::open(checkpoint_path)?;
+    stage
+        .plan(&Plan::of(&input), &cx)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", checkpoint_path.display()))?;
     // Everything that can fail on input is checked before anything is written.
     structured::prune(
         input.arch(),

@@ -138,7 +138,7 @@ pub struct TrainParams {
     pub test_limit: Option<usize>,
     /// Kernel rescaling: train first as the low-resolution twin at this scale (e.g. 0.5), then
     /// rescale the kernels and finish at full resolution.
-    #[arg(long, allow_negative_numbers = true, conflicts_with = "resume")]
+    #[arg(long, allow_negative_numbers = true)]
     pub rescale_from: Option<f64>,
     /// When to rescale: after this many epochs, or `auto` (default) when an epoch's training
     /// accuracy gains less than --rescale-min-gain points.
@@ -191,10 +191,11 @@ pub fn rescale_config(
 
 impl TrainParams {
     /// The run's configuration: the model's defaults with these settings on top; the data
-    /// folder is the one given here, else `data_dir`, else the dataset's default.
+    /// folder is `data_dir` (the command line's, for every stage), else the one given here,
+    /// else the dataset's default.
     pub fn config(&self, data_dir: Option<&Path>) -> TrainConfig {
         let mut c = TrainConfig::defaults(self.model, self.dataset);
-        if let Some(d) = self.data_dir.as_deref().or(data_dir) {
+        if let Some(d) = data_dir.or(self.data_dir.as_deref()) {
             c.data_dir = d.to_path_buf();
         }
         if let Some(e) = self.epochs {
@@ -372,6 +373,7 @@ impl Stage for Train {
                         }),
                 );
                 let details = serde_json::json!({
+                    "scale": rc.scale,
                     "switch_epoch": out.switch_epoch,
                     "rescale_seconds": out.rescale_seconds,
                     "train_seconds": out.train_seconds(),
@@ -409,7 +411,8 @@ pub fn summary(config: &TrainConfig, outcome: &Outcome) -> String {
     );
     match outcome.details.get("switch_epoch") {
         Some(s) => format!(
-            "{head} with kernel rescaling (switched after epoch {s}): {tail}, {seconds:.1} s of training; model saved to {}",
+            "{head} with kernel rescaling from {} (switched after epoch {s}): {tail}, {seconds:.1} s of training; model saved to {}",
+            outcome.details["scale"],
             outcome.model.file.display()
         ),
         None => format!(
@@ -418,6 +421,18 @@ pub fn summary(config: &TrainConfig, outcome: &Outcome) -> String {
             outcome.model.file.display()
         ),
     }
+}
+
+/// The line `convpress train` starts with.
+fn announce(config: &TrainConfig, run_dir: &Path) {
+    eprintln!(
+        "training {} on {} for {} epochs (seed {}), run folder {}",
+        config.model.name(),
+        config.dataset.name(),
+        config.epochs,
+        config.seed,
+        run_dir.display()
+    );
 }
 
 /// `convpress train --resume`: the run in `run_dir` continued with its saved settings (only
@@ -433,6 +448,7 @@ pub fn resume(run_dir: &Path, epochs: Option<usize>, cx: &Context) -> anyhow::Re
         // The saved config must match for the resume check; record the extension.
         crate::atomic_file::write_atomic(&path, serde_json::to_string_pretty(&config)?.as_bytes())?;
     }
+    announce(&config, run_dir);
     let out = train::train(&config, vec![], &cx.train_options(run_dir, true))?;
     let seconds = out
         .metrics
@@ -444,4 +460,32 @@ pub fn resume(run_dir: &Path, epochs: Option<usize>, cx: &Context) -> anyhow::Re
         curve: out.metrics,
     };
     Ok(summary(&config, &outcome))
+}
+
+/// `convpress train`: the stage in `run_dir` (default `runs/<model>-<dataset>-<time>`), or
+/// with `resume` the run there continued.
+pub fn command(
+    p: &TrainParams,
+    run_dir: Option<PathBuf>,
+    resume: bool,
+    cx: Context,
+) -> anyhow::Result<()> {
+    if resume {
+        let run_dir = run_dir.context("--resume needs --run-dir")?;
+        println!("{}", self::resume(&run_dir, p.epochs, &cx)?);
+        return Ok(());
+    }
+    let config = p.config(None);
+    let run_dir = run_dir.unwrap_or_else(|| {
+        crate::pipeline::timestamped_run_dir(&format!(
+            "{}-{}",
+            config.model.name(),
+            config.dataset.name()
+        ))
+    });
+    announce(&config, &run_dir);
+    let cx = Context { dir: run_dir, ..cx };
+    let out = Train::new(p.clone()).run(None, &cx)?;
+    println!("{}", summary(&config, &out));
+    Ok(())
 }
