@@ -99,6 +99,19 @@ fn legend(area: &DrawingArea<SVGBackend, Shift>, names: &[String]) -> Result<(),
     Ok(())
 }
 
+/// The SVG document `draw` writes, or one saying why it could not (plotters fails only on
+/// impossible layouts; a chart is never worth a panic).
+fn svg_of(draw: impl FnOnce(&mut String) -> Result<(), String>) -> String {
+    let mut out = String::new();
+    match draw(&mut out) {
+        Ok(()) => out,
+        Err(e) => format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\"><text x=\"10\" y=\"20\">chart failed: {}</text></svg>\n",
+            e.replace('<', "&lt;")
+        ),
+    }
+}
+
 /// The picture's width and its legend panel's, wide enough for `names`.
 fn layout(names: &[String]) -> (u32, u32) {
     let longest = names.iter().map(|n| n.chars().count()).max().unwrap_or(0) as u32;
@@ -113,15 +126,7 @@ fn layout(names: &[String]) -> (u32, u32) {
 impl LineChart {
     /// The chart as a complete SVG document.
     pub fn to_svg(&self) -> String {
-        let mut out = String::new();
-        if let Err(e) = self.draw(&mut out) {
-            // plotters fails only on impossible layouts; a chart is never worth a panic.
-            return format!(
-                "<svg xmlns=\"http://www.w3.org/2000/svg\"><text x=\"10\" y=\"20\">chart failed: {}</text></svg>\n",
-                e.replace('<', "&lt;")
-            );
-        }
-        out
+        svg_of(|out| self.draw(out))
     }
 
     fn draw(&self, out: &mut String) -> Result<(), String> {
@@ -289,14 +294,7 @@ fn f_at(lo: f64, hi: f64, t: f64, log: bool) -> f64 {
 impl BarChart {
     /// The chart as a complete SVG document.
     pub fn to_svg(&self) -> String {
-        let mut out = String::new();
-        if let Err(e) = self.draw(&mut out) {
-            return format!(
-                "<svg xmlns=\"http://www.w3.org/2000/svg\"><text x=\"10\" y=\"20\">chart failed: {}</text></svg>\n",
-                e.replace('<', "&lt;")
-            );
-        }
-        out
+        svg_of(|out| self.draw(out))
     }
 
     fn draw(&self, out: &mut String) -> Result<(), String> {

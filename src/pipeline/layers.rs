@@ -42,6 +42,32 @@ impl<T: Clone> LayerRules<T> {
     }
 }
 
+/// A number for the weight of every conv and linear layer of `arch`, by tensor path
+/// (`layers.5.weight`): the last rule naming the layer (its value through `pick`), else
+/// `conv` or `linear` by the layer's kind; each value is checked by `check` (named by layer).
+pub fn per_weight<T: Clone>(
+    arch: &Arch,
+    rules: &LayerRules<T>,
+    (conv, linear): (u32, u32),
+    pick: impl Fn(&T) -> u32,
+    check: impl Fn(&str, u32) -> Result<(), String>,
+) -> Result<BTreeMap<String, u32>, String> {
+    let layers = weighted_layers(arch);
+    let paths: Vec<String> = layers.iter().map(|(p, _)| p.clone()).collect();
+    let over = rules.resolve(&paths)?;
+    let mut out = BTreeMap::new();
+    for (path, kind) in layers {
+        let v = match over.get(&path) {
+            Some(o) => pick(o),
+            None if kind == "conv" => conv,
+            None => linear,
+        };
+        check(&path, v)?;
+        out.insert(format!("{path}.weight"), v);
+    }
+    Ok(out)
+}
+
 /// The layers of `arch` that hold weights (convolutions and dense layers), by path, with
 /// `conv` or `linear`: what pruning, sharing and encoding work on. Their weight tensor is
 /// `<path>.weight`.

@@ -4,7 +4,7 @@
 //! of a `share` stage.
 
 use crate::compress::format::{self, StageBytes, TensorPayload};
-use crate::pipeline::layers::{LayerRules, weighted_layers};
+use crate::pipeline::layers::{LayerRules, per_weight};
 use crate::pipeline::recipe::{self, StageTable};
 use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, required};
 use anyhow::Context as _;
@@ -65,20 +65,8 @@ impl Encode {
     fn gap_bits(&self, arch: &crate::models::Arch) -> Result<BTreeMap<String, u32>, String> {
         check_gap_bits("conv-gap-bits", self.params.conv_gap_bits)?;
         check_gap_bits("fc-gap-bits", self.params.fc_gap_bits)?;
-        let layers = weighted_layers(arch);
-        let paths: Vec<String> = layers.iter().map(|(p, _)| p.clone()).collect();
-        let over = self.layers.resolve(&paths)?;
-        let mut out = BTreeMap::new();
-        for (path, kind) in layers {
-            let bits = match over.get(&path) {
-                Some(o) => o.gap_bits,
-                None if kind == "conv" => self.params.conv_gap_bits,
-                None => self.params.fc_gap_bits,
-            };
-            check_gap_bits(&path, bits)?;
-            out.insert(format!("{path}.weight"), bits);
-        }
-        Ok(out)
+        let defaults = (self.params.conv_gap_bits, self.params.fc_gap_bits);
+        per_weight(arch, &self.layers, defaults, |o| o.gap_bits, check_gap_bits)
     }
 }
 

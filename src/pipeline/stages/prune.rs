@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-/// `convpress prune`'s flags (but those naming layers) and the `prune` stage's keys.
+/// `convpress prune`'s flags (but those naming layers) and the `prune` stage's keys. The
+/// retraining keys repeat [`super::finetune::FinetuneParams`]'s instead of embedding it:
+/// serde's `flatten` would lose the line of a mistyped key.
 #[derive(clap::Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct PruneParams {

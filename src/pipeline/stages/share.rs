@@ -5,7 +5,7 @@
 
 use crate::checkpoint::floats;
 use crate::compress::share::kmeans_linear;
-use crate::pipeline::layers::{LayerRules, weighted_layers};
+use crate::pipeline::layers::{LayerRules, per_weight};
 use crate::pipeline::recipe::{self, StageTable};
 use crate::pipeline::{Constraints, Context, Model, Outcome, Plan, Stage, State, required};
 use burn::tensor::TensorData;
@@ -63,20 +63,8 @@ impl Share {
     fn bits(&self, arch: &crate::models::Arch) -> Result<BTreeMap<String, u32>, String> {
         check_bits("conv-bits", self.params.conv_bits)?;
         check_bits("fc-bits", self.params.fc_bits)?;
-        let layers = weighted_layers(arch);
-        let paths: Vec<String> = layers.iter().map(|(p, _)| p.clone()).collect();
-        let over = self.layers.resolve(&paths)?;
-        let mut out = BTreeMap::new();
-        for (path, kind) in layers {
-            let bits = match over.get(&path) {
-                Some(o) => o.bits,
-                None if kind == "conv" => self.params.conv_bits,
-                None => self.params.fc_bits,
-            };
-            check_bits(&path, bits)?;
-            out.insert(format!("{path}.weight"), bits);
-        }
-        Ok(out)
+        let defaults = (self.params.conv_bits, self.params.fc_bits);
+        per_weight(arch, &self.layers, defaults, |o| o.bits, check_bits)
     }
 }
 
