@@ -70,7 +70,7 @@ pub fn info(path: &Path, json: bool) -> anyhow::Result<()> {
         println!("compression stages:");
         println!(
             "{}",
-            crate::pipeline::stages::encode::stage_table(&stages, file_bytes as usize, path)
+            crate::compress::format::stage_table(&stages, file_bytes as usize, path)
         );
     }
     if let Some(acc) = loaded.meta.info.get("test_acc").and_then(|v| v.as_f64()) {

@@ -175,6 +175,45 @@ pub fn stages(bytes: &[u8]) -> Result<Vec<StageBytes>, String> {
         .collect())
 }
 
+/// The per-tensor bytes of each compression step (dense f32, sparse, + shared, + Huffman)
+/// and the file's real ratio against dense f32.
+pub fn stage_table(stages: &[StageBytes], file_bytes: usize, file: &std::path::Path) -> String {
+    let mut o = format!(
+        "{:<22} {:>9} {:>8} {:>7} {:>11} {:>11} {:>11} {:>11}\n",
+        "tensor", "weights", "kept", "kept %", "dense B", "sparse B", "+shared B", "+huffman B"
+    );
+    let (mut d, mut sp, mut sh, mut hu) = (0, 0, 0, 0);
+    for s in stages {
+        o.push_str(&format!(
+            "{:<22} {:>9} {:>8} {:>6.2}% {:>11} {:>11} {:>11} {:>11}\n",
+            s.path,
+            s.numel,
+            s.nnz,
+            100.0 * s.nnz as f64 / s.numel.max(1) as f64,
+            s.dense,
+            s.sparse,
+            s.shared,
+            s.huffman
+        ));
+        d += s.dense;
+        sp += s.sparse;
+        sh += s.shared;
+        hu += s.huffman;
+    }
+    o.push_str(&format!(
+        "{:<22} {:>9} {:>8} {:>7} {:>11} {:>11} {:>11} {:>11}\n",
+        "total", "", "", "", d, sp, sh, hu
+    ));
+    o.push_str(&format!(
+        "{}: {} bytes on disk (header, tables and checksum included); dense f32 {} bytes: {:.1}x smaller",
+        file.display(),
+        file_bytes,
+        d,
+        d as f64 / file_bytes as f64
+    ));
+    o
+}
+
 fn gap_symbols(assignment: &[Option<u16>], gap_bits: u32) -> (Vec<u32>, Vec<u32>) {
     let esc = (1u32 << gap_bits) - 1;
     let (mut gaps, mut indices) = (Vec::new(), Vec::new());

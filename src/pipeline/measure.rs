@@ -4,7 +4,6 @@
 //! through Burn otherwise).
 
 use super::layers::weighted_layers;
-use super::recipe::ReportSettings;
 use super::{Context, Model};
 use crate::checkpoint::{self, floats};
 use crate::data::ImageSet;
@@ -13,6 +12,47 @@ use crate::{bench, train};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Duration;
+
+/// How the report measures every stage's output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ReportSettings {
+    /// Seconds spent measuring each latency figure.
+    pub latency_seconds: f64,
+    /// Batch sizes whose latency is measured.
+    pub batches: Vec<usize>,
+    /// Evaluate on the first N test images only (quick runs); all of them if absent.
+    pub test_limit: Option<usize>,
+}
+
+impl ReportSettings {
+    /// Refuses settings that cannot be measured.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.latency_seconds.is_finite() && self.latency_seconds > 0.0) {
+            return Err(format!(
+                "latency-seconds must be a positive number, got {}",
+                self.latency_seconds
+            ));
+        }
+        if self.batches.is_empty() || self.batches.contains(&0) {
+            return Err("batches must list batch sizes of at least 1".into());
+        }
+        if self.test_limit == Some(0) {
+            return Err("test-limit must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+impl Default for ReportSettings {
+    fn default() -> Self {
+        ReportSettings {
+            latency_seconds: 1.0,
+            batches: vec![1, 64],
+            test_limit: None,
+        }
+    }
+}
 
 /// A model's figures, as measured from its file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -9,7 +9,8 @@
 //! ([`report`]) after every stage.
 //!
 //! Adding a method: write a module in [`stages`] that implements [`Stage`] and a
-//! `parse` function for its recipe table, and add one line to [`registry::STAGES`].
+//! `parse` function for its recipe table ([`table::StageTable`]), and add one line to
+//! [`registry::STAGES`].
 
 pub mod constraints;
 pub mod layers;
@@ -19,6 +20,7 @@ pub mod registry;
 pub mod report;
 pub mod runner;
 pub mod stages;
+pub mod table;
 
 pub use constraints::Constraints;
 

@@ -23,39 +23,13 @@
 //! A stage's keys are the flags of its command (`convpress prune --sparsity` is `sparsity`);
 //! `convpress compress --help` lists the stages.
 
-use super::layers::LayerRules;
+use super::measure::ReportSettings;
+use super::table::{Error, StageTable};
 use super::{Stage, registry};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use std::ops::Range;
+use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
-
-/// A mistake in a recipe, with the bytes it is about.
-#[derive(Debug, Clone)]
-pub struct Error {
-    pub span: Option<Range<usize>>,
-    pub message: String,
-}
-
-impl Error {
-    pub fn at(span: Range<usize>, message: impl Into<String>) -> Self {
-        Error {
-            span: Some(span),
-            message: message.into(),
-        }
-    }
-}
-
-impl From<toml::de::Error> for Error {
-    fn from(e: toml::de::Error) -> Self {
-        Error {
-            span: e.span(),
-            message: e.message().trim().to_string(),
-        }
-    }
-}
 
 /// 1-based line and column of byte `offset` in `text`.
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -78,102 +52,6 @@ pub fn render(path: &Path, text: &str, e: &Error) -> String {
             )
         }
         None => format!("{}: {}", path.display(), e.message),
-    }
-}
-
-/// Settings parsed from no flags at all: the defaults clap declares, so a recipe key left
-/// out means what leaving out the flag means, and defaults are written in one place.
-pub fn clap_defaults<T: clap::Args + clap::FromArgMatches>() -> T {
-    let cmd = T::augment_args(clap::Command::new("defaults").no_binary_name(true));
-    let matches = cmd
-        .try_get_matches_from(Vec::<String>::new())
-        .expect("every setting has a default");
-    T::from_arg_matches(&matches).expect("defaults parse")
-}
-
-/// One `[[stage]]` table, handed to the stage's parser.
-pub struct StageTable<'a> {
-    pub kind: String,
-    /// The table without `kind` and `layers`.
-    table: Spanned<DeValue<'a>>,
-    layers: Option<Spanned<DeValue<'a>>>,
-}
-
-impl StageTable<'_> {
-    /// The stage's settings: every key must be a field of `P`.
-    pub fn params<P: DeserializeOwned>(&self) -> Result<P, Error> {
-        Ok(P::deserialize(ValueDeserializer::from(self.table.clone()))?)
-    }
-
-    /// The `[stage.layers]` overrides, each pattern's table read as an `L`.
-    pub fn layers<L: DeserializeOwned>(&self) -> Result<LayerRules<L>, Error> {
-        let Some(layers) = &self.layers else {
-            return Ok(LayerRules::default());
-        };
-        let table = layers.get_ref().as_table().ok_or_else(|| {
-            Error::at(
-                layers.span(),
-                "layers must be a table of pattern = { settings }",
-            )
-        })?;
-        let mut rules = Vec::new();
-        for (pattern, value) in table.iter() {
-            let v = L::deserialize(ValueDeserializer::from(value.clone()))?;
-            rules.push((pattern.get_ref().to_string(), v));
-        }
-        Ok(LayerRules(rules))
-    }
-
-    /// Refuses `[stage.layers]` for a stage that has no per-layer settings.
-    pub fn no_layers(&self) -> Result<(), Error> {
-        match &self.layers {
-            Some(l) => Err(Error::at(
-                l.span(),
-                format!("the {} stage has no per-layer settings", self.kind),
-            )),
-            None => Ok(()),
-        }
-    }
-}
-
-/// How the report measures every stage's output.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
-pub struct ReportSettings {
-    /// Seconds spent measuring each latency figure.
-    pub latency_seconds: f64,
-    /// Batch sizes whose latency is measured.
-    pub batches: Vec<usize>,
-    /// Evaluate on the first N test images only (quick runs); all of them if absent.
-    pub test_limit: Option<usize>,
-}
-
-impl ReportSettings {
-    /// Refuses settings that cannot be measured.
-    pub fn check(&self) -> Result<(), String> {
-        if !(self.latency_seconds.is_finite() && self.latency_seconds > 0.0) {
-            return Err(format!(
-                "latency-seconds must be a positive number, got {}",
-                self.latency_seconds
-            ));
-        }
-        if self.batches.is_empty() || self.batches.contains(&0) {
-            return Err("batches must list batch sizes of at least 1".into());
-        }
-        if self.test_limit == Some(0) {
-            return Err("test-limit must be at least 1".into());
-        }
-        Ok(())
-    }
-}
-
-impl Default for ReportSettings {
-    fn default() -> Self {
-        ReportSettings {
-            latency_seconds: 1.0,
-            batches: vec![1, 64],
-            test_limit: None,
-        }
     }
 }
 

@@ -1,8 +1,8 @@
 //! The one list of stages a recipe can name. Adding a method adds one line here.
 
 use super::Stage;
-use super::recipe::{Error, StageTable};
 use super::stages::{encode, eval, finetune, prune, prune_filters, share, train};
+use super::table::{Error, StageTable};
 
 /// A stage's recipe name, what it does, and how its table is read.
 pub struct StageKind {

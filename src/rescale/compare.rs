@@ -182,7 +182,7 @@ pub struct CompareArgs {
 /// `convpress rescale-compare`: [`compare`] for every schedule the flags list, its table,
 /// `compare.json` and `compare.svg`.
 pub fn command(args: &CompareArgs, device: burn::prelude::Device) -> anyhow::Result<()> {
-    use crate::pipeline::stages::train::{RescaleAt, rescale_config};
+    use super::phases::{RescaleAt, rescale_config};
     use crate::train::OptimizerConfig;
     use anyhow::bail;
     use std::io::IsTerminal;

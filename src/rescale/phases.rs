@@ -24,6 +24,50 @@ pub enum Switch {
     Auto { min_gain: f64 },
 }
 
+/// When a rescaled run switches to full resolution: after an epoch, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RescaleAt {
+    Auto,
+    Epoch(usize),
+}
+
+impl std::str::FromStr for RescaleAt {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(RescaleAt::Auto),
+            n => n
+                .parse()
+                .map(RescaleAt::Epoch)
+                .map_err(|_| format!("expected an epoch number or `auto`, got {n:?}")),
+        }
+    }
+}
+
+impl Serialize for RescaleAt {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RescaleAt::Auto => s.serialize_str("auto"),
+            RescaleAt::Epoch(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RescaleAt {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(usize),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(RescaleAt::Epoch(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// A rescaled run's settings besides the ordinary training config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RescaleConfig {
@@ -76,6 +120,30 @@ impl RescaledOutcome {
     }
     pub fn train_seconds(&self) -> f64 {
         self.timeline.last().map_or(0.0, |p| p.seconds)
+    }
+}
+
+/// The kernel-rescaling settings: scale, switch point and how kernels and optimizer move.
+pub fn rescale_config(
+    scale: f64,
+    at: RescaleAt,
+    interp: Interp,
+    kernels: KernelRule,
+    min_gain_points: f64,
+    optimizer: OptimizerState,
+) -> RescaleConfig {
+    let switch = match at {
+        RescaleAt::Auto => Switch::Auto {
+            min_gain: min_gain_points / 100.0,
+        },
+        RescaleAt::Epoch(epoch) => Switch::Epoch { epoch },
+    };
+    RescaleConfig {
+        scale,
+        switch,
+        interp,
+        kernels,
+        optimizer,
     }
 }
 

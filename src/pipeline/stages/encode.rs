@@ -3,9 +3,9 @@
 //! entries and Huffman-coded cluster indices; every other tensor raw. It needs the codebooks
 //! of a `share` stage.
 
-use crate::compress::format::{self, StageBytes, TensorPayload};
+use crate::compress::format::{self, StageBytes, TensorPayload, stage_table};
 use crate::pipeline::layers::{LayerRules, per_weight};
-use crate::pipeline::recipe::{self, StageTable};
+use crate::pipeline::table::{self, StageTable};
 use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, required};
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
@@ -25,7 +25,7 @@ pub struct EncodeParams {
 
 impl Default for EncodeParams {
     fn default() -> Self {
-        recipe::clap_defaults()
+        table::clap_defaults()
     }
 }
 
@@ -43,7 +43,7 @@ pub struct Encode {
     pub out: Option<PathBuf>,
 }
 
-pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, recipe::Error> {
+pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, table::Error> {
     Ok(Box::new(Encode {
         params: t.params()?,
         layers: t.layers()?,
@@ -131,45 +131,6 @@ impl Stage for Encode {
             curve: vec![],
         })
     }
-}
-
-/// The per-tensor bytes of each compression step (dense f32, sparse, + shared, + Huffman)
-/// and the file's real ratio against dense f32.
-pub fn stage_table(stages: &[StageBytes], file_bytes: usize, file: &Path) -> String {
-    let mut o = format!(
-        "{:<22} {:>9} {:>8} {:>7} {:>11} {:>11} {:>11} {:>11}\n",
-        "tensor", "weights", "kept", "kept %", "dense B", "sparse B", "+shared B", "+huffman B"
-    );
-    let (mut d, mut sp, mut sh, mut hu) = (0, 0, 0, 0);
-    for s in stages {
-        o.push_str(&format!(
-            "{:<22} {:>9} {:>8} {:>6.2}% {:>11} {:>11} {:>11} {:>11}\n",
-            s.path,
-            s.numel,
-            s.nnz,
-            100.0 * s.nnz as f64 / s.numel.max(1) as f64,
-            s.dense,
-            s.sparse,
-            s.shared,
-            s.huffman
-        ));
-        d += s.dense;
-        sp += s.sparse;
-        sh += s.shared;
-        hu += s.huffman;
-    }
-    o.push_str(&format!(
-        "{:<22} {:>9} {:>8} {:>7} {:>11} {:>11} {:>11} {:>11}\n",
-        "total", "", "", "", d, sp, sh, hu
-    ));
-    o.push_str(&format!(
-        "{}: {} bytes on disk (header, tables and checksum included); dense f32 {} bytes: {:.1}x smaller",
-        file.display(),
-        file_bytes,
-        d,
-        d as f64 / file_bytes as f64
-    ));
-    o
 }
 
 /// `convpress encode`: the `share` stage, `finetune` of the centroids if asked (in `run_dir`,

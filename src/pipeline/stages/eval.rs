@@ -3,7 +3,7 @@
 
 use crate::checkpoint;
 use crate::pipeline::measure::test_set;
-use crate::pipeline::recipe::{self, StageTable};
+use crate::pipeline::table::{self, StageTable};
 use crate::pipeline::{Context, Model, Outcome, Plan, Stage, required};
 use crate::train;
 use serde::{Deserialize, Serialize};
@@ -21,7 +21,7 @@ pub struct EvalParams {
 
 impl Default for EvalParams {
     fn default() -> Self {
-        recipe::clap_defaults()
+        table::clap_defaults()
     }
 }
 
@@ -29,7 +29,7 @@ pub struct Eval {
     pub params: EvalParams,
 }
 
-pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, recipe::Error> {
+pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, table::Error> {
     t.no_layers()?;
     Ok(Box::new(Eval {
         params: t.params()?,

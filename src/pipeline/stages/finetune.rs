@@ -2,8 +2,8 @@
 //! stages fixed: pruned weights stay zero, shared weights keep their codebook (only the
 //! centroids train: Deep Compression, section 3.3).
 
-use crate::pipeline::recipe::{self, StageTable};
 use crate::pipeline::stages::{reopen, retrain_config, train_keeping};
+use crate::pipeline::table::{self, StageTable};
 use crate::pipeline::{Context, Model, Outcome, Plan, Stage, required};
 use serde::{Deserialize, Serialize};
 
@@ -28,7 +28,7 @@ pub struct FinetuneParams {
 
 impl Default for FinetuneParams {
     fn default() -> Self {
-        recipe::clap_defaults()
+        table::clap_defaults()
     }
 }
 
@@ -36,7 +36,7 @@ pub struct Finetune {
     pub params: FinetuneParams,
 }
 
-pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, recipe::Error> {
+pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, table::Error> {
     t.no_layers()?;
     Ok(Box::new(Finetune {
         params: t.params()?,

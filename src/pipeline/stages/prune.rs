@@ -5,8 +5,8 @@
 use crate::compress::prune::{PruneHook, Schedule, sparsity_report};
 use crate::compress::sensitivity::TargetsFile;
 use crate::pipeline::layers::{LayerRules, weighted_layer_paths};
-use crate::pipeline::recipe::{self, StageTable};
 use crate::pipeline::stages::{reopen, retrain_config, train_keeping};
+use crate::pipeline::table::{self, StageTable};
 use crate::pipeline::{Constraints, Context, Model, Outcome, Plan, Stage, State, required};
 use anyhow::bail;
 use serde::{Deserialize, Serialize};
@@ -43,7 +43,7 @@ pub struct PruneParams {
 
 impl Default for PruneParams {
     fn default() -> Self {
-        recipe::clap_defaults()
+        table::clap_defaults()
     }
 }
 
@@ -69,7 +69,7 @@ fn in_range(what: &str, s: f64) -> Result<(), String> {
     }
 }
 
-pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, recipe::Error> {
+pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, table::Error> {
     Ok(Box::new(Prune {
         params: t.params()?,
         layers: t.layers()?,

@@ -5,8 +5,8 @@
 
 use crate::checkpoint::{self, ModelMeta};
 use crate::compress::structured::{self, Analysis, Criterion, Target};
-use crate::pipeline::recipe::{self, StageTable};
 use crate::pipeline::stages::finetune::{Finetune, FinetuneParams};
+use crate::pipeline::table::{self, StageTable};
 use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, measure, required};
 use crate::{bench, train};
 use anyhow::bail;
@@ -35,7 +35,7 @@ pub struct PruneFilters {
     pub params: FilterParams,
 }
 
-pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, recipe::Error> {
+pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, table::Error> {
     t.no_layers()?;
     Ok(Box::new(PruneFilters {
         params: t.params()?,

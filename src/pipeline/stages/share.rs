@@ -6,7 +6,7 @@
 use crate::checkpoint::floats;
 use crate::compress::share::kmeans_linear;
 use crate::pipeline::layers::{LayerRules, per_weight};
-use crate::pipeline::recipe::{self, StageTable};
+use crate::pipeline::table::{self, StageTable};
 use crate::pipeline::{Constraints, Context, Model, Outcome, Plan, Stage, State, required};
 use burn::tensor::TensorData;
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,7 @@ pub struct ShareParams {
 
 impl Default for ShareParams {
     fn default() -> Self {
-        recipe::clap_defaults()
+        table::clap_defaults()
     }
 }
 
@@ -42,7 +42,7 @@ pub struct Share {
     pub layers: LayerRules<LayerBits>,
 }
 
-pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, recipe::Error> {
+pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, table::Error> {
     Ok(Box::new(Share {
         params: t.params()?,
         layers: t.layers()?,

@@ -4,9 +4,9 @@
 
 use crate::data::{Augment, DatasetKind};
 use crate::models::ModelKind;
-use crate::pipeline::recipe::{self, StageTable};
+use crate::pipeline::table::{self, StageTable};
 use crate::pipeline::{Context, Model, Outcome, Plan, Stage};
-use crate::rescale::phases::{self, OptimizerState, RescaleConfig, Switch};
+use crate::rescale::phases::{self, OptimizerState, RescaleAt, RescaleConfig, rescale_config};
 use crate::rescale::{Interp, KernelRule};
 use crate::train::{self, EpochMetrics, OptimizerConfig, Schedule, TrainConfig};
 use anyhow::{Context as _, bail};
@@ -26,50 +26,6 @@ pub enum ScheduleKind {
     Constant,
     Step,
     Cosine,
-}
-
-/// When a rescaled run switches to full resolution: after an epoch, or `auto`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RescaleAt {
-    Auto,
-    Epoch(usize),
-}
-
-impl std::str::FromStr for RescaleAt {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(RescaleAt::Auto),
-            n => n
-                .parse()
-                .map(RescaleAt::Epoch)
-                .map_err(|_| format!("expected an epoch number or `auto`, got {n:?}")),
-        }
-    }
-}
-
-impl Serialize for RescaleAt {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            RescaleAt::Auto => s.serialize_str("auto"),
-            RescaleAt::Epoch(n) => s.serialize_u64(*n as u64),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for RescaleAt {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(usize),
-            S(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::N(n) => Ok(RescaleAt::Epoch(n)),
-            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
-        }
-    }
 }
 
 /// `14x14` (or `14`) as `[14, 14]`.
@@ -161,31 +117,7 @@ pub struct TrainParams {
 
 impl Default for TrainParams {
     fn default() -> Self {
-        recipe::clap_defaults()
-    }
-}
-
-/// The kernel-rescaling settings: scale, switch point and how kernels and optimizer move.
-pub fn rescale_config(
-    scale: f64,
-    at: RescaleAt,
-    interp: Interp,
-    kernels: KernelRule,
-    min_gain_points: f64,
-    optimizer: OptimizerState,
-) -> RescaleConfig {
-    let switch = match at {
-        RescaleAt::Auto => Switch::Auto {
-            min_gain: min_gain_points / 100.0,
-        },
-        RescaleAt::Epoch(epoch) => Switch::Epoch { epoch },
-    };
-    RescaleConfig {
-        scale,
-        switch,
-        interp,
-        kernels,
-        optimizer,
+        table::clap_defaults()
     }
 }
 
@@ -297,13 +229,13 @@ impl Train {
 }
 
 /// Reads a `train` table.
-pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, recipe::Error> {
+pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, table::Error> {
     t.no_layers()?;
     Ok(Box::new(Train::new(t.params()?)))
 }
 
 /// Reads a `rescale` table: a `train` table with kernel rescaling on.
-pub fn parse_rescale(t: &StageTable) -> Result<Box<dyn Stage>, recipe::Error> {
+pub fn parse_rescale(t: &StageTable) -> Result<Box<dyn Stage>, table::Error> {
     t.no_layers()?;
     Ok(Box::new(Train {
         params: t.params()?,
