@@ -615,3 +615,76 @@ fn later_commands_use_the_checkpoints_data_folder() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A stage that fails midway (here k-means asked for more clusters than a pruned layer has
+/// weights, which only running it finds out) leaves the finished stages intact; the recipe,
+/// mended, resumes from the failed stage.
+#[test]
+fn a_failed_stage_leaves_the_finished_ones_to_resume_from() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    common::write_synthetic_mnist(&data, 256, 64, 28);
+    let recipe = root.path().join("r.toml");
+    let write = |fc_bits: u32| {
+        std::fs::write(
+            &recipe,
+            format!(
+                "[report]\nlatency-seconds = 0.01\nbatches = [1]\n\n\
+                 [[stage]]\nkind = \"train\"\nmodel = \"lenet300\"\nepochs = 1\n\n\
+                 [[stage]]\nkind = \"prune\"\nsparsity = 0.9\nepochs = 1\n\n\
+                 [[stage]]\nkind = \"share\"\nfc-bits = {fc_bits}\n"
+            ),
+        )
+        .unwrap()
+    };
+    let run = root.path().join("run");
+    let go = |resume: bool| {
+        let mut args = vec!["compress", "--recipe", recipe.to_str().unwrap()];
+        args.extend([
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ]);
+        if resume {
+            args.push("--resume");
+        }
+        convpress(&args)
+    };
+    write(10);
+    let out = go(false);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("stage 3 (share") && err.contains("1024 clusters"),
+        "{err}"
+    );
+    let done = |i: &str| run.join("stages").join(i).join("stage.json");
+    assert!(done("01-train").is_file() && done("02-prune").is_file());
+    assert!(!done("03-share").exists());
+    assert_eq!(
+        Report::read(&run).unwrap().stages.len(),
+        2,
+        "the report holds what finished"
+    );
+    let pruned = run.join("stages/02-prune/model.safetensors");
+    let before = std::fs::metadata(&pruned).unwrap().modified().unwrap();
+    write(3);
+    let out = go(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::metadata(&pruned).unwrap().modified().unwrap(),
+        before
+    );
+    let report = Report::read(&run).unwrap();
+    assert_eq!(report.stages.len(), 3);
+    assert!(
+        report.stages[2].layers.iter().all(|l| l.bits == 3),
+        "{:?}",
+        report.stages[2].layers
+    );
+}
