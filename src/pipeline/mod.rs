@@ -42,10 +42,17 @@ pub struct Model {
 }
 
 impl Model {
-    /// Reads a model file and the constraints stored beside it.
+    /// Reads a model file and the constraints stored beside it, which its weights must obey.
     pub fn open(file: &Path) -> anyhow::Result<Model> {
         let loaded = checkpoint::read(file)?;
         let constraints = Constraints::load(file).map_err(anyhow::Error::msg)?;
+        constraints.check(&loaded.tensors).map_err(|e| {
+            anyhow::anyhow!(
+                "{} does not fit {}: {e}",
+                Constraints::path_for(file).display(),
+                file.display()
+            )
+        })?;
         Ok(Model {
             file: file.to_path_buf(),
             loaded,

@@ -78,11 +78,6 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
         }
         None => None,
     };
-    if let Some(m) = &input {
-        m.constraints
-            .check(&m.loaded.tensors)
-            .map_err(|e| anyhow::anyhow!("--from {}: {e}", m.file.display()))?;
-    }
     plan(recipe, input.as_ref(), cx)?;
 
     let run_dir = &opts.run_dir;
