@@ -200,17 +200,13 @@ pub fn compare_sparse_layers(
 /// Whole-model inference of a pruned checkpoint: Burn dense against the sparse runtime, and
 /// how closely their class scores agree on real test images.
 pub fn compare_model(path: &std::path::Path, cmp: &ModelComparison) -> anyhow::Result<()> {
-    let ModelComparison {
-        batch,
-        seconds,
-        json,
-        limit,
-        data_dir,
-        per_layer,
-    } = cmp;
-    let (batch, seconds, json, limit, per_layer) =
-        (&batch[..], *seconds, *json, *limit, *per_layer);
-    let data_dir = data_dir.clone();
+    let (batch, seconds, json, limit, per_layer) = (
+        &cmp.batch[..],
+        cmp.seconds,
+        cmp.json,
+        cmp.limit,
+        cmp.per_layer,
+    );
     use crate::runtime::model::SparseModel;
     check_bench_args(batch, seconds)?;
     let device = Device::flex();
@@ -221,7 +217,7 @@ pub fn compare_model(path: &std::path::Path, cmp: &ModelComparison) -> anyhow::R
     let input = sparse.arch.input;
     let len: usize = input.iter().product();
     // Real test images when the checkpoint's dataset is there, else Gaussian noise.
-    let dir = meta.data_dir_or(data_dir.as_deref());
+    let dir = meta.data_dir_or(cmp.data_dir.as_deref());
     let (images, labels) = match data::load(meta.dataset, &dir) {
         Ok(splits) if meta.preprocess.output_shape(splits.test.image_shape()) == input => {
             let test = meta.preprocess.apply(&splits.test.take(limit.max(1)));

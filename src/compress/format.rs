@@ -146,19 +146,20 @@ impl TensorEntry {
 /// is fully decoded first, so a damaged one is refused.
 pub fn entries(bytes: &[u8]) -> Result<Vec<TensorEntry>, String> {
     decode(bytes)?;
+    Ok(header_of_decoded(bytes)?.tensors)
+}
+
+/// The JSON header of a file that [`decode`] has accepted.
+fn header_of_decoded(bytes: &[u8]) -> Result<Header, String> {
     let hlen = u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes")) as usize;
-    let header: Header =
-        serde_json::from_slice(&bytes[20..20 + hlen]).map_err(|e| e.to_string())?;
-    Ok(header.tensors)
+    serde_json::from_slice(&bytes[20..20 + hlen]).map_err(|e| e.to_string())
 }
 
 /// Bytes of each compression stage per tensor of a model file, read back from the file (what
 /// `convpress info` shows). The file is fully decoded first, so a damaged one is refused.
 pub fn stages(bytes: &[u8]) -> Result<Vec<StageBytes>, String> {
     let loaded = decode(bytes)?;
-    let hlen = u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes")) as usize;
-    let header: Header =
-        serde_json::from_slice(&bytes[20..20 + hlen]).map_err(|e| e.to_string())?;
+    let header = header_of_decoded(bytes)?;
     Ok(header
         .tensors
         .iter()

@@ -43,9 +43,15 @@ pub struct Model {
 
 impl Model {
     /// Reads a model file and the constraints stored beside it, which its weights must obey.
+    /// A compressed file holds its codebooks itself and takes none from beside it (a
+    /// `model.safetensors` next to `model.cpz` would otherwise lend it its own).
     pub fn open(file: &Path) -> anyhow::Result<Model> {
         let loaded = checkpoint::read(file)?;
-        let constraints = Constraints::load(file).map_err(anyhow::Error::msg)?;
+        let constraints = if is_encoded(file) {
+            Constraints::default()
+        } else {
+            Constraints::load(file).map_err(anyhow::Error::msg)?
+        };
         constraints.check(&loaded.tensors).map_err(|e| {
             anyhow::anyhow!(
                 "{} does not fit {}: {e}",
@@ -100,12 +106,17 @@ impl Model {
 
     /// Whether the file is a compressed model (`.cpz`), which training stages cannot continue.
     pub fn is_encoded(&self) -> bool {
-        use std::io::Read;
-        let mut head = [0u8; 4];
-        std::fs::File::open(&self.file)
-            .and_then(|mut f| f.read_exact(&mut head))
-            .is_ok_and(|()| crate::compress::format::is_compressed(&head))
+        is_encoded(&self.file)
     }
+}
+
+/// Whether `file` starts like a compressed model (`.cpz`).
+fn is_encoded(file: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    std::fs::File::open(file)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok_and(|()| crate::compress::format::is_compressed(&head))
 }
 
 /// Compression state a stage can need, keep or break.

@@ -146,7 +146,6 @@ pub fn command(
     run_dir: Option<PathBuf>,
     cx: Context,
 ) -> anyhow::Result<()> {
-    use super::eval::{Eval, EvalParams};
     use super::finetune::Finetune;
     use super::share::{Share, check_bits};
     // Impossible settings are refused before the checkpoint is read.
@@ -223,22 +222,23 @@ pub fn command(
     let stages: Vec<StageBytes> = serde_json::from_value(d["stages"].clone())?;
     println!("{}", stage_table(&stages, file_bytes, &out));
     // The decoded file is the model that counts: evaluate it, and the source, if data is here.
+    // The data is read once for both.
     let dir = cx.data_dir_for(source.meta());
-    if let Err(e) = crate::data::load(source.meta().dataset, &dir) {
-        println!("(not evaluated: {e})");
-        return Ok(());
-    }
-    let eval = Eval {
-        params: EvalParams::default(),
+    let test = match crate::data::load(source.meta().dataset, &dir) {
+        Ok(splits) => source.meta().preprocess.apply(&splits.test),
+        Err(e) => {
+            println!("(not evaluated: {e})");
+            return Ok(());
+        }
     };
-    let acc = |m: Model| -> anyhow::Result<f64> {
-        let r = eval.run(Some(m), &cx)?;
-        Ok(r.details["test_acc"].as_f64().unwrap_or(f64::NAN))
+    let acc = |file: &Path| -> anyhow::Result<f64> {
+        let (network, _) = crate::checkpoint::load(file, &cx.device)?;
+        Ok(crate::train::evaluate(&network, &test, 256, &cx.device).1)
     };
     println!(
         "test accuracy: {:.2}% before encoding, {:.2}% decoded from {}",
-        100.0 * acc(source)?,
-        100.0 * acc(encoded.model)?,
+        100.0 * acc(checkpoint)?,
+        100.0 * acc(&out)?,
         out.display()
     );
     Ok(())
