@@ -5,6 +5,12 @@
 //! Parameter ids go into the metadata as well, so a resumed run's optimizer state (keyed by
 //! id) finds its parameters again. Files are written to a temporary sibling and renamed, so a
 //! crash never leaves half a checkpoint.
+//!
+//! Safetensors has no checksum of its own, so a flipped bit in tensor data would load as a
+//! different weight. Format 2 stores a SHA-256 of everything else in the file (metadata and
+//! every tensor's name, shape and bytes) under `convpress.checksum`, checked on every read;
+//! format 1 files (written before it) are read without one. Every read also checks the
+//! tensors against the stored architecture: the same names, shapes and count.
 
 use crate::atomic_file::write_atomic;
 use crate::data::{DatasetKind, Preprocess};
@@ -15,7 +21,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-pub const FORMAT_VERSION: &str = "1";
+pub const FORMAT_VERSION: &str = "2";
+/// The format before checksums, still read.
+const FORMAT_UNCHECKED: &str = "1";
+const KEY_CHECKSUM: &str = "convpress.checksum";
 const KEY_FORMAT: &str = "convpress.format";
 const KEY_ARCH: &str = "convpress.arch";
 const KEY_META: &str = "convpress.meta";
@@ -55,6 +64,8 @@ impl ModelMeta {
         if !self.info.is_object() {
             self.info = serde_json::json!({});
         }
+        // Absolute, so the model's data is found from any working directory.
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
         self.info["data_dir"] = dir.display().to_string().into();
         self
     }
@@ -71,6 +82,9 @@ pub enum CheckpointError {
         path: String,
         reason: std::io::Error,
     },
+    /// From [`write_atomic`], whose message names the file.
+    #[error("{0}")]
+    Write(std::io::Error),
 }
 
 fn invalid(path: &Path, why: impl Into<String>) -> CheckpointError {
@@ -273,6 +287,11 @@ pub fn save(path: &Path, network: &Network, meta: &ModelMeta) -> Result<(), Chec
         KEY_IDS.to_string(),
         serde_json::to_string(&ids).expect("ids serialise"),
     );
+    let parts: Vec<(&str, &[usize], &[u8])> = tensors
+        .iter()
+        .map(|(name, _, data)| (name.as_str(), data.shape().as_slice(), data.as_bytes()))
+        .collect();
+    metadata.insert(KEY_CHECKSUM.to_string(), checksum(&metadata, &parts));
     let bytes = safetensors::serialize(views, Some(metadata))
         .map_err(|e| invalid(path, format!("cannot serialise: {e}")))?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -281,10 +300,7 @@ pub fn save(path: &Path, network: &Network, meta: &ModelMeta) -> Result<(), Chec
             reason: e,
         })?;
     }
-    write_atomic(path, &bytes).map_err(|e| CheckpointError::Io {
-        path: path.display().to_string(),
-        reason: e,
-    })
+    write_atomic(path, &bytes).map_err(CheckpointError::Write)
 }
 
 /// Tensors by parameter path, with their parameter ids when known: a model's state off the
@@ -310,12 +326,111 @@ pub fn floats(tensors: &Tensors, name: &str) -> Result<(Vec<f32>, Vec<usize>), S
     Ok((values, data.shape().to_vec()))
 }
 
+/// The checksum of a format-2 checkpoint: SHA-256 over every metadata entry but the checksum
+/// itself and every tensor's name, shape and bytes, both in name order, as `sha256:<hex>`.
+/// Each part is length-prefixed, so no two different files hash the same bytes.
+pub fn checksum(metadata: &HashMap<String, String>, tensors: &[(&str, &[usize], &[u8])]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut part = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    let mut keys: Vec<_> = metadata.keys().filter(|k| *k != KEY_CHECKSUM).collect();
+    keys.sort();
+    for k in keys {
+        part(k.as_bytes());
+        part(metadata[k].as_bytes());
+    }
+    let mut sorted: Vec<_> = tensors.iter().collect();
+    sorted.sort_by_key(|t| t.0);
+    for (name, shape, bytes) in sorted {
+        part(name.as_bytes());
+        let dims: Vec<u8> = shape
+            .iter()
+            .flat_map(|&d| (d as u64).to_le_bytes())
+            .collect();
+        part(&dims);
+        part(bytes);
+    }
+    let digest = h.finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
 /// A checkpoint read from disk: architecture, metadata and tensors, not yet on a device.
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub arch: Arch,
     pub meta: ModelMeta,
     pub tensors: Tensors,
+}
+
+impl Loaded {
+    /// Checks that the tensors are exactly those the architecture needs ([`Arch::tensor_shapes`]):
+    /// no tensor missing, none extra, every shape as stored, and every value finite (a NaN
+    /// weight is a damaged model, not a reason to lower a learning rate later).
+    pub fn check(&self) -> Result<(), String> {
+        let want = self.arch.tensor_shapes();
+        let mut problems = Vec::new();
+        let mut damaged = Vec::new();
+        for (name, shape) in &want {
+            match self.tensors.get(name) {
+                None => problems.push(format!("tensor {name} is missing")),
+                Some((data, _)) if data.shape().as_slice() != shape.as_slice() => {
+                    problems.push(format!(
+                        "tensor {name} has shape {:?}, the architecture needs {shape:?}",
+                        data.shape().as_slice()
+                    ))
+                }
+                Some((data, _)) => {
+                    let bad = data.iter::<f32>().filter(|x| !x.is_finite()).count();
+                    if bad > 0 {
+                        damaged.push(format!("tensor {name} holds {bad} NaN or infinite values"));
+                    }
+                }
+            }
+        }
+        let mut extra: Vec<&String> = self
+            .tensors
+            .keys()
+            .filter(|k| !want.iter().any(|(n, _)| n == *k))
+            .collect();
+        extra.sort();
+        if !extra.is_empty() {
+            problems.push(format!(
+                "{} tensors the {} architecture does not have ({})",
+                extra.len(),
+                self.arch.name,
+                extra
+                    .iter()
+                    .take(3)
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if problems.is_empty() {
+            if damaged.is_empty() {
+                return Ok(());
+            }
+            return Err(format!(
+                "the weights are damaged: {}; use another copy of the model, or retrain it",
+                damaged.join("; ")
+            ));
+        }
+        let n = problems.len();
+        problems.truncate(3);
+        let more = if n > 3 {
+            format!(" (and {} more)", n - 3)
+        } else {
+            String::new()
+        };
+        Err(format!(
+            "the weights do not match the stored architecture: {}{more}",
+            problems.join("; ")
+        ))
+    }
 }
 
 /// Reads and checks a checkpoint file: safetensors, or a compressed model (`.cpz`, see
@@ -325,50 +440,84 @@ pub fn read(path: &Path) -> Result<Loaded, CheckpointError> {
         path: path.display().to_string(),
         reason: e,
     })?;
-    if crate::compress::format::is_compressed(&bytes) {
-        return crate::compress::format::decode(&bytes).map_err(|e| invalid(path, e));
+    parse(&bytes).map_err(|e| invalid(path, e))
+}
+
+/// [`read`] on the bytes of a file: everything is checked (format, checksum, architecture,
+/// tensors against it) before a `Loaded` is returned.
+pub fn parse(bytes: &[u8]) -> Result<Loaded, String> {
+    let loaded = if crate::compress::format::is_compressed(bytes) {
+        crate::compress::format::decode(bytes)?
+    } else {
+        parse_safetensors(bytes)?
+    };
+    loaded.check()?;
+    Ok(loaded)
+}
+
+fn parse_safetensors(bytes: &[u8]) -> Result<Loaded, String> {
+    let not_a_model = |e: &dyn std::fmt::Display| {
+        format!(
+            "not a convpress model file (neither a safetensors checkpoint nor a .cpz compressed model): {e}"
+        )
+    };
+    if bytes.len() < 8 {
+        return Err(format!(
+            "not a convpress model file: {} bytes, too short for a checkpoint or a compressed model",
+            bytes.len()
+        ));
     }
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| invalid(path, format!("not a safetensors file ({e})")))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| invalid(path, format!("not a safetensors file ({e})")))?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| not_a_model(&e))?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| not_a_model(&e))?;
     let md = header
         .metadata()
         .clone()
-        .ok_or_else(|| invalid(path, "no convpress metadata: not a convpress checkpoint"))?;
+        .ok_or("a safetensors file without convpress metadata: not a convpress checkpoint")?;
     let get = |k: &str| {
-        md.get(k).ok_or_else(|| {
-            invalid(
-                path,
-                format!("metadata {k} missing: not a convpress checkpoint"),
-            )
-        })
+        md.get(k)
+            .ok_or_else(|| format!("metadata {k} missing: not a convpress checkpoint"))
     };
     let version = get(KEY_FORMAT)?;
-    if version != FORMAT_VERSION {
-        return Err(invalid(
-            path,
-            format!("checkpoint format {version}, this convpress reads {FORMAT_VERSION}"),
+    if version != FORMAT_VERSION && version != FORMAT_UNCHECKED {
+        return Err(format!(
+            "checkpoint format {version}, this convpress reads {FORMAT_UNCHECKED} and {FORMAT_VERSION}"
         ));
     }
+    if version == FORMAT_VERSION {
+        let stored = get(KEY_CHECKSUM)?;
+        let parts: Vec<(String, Vec<usize>, &[u8])> = st
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| (name, view.shape().to_vec(), view.data()))
+            .collect();
+        let parts: Vec<(&str, &[usize], &[u8])> = parts
+            .iter()
+            .map(|(n, s, d)| (n.as_str(), s.as_slice(), *d))
+            .collect();
+        if checksum(&md, &parts) != *stored {
+            return Err(
+                "checksum mismatch: the file is damaged (a changed byte in its weights or metadata); use another copy or retrain"
+                    .into(),
+            );
+        }
+    }
     let arch: Arch = serde_json::from_str(get(KEY_ARCH)?)
-        .map_err(|e| invalid(path, format!("architecture metadata is damaged: {e}")))?;
+        .map_err(|e| format!("architecture metadata is damaged: {e}"))?;
     arch.validate()
-        .map_err(|e| invalid(path, format!("architecture is inconsistent: {e}")))?;
+        .map_err(|e| format!("architecture is inconsistent: {e}"))?;
     let meta: ModelMeta = serde_json::from_str(get(KEY_META)?)
-        .map_err(|e| invalid(path, format!("model metadata is damaged: {e}")))?;
+        .map_err(|e| format!("model metadata is damaged: {e}"))?;
     let ids: BTreeMap<String, u64> = match md.get(KEY_IDS) {
-        Some(s) => serde_json::from_str(s)
-            .map_err(|e| invalid(path, format!("parameter ids are damaged: {e}")))?,
+        Some(s) => {
+            serde_json::from_str(s).map_err(|e| format!("parameter ids are damaged: {e}"))?
+        }
         None => BTreeMap::new(),
     };
     let mut tensors = HashMap::new();
     for (name, view) in st.tensors() {
         if view.dtype() != safetensors::Dtype::F32 {
-            return Err(invalid(
-                path,
-                format!("tensor {name} is {:?}, not F32", view.dtype()),
-            ));
+            return Err(format!("tensor {name} is {:?}, not F32", view.dtype()));
         }
         let data = TensorData::from_bytes_vec(
             view.data().to_vec(),
@@ -438,5 +587,5 @@ pub fn test_split(
             got
         );
     }
-    Ok(meta.preprocess.apply(&test))
+    meta.preprocess.try_apply(&test)
 }

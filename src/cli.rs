@@ -201,6 +201,9 @@ pub struct TrainArgs {
     /// (only --epochs may change).
     #[arg(long, requires = "run_dir", conflicts_with = "rescale_from")]
     pub resume: bool,
+    /// Replace the run in --run-dir (a folder convpress made) instead of refusing.
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
     /// No progress bar even on a terminal.
     #[arg(long)]
     pub no_progress: bool,
@@ -221,6 +224,9 @@ pub struct CompressArgs {
     /// starts again.
     #[arg(long)]
     pub resume: bool,
+    /// Replace the run in the run folder (a folder convpress made) instead of refusing.
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
     /// Dataset folder for every stage (default: the one the model was trained on).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -237,6 +243,9 @@ pub struct ReportArgs {
     /// one, its report.md and plots are drawn again from its report.json.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace an earlier compare.md and compare.svg in --out.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -257,6 +266,9 @@ pub struct PruneArgs {
     pub data_dir: Option<PathBuf>,
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
+    /// Replace the run in --run-dir (a folder convpress made) instead of refusing.
+    #[arg(long)]
+    pub force: bool,
     #[arg(long)]
     pub no_progress: bool,
 }
@@ -277,6 +289,9 @@ pub struct PruneFiltersArgs {
     pub data_dir: Option<PathBuf>,
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
+    /// Replace the run in --run-dir (a folder convpress made) instead of refusing.
+    #[arg(long)]
+    pub force: bool,
     #[arg(long)]
     pub no_progress: bool,
 }
@@ -286,9 +301,12 @@ pub struct EncodeArgs {
     /// The (pruned) model to encode.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Output file (default: the checkpoint's name with .cpz).
+    /// Output file (default: the checkpoint's name with .cpz). Never the checkpoint itself.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace --out (and its report and fine-tuning folder) if they exist.
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub share: ShareParams,
     #[command(flatten)]
@@ -333,9 +351,7 @@ fn context(dir: PathBuf, device: Device, data_dir: Option<PathBuf>, no_progress:
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::kernels::set_default_ops(cli.ops);
     if let Some(n) = cli.threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
+        crate::resources::check_threads(n)?;
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
@@ -381,6 +397,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 &args.checkpoint,
                 args.latency_seconds,
                 args.run_dir,
+                args.force,
                 cx,
             )
         }
@@ -444,7 +461,8 @@ fn run_bench(
 
 fn run_train(args: TrainArgs, device: Device) -> anyhow::Result<()> {
     let cx = context(PathBuf::new(), device, None, args.no_progress);
-    train::command(&args.params, args.run_dir, args.resume, cx)
+    let reuse = crate::run_folder::Reuse::from_flags(args.resume, args.force);
+    train::command(&args.params, args.run_dir, reuse, cx)
 }
 
 fn run_prune(args: PruneArgs, device: Device) -> anyhow::Result<()> {
@@ -455,11 +473,18 @@ fn run_prune(args: PruneArgs, device: Device) -> anyhow::Result<()> {
         &args.layers,
         &args.layer_sparsity,
         args.run_dir,
+        args.force,
         cx,
     )
 }
 
 fn run_encode(args: EncodeArgs, device: Device) -> anyhow::Result<()> {
+    if !(args.finetune_lr.is_finite() && args.finetune_lr > 0.0) {
+        bail!(
+            "--finetune-lr must be a positive number, got {}",
+            args.finetune_lr
+        );
+    }
     let finetune = (args.finetune_epochs > 0).then_some(FinetuneParams {
         epochs: args.finetune_epochs,
         lr: args.finetune_lr,
@@ -475,6 +500,7 @@ fn run_encode(args: EncodeArgs, device: Device) -> anyhow::Result<()> {
         args.encode,
         finetune,
         args.run_dir,
+        args.force,
         cx,
     )
 }
@@ -493,6 +519,7 @@ fn run_compress(args: CompressArgs, device: Device) -> anyhow::Result<()> {
         run_dir: run_dir.clone(),
         from: args.from,
         resume: args.resume,
+        force: args.force,
     };
     let report = runner::run(&recipe, &opts, &cx)?;
     println!("{}", report.table());
@@ -504,5 +531,5 @@ fn run_compress(args: CompressArgs, device: Device) -> anyhow::Result<()> {
 }
 
 fn run_report(args: ReportArgs) -> anyhow::Result<()> {
-    report::command(&args.runs, args.out.as_deref())
+    report::command(&args.runs, args.out.as_deref(), args.force)
 }

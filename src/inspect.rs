@@ -2,12 +2,14 @@
 //! bytes; for a compressed file also the bytes of each compression step.
 
 use crate::checkpoint;
+use anyhow::Context as _;
 use std::path::Path;
 
 /// `convpress info`: what the file at `path` holds.
 pub fn info(path: &Path, json: bool) -> anyhow::Result<()> {
     let loaded = checkpoint::read(path)?;
-    let file_bytes = std::fs::metadata(path)?.len();
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file_bytes = bytes.len() as u64;
     let stats = loaded.arch.layer_stats();
     if json {
         let v = serde_json::json!({
@@ -53,8 +55,8 @@ pub fn info(path: &Path, json: bool) -> anyhow::Result<()> {
         .tensors
         .values()
         .map(|(d, _)| d.num_elements())
-        .sum::<usize>()
-        - params;
+        .fold(0usize, |a, n| a.saturating_add(n))
+        .saturating_sub(params);
     println!(
         "total: {} parameters ({} bytes as f32), {} buffer values (batch-norm statistics), {} FLOPs per image; file {} bytes",
         params,
@@ -63,7 +65,6 @@ pub fn info(path: &Path, json: bool) -> anyhow::Result<()> {
         loaded.arch.flops(),
         file_bytes
     );
-    let bytes = std::fs::read(path)?;
     if crate::compress::format::is_compressed(&bytes) {
         let stages = crate::compress::format::stages(&bytes)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;

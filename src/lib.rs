@@ -33,5 +33,7 @@ pub mod models;
 pub mod pipeline;
 pub mod plot;
 pub mod rescale;
+pub mod resources;
+pub mod run_folder;
 pub mod runtime;
 pub mod train;

@@ -9,6 +9,54 @@ use convpress::models::arch::build::{bn, conv, linear};
 use convpress::models::{Arch, LayerSpec, ModelKind, Network};
 use std::collections::HashMap;
 
+/// What a checkpoint must hold (`Arch::tensor_shapes`, checked on every read) is exactly what
+/// the Burn module holds, for every model of the zoo and a grouped, bias-free conv.
+#[test]
+fn tensor_shapes_are_what_the_network_holds() {
+    let device = Device::flex();
+    let mut archs: Vec<Arch> = [
+        (ModelKind::Lenet300, [1, 28, 28]),
+        (ModelKind::Lenet5, [1, 28, 28]),
+        (ModelKind::VggSmall, [1, 32, 32]),
+        (ModelKind::Resnet20, [3, 32, 32]),
+    ]
+    .iter()
+    .map(|&(kind, input)| kind.arch(input, 10).unwrap())
+    .collect();
+    archs.push(Arch {
+        name: "grouped".into(),
+        input: [4, 8, 8],
+        classes: 3,
+        layers: vec![
+            LayerSpec::Conv2d {
+                in_channels: 4,
+                out_channels: 6,
+                kernel: [3, 3],
+                stride: [1, 1],
+                padding: [1, 1],
+                pad_extra: [0, 0],
+                dilation: [1, 1],
+                groups: 2,
+                bias: false,
+            },
+            bn(6),
+            LayerSpec::Flatten,
+            linear(6 * 8 * 8, 3),
+        ],
+    });
+    for arch in archs {
+        let net = Network::new(&arch, &device).unwrap();
+        let mut held: Vec<(String, Vec<usize>)> = checkpoint::named_tensors(&net)
+            .into_iter()
+            .map(|(p, _, d)| (p, d.shape().to_vec()))
+            .collect();
+        held.sort();
+        let mut want = arch.tensor_shapes();
+        want.sort();
+        assert_eq!(want, held, "{}", arch.name);
+    }
+}
+
 #[test]
 fn parameter_counts_match_the_papers() {
     // Deep Compression's LeNet-5 (Caffe form): 431K parameters.
@@ -307,13 +355,13 @@ fn bad_checkpoints_are_refused_clearly() {
     std::fs::write(&junk, b"hello world, not a checkpoint").unwrap();
     let e = checkpoint::load(&junk, &device).unwrap_err().to_string();
     assert!(
-        e.contains("junk.safetensors") && e.contains("not a safetensors"),
+        e.contains("junk.safetensors") && e.contains("not a convpress model file"),
         "{e}"
     );
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&junk, &bytes[..bytes.len() / 2]).unwrap();
     let e = checkpoint::load(&junk, &device).unwrap_err().to_string();
-    assert!(e.contains("not a safetensors"), "{e}");
+    assert!(e.contains("not a convpress model file"), "{e}");
 
     // A safetensors file without convpress metadata.
     let plain = safetensors::serialize(
@@ -334,4 +382,79 @@ fn bad_checkpoints_are_refused_clearly() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("nope.safetensors"), "{e}");
+}
+
+/// Small checkpoints for the checkpoint fuzzer's seeds (`fuzz/seeds-checkpoint/`): a linear
+/// model, a conv + batch norm model and a residual block. Each must read back; parameter ids
+/// are random, so the files are only rewritten with `CONVPRESS_WRITE_SEEDS=1`.
+#[test]
+fn checkpoint_fuzz_seeds_read_back() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds-checkpoint");
+    let write = std::env::var_os("CONVPRESS_WRITE_SEEDS").is_some();
+    let conv = |i, o| LayerSpec::Conv2d {
+        in_channels: i,
+        out_channels: o,
+        kernel: [3, 3],
+        stride: [1, 1],
+        padding: [1, 1],
+        pad_extra: [0, 0],
+        dilation: [1, 1],
+        groups: 1,
+        bias: true,
+    };
+    let seeds = [
+        (
+            "mlp",
+            Arch {
+                name: "tiny".into(),
+                input: [1, 2, 2],
+                classes: 2,
+                layers: vec![LayerSpec::Flatten, linear(4, 2)],
+            },
+        ),
+        (
+            "conv-bn",
+            Arch {
+                name: "tiny".into(),
+                input: [1, 4, 4],
+                classes: 2,
+                layers: vec![
+                    conv(1, 2),
+                    bn(2),
+                    LayerSpec::Relu,
+                    LayerSpec::Flatten,
+                    linear(32, 2),
+                ],
+            },
+        ),
+        (
+            "residual",
+            Arch {
+                name: "tiny".into(),
+                input: [2, 4, 4],
+                classes: 2,
+                layers: vec![
+                    LayerSpec::Residual {
+                        body: vec![conv(2, 2), bn(2)],
+                        shortcut: vec![],
+                    },
+                    LayerSpec::GlobalAvgPool,
+                    LayerSpec::Flatten,
+                    linear(2, 2),
+                ],
+            },
+        ),
+    ];
+    let device = Device::flex();
+    for (name, arch) in seeds {
+        let file = dir.join(format!("{name}.safetensors"));
+        if write {
+            std::fs::create_dir_all(&dir).unwrap();
+            let net = Network::seeded(&arch, &device, 1).unwrap();
+            checkpoint::save(&file, &net, &meta()).unwrap();
+        }
+        let loaded = checkpoint::read(&file).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(loaded.arch, arch, "{name}");
+        assert!(std::fs::metadata(&file).unwrap().len() < 4096, "{name}");
+    }
 }

@@ -60,6 +60,12 @@ pub fn print_train(
     json: bool,
 ) -> anyhow::Result<()> {
     check_bench_args(batch, seconds)?;
+    let arch = model
+        .arch(super::bench_input(model), 10)
+        .map_err(anyhow::Error::msg)?;
+    for &b in batch {
+        crate::resources::check_batch(&arch, b, mode.contains(&Mode::Train), "--batch")?;
+    }
     if !json {
         println!(
             "{:<10} {:>6} {:>7} {:>6} {:>12} {:>10}",
@@ -100,6 +106,11 @@ pub fn compare_latency(
         .iter()
         .map(|p| checkpoint::load(p, device).map(|(m, _)| m))
         .collect::<Result<Vec<_>, _>>()?;
+    for model in &models {
+        for &b in batch {
+            crate::resources::check_batch(&model.arch, b, false, "--batch")?;
+        }
+    }
     print!("{:<48} {:>9} {:>12}", "checkpoint", "params", "FLOPs");
     for b in batch {
         print!(" {:>10} {:>6}", format!("b{b} ms"), "x");
@@ -137,6 +148,14 @@ pub fn compare_sparse_layers(
     json: bool,
 ) -> anyhow::Result<()> {
     check_bench_args(batch, seconds)?;
+    for &b in batch {
+        // The largest layer timed is 784 -> 300: its input and output for the batch.
+        crate::resources::check_memory(
+            &format!("a batch of {b} rows through a 784x300 layer"),
+            crate::resources::bytes_of(&[b, 784 + 300], 4),
+            "use a smaller --batch",
+        )?;
+    }
     if let Some(s) = sparsity.iter().find(|s| !(0.0..1.0).contains(*s)) {
         bail!("--sparsity must be in [0, 1), got {s}");
     }
@@ -214,13 +233,16 @@ pub fn compare_model(path: &std::path::Path, cmp: &ModelComparison) -> anyhow::R
     let dense = dense.valid();
     let sparse = SparseModel::from_loaded(&checkpoint::read(path)?)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    for &b in batch {
+        crate::resources::check_batch(&sparse.arch, b, false, "--batch")?;
+    }
     let input = sparse.arch.input;
     let len: usize = input.iter().product();
     // Real test images when the checkpoint's dataset is there, else Gaussian noise.
     let dir = meta.data_dir_or(cmp.data_dir.as_deref());
     let (images, labels) = match data::load(meta.dataset, &dir) {
         Ok(splits) if meta.preprocess.output_shape(splits.test.image_shape()) == input => {
-            let test = meta.preprocess.apply(&splits.test.take(limit.max(1)));
+            let test = meta.preprocess.try_apply(&splits.test.take(limit.max(1)))?;
             (test.pixels, Some(test.labels))
         }
         other => {

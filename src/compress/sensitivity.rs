@@ -365,9 +365,13 @@ pub struct SensitivityArgs {
     /// it, print the targets and write them to `targets.json` for `prune --targets`.
     #[arg(long, allow_negative_numbers = true)]
     pub max_drop: Option<f64>,
-    /// Folder for sensitivity.json, sensitivity.csv, sensitivity.svg (and targets.json).
+    /// Folder for sensitivity.json, sensitivity.csv, sensitivity.svg (and targets.json); it
+    /// must be new or empty.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace what --out holds (a folder convpress made) instead of refusing.
+    #[arg(long)]
+    pub force: bool,
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     #[arg(long, default_value_t = 256)]
@@ -405,6 +409,14 @@ pub fn command(args: &SensitivityArgs, device: Device) -> anyhow::Result<()> {
         bail!("--out {} exists and is not a folder", args.out.display());
     }
     let (model, meta) = checkpoint::load(&args.checkpoint, &device)?;
+    // Taken now (the checkpoint is good), held until the files are written.
+    let _out = crate::run_folder::RunFolder::open(
+        &args.out,
+        crate::run_folder::Reuse::from_flags(false, args.force),
+        "--out",
+        false,
+        &[&args.checkpoint],
+    )?;
     let shapes: Vec<(String, Vec<usize>)> = checkpoint::named_tensors(&model)
         .into_iter()
         .map(|(p, _, d)| (p, d.shape().to_vec()))
@@ -478,7 +490,7 @@ pub fn command(args: &SensitivityArgs, device: Device) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let write = |name: &str, bytes: &[u8]| {
         let path = args.out.join(name);
-        write_atomic(&path, bytes).with_context(|| format!("cannot write {}", path.display()))
+        write_atomic(&path, bytes)
     };
     write(
         "sensitivity.json",

@@ -36,8 +36,13 @@ pub fn kmeans_linear(weights: &[f32], bits: u32, max_iter: usize) -> Result<Code
     let k = 1usize << bits;
     let live: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] != 0.0).collect();
     if live.len() < k {
+        let fix = if bits > 1 {
+            format!("use at most {} bits", live.len().max(2).ilog2())
+        } else {
+            "1 bit is the fewest: leave this layer out of sharing, or prune it less".to_string()
+        };
         return Err(format!(
-            "{k} clusters ({bits} bits) for {} non-zero weights: use fewer bits",
+            "{k} clusters ({bits} bits) for {} non-zero weights: {fix}",
             live.len()
         ));
     }

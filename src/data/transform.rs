@@ -45,8 +45,10 @@ impl Preprocess {
         // Statistics are the same before and after padding/resizing up to the border, so they
         // are measured on the raw pixels (cheaper) and shifted for the padding's zeros.
         let (mean, std) = channel_stats(train);
-        let hw = (train.height * train.width) as f32;
-        let padded = ((train.height + 2 * pad) * (train.width + 2 * pad)) as f32;
+        // In floating point: a huge `pad` is refused later (memory), and must not overflow here.
+        let hw = (train.height as f64 * train.width as f64) as f32;
+        let padded = ((train.height as f64 + 2.0 * pad as f64)
+            * (train.width as f64 + 2.0 * pad as f64)) as f32;
         let frac = hw / padded;
         for c in 0..train.channels {
             let m = mean[c] * frac;
@@ -60,11 +62,47 @@ impl Preprocess {
     /// Shape `[C, H, W]` of an image of shape `input` after this preprocessing.
     pub fn output_shape(&self, input: [usize; 3]) -> [usize; 3] {
         let [c, h, w] = input;
-        let (h, w) = (h + 2 * self.pad, w + 2 * self.pad);
+        let border = self.pad.saturating_mul(2);
+        let (h, w) = (h.saturating_add(border), w.saturating_add(border));
         match self.resize {
             Some([rh, rw]) => [c, rh, rw],
             None => [c, h, w],
         }
+    }
+
+    /// Bytes of the padded and resized copies of `set` while [`Preprocess::apply`] runs (both
+    /// are alive at once), or `None` if the count overflows.
+    pub fn bytes_needed(&self, set: &ImageSet) -> Option<u64> {
+        let [c, h, w] = [set.channels, set.height, set.width];
+        let padded_h = self.pad.checked_mul(2)?.checked_add(h)?;
+        let padded_w = self.pad.checked_mul(2)?.checked_add(w)?;
+        let padded = crate::resources::bytes_of(&[set.n, c, padded_h, padded_w], 4)?;
+        let resized = match self.resize {
+            Some([rh, rw]) => crate::resources::bytes_of(&[set.n, c, rh, rw], 4)?,
+            None => 0,
+        };
+        padded.checked_add(resized)
+    }
+
+    /// [`Preprocess::apply`], refused up front if the preprocessed images would not fit in
+    /// memory (a mistyped `--pad` or `--resize`), instead of aborting in the allocator.
+    pub fn try_apply(&self, set: &ImageSet) -> anyhow::Result<ImageSet> {
+        let what = format!(
+            "preprocessing {} images of {}x{}x{} (padding {}{})",
+            set.n,
+            set.channels,
+            set.height,
+            set.width,
+            self.pad,
+            self.resize
+                .map_or(String::new(), |[h, w]| format!(", resizing to {h}x{w}"))
+        );
+        crate::resources::check_memory(
+            &what,
+            self.bytes_needed(set),
+            "use a smaller --pad or --resize, or fewer images (--train-limit, --test-limit)",
+        )?;
+        Ok(self.apply(set))
     }
 
     /// Applies padding, resizing and normalisation to a whole set.

@@ -382,6 +382,16 @@ impl Arch {
         out
     }
 
+    /// Every float tensor that a network of this architecture holds (parameters and batch-norm
+    /// statistics), by path, with its shape in Burn's layout: what a model file must contain,
+    /// checked before the file's tensors are used (`checkpoint::Loaded::check`). A test holds
+    /// it equal to what a built `Network` visits.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out = Vec::new();
+        tensors_into(&self.layers, "layers", &mut out);
+        out
+    }
+
     /// Parameters of the whole network; saturates at `usize::MAX`.
     pub fn num_params(&self) -> usize {
         self.layer_stats()
@@ -394,6 +404,56 @@ impl Arch {
         self.layer_stats()
             .iter()
             .fold(0u64, |a, s| a.saturating_add(s.flops))
+    }
+}
+
+/// The tensors of `layers` under `prefix`, by path (see [`Arch::tensor_shapes`]).
+fn tensors_into(layers: &[LayerSpec], prefix: &str, out: &mut Vec<(String, Vec<usize>)>) {
+    for (i, l) in layers.iter().enumerate() {
+        let path = format!("{prefix}.{i}");
+        let mut push = |name: &str, shape: Vec<usize>| out.push((format!("{path}.{name}"), shape));
+        match *l {
+            LayerSpec::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                groups,
+                bias,
+                ..
+            } => {
+                let per_group = in_channels.checked_div(groups).unwrap_or(0);
+                push(
+                    "weight",
+                    vec![out_channels, per_group, kernel[0], kernel[1]],
+                );
+                if bias {
+                    push("bias", vec![out_channels]);
+                }
+            }
+            LayerSpec::Linear {
+                in_features,
+                out_features,
+                bias,
+            } => {
+                push("weight", vec![in_features, out_features]);
+                if bias {
+                    push("bias", vec![out_features]);
+                }
+            }
+            LayerSpec::BatchNorm { features } => {
+                for name in ["gamma", "beta", "running_mean", "running_var"] {
+                    push(name, vec![features]);
+                }
+            }
+            LayerSpec::Residual {
+                ref body,
+                ref shortcut,
+            } => {
+                tensors_into(body, &format!("{path}.body"), out);
+                tensors_into(shortcut, &format!("{path}.shortcut"), out);
+            }
+            _ => {}
+        }
     }
 }
 

@@ -109,7 +109,7 @@ pub fn layer_figures(model: &Model) -> anyhow::Result<Vec<LayerFigures>> {
     use crate::compress::format::{self, Encoding};
     let mut stored = std::collections::HashMap::new();
     if model.is_encoded() {
-        let bytes = std::fs::read(&model.file)?;
+        let bytes = fs_err::read(&model.file)?;
         for e in format::entries(&bytes).map_err(anyhow::Error::msg)? {
             if let Encoding::Shared { bits, .. } = e.encoding {
                 stored.insert(e.path, bits);
@@ -204,7 +204,7 @@ pub fn measure(
         test_acc,
         test_loss,
         test_images: test.n,
-        file_bytes: std::fs::metadata(&model.file)?.len(),
+        file_bytes: fs_err::metadata(&model.file)?.len(),
         params,
         nonzero,
         flops,

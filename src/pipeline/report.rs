@@ -252,6 +252,17 @@ impl Report {
 
     /// Writes `report.json`, `report.md` and `plots/*.svg` into `dir`.
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        self.draw(dir)?;
+        crate::atomic_file::write_atomic(
+            &dir.join("report.json"),
+            serde_json::to_string_pretty(self)?.as_bytes(),
+        )?;
+        Ok(())
+    }
+
+    /// Writes `report.md` and `plots/*.svg` into `dir`: what `report.json` shows, drawn again
+    /// without touching `report.json` itself (which a running recipe may be extending).
+    pub fn draw(&self, dir: &Path) -> anyhow::Result<()> {
         use crate::atomic_file::write_atomic;
         let plots = dir.join("plots");
         std::fs::create_dir_all(&plots)
@@ -260,10 +271,6 @@ impl Report {
             write_atomic(&plots.join(name), svg.as_bytes())?;
         }
         write_atomic(&dir.join("report.md"), self.markdown().as_bytes())?;
-        write_atomic(
-            &dir.join("report.json"),
-            serde_json::to_string_pretty(self)?.as_bytes(),
-        )?;
         Ok(())
     }
 }
@@ -345,19 +352,22 @@ pub fn compare(runs: &[(String, Report)]) -> (String, LineChart) {
 
 /// `convpress report RUN...`: one run's table (its report.md and charts drawn again from
 /// report.json), or several compared, written to `out` (default `runs/compare`).
-pub fn command(runs: &[PathBuf], out: Option<&Path>) -> anyhow::Result<()> {
+pub fn command(runs: &[PathBuf], out: Option<&Path>, force: bool) -> anyhow::Result<()> {
     let reports = runs
         .iter()
         .map(|r| Ok((r.display().to_string(), Report::read(r)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
     if let [(_, r)] = &reports[..] {
         // One run: its table, and its report.md and charts drawn again from report.json.
-        r.write(&runs[0])?;
+        r.draw(&runs[0])?;
         println!("{}", r.table());
         return Ok(());
     }
     let (table, chart) = compare(&reports);
     let out = out.map_or_else(|| PathBuf::from("runs/compare"), Path::to_path_buf);
+    for name in ["compare.md", "compare.svg"] {
+        crate::run_folder::claim_output(&out.join(name), &[], force, "--out")?;
+    }
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     crate::atomic_file::write_atomic(
         &out.join("compare.md"),

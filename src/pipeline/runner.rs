@@ -17,6 +17,7 @@ use super::recipe::Recipe;
 use super::report::{Entry, Report};
 use super::{Context, Model, Plan};
 use crate::atomic_file::write_atomic;
+use crate::run_folder::{Reuse, RunFolder};
 use anyhow::{Context as _, bail};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,8 @@ pub struct RunOptions {
     pub run_dir: PathBuf,
     /// A checkpoint to start from instead of training one.
     pub from: Option<PathBuf>,
+    /// Replace the run in `run_dir` (`--force`).
+    pub force: bool,
     /// Continue the run in `run_dir`, skipping its finished stages.
     pub resume: bool,
 }
@@ -83,14 +86,15 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
     let run_dir = &opts.run_dir;
     let resolved_path = run_dir.join("resolved.json");
     let want = resolved(recipe, opts, cx);
-    if resolved_path.exists() {
-        if !opts.resume {
-            bail!(
-                "{} already holds a run: pass --resume to continue it, or choose another --run-dir",
-                run_dir.display()
-            );
+    let inputs: Vec<&Path> = opts.from.iter().map(PathBuf::as_path).collect();
+    let reuse = Reuse::from_flags(opts.resume, opts.force);
+    let _folder = RunFolder::open(run_dir, reuse, "--run-dir", true, &inputs)?;
+    if opts.resume {
+        if !resolved_path.is_file() {
+            bail!("cannot resume: {} holds no recipe run", run_dir.display());
         }
-        let text = std::fs::read_to_string(&resolved_path)?;
+        let text = std::fs::read_to_string(&resolved_path)
+            .with_context(|| format!("cannot read {}", resolved_path.display()))?;
         let had: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is damaged", resolved_path.display()))?;
         if had["from"] != want["from"] {
@@ -100,10 +104,21 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
                 want["from"]
             );
         }
+        // Everything a resume reads is checked before the run folder is touched.
         for (i, e) in recipe.stages.iter().enumerate() {
-            let done = stage_dir(run_dir, i, e.stage.kind())
-                .join("stage.json")
-                .exists();
+            let record = stage_dir(run_dir, i, e.stage.kind()).join("stage.json");
+            let done = record.exists();
+            if done {
+                let entry: Entry = serde_json::from_str(&fs_err::read_to_string(&record)?)
+                    .with_context(|| format!("{} is damaged", record.display()))?;
+                Model::open(&entry.file).with_context(|| {
+                    format!(
+                        "cannot resume: stage {}'s model ({})",
+                        i + 1,
+                        record.display()
+                    )
+                })?;
+            }
             if done && had["stages"].get(i) != want["stages"].get(i) {
                 bail!(
                     "cannot resume: stage {} ({}) finished with other settings than {} gives now; use another --run-dir",
@@ -113,16 +128,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
                 );
             }
         }
-    } else if opts.resume {
-        bail!("cannot resume: {} holds no recipe run", run_dir.display());
-    } else if std::fs::read_dir(run_dir).is_ok_and(|mut d| d.next().is_some()) {
-        bail!(
-            "{} is not empty: choose another --run-dir",
-            run_dir.display()
-        );
     }
-    std::fs::create_dir_all(run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
     write_atomic(&run_dir.join("recipe.toml"), recipe.text.as_bytes())?;
     write_atomic(
         &resolved_path,
@@ -178,7 +184,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
             std::fs::remove_dir_all(&dir)
                 .with_context(|| format!("cannot clear the unfinished {}", dir.display()))?;
         }
-        std::fs::create_dir_all(&dir)?;
+        fs_err::create_dir_all(&dir)?;
         eprintln!(
             "stage {}/{n}: {kind} ({}), folder {}",
             i + 1,
@@ -235,7 +241,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
 
 /// One line per training epoch of the stage, then one with the stage's figures.
 fn append_metrics(path: &Path, e: &Entry) -> anyhow::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
+    let mut f = fs_err::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)?;

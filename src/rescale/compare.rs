@@ -172,9 +172,13 @@ pub struct CompareArgs {
     pub test_limit: Option<usize>,
     #[arg(long)]
     pub data_dir: Option<std::path::PathBuf>,
-    /// Folder for the runs, compare.json and compare.svg (default: runs/rescale-<model>).
+    /// Folder for the runs, compare.json and compare.svg (default: runs/rescale-<model>); it
+    /// must be new or empty.
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
+    /// Replace what --out holds (a folder convpress made) instead of refusing.
+    #[arg(long)]
+    pub force: bool,
     #[arg(long)]
     pub no_progress: bool,
 }
@@ -233,12 +237,13 @@ pub fn command(args: &CompareArgs, device: burn::prelude::Device) -> anyhow::Res
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(format!("rescale-{}", args.model.name())));
-    if out.join("compare.json").exists() {
-        bail!(
-            "{} already holds a comparison: choose another --out",
-            out.display()
-        );
-    }
+    let _out = crate::run_folder::RunFolder::open(
+        &out,
+        crate::run_folder::Reuse::from_flags(false, args.force),
+        "--out",
+        false,
+        &[],
+    )?;
     let options = TrainOptions {
         run_dir: out.clone(),
         device,

@@ -47,23 +47,27 @@ pub fn prepare(config: &TrainConfig) -> anyhow::Result<Prepared> {
         .pad
         .unwrap_or_else(|| config.model.default_pad([train.height, train.width]));
     let preprocess = Preprocess::fit(&train, pad, config.resize);
-    Ok(prepared_with(&train, &test, preprocess))
+    prepared_with(&train, &test, preprocess)
 }
 
 /// Applies a known preprocessing (from a checkpoint) to raw splits.
-pub fn prepared_with(train: &ImageSet, test: &ImageSet, preprocess: Preprocess) -> Prepared {
+pub fn prepared_with(
+    train: &ImageSet,
+    test: &ImageSet,
+    preprocess: Preprocess,
+) -> anyhow::Result<Prepared> {
     let fill = preprocess
         .mean
         .iter()
         .zip(&preprocess.std)
         .map(|(m, s)| -m / s)
         .collect();
-    Prepared {
-        train: preprocess.apply(train),
-        test: preprocess.apply(test),
+    Ok(Prepared {
+        train: preprocess.try_apply(train)?,
+        test: preprocess.try_apply(test)?,
         preprocess,
         fill,
-    }
+    })
 }
 
 /// How a run is shown and where it goes; nothing here changes the result.
@@ -117,6 +121,14 @@ fn count_correct(logits: Tensor<2>, labels: Tensor<1, Int>) -> i64 {
     pred.equal(labels).int().sum().into_scalar()
 }
 
+/// What a training run writes in its folder; any of them means the folder holds a run.
+pub const RUN_FILES: [&str; 4] = [
+    "config.json",
+    "metrics.jsonl",
+    "checkpoints",
+    "model.safetensors",
+];
+
 /// The newest complete checkpoint folder of a run (model, optimizer state, progress).
 pub fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
     let name = std::fs::read_to_string(run_dir.join("checkpoints/latest")).ok()?;
@@ -133,29 +145,49 @@ pub fn train(
     config.check().map_err(anyhow::Error::msg)?;
     let run_dir = &options.run_dir;
     let config_path = run_dir.join("config.json");
-    let existing = latest_checkpoint(run_dir);
     if options.resume {
         let saved: TrainConfig = serde_json::from_str(
             &std::fs::read_to_string(&config_path)
                 .with_context(|| format!("cannot resume: {} is missing", config_path.display()))?,
         )
         .with_context(|| format!("{} is damaged", config_path.display()))?;
-        if saved != *config {
+        // A resume may run for more epochs, on data that moved; nothing else may change.
+        let mut same = config.clone();
+        same.epochs = saved.epochs;
+        same.data_dir = saved.data_dir.clone();
+        if saved != same {
             bail!(
                 "cannot resume: the settings differ from the run's {}",
                 config_path.display()
             );
         }
-    } else if existing.is_some() {
-        bail!(
-            "{} already holds a training run: pass --resume to continue it, or choose another --run-dir",
-            run_dir.display()
-        );
     }
     let prepared = prepare(config)?;
     let arch = config
         .arch_for(prepared.train.image_shape(), prepared.train.classes)
         .map_err(anyhow::Error::msg)?;
+    crate::resources::check_batch(
+        &arch,
+        config.batch_size.min(prepared.train.n),
+        true,
+        "--batch-size",
+    )?;
+    // Held until training ends: a second process training into this folder is refused here.
+    let _folder = crate::run_folder::RunFolder::lock(run_dir)?;
+    if !options.resume {
+        let found: Vec<&str> = RUN_FILES
+            .iter()
+            .copied()
+            .filter(|f| run_dir.join(f).exists())
+            .collect();
+        if !found.is_empty() {
+            bail!(
+                "{} already holds a training run ({}): pass --resume to continue it, --force to replace it, or choose another --run-dir",
+                run_dir.display(),
+                found.join(", ")
+            );
+        }
+    }
 
     let device = options.device.clone();
     let ad = device.clone().autodiff();
@@ -167,17 +199,23 @@ pub fn train(
     .with_data_dir(&config.data_dir);
 
     let mut optim: ModuleOptimizer = config.optimizer.build();
+    let existing = latest_checkpoint(run_dir);
     let (mut model, mut state, mut metrics) = match (options.resume, existing) {
         (true, Some(dir)) => {
             let (model, _) = checkpoint::load(&dir.join("model.safetensors"), &ad)?;
             if model.arch != arch {
-                bail!("cannot resume: the checkpoint's architecture differs from the config's");
+                bail!(
+                    "cannot resume: the architecture of {} differs from {}'s",
+                    dir.join("model.safetensors").display(),
+                    config_path.display()
+                );
             }
             optim = optim
                 .load(dir.join("optimizer.bpk"))
                 .map_err(|e| anyhow::anyhow!("{}: {e:?}", dir.join("optimizer.bpk").display()))?;
-            let state: TrainState =
-                serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
+            let state_path = dir.join("state.json");
+            let state: TrainState = serde_json::from_str(&fs_err::read_to_string(&state_path)?)
+                .with_context(|| format!("cannot resume: {} is damaged", state_path.display()))?;
             let metrics = read_metrics_upto(&run_dir.join("metrics.jsonl"), state.epochs_done)?;
             (model, state, metrics)
         }
@@ -210,6 +248,13 @@ pub fn train(
             (model, state, Vec::new())
         }
     };
+    if options.resume {
+        // Everything read and checked: record a changed number of epochs or data folder.
+        write_atomic(
+            &config_path,
+            serde_json::to_string_pretty(config)?.as_bytes(),
+        )?;
+    }
     // Rewrite the log so it holds exactly the epochs the checkpoint holds.
     let metrics_path = run_dir.join("metrics.jsonl");
     write_metrics(&metrics_path, &metrics)?;
@@ -386,15 +431,15 @@ fn save_checkpoint(
     let name = format!("epoch-{:04}", state.epochs_done);
     let tmp = root.join(format!(".{name}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
+    fs_err::create_dir_all(&tmp)?;
     checkpoint::save(&tmp.join("model.safetensors"), model, meta)?;
     optim
         .save(tmp.join("optimizer.bpk"))
         .map_err(|e| anyhow::anyhow!("cannot save optimizer state: {e:?}"))?;
-    std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
+    fs_err::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
     let dest = root.join(&name);
     let _ = std::fs::remove_dir_all(&dest);
-    std::fs::rename(&tmp, &dest)?;
+    fs_err::rename(&tmp, &dest)?;
     let previous = std::fs::read_to_string(root.join("latest")).ok();
     write_atomic(&root.join("latest"), name.as_bytes())?;
     if let Some(prev) = previous.map(|p| p.trim().to_string())
@@ -435,7 +480,7 @@ fn write_metrics(path: &Path, metrics: &[EpochMetrics]) -> anyhow::Result<()> {
 }
 
 fn append_metrics(path: &Path, m: &EpochMetrics) -> anyhow::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
+    let mut f = fs_err::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)?;

@@ -7,7 +7,6 @@ use crate::compress::format::{self, StageBytes, TensorPayload, stage_table};
 use crate::pipeline::layers::{LayerRules, per_weight};
 use crate::pipeline::table::{self, StageTable};
 use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, required};
-use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -114,12 +113,11 @@ impl Stage for Encode {
         let (bytes, stages) =
             format::encode(input.arch(), input.meta(), payloads).map_err(anyhow::Error::msg)?;
         let out = self.out.clone().unwrap_or_else(|| cx.dir.join("model.cpz"));
-        crate::atomic_file::write_atomic(&out, &bytes)
-            .with_context(|| format!("cannot write {}", out.display()))?;
+        crate::atomic_file::write_atomic(&out, &bytes)?;
         let mut model = Model::open(&out)?;
         // The decoded weights obey the codebooks still; a later eval stage may check them.
         model.constraints = input.constraints.clone();
-        let file_bytes = std::fs::metadata(&out)?.len();
+        let file_bytes = fs_err::metadata(&out)?.len();
         let details = serde_json::json!({
             "file_bytes": file_bytes,
             "dense_bytes": stages.iter().map(|s| s.dense).sum::<usize>(),
@@ -144,10 +142,12 @@ pub fn command(
     params: EncodeParams,
     finetune: Option<super::finetune::FinetuneParams>,
     run_dir: Option<PathBuf>,
+    force: bool,
     cx: Context,
 ) -> anyhow::Result<()> {
     use super::finetune::Finetune;
     use super::share::{Share, check_bits};
+    use crate::run_folder::{Reuse, RunFolder, claim_output};
     // Impossible settings are refused before the checkpoint is read.
     for (flag, v) in [
         ("--conv-bits", share.conv_bits),
@@ -162,8 +162,21 @@ pub fn command(
         check_gap_bits(flag, v).map_err(anyhow::Error::msg)?;
     }
     let out = out.unwrap_or_else(|| checkpoint.with_extension("cpz"));
+    let report_path = out.with_extension("report.json");
+    claim_output(&out, &[checkpoint], force, "--out")?;
+    claim_output(&report_path, &[checkpoint], force, "--out")?;
     let source = Model::open(checkpoint)?;
     let work = run_dir.unwrap_or_else(|| out.with_extension("finetune"));
+    let _work = match &finetune {
+        Some(_) => Some(RunFolder::open(
+            &work,
+            Reuse::from_flags(false, force),
+            "--run-dir",
+            false,
+            &[checkpoint],
+        )?),
+        None => None,
+    };
     // Without fine-tuning the shared model is only a step on the way: it goes to a scratch
     // folder that is removed at the end.
     let scratch = std::env::temp_dir().join(format!("convpress-encode-{}", std::process::id()));
@@ -178,7 +191,7 @@ pub fn command(
         }
         None => scratch.clone(),
     };
-    std::fs::create_dir_all(&share_dir)?;
+    fs_err::create_dir_all(&share_dir)?;
     let cx = Context {
         dir: share_dir,
         ..cx
@@ -208,7 +221,7 @@ pub fn command(
     let d = &encoded.details;
     let file_bytes = d["file_bytes"].as_u64().unwrap_or(0) as usize;
     crate::atomic_file::write_atomic(
-        &out.with_extension("report.json"),
+        &report_path,
         serde_json::to_string_pretty(&serde_json::json!({
             "checkpoint": checkpoint,
             "file": out,
@@ -225,7 +238,7 @@ pub fn command(
     // The data is read once for both.
     let dir = cx.data_dir_for(source.meta());
     let test = match crate::data::load(source.meta().dataset, &dir) {
-        Ok(splits) => source.meta().preprocess.apply(&splits.test),
+        Ok(splits) => source.meta().preprocess.try_apply(&splits.test)?,
         Err(e) => {
             println!("(not evaluated: {e})");
             return Ok(());

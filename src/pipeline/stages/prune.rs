@@ -317,6 +317,7 @@ pub fn command(
     layers: &[String],
     layer_sparsity: &[(String, f64)],
     run_dir: Option<PathBuf>,
+    force: bool,
     cx: Context,
 ) -> anyhow::Result<()> {
     // The target first: an impossible one is refused before anything is read.
@@ -359,6 +360,9 @@ pub fn command(
     stage
         .plan(&Plan::of(&input), &cx)
         .map_err(anyhow::Error::msg)?;
+    let reuse = crate::run_folder::Reuse::from_flags(false, force);
+    let _folder =
+        crate::run_folder::RunFolder::open(&run_dir, reuse, "--run-dir", false, &[checkpoint])?;
     let out = stage.run(Some(input), &cx)?;
     crate::atomic_file::write_atomic(
         &run_dir.join("report.json"),

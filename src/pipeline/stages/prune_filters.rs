@@ -126,6 +126,7 @@ pub fn command(
     checkpoint_path: &Path,
     latency_seconds: f64,
     run_dir: Option<std::path::PathBuf>,
+    force: bool,
     cx: Context,
 ) -> anyhow::Result<()> {
     stage.target().map_err(anyhow::Error::msg)?;
@@ -158,13 +159,9 @@ pub fn command(
         ))
     });
     let cx = &Context { dir, ..cx };
-    if cx.dir.join("config.json").exists() || cx.dir.join("pruned.safetensors").exists() {
-        bail!(
-            "{} already holds a run: choose another --run-dir",
-            cx.dir.display()
-        );
-    }
-    std::fs::create_dir_all(&cx.dir)?;
+    let reuse = crate::run_folder::Reuse::from_flags(false, force);
+    let _folder =
+        crate::run_folder::RunFolder::open(&cx.dir, reuse, "--run-dir", false, &[checkpoint_path])?;
     let out = stage.run(Some(input.clone()), cx)?;
 
     println!("{:<6} {:>9} {:>7}  producers", "group", "channels", "kept");

@@ -8,6 +8,7 @@ use crate::pipeline::table::{self, StageTable};
 use crate::pipeline::{Context, Model, Outcome, Plan, Stage};
 use crate::rescale::phases::{self, OptimizerState, RescaleAt, RescaleConfig, rescale_config};
 use crate::rescale::{Interp, KernelRule};
+use crate::run_folder::{Reuse, RunFolder};
 use crate::train::{self, EpochMetrics, OptimizerConfig, Schedule, TrainConfig};
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
@@ -129,6 +130,10 @@ impl TrainParams {
         let mut c = TrainConfig::defaults(self.model, self.dataset);
         if let Some(d) = data_dir.or(self.data_dir.as_deref()) {
             c.data_dir = d.to_path_buf();
+        }
+        // Absolute, so a resume from another working directory finds the data.
+        if let Ok(d) = std::path::absolute(&c.data_dir) {
+            c.data_dir = d;
         }
         if let Some(e) = self.epochs {
             c.epochs = e;
@@ -367,18 +372,26 @@ fn announce(config: &TrainConfig, run_dir: &Path) {
     );
 }
 
-/// `convpress train --resume`: the run in `run_dir` continued with its saved settings (only
-/// the number of epochs may change).
-pub fn resume(run_dir: &Path, epochs: Option<usize>, cx: &Context) -> anyhow::Result<String> {
+/// `convpress train --resume`: the run in `run_dir` continued with its saved settings. Only
+/// the number of epochs may change, and `data_dir` points the run at data that moved.
+pub fn resume(
+    run_dir: &Path,
+    epochs: Option<usize>,
+    data_dir: Option<&Path>,
+    cx: &Context,
+) -> anyhow::Result<String> {
     let path = run_dir.join("config.json");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot resume: {} is missing", path.display()))?;
     let mut config: TrainConfig =
         serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
+    // The trainer records these in config.json once it has checked the run.
     if let Some(e) = epochs {
         config.epochs = e;
-        // The saved config must match for the resume check; record the extension.
-        crate::atomic_file::write_atomic(&path, serde_json::to_string_pretty(&config)?.as_bytes())?;
+    }
+    if let Some(d) = data_dir {
+        config.data_dir =
+            std::path::absolute(d).with_context(|| format!("--data-dir {}", d.display()))?;
     }
     announce(&config, run_dir);
     let out = train::train(&config, vec![], &cx.train_options(run_dir, true))?;
@@ -394,20 +407,64 @@ pub fn resume(run_dir: &Path, epochs: Option<usize>, cx: &Context) -> anyhow::Re
     Ok(summary(&config, &outcome))
 }
 
+/// The flags of `p` that differ from their defaults, other than `allowed`: what a resume
+/// would silently ignore, so it refuses them instead.
+fn changed_flags(p: &TrainParams, allowed: &[&str]) -> Vec<String> {
+    let given = serde_json::to_value(p).expect("settings serialise");
+    let default = serde_json::to_value(TrainParams::default()).expect("settings serialise");
+    let mut out = Vec::new();
+    if let (Some(given), Some(default)) = (given.as_object(), default.as_object()) {
+        for (key, value) in given {
+            if !allowed.contains(&key.as_str()) && default.get(key) != Some(value) {
+                out.push(format!("--{key}"));
+            }
+        }
+    }
+    out
+}
+
+/// Whether the settings `p` gives are the ones the run in `run_dir` was started with (apart
+/// from its epochs and data folder): repeating the run's own command with `--resume` is fine.
+fn restates_run(p: &TrainParams, run_dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(run_dir.join("config.json")) else {
+        return true; // `resume` says that the config is missing
+    };
+    let Ok(saved) = serde_json::from_str::<TrainConfig>(&text) else {
+        return true; // `resume` says that it is damaged
+    };
+    let mut given = p.config(None);
+    given.epochs = saved.epochs;
+    given.data_dir = saved.data_dir.clone();
+    given == saved
+}
+
 /// `convpress train`: the stage in `run_dir` (default `runs/<model>-<dataset>-<time>`), or
-/// with `resume` the run there continued.
+/// with [`Reuse::Resume`] the run there continued.
 pub fn command(
     p: &TrainParams,
     run_dir: Option<PathBuf>,
-    resume: bool,
+    reuse: Reuse,
     cx: Context,
 ) -> anyhow::Result<()> {
-    if resume {
+    if reuse == Reuse::Resume {
         let run_dir = run_dir.context("--resume needs --run-dir")?;
-        println!("{}", self::resume(&run_dir, p.epochs, &cx)?);
+        let given = changed_flags(p, &["epochs", "data-dir"]);
+        if !given.is_empty() && !restates_run(p, &run_dir) {
+            bail!(
+                "--resume continues the run in {} with its own settings (its config.json), so {} cannot be given: only --epochs and --data-dir can change, and other flags only repeat the run's own values",
+                run_dir.display(),
+                given.join(", ")
+            );
+        }
+        let _folder = RunFolder::open(&run_dir, reuse, "--run-dir", true, &[])?;
+        println!(
+            "{}",
+            self::resume(&run_dir, p.epochs, p.data_dir.as_deref(), &cx)?
+        );
         return Ok(());
     }
     let config = p.config(None);
+    config.check().map_err(anyhow::Error::msg)?;
     let run_dir = run_dir.unwrap_or_else(|| {
         crate::pipeline::timestamped_run_dir(&format!(
             "{}-{}",
@@ -415,6 +472,7 @@ pub fn command(
             config.dataset.name()
         ))
     });
+    let _folder = RunFolder::open(&run_dir, reuse, "--run-dir", true, &[])?;
     announce(&config, &run_dir);
     let cx = Context { dir: run_dir, ..cx };
     let out = Train::new(p.clone()).run(None, &cx)?;
