@@ -371,6 +371,18 @@ impl Loaded {
     /// no tensor missing, none extra, every shape as stored, and every value finite (a NaN
     /// weight is a damaged model, not a reason to lower a learning rate later).
     pub fn check(&self) -> Result<(), String> {
+        let p = &self.meta.preprocess;
+        let channels = self.arch.input[0];
+        if p.mean.len() != channels || p.std.len() != channels {
+            return Err(format!(
+                "the preprocessing holds {} means and {} deviations for {channels}-channel input",
+                p.mean.len(),
+                p.std.len()
+            ));
+        }
+        if p.mean.iter().any(|m| !m.is_finite()) || p.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err("the preprocessing's means or deviations are not finite and positive".into());
+        }
         let want = self.arch.tensor_shapes();
         let mut problems = Vec::new();
         let mut damaged = Vec::new();

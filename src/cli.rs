@@ -113,6 +113,9 @@ pub enum DataCommand {
         /// Target folder (default: $CONVPRESS_DATA/mnist, else data/mnist).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Replace files of MNIST's names that hold something else.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -314,9 +317,9 @@ pub struct EncodeArgs {
     /// Epochs of centroid fine-tuning before writing (0: share without retraining).
     #[arg(long, default_value_t = 0)]
     pub finetune_epochs: usize,
-    /// Learning rate of the centroids during fine-tuning.
-    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
-    pub finetune_lr: f64,
+    /// Learning rate of the centroids during fine-tuning (default 0.001).
+    #[arg(long, allow_negative_numbers = true)]
+    pub finetune_lr: Option<f64>,
     /// Run folder of the fine-tuning (default: next to --out).
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
@@ -360,11 +363,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let device = || cli.device.device();
     match cli.command {
         Command::Data {
-            command: DataCommand::Fetch { dataset, data_dir },
+            command:
+                DataCommand::Fetch {
+                    dataset,
+                    data_dir,
+                    force,
+                },
         } => match dataset {
             FetchDataset::Mnist => {
                 let dir = data_dir.unwrap_or_else(|| DatasetKind::Mnist.default_dir());
-                println!("{}", fetch::fetch_mnist(&dir)?.describe(&dir));
+                println!("{}", fetch::fetch_mnist(&dir, force)?.describe(&dir));
                 Ok(())
             }
         },
@@ -479,15 +487,16 @@ fn run_prune(args: PruneArgs, device: Device) -> anyhow::Result<()> {
 }
 
 fn run_encode(args: EncodeArgs, device: Device) -> anyhow::Result<()> {
-    if !(args.finetune_lr.is_finite() && args.finetune_lr > 0.0) {
-        bail!(
-            "--finetune-lr must be a positive number, got {}",
-            args.finetune_lr
-        );
+    let lr = args.finetune_lr.unwrap_or(1e-3);
+    if !(lr.is_finite() && lr > 0.0) {
+        bail!("--finetune-lr must be a positive number, got {lr}");
+    }
+    if args.finetune_lr.is_some() && args.finetune_epochs == 0 {
+        bail!("--finetune-lr needs --finetune-epochs of at least 1");
     }
     let finetune = (args.finetune_epochs > 0).then_some(FinetuneParams {
         epochs: args.finetune_epochs,
-        lr: args.finetune_lr,
+        lr,
         seed: 1,
         train_limit: None,
         test_limit: None,

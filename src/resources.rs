@@ -23,6 +23,21 @@ pub fn check_threads(n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The longest a single measurement may be asked to run: a week.
+pub const MAX_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
+
+/// Refuses a duration that is not a positive number of seconds up to [`MAX_SECONDS`] (beyond
+/// it `Duration::from_secs_f64` would panic on overflow long before anyone waits that long).
+pub fn check_seconds(flag: &str, v: f64) -> Result<(), String> {
+    if v.is_finite() && v > 0.0 && v <= MAX_SECONDS {
+        Ok(())
+    } else {
+        Err(format!(
+            "{flag} must be a positive number of seconds, at most {MAX_SECONDS} (a week), got {v}"
+        ))
+    }
+}
+
 /// Bytes of memory this process may plan to use: the kernel's estimate of what is available
 /// (`MemAvailable` in `/proc/meminfo`), or 16 GiB where that cannot be read.
 pub fn available_memory() -> u64 {

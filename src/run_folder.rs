@@ -127,7 +127,8 @@ impl RunFolder {
     }
 
     /// Locks `dir` (created if missing) for this process without looking at what it holds;
-    /// the trainer uses it for the folder it trains in, and checks its own files.
+    /// the trainer uses it for the folder it trains in, and checks its own files. A folder
+    /// inside another process's run folder (a recipe's stage folder) is refused too.
     pub fn lock(dir: &Path) -> anyhow::Result<RunFolder> {
         let created = !dir.exists();
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -138,37 +139,21 @@ impl RunFolder {
             h.holders += 1;
             return Ok(RunFolder { key });
         }
-        let path = key.join(LOCK_FILE);
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let owner = std::fs::read_to_string(&path).unwrap_or_default();
-                let owner = owner.trim();
-                let who = if owner.is_empty() {
-                    "another convpress process".to_string()
-                } else {
-                    format!("another convpress process (pid {owner})")
-                };
+        for outer in key.ancestors().skip(1) {
+            if held.contains_key(outer) || !outer.join(LOCK_FILE).is_file() {
+                continue;
+            }
+            // Taken and released at once: only to learn whether a process holds it.
+            if let Err(busy) = take(outer) {
                 bail!(
-                    "{} is in use by {who}: wait for it to finish, or choose another --run-dir",
+                    "{} is inside a run folder that is in use ({busy:#}): wait for it to finish",
                     dir.display()
                 );
             }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
-            }
         }
-        // The holder's pid, for the message another process gets.
-        file.set_len(0)
-            .and_then(|()| write!(file, "{}", std::process::id()))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        let file = take(&key).map_err(|e| {
+            anyhow::anyhow!("{e:#}: wait for it to finish, or choose another run folder")
+        })?;
         held.insert(
             key.clone(),
             Held {
@@ -186,18 +171,77 @@ impl RunFolder {
     }
 }
 
+/// Opens and locks `dir`'s lock file, writing this process's pid into it. A lock file that
+/// was unlinked while this process waited to open it (the previous holder removing a folder it
+/// left empty) is opened again, so two processes never hold locks on different files.
+fn take(dir: &Path) -> anyhow::Result<File> {
+    let path = dir.join(LOCK_FILE);
+    for _ in 0..3 {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let owner = std::fs::read_to_string(&path).unwrap_or_default();
+                let owner = owner.trim();
+                let who = if owner.is_empty() {
+                    "another convpress process".to_string()
+                } else {
+                    format!("another convpress process (pid {owner})")
+                };
+                bail!("{} is in use by {who}", dir.display());
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            }
+        }
+        if !still_linked(&file, &path) {
+            continue;
+        }
+        // The holder's pid, for the message another process gets.
+        file.set_len(0)
+            .and_then(|()| write!(file, "{}", std::process::id()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        return Ok(file);
+    }
+    bail!("cannot lock {}: its lock file keeps being replaced", dir.display())
+}
+
+/// Whether `file` is still the file at `path` (same inode), not one unlinked since it was opened.
+fn still_linked(file: &File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        match (file.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, path);
+        true
+    }
+}
+
 impl Drop for RunFolder {
     fn drop(&mut self) {
         let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(h) = held.get_mut(&self.key) {
             h.holders -= 1;
             if h.holders == 0 {
-                let created = h.created;
-                held.remove(&self.key);
-                if created && contents(&self.key).is_ok_and(|c| c.is_empty()) {
+                // A folder this process made and left empty is removed while the lock is
+                // still held, then the lock is released (by dropping the file).
+                if h.created && contents(&self.key).is_ok_and(|c| c.is_empty()) {
                     let _ = std::fs::remove_file(self.key.join(LOCK_FILE));
                     let _ = std::fs::remove_dir(&self.key);
                 }
+                held.remove(&self.key);
             }
         }
     }

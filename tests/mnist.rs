@@ -25,7 +25,7 @@ fn real_mnist_reads_with_the_published_counts() {
     );
     // Fetching again is a no-op.
     assert_eq!(
-        data::fetch::fetch_mnist(&dir).unwrap(),
+        data::fetch::fetch_mnist(&dir, false).unwrap(),
         data::fetch::FetchOutcome::AlreadyPresent
     );
 }

@@ -1030,14 +1030,14 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "compress resume with a damaged stage record",
-            "compress --recipe recipe.toml --from l5.safetensors --run-dir runs/c --resume",
+            "compress --recipe recipe.toml --from ../../reliability-fixture/l5.safetensors --run-dir runs/c --resume",
             |d| std::fs::write(d.join("runs/c/stages/01-eval/stage.json"), "[").unwrap(),
             1,
             &["runs/c/stages/01-eval/stage.json", "damaged"],
         ),
         case(
             "compress resume with damaged settings",
-            "compress --recipe recipe.toml --from l5.safetensors --run-dir runs/c --resume",
+            "compress --recipe recipe.toml --from ../../reliability-fixture/l5.safetensors --run-dir runs/c --resume",
             |d| std::fs::write(d.join("runs/c/resolved.json"), "nope").unwrap(),
             1,
             &["runs/c/resolved.json", "damaged"],
@@ -1097,6 +1097,41 @@ fn cases() -> Vec<Case> {
             1,
             &["--out", "l5.cpz"],
         ),
+        case("fetch over other files of MNIST's names", "data fetch mnist --data-dir data", none, 1, &["data", "train-images-idx3-ubyte", "other contents", "--force"]),
+        case("force with missing data keeps the old run", "train --model lenet5 --epochs 1 --data-dir nowhere --run-dir runs/l5 --force", none, 1, &["nowhere"]),
+        case("force with a bad lr keeps the old run", "prune --checkpoint l5.safetensors --sparsity 0.5 --epochs 1 --lr -1 --data-dir data --run-dir runs/l5 --force", none, 1, &["lr"]),
+        case("latest names a folder outside the run", "train --run-dir runs/l5 --resume --epochs 2", |d| {
+            std::fs::write(d.join("runs/l5/checkpoints/latest"), "../../runs/c").unwrap()
+        }, 1, &["runs/l5", "no complete checkpoint"]),
+        case("crop-pad beyond the image", "train --data-dir data --run-dir r --crop-pad 40", none, 1, &["--crop-pad 40", "at most"]),
+        case("crop-pad that would wrap", "train --data-dir data --run-dir r --crop-pad 18446744073709551615", none, 1, &["--crop-pad"]),
+        case("seconds beyond a week", "bench latency --checkpoint l5.safetensors --seconds 1e20", none, 1, &["--seconds"]),
+        case("latency seconds beyond a week", "prune-filters --checkpoint l5.safetensors --ratio 0.5 --epochs 1 --latency-seconds 1e20 --data-dir data --run-dir p", none, 1, &["--latency-seconds"]),
+        case("preprocessing of the wrong length", "eval --checkpoint l5.safetensors --data-dir data", |d| {
+            reseal(&d.join("l5.safetensors"), |md, _| {
+                let mut meta: serde_json::Value = serde_json::from_str(&md["convpress.meta"]).unwrap();
+                meta["preprocess"]["mean"] = serde_json::json!([]);
+                md.insert("convpress.meta".into(), meta.to_string());
+            })
+        }, 1, &["l5.safetensors", "preprocessing"]),
+        case("input too large", "info --checkpoint l5.safetensors", |d| {
+            reseal(&d.join("l5.safetensors"), |md, _| {
+                let mut arch: serde_json::Value = serde_json::from_str(&md["convpress.arch"]).unwrap();
+                arch["input"] = serde_json::json!([1, 65536, 65536]);
+                md.insert("convpress.arch".into(), arch.to_string());
+            })
+        }, 1, &["l5.safetensors", "input 1x65536x65536"]),
+        case("gamma without the step schedule", "train --data-dir data --run-dir r --gamma 0.5", none, 1, &["gamma needs schedule"]),
+        case("rescale setting without rescale-from", "train --data-dir data --run-dir r --rescale-interp bilinear", none, 1, &["rescale-interp needs rescale-from"]),
+        case("resume with a rescale setting", "train --run-dir runs/l5 --resume --rescale-min-gain 2", none, 1, &["--rescale-min-gain"]),
+        case("the same seed twice", "rescale-compare --model lenet5 --seeds 1,1 --rescale-at 1 --epochs 2 --data-dir data --out rc", none, 1, &["--seeds"]),
+        case("encode --run-dir without fine-tuning", "encode --checkpoint l5.safetensors --out x.cpz --run-dir w", none, 1, &["--run-dir", "--finetune-epochs"]),
+        case("encode fine-tuning without data", "encode --checkpoint l5.safetensors --out x.cpz --finetune-epochs 1 --data-dir nowhere", none, 1, &["nowhere"]),
+        case("report of one run with --out", "report runs/c --out elsewhere", none, 1, &["--out"]),
+        case("compress from a model without its data", "compress --recipe recipe.toml --from l5.safetensors --run-dir c --data-dir nowhere", none, 1, &["nowhere"]),
+        case("compress with a report batch beyond memory", "compress --recipe big.toml --from l5.safetensors --run-dir c", |d| {
+            std::fs::write(d.join("big.toml"), "[report]\nbatches = [100000000000]\n\n[[stage]]\nkind = \"eval\"\n").unwrap()
+        }, 1, &["[report] batches", "memory"]),
         case(
             "force would delete the input",
             "prune --checkpoint runs/l5/model.safetensors --sparsity 0.5 --epochs 1 --data-dir data --run-dir runs/l5 --force",
@@ -1110,6 +1145,10 @@ fn cases() -> Vec<Case> {
         case("control: info", "info --checkpoint l5.safetensors", none, 0, &[]),
         case("control: info on the .cpz", "info --checkpoint l5.cpz", none, 0, &[]),
         case("control: eval", "eval --checkpoint l5.cpz --data-dir data", none, 0, &[]),
+        Case {
+            changes: &["runs/c"],
+            ..case("control: resume of a finished recipe run, copied elsewhere", "compress --recipe recipe.toml --from ../../reliability-fixture/l5.safetensors --run-dir runs/c --resume --data-dir data", none, 0, &[])
+        },
         Case {
             changes: &["runs/c/report.md", "runs/c/plots"],
             ..case("control: report redraws a run", "report runs/c", none, 0, &[])
@@ -1175,6 +1214,12 @@ fn bad_input_is_refused_without_panics_or_lost_files() {
             eprintln!("[{code}] {}: {}", c.name, err.lines().last().unwrap_or(""));
         }
         let after = hashes(&dir);
+        if c.code != 0 {
+            // A refused command writes nothing.
+            for path in after.keys().filter(|p| !before.contains_key(*p)) {
+                why.push(format!("wrote {}", path.display()));
+            }
+        }
         for (path, hash) in &before {
             if c.changes.iter().any(|p| path.starts_with(p)) {
                 continue;
@@ -1289,6 +1334,17 @@ fn two_recipe_runs_in_one_folder_do_not_mix() {
     );
     wait_for_lock(&dir.join("C"), &mut first);
     let before = hashes(&dir.join("C"));
+    // A stage folder inside the running recipe's folder is refused too.
+    let nested = convpress_in(
+        &dir,
+        "train --model lenet5 --epochs 1 --no-progress --data-dir data --run-dir C/stages/99-extra",
+    );
+    assert_eq!(nested.status.code(), Some(1), "{}", stderr(&nested));
+    assert!(
+        stderr(&nested).contains("inside a run folder that is in use"),
+        "{}",
+        stderr(&nested)
+    );
     let second = convpress_in(
         &dir,
         "compress --recipe recipe.toml --from l5.safetensors --run-dir C --resume --data-dir data",

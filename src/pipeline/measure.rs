@@ -28,12 +28,7 @@ pub struct ReportSettings {
 impl ReportSettings {
     /// Refuses settings that cannot be measured.
     pub fn check(&self) -> Result<(), String> {
-        if !(self.latency_seconds.is_finite() && self.latency_seconds > 0.0) {
-            return Err(format!(
-                "latency-seconds must be a positive number, got {}",
-                self.latency_seconds
-            ));
-        }
+        crate::resources::check_seconds("latency-seconds", self.latency_seconds)?;
         if self.batches.is_empty() || self.batches.contains(&0) {
             return Err("batches must list batch sizes of at least 1".into());
         }

@@ -5,7 +5,7 @@
 use super::measure::{Figures, LayerFigures};
 use crate::plot::{BarChart, LineChart, Series};
 use crate::train::EpochMetrics;
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -358,8 +358,15 @@ pub fn command(runs: &[PathBuf], out: Option<&Path>, force: bool) -> anyhow::Res
         .map(|r| Ok((r.display().to_string(), Report::read(r)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
     if let [(_, r)] = &reports[..] {
-        // One run: its table, and its report.md and charts drawn again from report.json.
-        r.draw(&runs[0])?;
+        if out.is_some() {
+            bail!("--out is where several runs are compared: with one run, its own report is redrawn in place");
+        }
+        // One run: its table, and its report.md and charts drawn again from report.json,
+        // unless a recipe is running in the folder (it redraws them itself).
+        match crate::run_folder::RunFolder::lock(&runs[0]) {
+            Ok(_folder) => r.draw(&runs[0])?,
+            Err(e) => eprintln!("(report.md and plots not redrawn: {e:#})"),
+        }
         println!("{}", r.table());
         return Ok(());
     }
@@ -369,12 +376,13 @@ pub fn command(runs: &[PathBuf], out: Option<&Path>, force: bool) -> anyhow::Res
         crate::run_folder::claim_output(&out.join(name), &[], force, "--out")?;
     }
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    crate::atomic_file::write_atomic(
+    crate::atomic_file::write_new(
         &out.join("compare.md"),
         format!("# convpress runs compared\n\n{table}\n![accuracy against size](compare.svg)\n")
             .as_bytes(),
+        force,
     )?;
-    crate::atomic_file::write_atomic(&out.join("compare.svg"), chart.to_svg().as_bytes())?;
+    crate::atomic_file::write_new(&out.join("compare.svg"), chart.to_svg().as_bytes(), force)?;
     println!("{table}");
     println!("wrote {} and compare.svg", out.join("compare.md").display());
     Ok(())

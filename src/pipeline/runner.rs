@@ -45,7 +45,12 @@ pub fn stage_dir(run_dir: &Path, index: usize, kind: &str) -> PathBuf {
 fn resolved(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> serde_json::Value {
     serde_json::json!({
         "recipe": recipe.path,
-        "from": opts.from,
+        // Absolute, so a resume from another working directory compares the same file.
+        "from": opts.from.as_ref().map(|p| {
+            std::fs::canonicalize(p)
+                .or_else(|_| std::path::absolute(p))
+                .unwrap_or_else(|_| p.clone())
+        }),
         "data_dir": cx.data_dir,
         "report": recipe.report,
         "stages": recipe.stages.iter().map(|e| serde_json::json!({
@@ -60,6 +65,21 @@ fn resolved(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> serde_json::Val
 /// stage's recipe line and say how to fix it.
 pub fn plan(recipe: &Recipe, input: Option<&Model>, cx: &Context) -> anyhow::Result<()> {
     let mut plan = input.map(Plan::of).unwrap_or_default();
+    if let Some(m) = input {
+        // The data every stage will use is read and checked against the model now (only a
+        // train stage's plan reads it otherwise).
+        measure::test_set(m, &cx.data_dir_for(m.meta()), recipe.report.test_limit)
+            .with_context(|| format!("--from {}", m.file.display()))?;
+    }
+    let report_batches = |arch: &crate::models::Arch| -> anyhow::Result<()> {
+        for &b in &recipe.report.batches {
+            crate::resources::check_batch(arch, b, false, "batch in [report] batches")?;
+        }
+        Ok(())
+    };
+    if let Some(arch) = &plan.arch {
+        report_batches(arch)?;
+    }
     for (i, e) in recipe.stages.iter().enumerate() {
         plan = e.stage.plan(&plan, cx).map_err(|why| {
             anyhow::anyhow!(
@@ -69,6 +89,10 @@ pub fn plan(recipe: &Recipe, input: Option<&Model>, cx: &Context) -> anyhow::Res
                 e.stage.kind()
             )
         })?;
+        if let Some(arch) = &plan.arch {
+            report_batches(arch)
+                .with_context(|| format!("{}: stage {}", recipe.locate(i), i + 1))?;
+        }
     }
     Ok(())
 }
@@ -89,6 +113,9 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
     let inputs: Vec<&Path> = opts.from.iter().map(PathBuf::as_path).collect();
     let reuse = Reuse::from_flags(opts.resume, opts.force);
     let _folder = RunFolder::open(run_dir, reuse, "--run-dir", true, &inputs)?;
+    // Stage folders (and so the files that stage records name) are absolute: a resume from
+    // another working directory finds them.
+    let stages_root = _folder.path().to_path_buf();
     if opts.resume {
         if !resolved_path.is_file() {
             bail!("cannot resume: {} holds no recipe run", run_dir.display());
@@ -106,11 +133,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
         }
         // Everything a resume reads is checked before the run folder is touched.
         for (i, e) in recipe.stages.iter().enumerate() {
-            let record = stage_dir(run_dir, i, e.stage.kind()).join("stage.json");
+            let record = stage_dir(&stages_root, i, e.stage.kind()).join("stage.json");
             let done = record.exists();
             if done {
-                let entry: Entry = serde_json::from_str(&fs_err::read_to_string(&record)?)
-                    .with_context(|| format!("{} is damaged", record.display()))?;
+                let entry = read_record(&record, &stages_root)?;
                 Model::open(&entry.file).with_context(|| {
                     format!(
                         "cannot resume: stage {}'s model ({})",
@@ -164,13 +190,14 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
     }
     let mut model = input;
     let n = recipe.stages.len();
+    // Once a stage runs again, every later one does too: its input has changed.
+    let mut rerunning = false;
     for (i, e) in recipe.stages.iter().enumerate() {
         let kind = e.stage.kind();
-        let dir = stage_dir(run_dir, i, kind);
+        let dir = stage_dir(&stages_root, i, kind);
         let done = dir.join("stage.json");
-        if done.exists() {
-            let entry: Entry = serde_json::from_str(&std::fs::read_to_string(&done)?)
-                .with_context(|| format!("{} is damaged", done.display()))?;
+        if done.exists() && !rerunning {
+            let entry = read_record(&done, &stages_root)?;
             eprintln!(
                 "stage {}/{n}: {kind} finished already ({})",
                 i + 1,
@@ -180,9 +207,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
             report.stages.push(entry);
             continue;
         }
+        rerunning = true;
         if dir.exists() {
             std::fs::remove_dir_all(&dir)
-                .with_context(|| format!("cannot clear the unfinished {}", dir.display()))?;
+                .with_context(|| format!("cannot clear {}", dir.display()))?;
         }
         fs_err::create_dir_all(&dir)?;
         eprintln!(
@@ -223,7 +251,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
             details: out.details,
             curve: out.curve,
         };
-        write_atomic(&done, serde_json::to_string_pretty(&ent)?.as_bytes())?;
+        write_record(&done, &ent, &stages_root)?;
         append_metrics(&metrics_path, &ent)?;
         eprintln!(
             "stage {}/{n}: {kind} done in {seconds:.1} s: test accuracy {:.2}%, {} bytes",
@@ -237,6 +265,29 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
     }
     report.write(run_dir)?;
     Ok(report)
+}
+
+/// A finished stage's record (`stage.json`). Its model file is stored relative to the run
+/// folder, so a run folder that moved, or a resume from another working directory, finds it.
+fn write_record(path: &Path, entry: &Entry, root: &Path) -> anyhow::Result<()> {
+    let mut stored = entry.clone();
+    let file = std::path::absolute(&entry.file).unwrap_or_else(|_| entry.file.clone());
+    stored.file = match file.strip_prefix(root) {
+        Ok(rel) => rel.to_path_buf(),
+        Err(_) => file,
+    };
+    write_atomic(path, serde_json::to_string_pretty(&stored)?.as_bytes())?;
+    Ok(())
+}
+
+/// [`write_record`]'s record read back, its model file made absolute again.
+fn read_record(path: &Path, root: &Path) -> anyhow::Result<Entry> {
+    let mut entry: Entry = serde_json::from_str(&fs_err::read_to_string(path)?)
+        .with_context(|| format!("{} is damaged", path.display()))?;
+    if entry.file.is_relative() {
+        entry.file = root.join(&entry.file);
+    }
+    Ok(entry)
 }
 
 /// One line per training epoch of the stage, then one with the stage's figures.

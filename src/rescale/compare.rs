@@ -237,12 +237,35 @@ pub fn command(args: &CompareArgs, device: burn::prelude::Device) -> anyhow::Res
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(format!("rescale-{}", args.model.name())));
+    // Every schedule must be able to run, on data that is there, before --out is touched.
+    for rc in &schedules {
+        super::phases::plan(&config, rc)?;
+    }
+    crate::train::prepare(&config)?;
+    for (flag, n, unique) in [
+        ("--seeds", args.seeds.len(), {
+            let mut v = args.seeds.clone();
+            v.sort_unstable();
+            v.dedup();
+            v.len()
+        }),
+        ("--rescale-at", args.rescale_at.len(), {
+            let mut v = args.rescale_at.clone();
+            v.sort();
+            v.dedup();
+            v.len()
+        }),
+    ] {
+        if unique != n {
+            bail!("{flag} lists a value twice: each run needs its own folder");
+        }
+    }
     let _out = crate::run_folder::RunFolder::open(
         &out,
         crate::run_folder::Reuse::from_flags(false, args.force),
         "--out",
         false,
-        &[],
+        &[config.data_dir.as_path()],
     )?;
     let options = TrainOptions {
         run_dir: out.clone(),

@@ -130,10 +130,21 @@ pub const RUN_FILES: [&str; 4] = [
 ];
 
 /// The newest complete checkpoint folder of a run (model, optimizer state, progress).
+/// `latest` must name a checkpoint folder of this run (`epoch-NNNN`), nothing else: a damaged
+/// or edited file could otherwise send a resume, or the clean-up of an old checkpoint, to any
+/// folder on disk.
 pub fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
     let name = std::fs::read_to_string(run_dir.join("checkpoints/latest")).ok()?;
-    let dir = run_dir.join("checkpoints").join(name.trim());
+    let name = checkpoint_name(&name)?;
+    let dir = run_dir.join("checkpoints").join(name);
     dir.join("state.json").is_file().then_some(dir)
+}
+
+/// `name` if it is a checkpoint folder's name (`epoch-` and digits).
+fn checkpoint_name(name: &str) -> Option<&str> {
+    let name = name.trim();
+    let digits = name.strip_prefix("epoch-")?;
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then_some(name)
 }
 
 /// Trains `config` with `hooks`, writing the run folder; continues a run with `resume`.
@@ -166,6 +177,16 @@ pub fn train(
     let arch = config
         .arch_for(prepared.train.image_shape(), prepared.train.classes)
         .map_err(anyhow::Error::msg)?;
+    let side = prepared.train.height.max(prepared.train.width);
+    if config.augment.crop_pad >= side {
+        bail!(
+            "--crop-pad {} shifts {}x{} images entirely out of view: use at most {}",
+            config.augment.crop_pad,
+            prepared.train.height,
+            prepared.train.width,
+            side - 1
+        );
+    }
     crate::resources::check_batch(
         &arch,
         config.batch_size.min(prepared.train.n),
@@ -435,16 +456,20 @@ fn save_checkpoint(
     checkpoint::save(&tmp.join("model.safetensors"), model, meta)?;
     optim
         .save(tmp.join("optimizer.bpk"))
-        .map_err(|e| anyhow::anyhow!("cannot save optimizer state: {e:?}"))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot save the optimizer state to {}: {e:?}",
+                tmp.join("optimizer.bpk").display()
+            )
+        })?;
     fs_err::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
     let dest = root.join(&name);
     let _ = std::fs::remove_dir_all(&dest);
     fs_err::rename(&tmp, &dest)?;
     let previous = std::fs::read_to_string(root.join("latest")).ok();
     write_atomic(&root.join("latest"), name.as_bytes())?;
-    if let Some(prev) = previous.map(|p| p.trim().to_string())
+    if let Some(prev) = previous.as_deref().and_then(checkpoint_name)
         && prev != name
-        && !prev.is_empty()
     {
         let _ = std::fs::remove_dir_all(root.join(prev));
     }

@@ -65,7 +65,7 @@ pub fn real_mnist() -> std::path::PathBuf {
     } else {
         Path::new(env!("CARGO_MANIFEST_DIR")).join(dir)
     };
-    convpress::data::fetch::fetch_mnist(&dir)
+    convpress::data::fetch::fetch_mnist(&dir, false)
         .expect("this test needs real MNIST: fetching it failed");
     dir
 }

@@ -166,6 +166,21 @@ pub fn command(
     claim_output(&out, &[checkpoint], force, "--out")?;
     claim_output(&report_path, &[checkpoint], force, "--out")?;
     let source = Model::open(checkpoint)?;
+    if finetune.is_none() && run_dir.is_some() {
+        anyhow::bail!(
+            "--run-dir is the folder of the centroid fine-tuning: it needs --finetune-epochs"
+        );
+    }
+    if let Some(params) = &finetune {
+        // Fine-tuning needs the data: it is read and checked before anything is written.
+        let plan = Plan::of(&source).with(State::Codebooks);
+        Finetune {
+            params: params.clone(),
+        }
+        .plan(&plan, &cx)
+        .map_err(anyhow::Error::msg)?;
+        crate::pipeline::measure::test_set(&source, &cx.data_dir_for(source.meta()), None)?;
+    }
     let work = run_dir.unwrap_or_else(|| out.with_extension("finetune"));
     let _work = match &finetune {
         Some(_) => Some(RunFolder::open(
@@ -180,6 +195,7 @@ pub fn command(
     // Without fine-tuning the shared model is only a step on the way: it goes to a scratch
     // folder that is removed at the end.
     let scratch = std::env::temp_dir().join(format!("convpress-encode-{}", std::process::id()));
+    let staged = crate::atomic_file::tmp_sibling(&out);
     let share_dir = match &finetune {
         Some(f) => {
             eprintln!(
@@ -212,15 +228,19 @@ pub fn command(
         let stage = Encode {
             params,
             layers: Default::default(),
-            out: Some(out.clone()),
+            out: Some(staged.clone()),
         };
-        stage.run(Some(model), &cx)
+        let encoded = stage.run(Some(model), &cx)?;
+        // Published under its name only now, whole; never over a file that appeared since.
+        crate::atomic_file::publish(&staged, &out, force)?;
+        Ok(encoded)
     })();
     let _ = std::fs::remove_dir_all(&scratch);
+    let _ = std::fs::remove_file(&staged);
     let encoded = result?;
     let d = &encoded.details;
     let file_bytes = d["file_bytes"].as_u64().unwrap_or(0) as usize;
-    crate::atomic_file::write_atomic(
+    crate::atomic_file::write_new(
         &report_path,
         serde_json::to_string_pretty(&serde_json::json!({
             "checkpoint": checkpoint,
@@ -231,6 +251,7 @@ pub fn command(
             "finetune_epochs": finetune.map_or(0, |f| f.epochs),
         }))?
         .as_bytes(),
+        force,
     )?;
     let stages: Vec<StageBytes> = serde_json::from_value(d["stages"].clone())?;
     println!("{}", stage_table(&stages, file_bytes, &out));

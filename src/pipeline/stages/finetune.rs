@@ -58,6 +58,13 @@ impl Stage for Finetune {
         if self.params.epochs == 0 {
             return Err("epochs must be at least 1 (leave the stage out instead)".into());
         }
+        let p = &self.params;
+        super::check_retrain(
+            before.arch()?,
+            p.epochs,
+            p.lr,
+            [p.train_limit, p.test_limit],
+        )?;
         Ok(before.clone())
     }
 

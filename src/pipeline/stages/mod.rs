@@ -47,6 +47,34 @@ pub fn retrain_config(
     Ok(config)
 }
 
+/// What [`retrain_config`] and the trainer would refuse, checked at plan time (before any run
+/// folder is touched): a model convpress cannot rebuild for training, no epochs, a learning
+/// rate that is not a positive number, a data limit of 0. Errors name the recipe keys (the
+/// command's flags are the same words with `--`).
+pub fn check_retrain(
+    arch: &crate::models::Arch,
+    epochs: usize,
+    lr: f64,
+    limits: [Option<usize>; 2],
+) -> Result<(), String> {
+    if <ModelKind as ValueEnum>::from_str(&arch.name, true).is_err() {
+        return Err(format!(
+            "model {:?} is not one convpress can retrain",
+            arch.name
+        ));
+    }
+    if epochs == 0 {
+        return Err("epochs must be at least 1".into());
+    }
+    if !(lr.is_finite() && lr > 0.0) {
+        return Err(format!("lr must be a positive number, got {lr}"));
+    }
+    if limits.contains(&Some(0)) {
+        return Err("train-limit and test-limit must be at least 1".into());
+    }
+    Ok(())
+}
+
 /// Trains `config` in `cx.dir` keeping `keep` (masks, then codebooks) with `hooks` after
 /// them; returns the run and the constraints as they stand after it (trained centroids).
 pub fn train_keeping(

@@ -217,6 +217,13 @@ impl Stage for Prune {
             );
         }
         self.targets(&weighted_layer_paths(before.arch()?))?;
+        let p = &self.params;
+        super::check_retrain(
+            before.arch()?,
+            p.epochs,
+            p.lr,
+            [p.train_limit, p.test_limit],
+        )?;
         Ok(before.clone().with(State::Masks))
     }
 
@@ -324,6 +331,7 @@ pub fn command(
     Prune::check_sparsity_flag(params.sparsity)?;
     let input = Model::open(checkpoint)?;
     let epochs = params.epochs;
+    let targets_file = params.targets.clone();
     let stage = Prune::from_flags(params, layers, layer_sparsity, &input)?;
     let targets = stage
         .targets(&weighted_layer_paths(input.arch()))
@@ -360,9 +368,20 @@ pub fn command(
     stage
         .plan(&Plan::of(&input), &cx)
         .map_err(anyhow::Error::msg)?;
+    // The data is read and checked before the run folder is taken.
+    let data_dir = cx.data_dir_for(input.meta());
+    crate::pipeline::measure::test_set(&input, &data_dir, None)?;
     let reuse = crate::run_folder::Reuse::from_flags(false, force);
-    let _folder =
-        crate::run_folder::RunFolder::open(&run_dir, reuse, "--run-dir", false, &[checkpoint])?;
+    let _folder = crate::run_folder::RunFolder::open(
+        &run_dir,
+        reuse,
+        "--run-dir",
+        false,
+        &[Some(checkpoint), Some(data_dir.as_path()), targets_file.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>(),
+    )?;
     let out = stage.run(Some(input), &cx)?;
     crate::atomic_file::write_atomic(
         &run_dir.join("report.json"),

@@ -130,16 +130,20 @@ pub fn command(
     cx: Context,
 ) -> anyhow::Result<()> {
     stage.target().map_err(anyhow::Error::msg)?;
-    if !(latency_seconds.is_finite() && latency_seconds > 0.0) {
-        bail!("--latency-seconds must be positive");
-    }
+    crate::resources::check_seconds("--latency-seconds", latency_seconds)
+        .map_err(anyhow::Error::msg)?;
     if finetune.train_limit == Some(0) || finetune.test_limit == Some(0) {
         bail!("--train-limit and --test-limit must be at least 1");
     }
     let input = Model::open(checkpoint_path)?;
-    stage
+    let pruned = stage
         .plan(&Plan::of(&input), &cx)
         .map_err(|e| anyhow::anyhow!("{}: {e}", checkpoint_path.display()))?;
+    super::finetune::Finetune {
+        params: finetune.clone(),
+    }
+    .plan(&pruned, &cx)
+    .map_err(anyhow::Error::msg)?;
     // Everything that can fail on input is checked before anything is written.
     structured::prune(
         input.arch(),
@@ -160,8 +164,14 @@ pub fn command(
     });
     let cx = &Context { dir, ..cx };
     let reuse = crate::run_folder::Reuse::from_flags(false, force);
-    let _folder =
-        crate::run_folder::RunFolder::open(&cx.dir, reuse, "--run-dir", false, &[checkpoint_path])?;
+    let data_dir = cx.data_dir_for(input.meta());
+    let _folder = crate::run_folder::RunFolder::open(
+        &cx.dir,
+        reuse,
+        "--run-dir",
+        false,
+        &[checkpoint_path, &data_dir],
+    )?;
     let out = stage.run(Some(input.clone()), cx)?;
 
     println!("{:<6} {:>9} {:>7}  producers", "group", "channels", "kept");

@@ -194,6 +194,38 @@ impl TrainParams {
         c
     }
 
+    /// Refuses settings that would be silently ignored: the kernel-rescaling ones without
+    /// `rescale-from`, and `gamma` or `milestones` without the step schedule.
+    pub fn check_unused(&self) -> Result<(), String> {
+        let default = TrainParams::default();
+        if self.rescale_from.is_none() {
+            let given = [
+                ("rescale-at", self.rescale_at.is_some()),
+                ("rescale-interp", self.rescale_interp != default.rescale_interp),
+                ("rescale-kernels", self.rescale_kernels != default.rescale_kernels),
+                ("rescale-min-gain", self.rescale_min_gain != default.rescale_min_gain),
+                (
+                    "rescale-optimizer",
+                    self.rescale_optimizer != default.rescale_optimizer,
+                ),
+            ];
+            if let Some((name, _)) = given.iter().find(|(_, g)| *g) {
+                return Err(format!(
+                    "{name} needs rescale-from (the scale of the first phase)"
+                ));
+            }
+        }
+        if self.schedule != Some(ScheduleKind::Step) {
+            if self.milestones.is_some() {
+                return Err("milestones need schedule = step".into());
+            }
+            if self.gamma != default.gamma {
+                return Err("gamma needs schedule = step".into());
+            }
+        }
+        Ok(())
+    }
+
     /// The kernel-rescaling settings, if this run rescales.
     pub fn rescale(&self) -> Option<RescaleConfig> {
         self.rescale_from.map(|scale| {
@@ -269,9 +301,7 @@ impl Stage for Train {
             ));
         }
         let p = self.params();
-        if p.rescale_from.is_none() && p.rescale_at.is_some() {
-            return Err("rescale-at needs rescale-from (the scale of the first phase)".into());
-        }
+        p.check_unused()?;
         let config = p.config(cx.data_dir.as_deref());
         let full = match p.rescale() {
             Some(rc) => phases::plan(&config, &rc).map_err(|e| format!("{e:#}"))?.0,
@@ -448,6 +478,7 @@ pub fn command(
 ) -> anyhow::Result<()> {
     if reuse == Reuse::Resume {
         let run_dir = run_dir.context("--resume needs --run-dir")?;
+        p.check_unused().map_err(|e| anyhow::anyhow!("--{e}"))?;
         let given = changed_flags(p, &["epochs", "data-dir"]);
         if !given.is_empty() && !restates_run(p, &run_dir) {
             bail!(
@@ -464,7 +495,12 @@ pub fn command(
         return Ok(());
     }
     let config = p.config(None);
-    config.check().map_err(anyhow::Error::msg)?;
+    let stage = Train::new(p.clone());
+    // Settings and data are checked before the run folder is taken (and, with --force,
+    // emptied).
+    stage
+        .plan(&Plan::default(), &cx)
+        .map_err(anyhow::Error::msg)?;
     let run_dir = run_dir.unwrap_or_else(|| {
         crate::pipeline::timestamped_run_dir(&format!(
             "{}-{}",
@@ -472,10 +508,10 @@ pub fn command(
             config.dataset.name()
         ))
     });
-    let _folder = RunFolder::open(&run_dir, reuse, "--run-dir", true, &[])?;
+    let _folder = RunFolder::open(&run_dir, reuse, "--run-dir", true, &[&config.data_dir])?;
     announce(&config, &run_dir);
     let cx = Context { dir: run_dir, ..cx };
-    let out = Train::new(p.clone()).run(None, &cx)?;
+    let out = stage.run(None, &cx)?;
     println!("{}", summary(&config, &out));
     Ok(())
 }
