@@ -380,8 +380,12 @@ impl Loaded {
                 p.std.len()
             ));
         }
-        if p.mean.iter().any(|m| !m.is_finite()) || p.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-            return Err("the preprocessing's means or deviations are not finite and positive".into());
+        if p.mean.iter().any(|m| !m.is_finite())
+            || p.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+        {
+            return Err(
+                "the preprocessing's means or deviations are not finite and positive".into(),
+            );
         }
         let want = self.arch.tensor_shapes();
         let mut problems = Vec::new();

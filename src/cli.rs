@@ -502,14 +502,17 @@ fn run_encode(args: EncodeArgs, device: Device) -> anyhow::Result<()> {
         test_limit: None,
     });
     let cx = context(PathBuf::new(), device, args.data_dir, false);
+    let outputs = encode::Outputs {
+        out: args.out,
+        run_dir: args.run_dir,
+        force: args.force,
+    };
     encode::command(
         &args.checkpoint,
-        args.out,
+        outputs,
         args.share,
         args.encode,
         finetune,
-        args.run_dir,
-        args.force,
         cx,
     )
 }

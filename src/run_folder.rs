@@ -9,7 +9,11 @@
 //!
 //! Locks are re-entrant within a process: a command that holds its folder may call the trainer,
 //! which takes the folder it trains in again (flock would otherwise refuse the second open of
-//! the same file, even in one process).
+//! the same file, even in one process). A folder inside one that another process holds (a
+//! running recipe's stage folder) is refused as well.
+//!
+//! Single output files follow the same rule through [`claim_output`]: never the command's
+//! input, never an existing file without `--force`.
 
 use anyhow::{Context as _, bail};
 use std::collections::BTreeMap;
@@ -209,7 +213,10 @@ fn take(dir: &Path) -> anyhow::Result<File> {
             .with_context(|| format!("cannot write {}", path.display()))?;
         return Ok(file);
     }
-    bail!("cannot lock {}: its lock file keeps being replaced", dir.display())
+    bail!(
+        "cannot lock {}: its lock file keeps being replaced",
+        dir.display()
+    )
 }
 
 /// Whether `file` is still the file at `path` (same inode), not one unlinked since it was opened.

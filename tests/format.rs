@@ -484,11 +484,13 @@ fn empty_shared(path: &str, shape: &[usize]) -> (serde_json::Value, Vec<u8>) {
 #[test]
 fn architectures_whose_sizes_overflow_are_refused() {
     let huge = 1usize << 32;
+    // An input of 2^30 values (the largest an architecture may take) and a linear layer of
+    // 2^30 x 2^34 = 2^64 weights.
     let arch = serde_json::json!({
-        "name": "tiny", "input": [65536, 65536, 1], "classes": huge,
+        "name": "tiny", "input": [1, 32768, 32768], "classes": 1usize << 34,
         "layers": [
             {"type": "flatten"},
-            {"type": "linear", "in_features": huge, "out_features": huge, "bias": false},
+            {"type": "linear", "in_features": 1usize << 30, "out_features": 1usize << 34, "bias": false},
         ],
     });
     let meta = serde_json::to_value(meta()).unwrap();

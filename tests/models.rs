@@ -451,7 +451,11 @@ fn checkpoint_fuzz_seeds_read_back() {
         if write {
             std::fs::create_dir_all(&dir).unwrap();
             let net = Network::seeded(&arch, &device, 1).unwrap();
-            checkpoint::save(&file, &net, &meta()).unwrap();
+            let mut meta = meta();
+            let channels = arch.input[0];
+            meta.preprocess.mean = vec![0.1; channels];
+            meta.preprocess.std = vec![0.3; channels];
+            checkpoint::save(&file, &net, &meta).unwrap();
         }
         let loaded = checkpoint::read(&file).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(loaded.arch, arch, "{name}");

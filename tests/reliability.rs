@@ -58,6 +58,16 @@ fn fixture() -> &'static Path {
 }
 
 fn convpress_in(dir: &Path, args: &str) -> Output {
+    let (out, hung) = run_case(dir, args);
+    assert!(!hung, "`convpress {args}` hung for {} s", HANG.as_secs());
+    out
+}
+
+/// How long a case may run before it counts as a hang.
+const HANG: Duration = Duration::from_secs(120);
+
+/// Runs `convpress args` in `dir`; the output, and whether it had to be killed as a hang.
+fn run_case(dir: &Path, args: &str) -> (Output, bool) {
     let mut child = Command::new(bin())
         .args(args.split_whitespace())
         .current_dir(dir)
@@ -70,11 +80,11 @@ fn convpress_in(dir: &Path, args: &str) -> Output {
     let started = Instant::now();
     loop {
         if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
+            return (child.wait_with_output().unwrap(), false);
         }
-        if started.elapsed() > Duration::from_secs(120) {
+        if started.elapsed() > HANG {
             let _ = child.kill();
-            panic!("`convpress {args}` hung for 120 s");
+            return (child.wait_with_output().unwrap(), true);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -163,6 +173,15 @@ fn flip_byte(path: &Path, from_end: usize) {
     let mut bytes = std::fs::read(path).unwrap();
     let i = bytes.len() - from_end;
     bytes[i] ^= 0x10;
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// `values` pseudo-random f32s (seeded) as a file: bytes that are no format at all.
+fn random_file(path: &Path, values: usize, seed: u64) {
+    let bytes: Vec<u8> = common::values(values, seed)
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     std::fs::write(path, bytes).unwrap();
 }
 
@@ -448,16 +467,7 @@ fn cases() -> Vec<Case> {
         case(
             "random bytes",
             "eval --checkpoint random.safetensors --data-dir data",
-            |d| {
-                std::fs::write(
-                    d.join("random.safetensors"),
-                    common::values(500, 3)
-                        .iter()
-                        .flat_map(|v| v.to_le_bytes())
-                        .collect::<Vec<u8>>(),
-                )
-                .unwrap()
-            },
+            |d| random_file(&d.join("random.safetensors"), 500, 3),
             1,
             &["random.safetensors", "not a convpress model file"],
         ),
@@ -634,16 +644,7 @@ fn cases() -> Vec<Case> {
         case(
             "random .cpz",
             "info --checkpoint r.cpz",
-            |d| {
-                std::fs::write(
-                    d.join("r.cpz"),
-                    common::values(300, 5)
-                        .iter()
-                        .flat_map(|v| v.to_le_bytes())
-                        .collect::<Vec<u8>>(),
-                )
-                .unwrap()
-            },
+            |d| random_file(&d.join("r.cpz"), 300, 5),
             1,
             &["r.cpz", "not a convpress model file"],
         ),
@@ -1097,41 +1098,165 @@ fn cases() -> Vec<Case> {
             1,
             &["--out", "l5.cpz"],
         ),
-        case("fetch over other files of MNIST's names", "data fetch mnist --data-dir data", none, 1, &["data", "train-images-idx3-ubyte", "other contents", "--force"]),
-        case("force with missing data keeps the old run", "train --model lenet5 --epochs 1 --data-dir nowhere --run-dir runs/l5 --force", none, 1, &["nowhere"]),
-        case("force with a bad lr keeps the old run", "prune --checkpoint l5.safetensors --sparsity 0.5 --epochs 1 --lr -1 --data-dir data --run-dir runs/l5 --force", none, 1, &["lr"]),
-        case("latest names a folder outside the run", "train --run-dir runs/l5 --resume --epochs 2", |d| {
-            std::fs::write(d.join("runs/l5/checkpoints/latest"), "../../runs/c").unwrap()
-        }, 1, &["runs/l5", "no complete checkpoint"]),
-        case("crop-pad beyond the image", "train --data-dir data --run-dir r --crop-pad 40", none, 1, &["--crop-pad 40", "at most"]),
-        case("crop-pad that would wrap", "train --data-dir data --run-dir r --crop-pad 18446744073709551615", none, 1, &["--crop-pad"]),
-        case("seconds beyond a week", "bench latency --checkpoint l5.safetensors --seconds 1e20", none, 1, &["--seconds"]),
-        case("latency seconds beyond a week", "prune-filters --checkpoint l5.safetensors --ratio 0.5 --epochs 1 --latency-seconds 1e20 --data-dir data --run-dir p", none, 1, &["--latency-seconds"]),
-        case("preprocessing of the wrong length", "eval --checkpoint l5.safetensors --data-dir data", |d| {
-            reseal(&d.join("l5.safetensors"), |md, _| {
-                let mut meta: serde_json::Value = serde_json::from_str(&md["convpress.meta"]).unwrap();
-                meta["preprocess"]["mean"] = serde_json::json!([]);
-                md.insert("convpress.meta".into(), meta.to_string());
-            })
-        }, 1, &["l5.safetensors", "preprocessing"]),
-        case("input too large", "info --checkpoint l5.safetensors", |d| {
-            reseal(&d.join("l5.safetensors"), |md, _| {
-                let mut arch: serde_json::Value = serde_json::from_str(&md["convpress.arch"]).unwrap();
-                arch["input"] = serde_json::json!([1, 65536, 65536]);
-                md.insert("convpress.arch".into(), arch.to_string());
-            })
-        }, 1, &["l5.safetensors", "input 1x65536x65536"]),
-        case("gamma without the step schedule", "train --data-dir data --run-dir r --gamma 0.5", none, 1, &["gamma needs schedule"]),
-        case("rescale setting without rescale-from", "train --data-dir data --run-dir r --rescale-interp bilinear", none, 1, &["rescale-interp needs rescale-from"]),
-        case("resume with a rescale setting", "train --run-dir runs/l5 --resume --rescale-min-gain 2", none, 1, &["--rescale-min-gain"]),
-        case("the same seed twice", "rescale-compare --model lenet5 --seeds 1,1 --rescale-at 1 --epochs 2 --data-dir data --out rc", none, 1, &["--seeds"]),
-        case("encode --run-dir without fine-tuning", "encode --checkpoint l5.safetensors --out x.cpz --run-dir w", none, 1, &["--run-dir", "--finetune-epochs"]),
-        case("encode fine-tuning without data", "encode --checkpoint l5.safetensors --out x.cpz --finetune-epochs 1 --data-dir nowhere", none, 1, &["nowhere"]),
-        case("report of one run with --out", "report runs/c --out elsewhere", none, 1, &["--out"]),
-        case("compress from a model without its data", "compress --recipe recipe.toml --from l5.safetensors --run-dir c --data-dir nowhere", none, 1, &["nowhere"]),
-        case("compress with a report batch beyond memory", "compress --recipe big.toml --from l5.safetensors --run-dir c", |d| {
-            std::fs::write(d.join("big.toml"), "[report]\nbatches = [100000000000]\n\n[[stage]]\nkind = \"eval\"\n").unwrap()
-        }, 1, &["[report] batches", "memory"]),
+        // --- found in review of the first version of these rules ---
+        case(
+            "fetch over other files of MNIST's names",
+            "data fetch mnist --data-dir data",
+            none,
+            1,
+            &[
+                "data",
+                "train-images-idx3-ubyte",
+                "other contents",
+                "--force",
+            ],
+        ),
+        case(
+            "force with missing data keeps the old run",
+            "train --model lenet5 --epochs 1 --data-dir nowhere --run-dir runs/l5 --force",
+            none,
+            1,
+            &["nowhere"],
+        ),
+        case(
+            "force with a bad lr keeps the old run",
+            "prune --checkpoint l5.safetensors --sparsity 0.5 --epochs 1 --lr -1 --data-dir data --run-dir runs/l5 --force",
+            none,
+            1,
+            &["lr"],
+        ),
+        case(
+            "latest names a folder outside the run",
+            "train --run-dir runs/l5 --resume --epochs 2",
+            |d| std::fs::write(d.join("runs/l5/checkpoints/latest"), "../../runs/c").unwrap(),
+            1,
+            &["runs/l5", "no complete checkpoint"],
+        ),
+        case(
+            "crop-pad beyond the image",
+            "train --data-dir data --run-dir r --crop-pad 40",
+            none,
+            1,
+            &["--crop-pad 40", "at most"],
+        ),
+        case(
+            "crop-pad that would wrap",
+            "train --data-dir data --run-dir r --crop-pad 18446744073709551615",
+            none,
+            1,
+            &["--crop-pad"],
+        ),
+        case(
+            "seconds beyond a week",
+            "bench latency --checkpoint l5.safetensors --seconds 1e20",
+            none,
+            1,
+            &["--seconds"],
+        ),
+        case(
+            "latency seconds beyond a week",
+            "prune-filters --checkpoint l5.safetensors --ratio 0.5 --epochs 1 --latency-seconds 1e20 --data-dir data --run-dir p",
+            none,
+            1,
+            &["--latency-seconds"],
+        ),
+        case(
+            "preprocessing of the wrong length",
+            "eval --checkpoint l5.safetensors --data-dir data",
+            |d| {
+                reseal(&d.join("l5.safetensors"), |md, _| {
+                    let mut meta: serde_json::Value =
+                        serde_json::from_str(&md["convpress.meta"]).unwrap();
+                    meta["preprocess"]["mean"] = serde_json::json!([]);
+                    md.insert("convpress.meta".into(), meta.to_string());
+                })
+            },
+            1,
+            &["l5.safetensors", "preprocessing"],
+        ),
+        case(
+            "input too large",
+            "info --checkpoint l5.safetensors",
+            |d| {
+                reseal(&d.join("l5.safetensors"), |md, _| {
+                    let mut arch: serde_json::Value =
+                        serde_json::from_str(&md["convpress.arch"]).unwrap();
+                    arch["input"] = serde_json::json!([1, 65536, 65536]);
+                    md.insert("convpress.arch".into(), arch.to_string());
+                })
+            },
+            1,
+            &["l5.safetensors", "input 1x65536x65536"],
+        ),
+        case(
+            "gamma without the step schedule",
+            "train --data-dir data --run-dir r --gamma 0.5",
+            none,
+            1,
+            &["gamma needs schedule"],
+        ),
+        case(
+            "rescale setting without rescale-from",
+            "train --data-dir data --run-dir r --rescale-interp bilinear",
+            none,
+            1,
+            &["rescale-interp needs rescale-from"],
+        ),
+        case(
+            "resume with a rescale setting",
+            "train --run-dir runs/l5 --resume --rescale-min-gain 2",
+            none,
+            1,
+            &["--rescale-min-gain"],
+        ),
+        case(
+            "the same seed twice",
+            "rescale-compare --model lenet5 --seeds 1,1 --rescale-at 1 --epochs 2 --data-dir data --out rc",
+            none,
+            1,
+            &["--seeds"],
+        ),
+        case(
+            "encode --run-dir without fine-tuning",
+            "encode --checkpoint l5.safetensors --out x.cpz --run-dir w",
+            none,
+            1,
+            &["--run-dir", "--finetune-epochs"],
+        ),
+        case(
+            "encode fine-tuning without data",
+            "encode --checkpoint l5.safetensors --out x.cpz --finetune-epochs 1 --data-dir nowhere",
+            none,
+            1,
+            &["nowhere"],
+        ),
+        case(
+            "report of one run with --out",
+            "report runs/c --out elsewhere",
+            none,
+            1,
+            &["--out"],
+        ),
+        case(
+            "compress from a model without its data",
+            "compress --recipe recipe.toml --from l5.safetensors --run-dir c --data-dir nowhere",
+            none,
+            1,
+            &["nowhere"],
+        ),
+        case(
+            "compress with a report batch beyond memory",
+            "compress --recipe big.toml --from l5.safetensors --run-dir c",
+            |d| {
+                std::fs::write(
+                    d.join("big.toml"),
+                    "[report]\nbatches = [100000000000]\n\n[[stage]]\nkind = \"eval\"\n",
+                )
+                .unwrap()
+            },
+            1,
+            &["[report] batches", "memory"],
+        ),
         case(
             "force would delete the input",
             "prune --checkpoint runs/l5/model.safetensors --sparsity 0.5 --epochs 1 --data-dir data --run-dir runs/l5 --force",
@@ -1195,10 +1320,13 @@ fn bad_input_is_refused_without_panics_or_lost_files() {
         copy_tree(base, &dir);
         (c.setup)(&dir);
         let before = hashes(&dir);
-        let out = convpress_in(&dir, c.args);
+        let (out, hung) = run_case(&dir, c.args);
         let err = stderr(&out);
         let code = out.status.code().unwrap_or(-1);
         let mut why = Vec::new();
+        if hung {
+            why.push(format!("hung for {} s", HANG.as_secs()));
+        }
         if code != c.code {
             why.push(format!("exit {code}, expected {}", c.code));
         }

@@ -359,7 +359,9 @@ pub fn command(runs: &[PathBuf], out: Option<&Path>, force: bool) -> anyhow::Res
         .collect::<anyhow::Result<Vec<_>>>()?;
     if let [(_, r)] = &reports[..] {
         if out.is_some() {
-            bail!("--out is where several runs are compared: with one run, its own report is redrawn in place");
+            bail!(
+                "--out is where several runs are compared: with one run, its own report is redrawn in place"
+            );
         }
         // One run: its table, and its report.md and charts drawn again from report.json,
         // unless a recipe is running in the folder (it redraws them itself).

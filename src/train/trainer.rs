@@ -454,14 +454,12 @@ fn save_checkpoint(
     let _ = std::fs::remove_dir_all(&tmp);
     fs_err::create_dir_all(&tmp)?;
     checkpoint::save(&tmp.join("model.safetensors"), model, meta)?;
-    optim
-        .save(tmp.join("optimizer.bpk"))
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot save the optimizer state to {}: {e:?}",
-                tmp.join("optimizer.bpk").display()
-            )
-        })?;
+    optim.save(tmp.join("optimizer.bpk")).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot save the optimizer state to {}: {e:?}",
+            tmp.join("optimizer.bpk").display()
+        )
+    })?;
     fs_err::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
     let dest = root.join(&name);
     let _ = std::fs::remove_dir_all(&dest);

@@ -131,20 +131,32 @@ impl Stage for Encode {
     }
 }
 
-/// `convpress encode`: the `share` stage, `finetune` of the centroids if asked (in `run_dir`,
-/// default `<out>.finetune/`), then this stage, writing `out` (default: the checkpoint with
-/// `.cpz`) and `<out>.report.json`; prints the bytes of each step and the accuracy before
-/// and after (decoded from the file), if the data is there.
+/// Where `convpress encode` writes: `out` (default: the checkpoint with `.cpz`) and
+/// `<out>.report.json`, the fine-tuning in `run_dir` (default `<out>.finetune/`); `force`
+/// replaces what is there.
+#[derive(Debug, Clone, Default)]
+pub struct Outputs {
+    pub out: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
+    pub force: bool,
+}
+
+/// `convpress encode`: the `share` stage, `finetune` of the centroids if asked, then this
+/// stage, writing [`Outputs`]; prints the bytes of each step and the accuracy before and
+/// after (decoded from the file), if the data is there.
 pub fn command(
     checkpoint: &Path,
-    out: Option<PathBuf>,
+    outputs: Outputs,
     share: super::share::ShareParams,
     params: EncodeParams,
     finetune: Option<super::finetune::FinetuneParams>,
-    run_dir: Option<PathBuf>,
-    force: bool,
     cx: Context,
 ) -> anyhow::Result<()> {
+    let Outputs {
+        out,
+        run_dir,
+        force,
+    } = outputs;
     use super::finetune::Finetune;
     use super::share::{Share, check_bits};
     use crate::run_folder::{Reuse, RunFolder, claim_output};

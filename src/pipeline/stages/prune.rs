@@ -377,10 +377,14 @@ pub fn command(
         reuse,
         "--run-dir",
         false,
-        &[Some(checkpoint), Some(data_dir.as_path()), targets_file.as_deref()]
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>(),
+        &[
+            Some(checkpoint),
+            Some(data_dir.as_path()),
+            targets_file.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>(),
     )?;
     let out = stage.run(Some(input), &cx)?;
     crate::atomic_file::write_atomic(

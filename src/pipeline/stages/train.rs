@@ -201,9 +201,18 @@ impl TrainParams {
         if self.rescale_from.is_none() {
             let given = [
                 ("rescale-at", self.rescale_at.is_some()),
-                ("rescale-interp", self.rescale_interp != default.rescale_interp),
-                ("rescale-kernels", self.rescale_kernels != default.rescale_kernels),
-                ("rescale-min-gain", self.rescale_min_gain != default.rescale_min_gain),
+                (
+                    "rescale-interp",
+                    self.rescale_interp != default.rescale_interp,
+                ),
+                (
+                    "rescale-kernels",
+                    self.rescale_kernels != default.rescale_kernels,
+                ),
+                (
+                    "rescale-min-gain",
+                    self.rescale_min_gain != default.rescale_min_gain,
+                ),
                 (
                     "rescale-optimizer",
                     self.rescale_optimizer != default.rescale_optimizer,
