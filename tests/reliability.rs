@@ -1098,6 +1098,13 @@ fn cases() -> Vec<Case> {
             1,
             &["--out", "l5.cpz"],
         ),
+        case(
+            "prune with nothing to prune",
+            "prune --checkpoint l5.safetensors --sparsity 0 --epochs 1 --data-dir data --run-dir r",
+            none,
+            1,
+            &["sparsity is 0", "nothing to prune"],
+        ),
         // --- found in review of the first version of these rules ---
         case(
             "fetch over other files of MNIST's names",

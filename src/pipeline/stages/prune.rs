@@ -196,6 +196,11 @@ impl Prune {
                 "nothing to prune: give a sparsity, per-layer sparsities or a targets file".into(),
             );
         }
+        if out.values().all(|&s| s == 0.0) {
+            return Err(
+                "every layer's sparsity is 0: nothing to prune (a finetune stage retrains without pruning)".into(),
+            );
+        }
         Ok(out)
     }
 }
