@@ -10,6 +10,7 @@
 pub mod conv;
 pub mod extension;
 pub mod gemm;
+pub mod int8;
 pub mod memory;
 pub mod norm;
 pub mod pool;

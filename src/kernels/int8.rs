@@ -1,0 +1,223 @@
+//! Integer matrix products for int8 inference (issue #12): `c[m][n] = Σ_k a[m][k] · b[n][k]`,
+//! with `a` unsigned 8-bit (activations, quantized asymmetrically; the caller folds the zero
+//! point in through the row sums of `b`), `b` signed 8-bit (weights, symmetric per output
+//! channel: one row of `b` per output channel, as conv weights `[out, in·kh·kw]` are laid out),
+//! and `c` the exact 32-bit sums.
+//!
+//! The paths sit behind one small trait and are chosen at run time ([`best`]), never by a build
+//! flag; `tests/int8.rs` holds every path this machine can run to [`Reference`], exactly, on
+//! ordinary and worst-case inputs:
+//! - [`Reference`]: three plain loops, obviously right;
+//! - [`Portable`]: row-by-row dot products the compiler vectorises, on any CPU;
+//! - [`Avx2`]: widens `a` and `b` to 16 bits and multiplies with `vpmaddwd` into 32-bit lanes.
+//!   The faster `vpmaddubsw` (u8 × i8 straight to 16 bits) adds pairs of products in 16 bits
+//!   with saturation, and 2 · 255 · 127 = 64,770 does not fit in 32,767: it is only exact for
+//!   7-bit weights. The widening path is exact for every int8 weight.
+//!
+//! AVX-512 VNNI (`vpdpbusd`) is not written yet: no machine this project runs on has it, so it
+//! could not be tested.
+
+/// The longest reduction whose sums always fit in `i32`: 255 · 128 · `MAX_K` < 2^31.
+pub const MAX_K: usize = 65_793;
+
+/// One implementation of the int8 product.
+pub trait Int8Gemm: Send + Sync {
+    /// A short name for tests and benchmarks (`reference`, `portable`, `avx2`).
+    fn name(&self) -> &'static str;
+
+    /// `c = a · bᵀ`: `a` is `[m, k]` row-major, `b` is `[n, k]` row-major, `c` is `[m, n]`
+    /// row-major and is overwritten. `k` is at most [`MAX_K`].
+    fn gemm(&self, m: usize, n: usize, k: usize, a: &[u8], b: &[i8], c: &mut [i32]);
+}
+
+fn check_shapes(m: usize, n: usize, k: usize, a: &[u8], b: &[i8], c: &[i32]) {
+    assert!(
+        k <= MAX_K,
+        "int8 gemm: k = {k} could overflow i32 (at most {MAX_K})"
+    );
+    assert_eq!(a.len(), m * k, "int8 gemm: a is not [m, k]");
+    assert_eq!(b.len(), n * k, "int8 gemm: b is not [n, k]");
+    assert_eq!(c.len(), m * n, "int8 gemm: c is not [m, n]");
+}
+
+/// Three plain loops.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reference;
+
+impl Int8Gemm for Reference {
+    fn name(&self) -> &'static str {
+        "reference"
+    }
+
+    fn gemm(&self, m: usize, n: usize, k: usize, a: &[u8], b: &[i8], c: &mut [i32]) {
+        check_shapes(m, n, k, a, b, c);
+        for i in 0..m {
+            for j in 0..n {
+                let mut sum = 0i32;
+                for p in 0..k {
+                    sum += a[i * k + p] as i32 * b[j * k + p] as i32;
+                }
+                c[i * n + j] = sum;
+            }
+        }
+    }
+}
+
+/// Dot products of whole rows, which the compiler vectorises for the target it builds for;
+/// rows of `c` are split across threads when the product is large.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Portable;
+
+impl Int8Gemm for Portable {
+    fn name(&self) -> &'static str {
+        "portable"
+    }
+
+    fn gemm(&self, m: usize, n: usize, k: usize, a: &[u8], b: &[i8], c: &mut [i32]) {
+        check_shapes(m, n, k, a, b, c);
+        rows(m, n, k, c, |i, row| {
+            let x = &a[i * k..(i + 1) * k];
+            for (j, out) in row.iter_mut().enumerate() {
+                let w = &b[j * k..(j + 1) * k];
+                *out = x.iter().zip(w).map(|(&x, &w)| x as i32 * w as i32).sum();
+            }
+        });
+    }
+}
+
+/// Runs `row(i, c_row)` for every row of `c`, on several threads if the product is large
+/// enough to pay for them.
+fn rows(m: usize, n: usize, k: usize, c: &mut [i32], row: impl Fn(usize, &mut [i32]) + Sync) {
+    use rayon::prelude::*;
+    if n == 0 {
+        return;
+    }
+    if m > 1 && m * n * k >= 1 << 18 {
+        c.par_chunks_mut(n).enumerate().for_each(|(i, r)| row(i, r));
+    } else {
+        c.chunks_mut(n).enumerate().for_each(|(i, r)| row(i, r));
+    }
+}
+
+/// AVX2, widening to 16 bits and `vpmaddwd` (exact for all int8 weights); four output
+/// channels share each load of `a`.
+#[derive(Debug, Clone, Copy)]
+pub struct Avx2 {
+    _private: (),
+}
+
+impl Avx2 {
+    /// The AVX2 path, if this CPU has AVX2.
+    pub fn new() -> Option<Avx2> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return Some(Avx2 { _private: () });
+        }
+        None
+    }
+}
+
+impl Int8Gemm for Avx2 {
+    fn name(&self) -> &'static str {
+        "avx2"
+    }
+
+    fn gemm(&self, m: usize, n: usize, k: usize, a: &[u8], b: &[i8], c: &mut [i32]) {
+        check_shapes(m, n, k, a, b, c);
+        #[cfg(target_arch = "x86_64")]
+        rows(m, n, k, c, |i, row| {
+            // SAFETY: an `Avx2` exists only where the CPU has AVX2 (`Avx2::new`); the slices
+            // have the lengths `check_shapes` asserted.
+            unsafe { avx2::row(&a[i * k..(i + 1) * k], b, k, row) }
+        });
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("Avx2::new returns None off x86_64");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// `row[j] = Σ_p x[p] · b[j·k + p]` for every output channel `j`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn row(x: &[u8], b: &[i8], k: usize, row: &mut [i32]) {
+        let n = row.len();
+        let mut j = 0;
+        while j + 4 <= n {
+            let w = [
+                &b[j * k..(j + 1) * k],
+                &b[(j + 1) * k..(j + 2) * k],
+                &b[(j + 2) * k..(j + 3) * k],
+                &b[(j + 3) * k..(j + 4) * k],
+            ];
+            let mut acc = [_mm256_setzero_si256(); 4];
+            let mut p = 0;
+            while p + 16 <= k {
+                // SAFETY: p + 16 <= k, and every slice here is k long.
+                let xs = unsafe { _mm256_cvtepu8_epi16(_mm_loadu_si128(x.as_ptr().add(p).cast())) };
+                for (acc, w) in acc.iter_mut().zip(&w) {
+                    let ws =
+                        unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(w.as_ptr().add(p).cast())) };
+                    *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(xs, ws));
+                }
+                p += 16;
+            }
+            for (q, (acc, w)) in acc.iter().zip(&w).enumerate() {
+                row[j + q] = hsum(*acc) + tail(&x[p..], &w[p..]);
+            }
+            j += 4;
+        }
+        while j < n {
+            let w = &b[j * k..(j + 1) * k];
+            let mut acc = _mm256_setzero_si256();
+            let mut p = 0;
+            while p + 16 <= k {
+                // SAFETY: as above.
+                let (xs, ws) = unsafe {
+                    (
+                        _mm256_cvtepu8_epi16(_mm_loadu_si128(x.as_ptr().add(p).cast())),
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(w.as_ptr().add(p).cast())),
+                    )
+                };
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(xs, ws));
+                p += 16;
+            }
+            row[j] = hsum(acc) + tail(&x[p..], &w[p..]);
+            j += 1;
+        }
+    }
+
+    /// The sum of the eight 32-bit lanes.
+    #[target_feature(enable = "avx2")]
+    fn hsum(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// The last `k % 16` products.
+    fn tail(x: &[u8], w: &[i8]) -> i32 {
+        x.iter().zip(w).map(|(&x, &w)| x as i32 * w as i32).sum()
+    }
+}
+
+/// Every path this machine can run, the reference first.
+pub fn available() -> Vec<Box<dyn Int8Gemm>> {
+    let mut out: Vec<Box<dyn Int8Gemm>> = vec![Box::new(Reference), Box::new(Portable)];
+    if let Some(k) = Avx2::new() {
+        out.push(Box::new(k));
+    }
+    out
+}
+
+/// The fastest path this machine has (detected once, at first use).
+pub fn best() -> &'static dyn Int8Gemm {
+    static BEST: std::sync::OnceLock<Box<dyn Int8Gemm>> = std::sync::OnceLock::new();
+    BEST.get_or_init(|| match Avx2::new() {
+        Some(k) => Box::new(k),
+        None => Box::new(Portable),
+    })
+    .as_ref()
+}
