@@ -5,6 +5,7 @@
 pub mod format;
 pub mod huffman;
 pub mod prune;
+pub mod quantize;
 pub mod sensitivity;
 pub mod share;
 pub mod structured;

@@ -1,0 +1,285 @@
+//! Uniform affine quantization (issue #12): `q = clamp(round(x / scale) + zero_point, lo, hi)`,
+//! `x̂ = (q - zero_point) · scale` (Jacob et al. 2018, "Quantization and Training of Neural
+//! Networks for Efficient Integer-Arithmetic-Only Inference", eq. 1).
+//!
+//! Weights are quantized symmetrically per output channel (zero point 0, range ±(2^(b-1) - 1),
+//! so the int8 kernels never see -128 and the range is symmetric). Activations are quantized
+//! asymmetrically per tensor, unsigned (`0 ..= 2^b - 1`), with a range that always contains 0 so
+//! that zero padding and ReLU's zeros are exact. The range comes from calibration: an
+//! [`Observer`] sees activations and proposes a range by min-max, a percentile of |x|, or the
+//! clipping threshold that minimises the quantization error (MSE) over a histogram.
+
+/// Supported bit widths: 2 to 8 (the integer kernels are 8-bit; fewer bits are stored packed
+/// and run on the 8-bit kernels).
+pub const BITS: std::ops::RangeInclusive<u32> = 2..=8;
+
+/// Refuses a bit width outside [`BITS`]; `what` names the flag or key.
+pub fn check_bits(what: &str, bits: u32) -> Result<(), String> {
+    if BITS.contains(&bits) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} must be between {} and {} bits, got {bits} (1 bit is binarization)",
+            BITS.start(),
+            BITS.end()
+        ))
+    }
+}
+
+/// The parameters of one quantizer: `x̂ = (q - zero_point) · scale`, `q` in `lo ..= hi`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Quantizer {
+    pub scale: f32,
+    pub zero_point: i32,
+    pub lo: i32,
+    pub hi: i32,
+}
+
+impl Quantizer {
+    /// Symmetric signed quantization of values in `[-max_abs, max_abs]` to `bits` bits.
+    pub fn symmetric(max_abs: f32, bits: u32) -> Quantizer {
+        let hi = (1i32 << (bits - 1)) - 1;
+        Quantizer {
+            scale: step(max_abs / hi as f32),
+            zero_point: 0,
+            lo: -hi,
+            hi,
+        }
+    }
+
+    /// Asymmetric unsigned quantization of values in `[min, max]` (widened to contain 0) to
+    /// `bits` bits; 0 is exactly representable.
+    pub fn asymmetric(min: f32, max: f32, bits: u32) -> Quantizer {
+        let (min, max) = (min.min(0.0), max.max(0.0));
+        let hi = (1i32 << bits) - 1;
+        let scale = step((max - min) / hi as f32);
+        let zero_point = ((-min / scale).round() as i32).clamp(0, hi);
+        Quantizer {
+            scale,
+            zero_point,
+            lo: 0,
+            hi,
+        }
+    }
+
+    pub fn quantize(&self, x: f32) -> i32 {
+        ((x / self.scale).round() as i32)
+            .saturating_add(self.zero_point)
+            .clamp(self.lo, self.hi)
+    }
+
+    pub fn dequantize(&self, q: i32) -> f32 {
+        (q - self.zero_point) as f32 * self.scale
+    }
+
+    /// `dequantize(quantize(x))`: what the network sees of `x` (fake quantization).
+    pub fn round_trip(&self, x: f32) -> f32 {
+        self.dequantize(self.quantize(x))
+    }
+
+    /// The values represented without clipping: `[dequantize(lo), dequantize(hi)]`.
+    pub fn range(&self) -> (f32, f32) {
+        (self.dequantize(self.lo), self.dequantize(self.hi))
+    }
+}
+
+/// A usable step for a range: a range of 0 (all values equal, or all zero) still gets a
+/// positive step, so quantization never divides by zero.
+fn step(s: f32) -> f32 {
+    if s.is_finite() && s > 0.0 {
+        s
+    } else {
+        f32::MIN_POSITIVE.max(1e-8)
+    }
+}
+
+/// Per-output-channel symmetric quantizers for a weight whose first dimension is the output
+/// channel (conv `[out, in, kh, kw]`, or a linear weight transposed to `[out, in]`), and its
+/// quantized values.
+pub fn quantize_per_channel(
+    weights: &[f32],
+    channels: usize,
+    bits: u32,
+) -> (Vec<Quantizer>, Vec<i8>) {
+    assert!(channels > 0 && weights.len().is_multiple_of(channels));
+    assert!(BITS.contains(&bits));
+    let per = weights.len() / channels;
+    let mut quantizers = Vec::with_capacity(channels);
+    let mut q = Vec::with_capacity(weights.len());
+    for row in weights.chunks_exact(per.max(1)).take(channels) {
+        let max_abs = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let quant = Quantizer::symmetric(max_abs, bits);
+        q.extend(row.iter().map(|&w| quant.quantize(w) as i8));
+        quantizers.push(quant);
+    }
+    (quantizers, q)
+}
+
+/// How an activation range is chosen from calibration data.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Calibration {
+    /// The smallest and largest values seen.
+    MinMax,
+    /// Clip at this percentile of the values seen (e.g. 99.99): outliers cost the rest less
+    /// resolution.
+    Percentile(f64),
+    /// The clipping range that minimises the mean squared quantization error over the values
+    /// seen (a search over a histogram, as in TensorRT's and NNCF's MSE calibration).
+    Mse,
+}
+
+/// Bins of the histogram an [`Observer`] keeps (over `[min, max]` seen so far).
+const BINS: usize = 2048;
+
+/// Sees activations batch by batch and proposes their quantizer. Keeps the running minimum and
+/// maximum and a histogram of the values (re-binned when the range grows), so percentile and
+/// MSE calibration work on any number of batches in bounded memory.
+#[derive(Debug, Clone)]
+pub struct Observer {
+    min: f32,
+    max: f32,
+    count: u64,
+    hist: Vec<u64>,
+    /// The range `hist` covers.
+    lo: f32,
+    hi: f32,
+}
+
+impl Default for Observer {
+    fn default() -> Self {
+        Observer {
+            min: f32::INFINITY,
+            max: f32::NEG_INFINITY,
+            count: 0,
+            hist: vec![0; BINS],
+            lo: 0.0,
+            hi: 0.0,
+        }
+    }
+}
+
+impl Observer {
+    /// Adds `values` (non-finite ones are refused: calibration on a damaged network is an
+    /// error, not a range).
+    pub fn observe(&mut self, values: &[f32]) -> Result<(), String> {
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err("calibration saw a NaN or infinite activation".into());
+        }
+        let Some((lo, hi)) = values
+            .iter()
+            .fold(None, |acc: Option<(f32, f32)>, &v| match acc {
+                None => Some((v, v)),
+                Some((a, b)) => Some((a.min(v), b.max(v))),
+            })
+        else {
+            return Ok(());
+        };
+        self.min = self.min.min(lo);
+        self.max = self.max.max(hi);
+        // The histogram covers [min(0, min), max(0, max)]: grow it (merging bins) if needed.
+        let (new_lo, new_hi) = (self.min.min(0.0), self.max.max(0.0));
+        if self.count == 0 {
+            self.lo = new_lo;
+            self.hi = new_hi;
+        } else if new_lo < self.lo || new_hi > self.hi {
+            let old = std::mem::replace(&mut self.hist, vec![0; BINS]);
+            let (old_lo, old_hi) = (self.lo, self.hi);
+            self.lo = new_lo;
+            self.hi = new_hi;
+            let width = (old_hi - old_lo) / BINS as f32;
+            for (i, &c) in old.iter().enumerate() {
+                if c > 0 {
+                    let centre = old_lo + (i as f32 + 0.5) * width;
+                    let b = self.bin(centre);
+                    self.hist[b] += c;
+                }
+            }
+        }
+        for &v in values {
+            let b = self.bin(v);
+            self.hist[b] += 1;
+        }
+        self.count += values.len() as u64;
+        Ok(())
+    }
+
+    fn bin(&self, v: f32) -> usize {
+        let width = (self.hi - self.lo).max(f32::MIN_POSITIVE);
+        (((v - self.lo) / width * BINS as f32) as usize).min(BINS - 1)
+    }
+
+    /// How many values were seen.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The quantizer for what was seen, at `bits` unsigned bits. Refuses an observer that saw
+    /// nothing (an empty calibration set).
+    pub fn quantizer(&self, calibration: Calibration, bits: u32) -> Result<Quantizer, String> {
+        if self.count == 0 {
+            return Err("calibration saw no values: give it at least one image".into());
+        }
+        let (lo, hi) = match calibration {
+            Calibration::MinMax => (self.min, self.max),
+            Calibration::Percentile(p) => {
+                if !(p > 50.0 && p <= 100.0) {
+                    return Err(format!("percentile must be in (50, 100], got {p}"));
+                }
+                (
+                    self.quantile(1.0 - p / 100.0).max(self.min),
+                    self.quantile(p / 100.0).min(self.max),
+                )
+            }
+            Calibration::Mse => self.mse_range(bits),
+        };
+        Ok(Quantizer::asymmetric(lo, hi, bits))
+    }
+
+    /// The value below which a fraction `f` of what was seen lies (bin resolution).
+    fn quantile(&self, f: f64) -> f32 {
+        let target = (f * self.count as f64).ceil() as u64;
+        let width = (self.hi - self.lo) / BINS as f32;
+        let mut seen = 0u64;
+        for (i, &c) in self.hist.iter().enumerate() {
+            seen += c;
+            if seen >= target.max(1) {
+                return self.lo + (i as f32 + 1.0) * width;
+            }
+        }
+        self.hi
+    }
+
+    /// The range `[lo, hi]` (shrunk from the observed one in 1/128 steps at either end) whose
+    /// quantizer gives the smallest squared error over the histogram, clipping included.
+    fn mse_range(&self, bits: u32) -> (f32, f32) {
+        let width = (self.hi - self.lo) / BINS as f32;
+        let centres: Vec<(f32, f64)> = self
+            .hist
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(i, &c)| (self.lo + (i as f32 + 0.5) * width, c as f64))
+            .collect();
+        let error = |lo: f32, hi: f32| -> f64 {
+            let q = Quantizer::asymmetric(lo, hi, bits);
+            centres
+                .iter()
+                .map(|&(x, c)| {
+                    let d = (q.round_trip(x) - x) as f64;
+                    d * d * c
+                })
+                .sum()
+        };
+        let mut best = (self.min, self.max, error(self.min, self.max));
+        for s in 1..128 {
+            let f = 1.0 - s as f32 / 128.0;
+            let (lo, hi) = (self.min * f, self.max * f);
+            let e = error(lo, hi);
+            if e < best.2 {
+                best = (lo, hi, e);
+            }
+        }
+        (best.0, best.1)
+    }
+}

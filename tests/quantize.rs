@@ -1,0 +1,135 @@
+//! Uniform quantization (`compress::quantize`): round trips within half a step, zero exact,
+//! per-channel scales, and calibration by min-max, percentile and MSE.
+
+mod common;
+
+use convpress::compress::quantize::{
+    Calibration, Observer, Quantizer, check_bits, quantize_per_channel,
+};
+
+#[test]
+fn round_trips_are_within_half_a_step() {
+    let x = common::uniform(10_000, 1, -3.0, 5.0);
+    for bits in 2..=8 {
+        let q = Quantizer::asymmetric(-3.0, 5.0, bits);
+        for &v in &x {
+            let err = (q.round_trip(v) - v).abs();
+            assert!(err <= q.scale / 2.0 + 1e-6, "{bits} bits: {v} -> {err}");
+        }
+        let s = Quantizer::symmetric(5.0, bits);
+        for &v in &x {
+            let err = (s.round_trip(v) - v).abs();
+            assert!(
+                err <= s.scale / 2.0 + 1e-6,
+                "{bits} bits symmetric: {v} -> {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn zero_is_exact_and_ranges_contain_it() {
+    for (lo, hi) in [(0.3, 5.0), (-2.0, -0.5), (-1.0, 1.0), (0.0, 0.0)] {
+        let q = Quantizer::asymmetric(lo, hi, 8);
+        assert_eq!(q.round_trip(0.0), 0.0, "[{lo}, {hi}]");
+        let (a, b) = q.range();
+        assert!(a <= 0.0 && b >= 0.0, "[{lo}, {hi}] -> [{a}, {b}]");
+        assert!(q.scale > 0.0);
+    }
+    // Unsigned codes: 0 ..= 255.
+    let q = Quantizer::asymmetric(-1.0, 3.0, 8);
+    assert_eq!((q.lo, q.hi), (0, 255));
+    assert_eq!(q.quantize(-100.0), 0);
+    assert_eq!(q.quantize(100.0), 255);
+}
+
+#[test]
+fn weights_get_one_scale_per_output_channel() {
+    // Channel c holds values up to 10^c: one scale for all would flatten channel 0 to zeros.
+    let per = 50;
+    let mut w = Vec::new();
+    for c in 0..4 {
+        w.extend(
+            common::uniform(per, c as u64 + 3, -1.0, 1.0)
+                .iter()
+                .map(|v| v * 10f32.powi(c)),
+        );
+    }
+    let (quant, q) = quantize_per_channel(&w, 4, 8);
+    assert_eq!(quant.len(), 4);
+    for c in 0..4 {
+        let row = &w[c * per..(c + 1) * per];
+        let max_abs = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!((quant[c].scale - max_abs / 127.0).abs() <= 1e-6 * max_abs);
+        assert_eq!(quant[c].zero_point, 0);
+        let codes = &q[c * per..(c + 1) * per];
+        // The largest weight of each channel uses the whole range, and none reaches -128.
+        assert_eq!(codes.iter().map(|v| v.unsigned_abs()).max(), Some(127));
+        assert!(codes.iter().all(|&v| v != i8::MIN));
+        for (&x, &k) in row.iter().zip(codes) {
+            assert!((quant[c].dequantize(k as i32) - x).abs() <= quant[c].scale / 2.0 + 1e-6);
+        }
+    }
+}
+
+#[test]
+fn observers_see_every_batch() {
+    let mut o = Observer::default();
+    o.observe(&[0.5, 1.0]).unwrap();
+    o.observe(&[-2.0, 0.0]).unwrap();
+    o.observe(&[7.0]).unwrap();
+    o.observe(&[]).unwrap();
+    assert_eq!(o.count(), 5);
+    let q = o.quantizer(Calibration::MinMax, 8).unwrap();
+    let (lo, hi) = q.range();
+    assert!(
+        (lo + 2.0).abs() <= q.scale && (hi - 7.0).abs() <= q.scale,
+        "[{lo}, {hi}]"
+    );
+}
+
+#[test]
+fn percentile_clips_outliers_and_mse_beats_min_max_on_heavy_tails() {
+    // ReLU-like activations in [0, 1] with a few huge outliers.
+    let mut x = common::uniform(20_000, 9, 0.0, 1.0);
+    x.extend([400.0, 900.0, 1000.0]);
+    let mut o = Observer::default();
+    for chunk in x.chunks(1000) {
+        o.observe(chunk).unwrap();
+    }
+    let minmax = o.quantizer(Calibration::MinMax, 8).unwrap();
+    assert!(minmax.range().1 >= 999.0);
+    let pct = o.quantizer(Calibration::Percentile(99.9), 8).unwrap();
+    let (_, hi) = pct.range();
+    assert!(hi < 2.0, "99.9th percentile range ends at {hi}");
+    let mse = o.quantizer(Calibration::Mse, 8).unwrap();
+    let error = |q: &Quantizer| -> f64 {
+        x.iter()
+            .map(|&v| ((q.round_trip(v) - v) as f64).powi(2))
+            .sum::<f64>()
+    };
+    assert!(
+        error(&mse) <= error(&minmax),
+        "MSE calibration {} > min-max {}",
+        error(&mse),
+        error(&minmax)
+    );
+}
+
+#[test]
+fn bad_calibration_and_bit_widths_are_refused() {
+    let o = Observer::default();
+    let e = o.quantizer(Calibration::MinMax, 8).unwrap_err();
+    assert!(e.contains("no values"), "{e}");
+    let mut o = Observer::default();
+    assert!(o.observe(&[1.0, f32::NAN]).unwrap_err().contains("NaN"));
+    o.observe(&[1.0]).unwrap();
+    assert!(o.quantizer(Calibration::Percentile(30.0), 8).is_err());
+    for bad in [0, 1, 9, 32] {
+        let e = check_bits("--bits", bad).unwrap_err();
+        assert!(e.contains("--bits") && e.contains("between 2 and 8"), "{e}");
+    }
+    for good in 2..=8 {
+        check_bits("--bits", good).unwrap();
+    }
+}
