@@ -115,3 +115,130 @@ fn best_is_one_of_the_available_paths() {
     assert_eq!(names[0], "reference");
     assert!(names.contains(&int8::best().name()), "{names:?}");
 }
+
+mod linear {
+    use convpress::compress::quantize::{Calibration, Observer, Quantizer};
+    use convpress::kernels::int8::{self, Int8Gemm};
+    use convpress::runtime::LinearKernel;
+    use convpress::runtime::int8::Int8Linear;
+
+    fn uniform(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
+            })
+            .collect()
+    }
+
+    fn paths() -> Vec<&'static dyn Int8Gemm> {
+        int8::available()
+            .into_iter()
+            .map(|k| &*Box::leak(k))
+            .collect()
+    }
+
+    /// A 784 -> 300 layer (LeNet-300's first) on ReLU-like inputs, calibrated by min-max.
+    fn layer(bits: u32) -> (Int8Linear, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (n_in, n_out) = (784, 300);
+        let w = uniform(n_in * n_out, 1, -0.1, 0.1);
+        let b = uniform(n_out, 2, -0.5, 0.5);
+        let x = uniform(64 * n_in, 3, 0.0, 1.0);
+        let mut o = Observer::default();
+        o.observe(&x).unwrap();
+        let input = o.quantizer(Calibration::MinMax, 8).unwrap();
+        let l = Int8Linear::new(n_in, n_out, &w, Some(b.clone()), bits, input).unwrap();
+        (l, w, b, x)
+    }
+
+    /// Every path computes exactly the layer of the dequantized values (up to f32 rounding).
+    #[test]
+    fn equals_the_layer_of_its_dequantized_values_on_every_path() {
+        let (l, _, b, x) = layer(8);
+        let (n_in, n_out) = (784, 300);
+        let (codes, wq) = l.weights();
+        let input: Quantizer = l.input_quantizer();
+        let batch = 64;
+        let mut want = vec![0f64; batch * n_out];
+        for r in 0..batch {
+            for o in 0..n_out {
+                let mut acc = b[o] as f64;
+                for i in 0..n_in {
+                    let xh = input.round_trip(x[r * n_in + i]) as f64;
+                    let wh = wq[o].dequantize(codes[o * n_in + i] as i32) as f64;
+                    acc += xh * wh;
+                }
+                want[r * n_out + o] = acc;
+            }
+        }
+        for path in paths() {
+            let (l, ..) = layer(8);
+            let l = l.with_kernel(path);
+            let mut y = vec![f32::NAN; batch * n_out];
+            l.forward(&x, batch, &mut y);
+            for (i, (&g, &w)) in y.iter().zip(&want).enumerate() {
+                assert!(
+                    (g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{}: y[{i}] = {g}, dequantized reference {w}",
+                    path.name()
+                );
+            }
+        }
+    }
+
+    /// Against the float layer, 8-bit quantization costs well under 1% (RMS, relative).
+    #[test]
+    fn is_close_to_the_float_layer() {
+        for (bits, bound) in [(8, 0.01), (4, 0.15)] {
+            let (l, w, b, x) = layer(bits);
+            let (n_in, n_out, batch) = (784, 300, 64);
+            let mut y = vec![0f32; batch * n_out];
+            l.forward(&x, batch, &mut y);
+            let (mut err, mut norm) = (0f64, 0f64);
+            for r in 0..batch {
+                for o in 0..n_out {
+                    let mut f = b[o] as f64;
+                    for i in 0..n_in {
+                        f += x[r * n_in + i] as f64 * w[o * n_in + i] as f64;
+                    }
+                    err += (y[r * n_out + o] as f64 - f).powi(2);
+                    norm += f * f;
+                }
+            }
+            let rel = (err / norm).sqrt();
+            assert!(rel < bound, "{bits} bits: relative RMS error {rel}");
+        }
+        let (l, ..) = layer(8);
+        // One byte per weight, plus a scale per channel and the bias.
+        assert_eq!(l.weight_bytes(), 784 * 300 + 4 * 300 + 4 * 300);
+    }
+
+    #[test]
+    fn impossible_layers_are_refused() {
+        let q = Quantizer::asymmetric(0.0, 1.0, 8);
+        let w = vec![0.1; 6];
+        assert!(
+            Int8Linear::new(3, 2, &w, None, 1, q)
+                .unwrap_err()
+                .contains("bits")
+        );
+        assert!(Int8Linear::new(3, 2, &w, None, 9, q).is_err());
+        assert!(
+            Int8Linear::new(4, 2, &w, None, 8, q)
+                .unwrap_err()
+                .contains("weight")
+        );
+        assert!(Int8Linear::new(3, 2, &w, Some(vec![0.0]), 8, q).is_err());
+        let signed = Quantizer::symmetric(1.0, 8);
+        assert!(Int8Linear::new(3, 2, &w, None, 8, signed).is_err());
+        let big = vec![0.0; int8::MAX_K + 1];
+        assert!(
+            Int8Linear::new(int8::MAX_K + 1, 1, &big, None, 8, q)
+                .unwrap_err()
+                .contains("32 bits")
+        );
+    }
+}
