@@ -174,6 +174,17 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Single fully connected layers, convpress's f32 path against the int8 layer (8-bit
+    /// weights per channel, 8-bit inputs), interleaved, as medians.
+    Quant {
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 64])]
+        batch: Vec<usize>,
+        /// Seconds per layer and batch (both paths together).
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Training and inference images per second on synthetic data.
     Train {
         #[arg(long, value_enum, default_value = "lenet5")]
@@ -450,6 +461,11 @@ fn run_bench(
             batch,
             seconds,
         } => bench::compare_latency(&checkpoint, &batch, seconds, &device()?),
+        BenchCommand::Quant {
+            batch,
+            seconds,
+            json,
+        } => bench::compare_int8_layers(&batch, seconds, json),
         BenchCommand::Ops { seconds, json } => {
             crate::bench::check_bench_args(&[1], seconds)?;
             bench::print_ops(&device()?, seconds, json)

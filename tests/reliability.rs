@@ -1099,6 +1099,13 @@ fn cases() -> Vec<Case> {
             &["--out", "l5.cpz"],
         ),
         case(
+            "bench quant batch 0",
+            "bench quant --batch 0 --seconds 0.1",
+            none,
+            1,
+            &["--batch"],
+        ),
+        case(
             "prune with nothing to prune",
             "prune --checkpoint l5.safetensors --sparsity 0 --epochs 1 --data-dir data --run-dir r",
             none,

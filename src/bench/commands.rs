@@ -366,3 +366,63 @@ pub fn compare_model(path: &std::path::Path, cmp: &ModelComparison) -> anyhow::R
     }
     Ok(())
 }
+
+/// `convpress bench quant`: single fully connected layers, convpress's f32 path against the
+/// int8 layer (whole int8 models come with the int8 convolutions, issue #12).
+pub fn compare_int8_layers(batch: &[usize], seconds: f64, json: bool) -> anyhow::Result<()> {
+    check_bench_args(batch, seconds)?;
+    let layers = [
+        ("lenet5.fc1", 800, 500),
+        ("lenet300.fc1", 784, 300),
+        ("alexnet.fc7", 4096, 4096),
+    ];
+    for &b in batch {
+        crate::resources::check_memory(
+            &format!("a batch of {b} rows through a 4096x4096 layer"),
+            crate::resources::bytes_of(&[b, 4096 + 4096], 4),
+            "use a smaller --batch",
+        )?;
+    }
+    if !json {
+        println!(
+            "{:<14} {:>10} {:>5} {:>7} {:>7} {:>10} {:>10} {:>8} {:>10} {:>10}",
+            "layer",
+            "shape",
+            "batch",
+            "threads",
+            "int8",
+            "f32 us",
+            "int8 us",
+            "speedup",
+            "f32 B",
+            "int8 B"
+        );
+    }
+    for &(name, i, o) in &layers {
+        for &b in batch {
+            let r = super::measure_int8_linear(name, i, o, b, Duration::from_secs_f64(seconds))
+                .map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{:<14} {:>10} {:>5} {:>7} {:>7} {:>10.1} {:>10.1} {:>7.2}x {:>10} {:>10}",
+                    r.layer,
+                    format!("{i}x{o}"),
+                    r.batch,
+                    r.threads,
+                    r.kernel,
+                    r.f32_us,
+                    r.int8_us,
+                    r.speedup,
+                    r.f32_bytes,
+                    r.int8_bytes
+                );
+            }
+        }
+    }
+    if !json {
+        println!("(medians of 10 interleaved rounds; speedup: f32 time over int8 time)");
+    }
+    Ok(())
+}

@@ -616,3 +616,94 @@ pub fn measure_op(device: &Device, case: &OpCase, budget: Duration) -> OpMeasure
         forward_backward_ms: run(&device.clone().autodiff(), true),
     }
 }
+
+/// One layer, float against int8: Burn's dense `linear` on the flex backend (convpress's f32
+/// path) and [`crate::runtime::int8::Int8Linear`] (8-bit weights per channel, the input
+/// quantized per tensor inside the timing), same weights, batch and threads.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantMeasurement {
+    pub layer: String,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub batch: usize,
+    pub threads: usize,
+    pub kernel: String,
+    /// Medians over interleaved rounds, microseconds per call.
+    pub f32_us: f64,
+    pub int8_us: f64,
+    pub speedup: f64,
+    pub f32_bytes: usize,
+    pub int8_bytes: usize,
+}
+
+/// Times an `in_f` x `out_f` layer of random weights at `batch`, f32 and int8 alternately in
+/// `rounds` rounds of `budget / (2 rounds)` each; reports the medians.
+pub fn measure_int8_linear(
+    layer: &str,
+    in_f: usize,
+    out_f: usize,
+    batch: usize,
+    budget: Duration,
+) -> Result<QuantMeasurement, String> {
+    use crate::compress::quantize::{Calibration, Observer};
+    use crate::runtime::LinearKernel;
+    use crate::runtime::int8::Int8Linear;
+    use rand::{Rng, SeedableRng};
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    // Burn's layout [in, out] for the float layer; [out, in] for the int8 one.
+    let w_in_out: Vec<f32> = (0..in_f * out_f)
+        .map(|_| rng.random_range(-0.1f32..0.1))
+        .collect();
+    let mut w_out_in = vec![0f32; in_f * out_f];
+    for i in 0..in_f {
+        for o in 0..out_f {
+            w_out_in[o * in_f + i] = w_in_out[i * out_f + o];
+        }
+    }
+    let bias: Vec<f32> = (0..out_f).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+    // ReLU-like inputs, as a hidden layer sees.
+    let x: Vec<f32> = (0..batch * in_f)
+        .map(|_| rng.random_range(0.0f32..1.0))
+        .collect();
+    let mut observer = Observer::default();
+    observer.observe(&x)?;
+    let input = observer.quantizer(Calibration::MinMax, 8)?;
+    let int8 = Int8Linear::new(in_f, out_f, &w_out_in, Some(bias.clone()), 8, input)?;
+
+    let device = Device::flex();
+    let weight = Tensor::<2>::from_data(TensorData::new(w_in_out, [in_f, out_f]), &device);
+    let b = Tensor::<1>::from_data(TensorData::new(bias, [out_f]), &device);
+    let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [batch, in_f]), &device);
+    let mut y = vec![0f32; batch * out_f];
+    let rounds = 10;
+    let slice = budget / (2 * rounds);
+    let (mut f32_us, mut int8_us) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let (iters, secs) = time_loop(slice, || {
+            let y = burn::tensor::module::linear(xt.clone(), weight.clone(), Some(b.clone()));
+            let _: Vec<f32> = y.into_data().try_to_vec().expect("f32");
+        });
+        f32_us.push(1e6 * secs / iters as f64);
+        let (iters, secs) = time_loop(slice, || int8.forward(&x, batch, &mut y));
+        int8_us.push(1e6 * secs / iters as f64);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (f32_us, int8_us) = (median(&mut f32_us), median(&mut int8_us));
+    Ok(QuantMeasurement {
+        layer: layer.into(),
+        in_features: in_f,
+        out_features: out_f,
+        batch,
+        threads: rayon::current_num_threads(),
+        kernel: crate::kernels::int8::best().name().into(),
+        f32_us,
+        int8_us,
+        speedup: f32_us / int8_us,
+        f32_bytes: 4 * (in_f * out_f + out_f),
+        int8_bytes: int8.weight_bytes(),
+    })
+}
