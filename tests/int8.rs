@@ -109,6 +109,11 @@ int8_gemm_conformance!(
     int8::Avx2::new().map(|k| Box::new(k) as Box<dyn Int8Gemm>)
 );
 
+int8_gemm_conformance!(
+    avx2_blocked,
+    int8::Avx2Blocked::new().map(|k| Box::new(k) as Box<dyn Int8Gemm>)
+);
+
 #[test]
 fn best_is_one_of_the_available_paths() {
     let names: Vec<&str> = int8::available().iter().map(|k| k.name()).collect();

@@ -406,7 +406,7 @@ pub fn compare_int8_layers(batch: &[usize], seconds: f64, json: bool) -> anyhow:
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{:<14} {:>10} {:>5} {:>7} {:>7} {:>10.1} {:>10.1} {:>7.2}x {:>10} {:>10}",
+                    "{:<14} {:>10} {:>5} {:>7} {:>12} {:>10.1} {:>10.1} {:>7.2}x {:>10} {:>10}",
                     r.layer,
                     format!("{i}x{o}"),
                     r.batch,

@@ -699,7 +699,7 @@ pub fn measure_int8_linear(
         out_features: out_f,
         batch,
         threads: rayon::current_num_threads(),
-        kernel: crate::kernels::int8::best().name().into(),
+        kernel: int8.kernel_name(batch).into(),
         f32_us,
         int8_us,
         speedup: f32_us / int8_us,

@@ -188,6 +188,69 @@ mod avx2 {
         }
     }
 
+    /// `out = a · bᵀ` for up to `ROWS` rows: `a2` holds the rows' pairs (`rows × b.pairs`),
+    /// `out` is `rows × b.n`. Full blocks of `ROWS` rows run the unrolled kernel; the rows
+    /// left over run it one at a time.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn blocked(a2: &[i32], rows: usize, b: &super::PackedB, out: &mut [i32]) {
+        use super::ROWS;
+        if rows == ROWS {
+            // SAFETY: forwarded from the caller.
+            unsafe { block::<ROWS>(a2, b, out) };
+        } else {
+            let (n, pairs) = (b.n, b.pairs);
+            for r in 0..rows {
+                // SAFETY: as above.
+                unsafe {
+                    block::<1>(
+                        &a2[r * pairs..(r + 1) * pairs],
+                        b,
+                        &mut out[r * n..(r + 1) * n],
+                    )
+                };
+            }
+        }
+    }
+
+    /// `R` rows against every panel; `R` is a constant so that the `2 R` accumulators live in
+    /// registers.
+    #[target_feature(enable = "avx2")]
+    unsafe fn block<const R: usize>(a2: &[i32], b: &super::PackedB, out: &mut [i32]) {
+        use super::PANEL;
+        let (n, pairs) = (b.n, b.pairs);
+        assert!(a2.len() == R * pairs && out.len() == R * n);
+        assert!(b.data.len() >= n.div_ceil(PANEL) * pairs * PANEL * 2);
+        for p in 0..n.div_ceil(PANEL) {
+            let mut acc = [[_mm256_setzero_si256(); 2]; R];
+            // SAFETY: the asserts above bound every offset: panel p holds `pairs` steps of
+            // 2 * PANEL i16 (two 256-bit loads), and row r's pairs are `a2[r * pairs..]`.
+            unsafe {
+                let panel = b.data.as_ptr().add(p * pairs * PANEL * 2);
+                for q in 0..pairs {
+                    let ptr = panel.add(q * PANEL * 2);
+                    let b0 = _mm256_loadu_si256(ptr.cast());
+                    let b1 = _mm256_loadu_si256(ptr.add(16).cast());
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let av = _mm256_set1_epi32(*a2.get_unchecked(r * pairs + q));
+                        acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(av, b0));
+                        acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(av, b1));
+                    }
+                }
+            }
+            let first = p * PANEL;
+            let width = PANEL.min(n - first);
+            for (r, acc) in acc.iter().enumerate() {
+                let mut lanes = [0i32; PANEL];
+                // SAFETY: `lanes` holds 16 i32, two 256-bit stores.
+                unsafe {
+                    _mm256_storeu_si256(lanes.as_mut_ptr().cast(), acc[0]);
+                    _mm256_storeu_si256(lanes.as_mut_ptr().add(8).cast(), acc[1]);
+                }
+                out[r * n + first..r * n + first + width].copy_from_slice(&lanes[..width]);
+            }
+        }
+    }
+
     /// The sum of the eight 32-bit lanes.
     #[target_feature(enable = "avx2")]
     fn hsum(v: __m256i) -> i32 {
@@ -203,10 +266,139 @@ mod avx2 {
     }
 }
 
+/// Weights packed for [`Avx2Blocked`]: panels of 16 output channels; within a panel, for each
+/// pair of reduction steps `(2q, 2q + 1)`, the 16 channels' two values widened to `i16`, in the
+/// order `vpmaddwd` pairs them (channel 0's two, channel 1's two, ...). Channels past `n` and a
+/// last odd step are zero. Packed once per layer, since weights do not change.
+#[derive(Debug, Clone)]
+pub struct PackedB {
+    n: usize,
+    k: usize,
+    /// Pairs of reduction steps: `ceil(k / 2)`.
+    pairs: usize,
+    data: Vec<i16>,
+}
+
+/// Output channels per panel of [`PackedB`] (two 256-bit registers of eight i32 sums).
+const PANEL: usize = 16;
+/// Rows of `a` per block of the blocked kernel: 4 rows × 2 registers = 8 accumulators.
+const ROWS: usize = 4;
+
+impl PackedB {
+    /// Packs `b` (`[n, k]` row-major).
+    pub fn new(n: usize, k: usize, b: &[i8]) -> PackedB {
+        assert_eq!(b.len(), n * k, "int8 pack: b is not [n, k]");
+        let pairs = k.div_ceil(2);
+        let panels = n.div_ceil(PANEL);
+        let mut data = vec![0i16; panels * pairs * PANEL * 2];
+        for p in 0..panels {
+            for q in 0..pairs {
+                let base = (p * pairs + q) * PANEL * 2;
+                for c in 0..PANEL {
+                    let ch = p * PANEL + c;
+                    if ch >= n {
+                        continue;
+                    }
+                    for t in 0..2 {
+                        let step = 2 * q + t;
+                        if step < k {
+                            data[base + 2 * c + t] = b[ch * k + step] as i16;
+                        }
+                    }
+                }
+            }
+        }
+        PackedB { n, k, pairs, data }
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+}
+
+/// AVX2, register-blocked: 4 rows of `a` against 16 output channels at a time, each pair of `a`
+/// values broadcast and multiplied by `vpmaddwd` against the packed weights (exact, like
+/// [`Avx2`]), 16 products per instruction with every load reused four or sixteen times. For
+/// batches of at least 4 rows; [`Int8Gemm::gemm`] packs `b` on every call, so a layer keeps a
+/// [`PackedB`] and calls [`Avx2Blocked::gemm_packed`].
+#[derive(Debug, Clone, Copy)]
+pub struct Avx2Blocked {
+    _private: (),
+}
+
+impl Avx2Blocked {
+    /// The blocked AVX2 path, if this CPU has AVX2.
+    pub fn new() -> Option<Avx2Blocked> {
+        Avx2::new().map(|_| Avx2Blocked { _private: () })
+    }
+
+    /// `c = a · bᵀ` with `b` packed.
+    pub fn gemm_packed(&self, m: usize, b: &PackedB, a: &[u8], c: &mut [i32]) {
+        let (n, k) = (b.n, b.k);
+        assert!(
+            k <= MAX_K,
+            "int8 gemm: k = {k} could overflow i32 (at most {MAX_K})"
+        );
+        assert_eq!(a.len(), m * k, "int8 gemm: a is not [m, k]");
+        assert_eq!(c.len(), m * n, "int8 gemm: c is not [m, n]");
+        if m == 0 || n == 0 {
+            return;
+        }
+        // Pairs of `a` as the i32 that `vpmaddwd` reads as two i16: (a[2q], a[2q + 1]).
+        let pairs = b.pairs;
+        let mut a2 = vec![0i32; m * pairs];
+        for i in 0..m {
+            for q in 0..pairs {
+                let lo = a[i * k + 2 * q] as i32;
+                let hi = if 2 * q + 1 < k {
+                    a[i * k + 2 * q + 1] as i32
+                } else {
+                    0
+                };
+                a2[i * pairs + q] = lo | (hi << 16);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            use rayon::prelude::*;
+            let run = |(block, out): (usize, &mut [i32])| {
+                let rows = out.len() / n;
+                let a2 = &a2[block * ROWS * pairs..(block * ROWS + rows) * pairs];
+                // SAFETY: an `Avx2Blocked` exists only where the CPU has AVX2; the slices have
+                // the lengths asserted above.
+                unsafe { avx2::blocked(a2, rows, b, out) }
+            };
+            if m * n * k >= 1 << 18 && m > ROWS {
+                c.par_chunks_mut(ROWS * n).enumerate().for_each(run);
+            } else {
+                c.chunks_mut(ROWS * n).enumerate().for_each(run);
+            }
+        }
+    }
+}
+
+impl Int8Gemm for Avx2Blocked {
+    fn name(&self) -> &'static str {
+        "avx2-blocked"
+    }
+
+    fn gemm(&self, m: usize, n: usize, k: usize, a: &[u8], b: &[i8], c: &mut [i32]) {
+        check_shapes(m, n, k, a, b, c);
+        self.gemm_packed(m, &PackedB::new(n, k, b), a, c);
+    }
+}
+
 /// Every path this machine can run, the reference first.
 pub fn available() -> Vec<Box<dyn Int8Gemm>> {
     let mut out: Vec<Box<dyn Int8Gemm>> = vec![Box::new(Reference), Box::new(Portable)];
     if let Some(k) = Avx2::new() {
+        out.push(Box::new(k));
+    }
+    if let Some(k) = Avx2Blocked::new() {
         out.push(Box::new(k));
     }
     out

@@ -20,11 +20,25 @@ pub struct Int8Linear {
     /// `[out, in]` codes.
     weight: Vec<i8>,
     weight_q: Vec<Quantizer>,
-    /// `Σ_k q_w[o][k]` per output channel.
-    row_sums: Vec<i32>,
+    /// `z_x · Σ_k q_w[o][k]` per output channel: the zero point's share of each sum.
+    zero_sums: Vec<i64>,
+    /// `s_x · s_w[o]` per output channel.
+    scales: Vec<f32>,
     bias: Option<Vec<f32>>,
     input: Quantizer,
-    kernel: &'static dyn Int8Gemm,
+    kernel: Kernel,
+}
+
+/// Which int8 path runs the product.
+enum Kernel {
+    /// One path for every batch (tests force each one).
+    Fixed(&'static dyn Int8Gemm),
+    /// The best row-by-row path for batches below 4 rows (a matrix-vector product reads each
+    /// weight once either way), the register-blocked AVX2 kernel on packed weights above.
+    Auto {
+        rows: &'static dyn Int8Gemm,
+        blocked: Option<(int8::Avx2Blocked, int8::PackedB)>,
+    },
 }
 
 impl Int8Linear {
@@ -58,31 +72,50 @@ impl Int8Linear {
             return Err("bias length differs from the output features".into());
         }
         let (weight_q, weight) = quantize_per_channel(weight, out_features, bits);
-        let row_sums = weight
+        let zero_sums = weight
             .chunks_exact(in_features.max(1))
-            .map(|r| r.iter().map(|&v| v as i32).sum())
+            .map(|r| input.zero_point as i64 * r.iter().map(|&v| v as i64).sum::<i64>())
             .collect();
+        let scales = weight_q.iter().map(|q| input.scale * q.scale).collect();
+        let blocked = int8::Avx2Blocked::new()
+            .map(|k| (k, int8::PackedB::new(out_features, in_features, &weight)));
         Ok(Int8Linear {
             in_features,
             out_features,
             weight,
             weight_q,
-            row_sums,
+            zero_sums,
+            scales,
             bias,
             input,
-            kernel: int8::best(),
+            kernel: Kernel::Auto {
+                rows: int8::best(),
+                blocked,
+            },
         })
     }
 
     /// The same layer on another int8 path (tests force each one).
     pub fn with_kernel(mut self, kernel: &'static dyn Int8Gemm) -> Self {
-        self.kernel = kernel;
+        self.kernel = Kernel::Fixed(kernel);
         self
     }
 
     /// The weight codes (`[out, in]`) and their per-channel quantizers.
     pub fn weights(&self) -> (&[i8], &[Quantizer]) {
         (&self.weight, &self.weight_q)
+    }
+
+    /// The path that runs a batch of `batch` rows.
+    pub fn kernel_name(&self, batch: usize) -> &'static str {
+        match &self.kernel {
+            Kernel::Fixed(k) => k.name(),
+            Kernel::Auto {
+                blocked: Some((k, _)),
+                ..
+            } if batch >= 4 => k.name(),
+            Kernel::Auto { rows, .. } => rows.name(),
+        }
     }
 
     /// The input quantizer.
@@ -97,7 +130,7 @@ impl std::fmt::Debug for Int8Linear {
             .field("in_features", &self.in_features)
             .field("out_features", &self.out_features)
             .field("input", &self.input)
-            .field("kernel", &self.kernel.name())
+            .field("kernel", &self.kernel_name(64))
             .finish_non_exhaustive()
     }
 }
@@ -113,17 +146,22 @@ impl LinearKernel for Int8Linear {
         let (n_in, n_out) = (self.in_features, self.out_features);
         assert_eq!(x.len(), batch * n_in);
         assert_eq!(y.len(), batch * n_out);
-        let codes: Vec<u8> = x.iter().map(|&v| self.input.quantize(v) as u8).collect();
+        let codes: Vec<u8> = x.iter().map(|&v| self.input.quantize_u8(v)).collect();
         let mut acc = vec![0i32; batch * n_out];
-        self.kernel
-            .gemm(batch, n_out, n_in, &codes, &self.weight, &mut acc);
-        let z = self.input.zero_point;
+        match &self.kernel {
+            Kernel::Fixed(k) => k.gemm(batch, n_out, n_in, &codes, &self.weight, &mut acc),
+            Kernel::Auto {
+                blocked: Some((k, packed)),
+                ..
+            } if batch >= 4 => k.gemm_packed(batch, packed, &codes, &mut acc),
+            Kernel::Auto { rows, .. } => {
+                rows.gemm(batch, n_out, n_in, &codes, &self.weight, &mut acc)
+            }
+        }
         for (acc_row, y_row) in acc.chunks_exact(n_out).zip(y.chunks_exact_mut(n_out)) {
             for (o, (&a, out)) in acc_row.iter().zip(y_row.iter_mut()).enumerate() {
-                let exact = a as i64 - z as i64 * self.row_sums[o] as i64;
-                let scale = self.input.scale * self.weight_q[o].scale;
-                *out =
-                    (exact as f64 * scale as f64) as f32 + self.bias.as_ref().map_or(0.0, |b| b[o]);
+                let exact = a as i64 - self.zero_sums[o];
+                *out = exact as f32 * self.scales[o] + self.bias.as_ref().map_or(0.0, |b| b[o]);
             }
         }
     }
