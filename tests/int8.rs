@@ -247,3 +247,47 @@ mod linear {
         );
     }
 }
+
+/// The vector rounding of a layer's input gives the same bytes as the scalar quantizer, for
+/// ordinary values, ties, values beyond the range, infinities and NaN.
+#[test]
+fn input_quantization_matches_the_scalar_quantizer() {
+    use convpress::compress::quantize::Quantizer;
+    let q = Quantizer::asymmetric(-1.5, 4.0, 8);
+    let mut x: Vec<f32> = bytes(1000, 4)
+        .iter()
+        .zip(bytes(1000, 5))
+        .map(|(&a, b)| (a as f32 - 100.0) / 37.0 + b as f32 / 4096.0)
+        .collect();
+    // Exact ties and the special values, spread across vector and scalar positions.
+    for (i, v) in [
+        0.0,
+        q.scale * 0.5,
+        -q.scale * 0.5,
+        1e30,
+        -1e30,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -0.0,
+        4.0,
+        -1.5,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        x[i * 97] = v;
+        x[999 - i] = v;
+    }
+    let mut got = vec![0u8; x.len()];
+    int8::quantize_u8(
+        &x,
+        q.scale,
+        q.zero_point as f32 + 0.5,
+        q.lo as f32,
+        q.hi as f32 + 0.49,
+        &mut got,
+    );
+    let want: Vec<u8> = x.iter().map(|&v| q.quantize_u8(v)).collect();
+    assert_eq!(got, want);
+}

@@ -251,6 +251,35 @@ mod avx2 {
         }
     }
 
+    /// [`super::quantize_u8`] on a multiple of 32 values.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn quantize(x: &[f32], scale: f32, offset: f32, lo: f32, hi: f32, out: &mut [u8]) {
+        debug_assert!(x.len() % 32 == 0 && out.len() == x.len());
+        let (s, o, l, h) = (
+            _mm256_set1_ps(scale),
+            _mm256_set1_ps(offset),
+            _mm256_set1_ps(lo),
+            _mm256_set1_ps(hi),
+        );
+        // After the two in-lane packs the 32-bit groups are in the order 0 2 4 6 1 3 5 7.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (xs, os) in x.chunks_exact(32).zip(out.chunks_exact_mut(32)) {
+            let mut v = [_mm256_setzero_si256(); 4];
+            for (j, v) in v.iter_mut().enumerate() {
+                // SAFETY: each chunk holds 32 floats: four loads of eight.
+                let f = unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * j)) };
+                // max(x, lo) gives lo for a NaN x, as `f32::max` does.
+                let t = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(_mm256_div_ps(f, s), o), l), h);
+                *v = _mm256_cvttps_epi32(t);
+            }
+            let p01 = _mm256_packs_epi32(v[0], v[1]);
+            let p23 = _mm256_packs_epi32(v[2], v[3]);
+            let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(p01, p23), order);
+            // SAFETY: 32 bytes out.
+            unsafe { _mm256_storeu_si256(os.as_mut_ptr().cast(), bytes) };
+        }
+    }
+
     /// The sum of the eight 32-bit lanes.
     #[target_feature(enable = "avx2")]
     fn hsum(v: __m256i) -> i32 {
@@ -390,6 +419,32 @@ impl Int8Gemm for Avx2Blocked {
         check_shapes(m, n, k, a, b, c);
         self.gemm_packed(m, &PackedB::new(n, k, b), a, c);
     }
+}
+
+/// `out[i] = trunc(min(max(x[i] / scale + offset, lo), hi))` as `u8`: the rounding of
+/// `compress::quantize::Quantizer::quantize_u8` over a whole input (`offset` = zero point +
+/// 0.5, `lo` ≥ 0, `hi` < 256), eight values per AVX2 instruction where the CPU has it and the
+/// same scalar steps elsewhere: both give the same bytes (IEEE division and addition, NaN to
+/// `lo` by the order of `max` and `min`, truncation).
+pub fn quantize_u8(x: &[f32], scale: f32, offset: f32, lo: f32, hi: f32, out: &mut [u8]) {
+    assert_eq!(x.len(), out.len(), "int8 quantize: lengths differ");
+    assert!(lo >= 0.0 && hi < 256.0, "int8 quantize: range outside u8");
+    let scalar = |x: &[f32], out: &mut [u8]| {
+        for (o, &v) in out.iter_mut().zip(x) {
+            let t = (v / scale + offset).max(lo).min(hi);
+            // SAFETY: `t` is in [lo, hi] within [0, 256): an exact i32.
+            *o = unsafe { t.to_int_unchecked::<i32>() } as u8;
+        }
+    };
+    #[cfg(target_arch = "x86_64")]
+    if Avx2::new().is_some() {
+        let whole = x.len() / 32 * 32;
+        // SAFETY: AVX2 is present; the vector loop reads and writes `whole` elements.
+        unsafe { avx2::quantize(&x[..whole], scale, offset, lo, hi, &mut out[..whole]) };
+        scalar(&x[whole..], &mut out[whole..]);
+        return;
+    }
+    scalar(x, out);
 }
 
 /// Every path this machine can run, the reference first.
