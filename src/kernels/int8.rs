@@ -254,7 +254,7 @@ mod avx2 {
     /// [`super::quantize_u8`] on a multiple of 32 values.
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize(x: &[f32], scale: f32, offset: f32, lo: f32, hi: f32, out: &mut [u8]) {
-        debug_assert!(x.len() % 32 == 0 && out.len() == x.len());
+        debug_assert!(x.len().is_multiple_of(32) && out.len() == x.len());
         let (s, o, l, h) = (
             _mm256_set1_ps(scale),
             _mm256_set1_ps(offset),
