@@ -4,6 +4,8 @@
 //! -128, where `vpmaddubsw` would saturate), and at the longest reduction that fits in i32.
 //! A path this machine cannot run says so and passes.
 
+mod common;
+
 use convpress::kernels::int8::{self, Int8Gemm, MAX_K, Reference};
 
 /// Deterministic bytes.
@@ -127,17 +129,7 @@ mod linear {
     use convpress::runtime::LinearKernel;
     use convpress::runtime::int8::Int8Linear;
 
-    fn uniform(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
-            })
-            .collect()
-    }
+    use super::common::uniform;
 
     fn paths() -> Vec<&'static dyn Int8Gemm> {
         int8::available()
