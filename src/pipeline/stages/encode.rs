@@ -152,14 +152,14 @@ pub fn command(
     finetune: Option<super::finetune::FinetuneParams>,
     cx: Context,
 ) -> anyhow::Result<()> {
+    use super::finetune::Finetune;
+    use super::share::{Share, check_bits};
+    use crate::run_folder::{Reuse, RunFolder, claim_output};
     let Outputs {
         out,
         run_dir,
         force,
     } = outputs;
-    use super::finetune::Finetune;
-    use super::share::{Share, check_bits};
-    use crate::run_folder::{Reuse, RunFolder, claim_output};
     // Impossible settings are refused before the checkpoint is read.
     for (flag, v) in [
         ("--conv-bits", share.conv_bits),
