@@ -384,13 +384,18 @@ fn bad_checkpoints_are_refused_clearly() {
     assert!(e.contains("nope.safetensors"), "{e}");
 }
 
-/// Small checkpoints for the checkpoint fuzzer's seeds (`fuzz/seeds-checkpoint/`): a linear
-/// model, a conv + batch norm model and a residual block. Each must read back; parameter ids
-/// are random, so the files are only rewritten with `CONVPRESS_WRITE_SEEDS=1`.
+/// Small checkpoints for the checkpoint fuzzer's seeds: a linear model, a conv + batch norm
+/// model and a residual block, each of which must read back. Checkpoints are never committed,
+/// so `CONVPRESS_WRITE_SEEDS=1` writes them into `fuzz/seeds-checkpoint/` before fuzzing;
+/// otherwise they go to a temporary folder.
 #[test]
 fn checkpoint_fuzz_seeds_read_back() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds-checkpoint");
-    let write = std::env::var_os("CONVPRESS_WRITE_SEEDS").is_some();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = if std::env::var_os("CONVPRESS_WRITE_SEEDS").is_some() {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds-checkpoint")
+    } else {
+        tmp.path().to_path_buf()
+    };
     let conv = |i, o| LayerSpec::Conv2d {
         in_channels: i,
         out_channels: o,
@@ -448,15 +453,13 @@ fn checkpoint_fuzz_seeds_read_back() {
     let device = Device::flex();
     for (name, arch) in seeds {
         let file = dir.join(format!("{name}.safetensors"));
-        if write {
-            std::fs::create_dir_all(&dir).unwrap();
-            let net = Network::seeded(&arch, &device, 1).unwrap();
-            let mut meta = meta();
-            let channels = arch.input[0];
-            meta.preprocess.mean = vec![0.1; channels];
-            meta.preprocess.std = vec![0.3; channels];
-            checkpoint::save(&file, &net, &meta).unwrap();
-        }
+        std::fs::create_dir_all(&dir).unwrap();
+        let net = Network::seeded(&arch, &device, 1).unwrap();
+        let mut meta = meta();
+        let channels = arch.input[0];
+        meta.preprocess.mean = vec![0.1; channels];
+        meta.preprocess.std = vec![0.3; channels];
+        checkpoint::save(&file, &net, &meta).unwrap();
         let loaded = checkpoint::read(&file).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(loaded.arch, arch, "{name}");
         assert!(std::fs::metadata(&file).unwrap().len() < 4096, "{name}");
