@@ -7,13 +7,7 @@ use std::path::{Path, PathBuf};
 /// Writes a file through a temporary sibling and a rename, so a reader never sees half of it.
 /// Its error names `path` (the OS error alone names nothing).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = tmp_sibling(path);
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            std::io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display()))
-        })
+    write_new(path, bytes, true)
 }
 
 /// `dir/.name.tmp-<pid>-<n>`: a temporary path on the same file system as `path`, unique

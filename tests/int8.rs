@@ -10,14 +10,9 @@ use convpress::kernels::int8::{self, Int8Gemm, MAX_K, Reference};
 
 /// Deterministic bytes.
 fn bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 56) as u8
-        })
+    common::uniform(n, seed, 0.0, 256.0)
+        .into_iter()
+        .map(|v| v as u8)
         .collect()
 }
 
@@ -272,14 +267,7 @@ fn input_quantization_matches_the_scalar_quantizer() {
         x[999 - i] = v;
     }
     let mut got = vec![0u8; x.len()];
-    int8::quantize_u8(
-        &x,
-        q.scale,
-        q.zero_point as f32 + 0.5,
-        q.lo as f32,
-        q.hi as f32 + 0.49,
-        &mut got,
-    );
+    q.quantize_u8_slice(&x, &mut got);
     let want: Vec<u8> = x.iter().map(|&v| q.quantize_u8(v)).collect();
     assert_eq!(got, want);
 }

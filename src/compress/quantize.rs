@@ -73,14 +73,29 @@ impl Quantizer {
     /// truncating rounds it (`f32::round` is a library call on baseline x86-64, without
     /// SSE4.1). The code is the same as `quantize`'s but for exact negative ties.
     pub fn quantize_u8(&self, x: f32) -> u8 {
-        debug_assert!(self.lo >= 0 && self.hi <= 255);
-        // `max` then `min` (not `clamp`): a NaN comes out as `lo`, never as NaN.
-        let t = (x / self.scale + (self.zero_point as f32 + 0.5))
-            .max(self.lo as f32)
-            .min(self.hi as f32 + 0.49);
-        // SAFETY: `t` is finite and in [0, 255.49], so it converts to an i32 exactly (the
-        // unchecked conversion is one vectorisable instruction; `as` adds saturation checks).
-        unsafe { t.to_int_unchecked::<i32>() as u8 }
+        let (offset, lo, hi) = self.u8_rounding();
+        crate::kernels::int8::round_u8(x, self.scale, offset, lo, hi)
+    }
+
+    /// [`Quantizer::quantize_u8`] over a whole input, on the vector path where the CPU has one
+    /// (`kernels::int8::quantize_u8`); the same bytes.
+    pub fn quantize_u8_slice(&self, x: &[f32], out: &mut [u8]) {
+        let (offset, lo, hi) = self.u8_rounding();
+        crate::kernels::int8::quantize_u8(x, self.scale, offset, lo, hi, out);
+    }
+
+    /// The offset and bounds of the unsigned rounding: `+ 0.5` then truncation rounds, and the
+    /// upper bound stays below `hi + 0.5` so it truncates to `hi`.
+    fn u8_rounding(&self) -> (f32, f32, f32) {
+        assert!(
+            self.lo >= 0 && self.hi <= 255,
+            "an unsigned 8-bit quantizer is needed"
+        );
+        (
+            self.zero_point as f32 + 0.5,
+            self.lo as f32,
+            self.hi as f32 + 0.49,
+        )
     }
 
     pub fn dequantize(&self, q: i32) -> f32 {

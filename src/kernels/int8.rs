@@ -421,6 +421,16 @@ impl Int8Gemm for Avx2Blocked {
     }
 }
 
+/// One value of [`quantize_u8`]: `trunc(min(max(x / scale + offset, lo), hi))`. `max` comes
+/// before `min` so that a NaN comes out as `lo`; `lo` ≥ 0 and `hi` < 256 are the caller's.
+#[inline]
+pub fn round_u8(x: f32, scale: f32, offset: f32, lo: f32, hi: f32) -> u8 {
+    let t = (x / scale + offset).max(lo).min(hi);
+    // SAFETY: `t` is in [lo, hi] within [0, 256): finite, and an exact i32 (the unchecked
+    // conversion is one vectorisable instruction; `as` adds saturation checks).
+    unsafe { t.to_int_unchecked::<i32>() as u8 }
+}
+
 /// `out[i] = trunc(min(max(x[i] / scale + offset, lo), hi))` as `u8`: the rounding of
 /// `compress::quantize::Quantizer::quantize_u8` over a whole input (`offset` = zero point +
 /// 0.5, `lo` ≥ 0, `hi` < 256), eight values per AVX2 instruction where the CPU has it and the
@@ -431,9 +441,7 @@ pub fn quantize_u8(x: &[f32], scale: f32, offset: f32, lo: f32, hi: f32, out: &m
     assert!(lo >= 0.0 && hi < 256.0, "int8 quantize: range outside u8");
     let scalar = |x: &[f32], out: &mut [u8]| {
         for (o, &v) in out.iter_mut().zip(x) {
-            let t = (v / scale + offset).max(lo).min(hi);
-            // SAFETY: `t` is in [lo, hi] within [0, 256): an exact i32.
-            *o = unsafe { t.to_int_unchecked::<i32>() } as u8;
+            *o = round_u8(v, scale, offset, lo, hi);
         }
     };
     #[cfg(target_arch = "x86_64")]

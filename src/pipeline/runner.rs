@@ -112,10 +112,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, cx: &Context) -> anyhow::Result<R
     let want = resolved(recipe, opts, cx);
     let inputs: Vec<&Path> = opts.from.iter().map(PathBuf::as_path).collect();
     let reuse = Reuse::from_flags(opts.resume, opts.force);
-    let _folder = RunFolder::open(run_dir, reuse, "--run-dir", true, &inputs)?;
+    let folder = RunFolder::open(run_dir, reuse, "--run-dir", true, &inputs)?;
     // Stage folders (and so the files that stage records name) are absolute: a resume from
     // another working directory finds them.
-    let stages_root = _folder.path().to_path_buf();
+    let stages_root = folder.path().to_path_buf();
     if opts.resume {
         if !resolved_path.is_file() {
             bail!("cannot resume: {} holds no recipe run", run_dir.display());

@@ -57,17 +57,14 @@ pub fn label(rc: &RescaleConfig) -> String {
 }
 
 /// Runs the baseline (`config` as it is) and every rescaled schedule of `schedules` for every
-/// seed, in `options.run_dir/baseline-seed<N>` and `rescaled-<label>-seed<N>`.
+/// seed, in `options.run_dir/baseline-seed<N>` and `rescaled-<label>-seed<N>`. Every schedule
+/// must have passed `phases::plan` (the command plans them before it takes the folder).
 pub fn compare(
     config: &TrainConfig,
     schedules: &[RescaleConfig],
     seeds: &[u64],
     options: &TrainOptions,
 ) -> anyhow::Result<Vec<SeedResult>> {
-    // Every schedule must be able to run before hours of baseline training.
-    for rc in schedules {
-        super::phases::plan(config, rc)?;
-    }
     let mut results = Vec::new();
     for &seed in seeds {
         let mut c = config.clone();
@@ -237,11 +234,11 @@ pub fn command(args: &CompareArgs, device: burn::prelude::Device) -> anyhow::Res
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(format!("rescale-{}", args.model.name())));
-    // Every schedule must be able to run, on data that is there, before --out is touched.
+    // Every schedule must be able to run, on data that is there (each plan reads it), before
+    // --out is touched and hours of baseline training start.
     for rc in &schedules {
         super::phases::plan(&config, rc)?;
     }
-    crate::train::prepare(&config)?;
     for (flag, n, unique) in [
         ("--seeds", args.seeds.len(), {
             let mut v = args.seeds.clone();

@@ -146,16 +146,8 @@ impl LinearKernel for Int8Linear {
         let (n_in, n_out) = (self.in_features, self.out_features);
         assert_eq!(x.len(), batch * n_in);
         assert_eq!(y.len(), batch * n_out);
-        let q = &self.input;
         let mut codes = vec![0u8; x.len()];
-        int8::quantize_u8(
-            x,
-            q.scale,
-            q.zero_point as f32 + 0.5,
-            q.lo as f32,
-            q.hi as f32 + 0.49,
-            &mut codes,
-        );
+        self.input.quantize_u8_slice(x, &mut codes);
         let mut acc = vec![0i32; batch * n_out];
         match &self.kernel {
             Kernel::Fixed(k) => k.gemm(batch, n_out, n_in, &codes, &self.weight, &mut acc),

@@ -194,16 +194,18 @@ pub fn command(
         crate::pipeline::measure::test_set(&source, &cx.data_dir_for(source.meta()), None)?;
     }
     let work = run_dir.unwrap_or_else(|| out.with_extension("finetune"));
-    let _work = match &finetune {
-        Some(_) => Some(RunFolder::open(
-            &work,
-            Reuse::from_flags(false, force),
-            "--run-dir",
-            false,
-            &[checkpoint],
-        )?),
-        None => None,
-    };
+    let _work = finetune
+        .as_ref()
+        .map(|_| {
+            RunFolder::open(
+                &work,
+                Reuse::from_flags(false, force),
+                "--run-dir",
+                false,
+                &[checkpoint],
+            )
+        })
+        .transpose()?;
     // Without fine-tuning the shared model is only a step on the way: it goes to a scratch
     // folder that is removed at the end.
     let scratch = std::env::temp_dir().join(format!("convpress-encode-{}", std::process::id()));
