@@ -364,6 +364,9 @@ pub struct Loaded {
     pub arch: Arch,
     pub meta: ModelMeta,
     pub tensors: Tensors,
+    /// For a quantized model (a version-2 `.cpz`): how each quantized layer's weights and input
+    /// are quantized; its tensors hold the dequantized weights, `code · scale`.
+    pub quant: Option<crate::compress::quantize::QuantSpec>,
 }
 
 impl Loaded {
@@ -428,7 +431,10 @@ impl Loaded {
         }
         if problems.is_empty() {
             if damaged.is_empty() {
-                return Ok(());
+                return match &self.quant {
+                    Some(q) => q.check(&self.arch, |name| floats(&self.tensors, name)),
+                    None => Ok(()),
+                };
             }
             return Err(format!(
                 "the weights are damaged: {}; use another copy of the model, or retrain it",
@@ -547,6 +553,7 @@ fn parse_safetensors(bytes: &[u8]) -> Result<Loaded, String> {
         arch,
         meta,
         tensors,
+        quant: None,
     })
 }
 

@@ -98,6 +98,10 @@ pub enum Command {
     /// Write a compressed model file: k-means weight sharing of every conv and linear weight,
     /// sparse relative indices and Huffman coding (Deep Compression's last two stages).
     Encode(EncodeArgs),
+    /// Post-training quantization: batch norms folded, activations calibrated on training
+    /// images, weights per output channel at --bits bits; writes a .cpz that eval runs on the
+    /// int8 kernels, and prints the accuracy before and after.
+    Quantize(QuantizeArgs),
     /// Throughput benchmarks.
     Bench {
         #[command(subcommand)]
@@ -179,11 +183,18 @@ pub enum BenchCommand {
     Quant {
         #[arg(long, value_delimiter = ',', default_values_t = [1, 64])]
         batch: Vec<usize>,
-        /// Seconds per layer and batch (both paths together).
+        /// Seconds per layer (or model) and batch (both paths together).
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
         #[arg(long)]
         json: bool,
+        /// A quantized model (`convpress quantize`): the whole model on the int8 runtime
+        /// against the float one, instead of single layers.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// The float model to compare with (default: the quantized file's weights in float).
+        #[arg(long, requires = "checkpoint")]
+        float: Option<PathBuf>,
     },
     /// Training and inference images per second on synthetic data.
     Train {
@@ -339,6 +350,27 @@ pub struct EncodeArgs {
     pub data_dir: Option<PathBuf>,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct QuantizeArgs {
+    /// The float model to quantize (a checkpoint, or a pruned one).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Output file (default: the checkpoint's name with .q<bits>.cpz). Never the checkpoint.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub params: crate::pipeline::stages::quantize::QuantizeParams,
+    /// Dataset folder (default: the one the checkpoint was trained on).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    pub test_limit: Option<usize>,
+}
+
 /// `layers.2=0.9` as a layer path and a sparsity (range checked later, with the layers).
 fn parse_layer_sparsity(s: &str) -> Result<(String, f64), String> {
     let (layer, v) = s
@@ -423,6 +455,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sensitivity(args) => crate::compress::sensitivity::command(&args, device()?),
         Command::RescaleCompare(args) => crate::rescale::compare::command(&args, device()?),
         Command::Encode(args) => run_encode(args, device()?),
+        Command::Quantize(args) => crate::pipeline::stages::quantize::command(
+            &args.checkpoint,
+            args.out,
+            args.force,
+            args.params,
+            args.test_limit,
+            context(PathBuf::new(), device()?, args.data_dir, false),
+        ),
         Command::Bench { command } => run_bench(command, device),
     }
 }
@@ -465,7 +505,12 @@ fn run_bench(
             batch,
             seconds,
             json,
-        } => bench::compare_int8_layers(&batch, seconds, json),
+            checkpoint,
+            float,
+        } => match checkpoint {
+            Some(q) => bench::compare_quantized_model(&q, float.as_deref(), &batch, seconds, json),
+            None => bench::compare_int8_layers(&batch, seconds, json),
+        },
         BenchCommand::Ops { seconds, json } => {
             crate::bench::check_bench_args(&[1], seconds)?;
             bench::print_ops(&device()?, seconds, json)

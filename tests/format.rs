@@ -103,7 +103,7 @@ fn encode_then_decode_is_the_identity() {
     for _ in 0..8 {
         let (arch, payloads, expected) = random_model(&mut rng);
         let paths: Vec<String> = payloads.iter().map(|p| p.0.clone()).collect();
-        let (bytes, stages) = format::encode(&arch, &meta(), payloads).unwrap();
+        let (bytes, stages) = format::encode(&arch, &meta(), payloads, None).unwrap();
         let back = format::decode(&bytes).unwrap();
         assert_eq!(back.arch, arch);
         assert_eq!(back.meta, meta());
@@ -128,15 +128,15 @@ fn encode_then_decode_is_the_identity() {
 fn damaged_files_are_refused_with_a_reason() {
     let mut rng = Rng(99);
     let (arch, payloads, _) = random_model(&mut rng);
-    let (bytes, _) = format::encode(&arch, &meta(), payloads).unwrap();
+    let (bytes, _) = format::encode(&arch, &meta(), payloads, None).unwrap();
 
     let e = format::decode(&bytes[..bytes.len() - 1]).unwrap_err();
     assert!(e.contains("truncated"), "{e}");
     let e = format::decode(&bytes[..10]).unwrap_err();
     assert!(e.contains("too short"), "{e}");
-    let mut v2 = bytes.clone();
-    v2[4] = 2;
-    assert!(format::decode(&v2).unwrap_err().contains("version 2"));
+    let mut v3 = bytes.clone();
+    v3[4] = 3;
+    assert!(format::decode(&v3).unwrap_err().contains("version 3"));
     let mut bad = bytes.clone();
     bad[0] = b'X';
     assert!(format::decode(&bad).unwrap_err().contains("magic"));
@@ -156,7 +156,7 @@ fn damaged_files_are_refused_with_a_reason() {
 fn damaged_bodies_with_valid_checksums_never_panic() {
     let mut rng = Rng(7);
     let (arch, payloads, _) = random_model(&mut rng);
-    let (bytes, _) = format::encode(&arch, &meta(), payloads).unwrap();
+    let (bytes, _) = format::encode(&arch, &meta(), payloads, None).unwrap();
     let reseal = |mut b: Vec<u8>| {
         let n = b.len();
         let body_len = (n - 20) as u64;
@@ -207,7 +207,7 @@ fn stage_sizes_read_back_from_the_file_match_the_encoder() {
     let mut rng = Rng(0x0bad_cafe_f00d_1234);
     for _ in 0..4 {
         let (arch, payloads, _) = random_model(&mut rng);
-        let (bytes, stages) = format::encode(&arch, &meta(), payloads).unwrap();
+        let (bytes, stages) = format::encode(&arch, &meta(), payloads, None).unwrap();
         let back = format::stages(&bytes).unwrap();
         assert_eq!(back.len(), stages.len());
         for (a, b) in stages.iter().zip(&back) {
@@ -221,7 +221,7 @@ fn stage_sizes_read_back_from_the_file_match_the_encoder() {
         let sections: usize = back.iter().map(|s| s.huffman).sum();
         assert!(sections < bytes.len() && bytes.len() - sections < 4096);
     }
-    let mut damaged = format::encode(&random_model(&mut rng).0, &meta(), vec![])
+    let mut damaged = format::encode(&random_model(&mut rng).0, &meta(), vec![], None)
         .unwrap()
         .0;
     let last = damaged.len() - 1;
@@ -424,7 +424,7 @@ fn fuzz_seeds_are_current_files_that_decode() {
     for (name, (arch, payloads, expected)) in seed_models() {
         let paths: Vec<String> = payloads.iter().map(|p| p.0.clone()).collect();
         arch.validate().unwrap();
-        let (bytes, _) = format::encode(&arch, &meta(), payloads).unwrap();
+        let (bytes, _) = format::encode(&arch, &meta(), payloads, None).unwrap();
         let back = format::decode(&bytes).unwrap();
         assert_eq!(back.arch, arch);
         for (path, want) in paths.iter().zip(&expected) {

@@ -426,3 +426,59 @@ pub fn compare_int8_layers(batch: &[usize], seconds: f64, json: bool) -> anyhow:
     }
     Ok(())
 }
+
+/// `convpress bench quant --checkpoint Q.cpz [--float F]`: the whole quantized model on the
+/// int8 runtime against the float model (`float`, else the file's own weights in float) on
+/// convpress's f32 path, at each batch size.
+pub fn compare_quantized_model(
+    quantized: &std::path::Path,
+    float: Option<&std::path::Path>,
+    batch: &[usize],
+    seconds: f64,
+    json: bool,
+) -> anyhow::Result<()> {
+    check_bench_args(batch, seconds)?;
+    let loaded = crate::checkpoint::read(quantized)?;
+    if loaded.quant.is_none() {
+        anyhow::bail!(
+            "{} is not a quantized model: make one with `convpress quantize`",
+            quantized.display()
+        );
+    }
+    let int8 =
+        crate::runtime::model::SparseModel::from_loaded(&loaded).map_err(anyhow::Error::msg)?;
+    let device = Device::flex();
+    let (network, _) = crate::checkpoint::load(float.unwrap_or(quantized), &device)?;
+    if network.arch.input != loaded.arch.input || network.arch.classes != loaded.arch.classes {
+        anyhow::bail!("the float model does not take the quantized one's input");
+    }
+    for &b in batch {
+        crate::resources::check_batch(&loaded.arch, b, false, "--batch")?;
+    }
+    if !json {
+        println!(
+            "{:<10} {:>5} {:>7} {:>10} {:>10} {:>8}",
+            "model", "batch", "threads", "f32 ms", "int8 ms", "speedup"
+        );
+    }
+    for &b in batch {
+        let r =
+            super::measure_quantized_model(&network, &int8, b, Duration::from_secs_f64(seconds));
+        if json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "{:<10} {:>5} {:>7} {:>10.3} {:>10.3} {:>7.2}x",
+                r.model, r.batch, r.threads, r.f32_ms, r.int8_ms, r.speedup
+            );
+        }
+    }
+    if !json {
+        println!(
+            "(medians of 10 interleaved rounds; f32: {} on convpress's kernels through Burn; int8: {})",
+            float.unwrap_or(quantized).display(),
+            quantized.display()
+        );
+    }
+    Ok(())
+}

@@ -707,3 +707,62 @@ pub fn measure_int8_linear(
         int8_bytes: int8.weight_bytes(),
     })
 }
+
+/// One whole-model measurement of `convpress bench quant --checkpoint`: the float model on
+/// convpress's own f32 path (Burn with convpress's kernels) against the quantized file on the
+/// int8 runtime, on the same random batch.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantModelMeasurement {
+    pub model: String,
+    pub batch: usize,
+    pub threads: usize,
+    pub f32_ms: f64,
+    pub int8_ms: f64,
+    pub speedup: f64,
+}
+
+/// Milliseconds per batch of `batch` images for `float` (Burn, inference mode) and `int8` (the
+/// int8 runtime), as medians of 10 rounds that alternate between the two.
+pub fn measure_quantized_model(
+    float: &Network,
+    int8: &crate::runtime::model::SparseModel,
+    batch: usize,
+    budget: Duration,
+) -> QuantModelMeasurement {
+    use rand::{Rng, SeedableRng};
+    let net = float.valid();
+    let [c, h, w] = int8.arch.input;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let x: Vec<f32> = (0..batch * c * h * w)
+        .map(|_| rng.random_range(-1.0f32..2.0))
+        .collect();
+    let device = Device::flex();
+    let xt = Tensor::<4>::from_data(TensorData::new(x.clone(), [batch, c, h, w]), &device);
+    let rounds = 10;
+    let slice = budget / (2 * rounds);
+    let (mut f32_ms, mut int8_ms) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let (iters, secs) = time_loop(slice, || {
+            let out = net.forward(xt.clone());
+            let _: Vec<f32> = out.into_data().try_to_vec().expect("f32");
+        });
+        f32_ms.push(1e3 * secs / iters as f64);
+        let (iters, secs) = time_loop(slice, || {
+            std::hint::black_box(int8.forward(&x, batch));
+        });
+        int8_ms.push(1e3 * secs / iters as f64);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (f32_ms, int8_ms) = (median(&mut f32_ms), median(&mut int8_ms));
+    QuantModelMeasurement {
+        model: int8.arch.name.clone(),
+        batch,
+        threads: rayon::current_num_threads(),
+        f32_ms,
+        int8_ms,
+        speedup: f32_ms / int8_ms,
+    }
+}

@@ -23,12 +23,23 @@
 //!   skipping that many zeros with no entry) followed by the remainder; the paper writes
 //!   filler zero entries instead, which costs an index as well.
 //!
+//!
+//! Version 2 adds quantized models (issue #12): the header gains `quant`, each quantized layer's
+//! bits and input quantizer, and a tensor may be stored
+//! - `quantized`: one f32 step per output channel (`axis` of the shape), then the codes as
+//!   two's complement `bits`-bit fields, packed little-endian from the lowest bit. Dense, every
+//!   entry's code; or, with `gaps`, only the non-zero codes, after the code lengths and the
+//!   Huffman-coded stream of their position gaps as in `shared` (a pruned model stays sparse).
+//!
+//! A file with no quantized tensor is written as version 1, byte for byte as before.
+//!
 //! The reader checks the magic, version, length and checksum before it parses anything, and
 //! bounds every count by the architecture and the bytes present (the values of all tensors
 //! together by the architecture's parameters and batch-norm statistics), so a damaged file is
 //! refused with a message, never a panic or a huge allocation. `fuzz/` fuzzes it.
 
 use super::huffman;
+use super::quantize::{QuantSpec, check_bits};
 use crate::checkpoint::{Loaded, ModelMeta};
 use crate::models::Arch;
 use burn::tensor::{DType, TensorData};
@@ -36,7 +47,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 pub const MAGIC: &[u8; 4] = b"CVPZ";
-pub const VERSION: u16 = 1;
+/// The newest version this convpress writes and reads; it reads version 1 too.
+pub const VERSION: u16 = 2;
 /// Largest model the reader accepts: 1 GiB of f32 values (parameters plus batch-norm
 /// statistics).
 pub const MAX_PARAMS: usize = 1 << 28;
@@ -54,6 +66,24 @@ pub enum Encoding {
         gap_stream_bits: u64,
         index_stream_bits: u64,
     },
+    Quantized {
+        bits: u32,
+        /// The output-channel axis of the shape (0 for a conv weight, 1 for Burn's linear
+        /// `[in, out]`): one step per entry of it.
+        axis: usize,
+        /// Codes stored: the non-zero ones with `gaps`, all of them without.
+        nnz: usize,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gaps: Option<Gaps>,
+    },
+}
+
+/// The Huffman-coded positions of a sparse quantized tensor's non-zero codes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Gaps {
+    pub gap_bits: u32,
+    pub gap_symbols: usize,
+    pub gap_stream_bits: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,6 +99,8 @@ struct Header {
     arch: Arch,
     meta: ModelMeta,
     tensors: Vec<TensorEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    quant: Option<QuantSpec>,
 }
 
 /// One tensor to write: raw values, or a codebook and its assignment (`None` = pruned).
@@ -79,6 +111,13 @@ pub enum TensorPayload {
         assignment: Vec<Option<u16>>,
         bits: u32,
         gap_bits: u32,
+    },
+    /// Weight codes on per-channel steps `scales` along `axis`.
+    Quantized {
+        codes: Vec<i8>,
+        scales: Vec<f32>,
+        axis: usize,
+        bits: u32,
     },
 }
 
@@ -138,8 +177,76 @@ impl TensorEntry {
                         + index_stream_bits.div_ceil(8) as usize,
                 }
             }
+            Encoding::Quantized {
+                bits,
+                axis,
+                nnz,
+                gaps,
+            } => {
+                let channels = self.shape.get(axis).copied().unwrap_or(0);
+                let codes = (nnz * bits as usize).div_ceil(8);
+                let (positions, fixed) = match gaps {
+                    Some(g) => (
+                        (1 << g.gap_bits) + g.gap_stream_bits.div_ceil(8) as usize,
+                        (g.gap_symbols * g.gap_bits as usize).div_ceil(8),
+                    ),
+                    None => (0, 0),
+                };
+                StageBytes {
+                    path: self.path.clone(),
+                    numel,
+                    nnz,
+                    dense: 4 * numel,
+                    // f32 values of the non-zeros with fixed-width gaps (dense: all values).
+                    sparse: if gaps.is_some() {
+                        4 * nnz + fixed
+                    } else {
+                        4 * numel
+                    },
+                    // The codes at their width with fixed-width gaps, and the steps.
+                    shared: codes + fixed + 4 * channels,
+                    // What the file spends: steps, gap table and stream, packed codes.
+                    huffman: 4 * channels + positions + codes,
+                }
+            }
         }
     }
+}
+
+/// Packs `codes` as two's complement `bits`-bit fields, lowest bit first.
+fn pack_codes(codes: impl Iterator<Item = i8>, bits: u32, out: &mut Vec<u8>) {
+    let (mut acc, mut held) = (0u64, 0u32);
+    let mask = (1u64 << bits) - 1;
+    for c in codes {
+        acc |= (c as i64 as u64 & mask) << held;
+        held += bits;
+        while held >= 8 {
+            out.push(acc as u8);
+            acc >>= 8;
+            held -= 8;
+        }
+    }
+    if held > 0 {
+        out.push(acc as u8);
+    }
+}
+
+/// The `n` codes of [`pack_codes`], sign-extended.
+fn unpack_codes(bytes: &[u8], n: usize, bits: u32) -> Vec<i32> {
+    let mut out = Vec::with_capacity(n);
+    let (mut acc, mut held, mut next) = (0u64, 0u32, 0usize);
+    let shift = 64 - bits;
+    while out.len() < n {
+        while held < bits {
+            acc |= (bytes[next] as u64) << held;
+            next += 1;
+            held += 8;
+        }
+        out.push((((acc << shift) as i64) >> shift) as i32);
+        acc >>= bits;
+        held -= bits;
+    }
+    out
 }
 
 /// How each tensor of a model file is stored (its header entries, bits included). The file
@@ -244,11 +351,13 @@ fn freqs(symbols: &[u32], alphabet: usize) -> Vec<u64> {
     f
 }
 
-/// Writes a model file: `tensors` in the order given, each with its path and shape.
+/// Writes a model file: `tensors` in the order given, each with its path and shape, and for a
+/// quantized model the spec of its layers (whose weights must be `Quantized` payloads).
 pub fn encode(
     arch: &Arch,
     meta: &ModelMeta,
     tensors: Vec<(String, Vec<usize>, TensorPayload)>,
+    quant: Option<&QuantSpec>,
 ) -> Result<(Vec<u8>, Vec<StageBytes>), String> {
     let mut entries = Vec::new();
     let mut sections: Vec<Vec<u8>> = Vec::new();
@@ -326,13 +435,91 @@ pub fn encode(
                 stages.push(stage);
                 entries.push(entry);
             }
+            TensorPayload::Quantized {
+                codes,
+                scales,
+                axis,
+                bits,
+            } => {
+                check_bits(&path, bits)?;
+                let channels = *shape
+                    .get(axis)
+                    .ok_or_else(|| format!("{path}: no axis {axis} in shape {shape:?}"))?;
+                if codes.len() != numel || scales.len() != channels {
+                    return Err(format!("{path}: codes or steps do not fit shape {shape:?}"));
+                }
+                let hi = (1i32 << (bits - 1)) - 1;
+                if codes.iter().any(|&c| (c as i32).abs() > hi) {
+                    return Err(format!("{path}: a code outside ±{hi}"));
+                }
+                for s in &scales {
+                    sec.extend_from_slice(&s.to_le_bytes());
+                }
+                let nnz = codes.iter().filter(|&&c| c != 0).count();
+                // Dense codes, or the non-zero ones with their gaps at whichever gap width
+                // makes the smallest section.
+                let code_bytes = |n: usize| (n * bits as usize).div_ceil(8);
+                let mut best: Option<(usize, Gaps, Vec<u8>, Vec<u8>)> = None;
+                if nnz > 0 && nnz < numel {
+                    let present: Vec<Option<u16>> =
+                        codes.iter().map(|&c| (c != 0).then_some(0)).collect();
+                    for gap_bits in 2..=8 {
+                        let (gaps, _) = gap_symbols(&present, gap_bits);
+                        let lens = huffman::code_lengths(&freqs(&gaps, 1 << gap_bits));
+                        let (stream, used) = huffman::encode(&gaps, &lens)?;
+                        let total = lens.len() + stream.len() + code_bytes(nnz);
+                        if total < best.as_ref().map_or(code_bytes(numel), |b| b.0) {
+                            let g = Gaps {
+                                gap_bits,
+                                gap_symbols: gaps.len(),
+                                gap_stream_bits: used,
+                            };
+                            best = Some((total, g, lens, stream));
+                        }
+                    }
+                }
+                let gaps = match best {
+                    Some((_, g, lens, stream)) => {
+                        sec.extend_from_slice(&lens);
+                        sec.extend_from_slice(&stream);
+                        pack_codes(codes.iter().copied().filter(|&c| c != 0), bits, &mut sec);
+                        Some(g)
+                    }
+                    None => {
+                        pack_codes(codes.iter().copied(), bits, &mut sec);
+                        None
+                    }
+                };
+                let entry = TensorEntry {
+                    path,
+                    shape,
+                    encoding: Encoding::Quantized {
+                        bits,
+                        axis,
+                        nnz: if gaps.is_some() { nnz } else { numel },
+                        gaps,
+                    },
+                };
+                let stage = entry.stage_bytes(numel);
+                debug_assert_eq!(stage.huffman, sec.len());
+                stages.push(stage);
+                entries.push(entry);
+            }
         }
         sections.push(sec);
     }
+    let quantized = entries
+        .iter()
+        .any(|e| matches!(e.encoding, Encoding::Quantized { .. }));
+    if quantized != quant.is_some() {
+        return Err("quantized tensors need the quantization spec, and it needs them".into());
+    }
+    let version: u16 = if quantized { 2 } else { 1 };
     let header = serde_json::to_vec(&Header {
         arch: arch.clone(),
         meta: meta.clone(),
         tensors: entries,
+        quant: quant.cloned(),
     })
     .map_err(|e| e.to_string())?;
     let mut body = Vec::new();
@@ -343,13 +530,42 @@ pub fn encode(
     }
     let mut out = Vec::with_capacity(body.len() + 20);
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&body);
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     Ok((out, stages))
+}
+
+/// Writes a quantized model (`model.quant` set): each quantized layer's weight as its codes and
+/// steps, every other tensor raw.
+pub fn encode_quantized(model: &Loaded) -> Result<(Vec<u8>, Vec<StageBytes>), String> {
+    let spec = model.quant.as_ref().ok_or("the model is not quantized")?;
+    let mut names: Vec<&String> = model.tensors.keys().collect();
+    names.sort();
+    let mut payloads = Vec::new();
+    for name in names {
+        let (values, shape) = crate::checkpoint::floats(&model.tensors, name)?;
+        let layer = name
+            .strip_suffix(".weight")
+            .and_then(|l| spec.layers.get(l));
+        let payload = match layer {
+            Some(l) => {
+                let channel_last = shape.len() == 2;
+                TensorPayload::Quantized {
+                    codes: l.codes(&values, channel_last),
+                    scales: l.weight_scales.clone(),
+                    axis: if channel_last { 1 } else { 0 },
+                    bits: l.bits,
+                }
+            }
+            None => TensorPayload::Raw(values),
+        };
+        payloads.push((name.clone(), shape, payload));
+    }
+    encode(&model.arch, &model.meta, payloads, Some(spec))
 }
 
 /// A bounds-checked reader over the body.
@@ -389,9 +605,9 @@ pub fn decode(bytes: &[u8]) -> Result<Loaded, String> {
         return Err("not a convpress compressed model (bad magic or too short)".into());
     }
     let version = u16::from_le_bytes([bytes[4], bytes[5]]);
-    if version != VERSION {
+    if !(1..=VERSION).contains(&version) {
         return Err(format!(
-            "format version {version}, this convpress reads {VERSION}"
+            "format version {version}, this convpress reads 1 to {VERSION}"
         ));
     }
     let body_len = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
@@ -412,8 +628,12 @@ pub fn decode(bytes: &[u8]) -> Result<Loaded, String> {
         pos: 0,
     };
     let hlen = u32::from_le_bytes(c.take(4, "header length")?.try_into().expect("4"));
-    let header: Header = serde_json::from_slice(c.take(hlen as usize, "header")?)
+    let mut header: Header = serde_json::from_slice(c.take(hlen as usize, "header")?)
         .map_err(|e| format!("header is damaged: {e}"))?;
+    if version < 2 && header.quant.is_some() {
+        return Err("a version-1 file cannot hold a quantized model".into());
+    }
+    let mut steps_of: HashMap<String, (u32, Vec<f32>)> = HashMap::new();
     header
         .arch
         .validate()
@@ -501,6 +721,89 @@ pub fn decode(bytes: &[u8]) -> Result<Loaded, String> {
                 }
                 out
             }
+            &Encoding::Quantized {
+                bits,
+                axis,
+                nnz,
+                gaps,
+            } => {
+                if version < 2 {
+                    return Err(format!("{}: quantized tensor in a version-1 file", t.path));
+                }
+                check_bits(&t.path, bits)?;
+                let channels = *t
+                    .shape
+                    .get(axis)
+                    .filter(|&&n| n > 0)
+                    .ok_or_else(|| format!("{}: axis {axis} does not fit the shape", t.path))?;
+                let scales = f32s(c.take(4 * channels, &t.path)?);
+                if scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+                    return Err(format!("{}: a step is not a positive number", t.path));
+                }
+                let positions = match gaps {
+                    None if nnz == numel => None,
+                    None => return Err(format!("{}: dense codes but {nnz} of {numel}", t.path)),
+                    Some(g) => {
+                        if !(2..=16).contains(&g.gap_bits)
+                            || nnz > numel
+                            || g.gap_symbols < nnz
+                            || g.gap_symbols > numel + nnz
+                        {
+                            return Err(format!("{}: entry counts do not fit the shape", t.path));
+                        }
+                        let lens = c.take(1 << g.gap_bits, &t.path)?.to_vec();
+                        let stream = c.take(g.gap_stream_bits.div_ceil(8) as usize, &t.path)?;
+                        let gaps = huffman::decode(stream, g.gap_stream_bits, g.gap_symbols, &lens)
+                            .map_err(|e| format!("{}: gap stream: {e}", t.path))?;
+                        Some((gaps, (1u32 << g.gap_bits) - 1))
+                    }
+                };
+                let packed = c.take((nnz * bits as usize).div_ceil(8), &t.path)?;
+                let codes = unpack_codes(packed, nnz, bits);
+                let hi = (1i32 << (bits - 1)) - 1;
+                if codes.iter().any(|c| c.abs() > hi) {
+                    return Err(format!("{}: a code outside ±{hi}", t.path));
+                }
+                let inner: usize = t.shape[axis + 1..].iter().product();
+                let value = |i: usize, code: i32| code as f32 * scales[(i / inner) % channels];
+                let mut out = vec![0f32; numel];
+                match positions {
+                    None => {
+                        for (i, &code) in codes.iter().enumerate() {
+                            out[i] = value(i, code);
+                        }
+                    }
+                    Some((gaps, esc)) => {
+                        let (mut pos, mut next) = (0usize, 0usize);
+                        for g in gaps {
+                            pos += g as usize;
+                            if g == esc {
+                                continue;
+                            }
+                            let &code = codes
+                                .get(next)
+                                .ok_or_else(|| format!("{}: more positions than codes", t.path))?;
+                            if pos >= numel {
+                                return Err(format!(
+                                    "{}: an entry falls outside the tensor",
+                                    t.path
+                                ));
+                            }
+                            out[pos] = value(pos, code);
+                            pos += 1;
+                            next += 1;
+                        }
+                        if next != nnz {
+                            return Err(format!(
+                                "{}: {next} entries decoded, {nnz} expected",
+                                t.path
+                            ));
+                        }
+                    }
+                }
+                steps_of.insert(t.path.clone(), (bits, scales));
+                out
+            }
         };
         let data = TensorData::new(values, t.shape.clone()).convert_dtype(DType::F32);
         if tensors.insert(t.path.clone(), (data, None)).is_some() {
@@ -513,9 +816,31 @@ pub fn decode(bytes: &[u8]) -> Result<Loaded, String> {
             c.bytes.len() - c.pos
         ));
     }
+    // Each quantized layer takes the steps of its weight, stored at its bits; no quantized
+    // tensor is left over.
+    if let Some(q) = &mut header.quant {
+        for (layer, l) in q.layers.iter_mut() {
+            let (bits, scales) = steps_of
+                .remove(&format!("{layer}.weight"))
+                .ok_or_else(|| format!("quantized layer {layer} has no quantized weight"))?;
+            if bits != l.bits {
+                return Err(format!(
+                    "{layer}: weight stored at {bits} bits, header says {}",
+                    l.bits
+                ));
+            }
+            l.weight_scales = scales;
+        }
+    }
+    if let Some(path) = steps_of.keys().next() {
+        return Err(format!(
+            "{path} is quantized but no quantized layer names it"
+        ));
+    }
     Ok(Loaded {
         arch: header.arch,
         meta: header.meta,
         tensors,
+        quant: header.quant,
     })
 }

@@ -2,9 +2,11 @@
 //! it happens during training is decided by a schedule driving a [`crate::train::TrainHook`]
 //! (the split of Intel Distiller's pruners and policies).
 
+pub mod fold;
 pub mod format;
 pub mod huffman;
 pub mod prune;
+pub mod ptq;
 pub mod quantize;
 pub mod sensitivity;
 pub mod share;

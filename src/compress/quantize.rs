@@ -313,3 +313,130 @@ impl Observer {
         (best.0, best.1)
     }
 }
+
+/// How a model's conv and linear layers are quantized: what the int8 runtime builds its layers
+/// from, and what a version-2 `.cpz` file records (`compress::format`). Layers not listed stay
+/// in float (the first and last, often: Jacob et al. 2018, section 3.1, keep them wider).
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct QuantSpec {
+    /// By layer path (`layers.0`).
+    pub layers: std::collections::BTreeMap<String, QuantLayer>,
+}
+
+/// One quantized layer: its weights are `code · weight_scales[o]` with `code` in
+/// `±(2^(bits-1) - 1)`, and its input is quantized by `input`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct QuantLayer {
+    pub bits: u32,
+    pub input: Quantizer,
+    /// One step per output channel. Kept in the tensor's section of the file (4 bytes each),
+    /// not in its JSON header.
+    #[serde(skip)]
+    pub weight_scales: Vec<f32>,
+}
+
+impl QuantLayer {
+    /// The largest weight code.
+    pub fn max_code(&self) -> i32 {
+        (1i32 << (self.bits - 1)) - 1
+    }
+
+    /// The codes of the layer's dequantized weights `w`, whose output channel is the first
+    /// axis (conv `[out, in, kh, kw]`) or the last (Burn's linear `[in, out]`).
+    pub fn codes(&self, w: &[f32], channel_last: bool) -> Vec<i8> {
+        let channels = self.weight_scales.len().max(1);
+        let inner = if channel_last { 1 } else { w.len() / channels };
+        let hi = self.max_code();
+        w.iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let s = self.weight_scales[(i / inner.max(1)) % channels];
+                code_of(v, s).clamp(-hi, hi) as i8
+            })
+            .collect()
+    }
+
+    /// The per-channel quantizers of the weights.
+    pub fn weight_quantizers(&self) -> Vec<Quantizer> {
+        let hi = self.max_code();
+        self.weight_scales
+            .iter()
+            .map(|&scale| Quantizer {
+                scale,
+                zero_point: 0,
+                lo: -hi,
+                hi,
+            })
+            .collect()
+    }
+}
+
+/// The code of weight `w` on step `scale`. Weights written as `code · scale` in f32 come back to
+/// their code exactly (the product's relative error is 2^-24, far below half a step for codes of
+/// 8 bits), so a quantized model can be held as its dequantized floats plus its scales.
+pub fn code_of(w: f32, scale: f32) -> i32 {
+    (w / scale).round() as i32
+}
+
+impl QuantSpec {
+    /// Checks the spec against the model: every path a conv or linear layer, bits in
+    /// [`BITS`], a valid unsigned input quantizer, one positive step per output channel, and
+    /// every weight a whole number of steps within the layer's codes. `weight` gives a layer's
+    /// weight values and its output-channel count.
+    pub fn check(
+        &self,
+        arch: &crate::models::Arch,
+        weight: impl Fn(&str) -> Result<(Vec<f32>, Vec<usize>), String>,
+    ) -> Result<(), String> {
+        let stats = arch.layer_stats();
+        for (path, l) in &self.layers {
+            let kind = stats
+                .iter()
+                .find(|s| &s.path == path)
+                .map(|s| s.kind)
+                .ok_or_else(|| format!("quantized layer {path} is not a layer of the model"))?;
+            let axis = match kind {
+                "conv2d" => 0,
+                "linear" => 1,
+                other => return Err(format!("quantized layer {path} is a {other} layer")),
+            };
+            check_bits(&format!("{path}: bits"), l.bits)?;
+            let q = l.input;
+            let ok = q.scale.is_finite()
+                && q.scale > 0.0
+                && q.lo == 0
+                && (1..=255).contains(&q.hi)
+                && (q.hi + 1).count_ones() == 1
+                && (q.lo..=q.hi).contains(&q.zero_point);
+            if !ok {
+                return Err(format!(
+                    "{path}: input quantizer {q:?} is not an unsigned one of 2 to 8 bits"
+                ));
+            }
+            let (w, shape) = weight(&format!("{path}.weight"))?;
+            let channels = shape[axis];
+            if l.weight_scales.len() != channels {
+                return Err(format!(
+                    "{path}: {} weight scales for {channels} output channels",
+                    l.weight_scales.len()
+                ));
+            }
+            if l.weight_scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+                return Err(format!("{path}: a weight scale is not a positive number"));
+            }
+            let inner: usize = shape[axis + 1..].iter().product();
+            let hi = l.max_code();
+            for (i, &v) in w.iter().enumerate() {
+                let s = l.weight_scales[(i / inner) % channels];
+                let c = v / s;
+                if (c - c.round()).abs() > 1e-3 || c.round().abs() > hi as f32 {
+                    return Err(format!(
+                        "{path}: weight {i} ({v}) is not a code of {} bits on step {s}",
+                        l.bits
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}

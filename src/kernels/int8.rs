@@ -379,16 +379,12 @@ impl Avx2Blocked {
         }
         // Pairs of `a` as the i32 that `vpmaddwd` reads as two i16: (a[2q], a[2q + 1]).
         let pairs = b.pairs;
-        let mut a2 = vec![0i32; m * pairs];
-        for i in 0..m {
-            for q in 0..pairs {
-                let lo = a[i * k + 2 * q] as i32;
-                let hi = if 2 * q + 1 < k {
-                    a[i * k + 2 * q + 1] as i32
-                } else {
-                    0
-                };
-                a2[i * pairs + q] = lo | (hi << 16);
+        let mut a2 = Vec::with_capacity(m * pairs);
+        for row in a.chunks_exact(k.max(1)) {
+            let mut it = row.chunks_exact(2);
+            a2.extend(it.by_ref().map(|p| p[0] as i32 | ((p[1] as i32) << 16)));
+            if let [last] = it.remainder() {
+                a2.push(*last as i32);
             }
         }
         #[cfg(target_arch = "x86_64")]

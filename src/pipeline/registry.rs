@@ -1,7 +1,7 @@
 //! The one list of stages a recipe can name. Adding a method adds one line here.
 
 use super::Stage;
-use super::stages::{encode, eval, finetune, prune, prune_filters, share, train};
+use super::stages::{encode, eval, finetune, prune, prune_filters, quantize, share, train};
 use super::table::{Error, StageTable};
 
 /// A stage's recipe name, what it does, and how its table is read.
@@ -46,6 +46,11 @@ pub const STAGES: &[StageKind] = &[
         name: "encode",
         about: "write the compressed file: relative indices and Huffman coding",
         parse: encode::parse,
+    },
+    StageKind {
+        name: "quantize",
+        about: "post-training quantization (int8 or fewer bits), written as a .cpz",
+        parse: quantize::parse,
     },
     StageKind {
         name: "eval",

@@ -1,23 +1,46 @@
-//! An int8 fully connected layer (issue #12, first layer of the int8 runtime): weights
-//! quantized symmetrically per output channel, the input per tensor (unsigned, with a zero
-//! point), the product in exact 32-bit integers on [`crate::kernels::int8`], then one
-//! multiply per output back to `f32` with the bias:
+//! Int8 layers of the compressed-inference runtime (issue #12): weights quantized
+//! symmetrically per output channel, the input per tensor (unsigned, with a zero point), the
+//! product in exact 32-bit integers on [`crate::kernels::int8`], then one multiply per output
+//! back to `f32` with the bias, and ReLU when one follows:
 //!
 //! `y[o] = s_x · s_w[o] · (Σ_k q_x[k] · q_w[o][k] − z_x · Σ_k q_w[o][k]) + b[o]`
 //!
 //! (Jacob et al. 2018, eq. 7: the zero point leaves the inner loop through the weights' row
-//! sums, which are computed once). Fusing the requantization into the next layer's u8 input
-//! is the next step; this layer takes and gives `f32`, so it drops into [`super::LinearKernel`].
+//! sums, which are computed once). A convolution is the same product on im2col patches of its
+//! u8 input, padded with the zero point (the code of 0.0). The layers take and give `f32`, so
+//! they drop into [`super::LinearKernel`] and [`super::conv::Conv2dKernel`]; the next layer
+//! quantizes its input again (one pass over the activations, not yet fused into this epilogue).
 
 use super::LinearKernel;
-use crate::compress::quantize::{Quantizer, quantize_per_channel};
+use super::conv::{Conv2dKernel, ConvGeometry};
+use crate::compress::quantize::{Quantizer, check_bits, quantize_per_channel};
 use crate::kernels::int8::{self, Int8Gemm};
+use rayon::prelude::*;
 
-/// `y = x Wᵀ + b` on int8 weights and u8 inputs.
-pub struct Int8Linear {
-    in_features: usize,
-    out_features: usize,
-    /// `[out, in]` codes.
+/// Element counts below this run on the calling thread.
+const PARALLEL_MIN: usize = 32 * 1024;
+
+/// Which int8 path runs the product.
+#[derive(Clone)]
+enum Kernel {
+    /// One path for every batch (tests force each one).
+    Fixed(&'static dyn Int8Gemm),
+    /// The best row-by-row path for products of fewer than 4 rows (a matrix-vector product
+    /// reads each weight once either way), the register-blocked AVX2 kernel on packed weights
+    /// above.
+    Auto {
+        rows: &'static dyn Int8Gemm,
+        blocked: Option<(int8::Avx2Blocked, int8::PackedB)>,
+    },
+}
+
+/// The integer product of one layer and its way back to `f32`: `[m, k]` u8 rows times the
+/// `[n, k]` int8 weights, then the epilogue above.
+#[derive(Clone)]
+struct Product {
+    n: usize,
+    k: usize,
+    /// `[n, k]` codes.
     weight: Vec<i8>,
     weight_q: Vec<Quantizer>,
     /// `z_x · Σ_k q_w[o][k]` per output channel: the zero point's share of each sum.
@@ -26,19 +49,168 @@ pub struct Int8Linear {
     scales: Vec<f32>,
     bias: Option<Vec<f32>>,
     input: Quantizer,
+    relu: bool,
     kernel: Kernel,
 }
 
-/// Which int8 path runs the product.
-enum Kernel {
-    /// One path for every batch (tests force each one).
-    Fixed(&'static dyn Int8Gemm),
-    /// The best row-by-row path for batches below 4 rows (a matrix-vector product reads each
-    /// weight once either way), the register-blocked AVX2 kernel on packed weights above.
-    Auto {
-        rows: &'static dyn Int8Gemm,
-        blocked: Option<(int8::Avx2Blocked, int8::PackedB)>,
-    },
+impl Product {
+    fn new(
+        n: usize,
+        k: usize,
+        weight: Vec<i8>,
+        weight_q: Vec<Quantizer>,
+        bias: Option<Vec<f32>>,
+        input: Quantizer,
+    ) -> Result<Product, String> {
+        if n == 0 || k == 0 || weight.len() != n * k || weight_q.len() != n {
+            return Err(format!(
+                "{} weight codes and {} scales for {n} channels of {k} inputs",
+                weight.len(),
+                weight_q.len()
+            ));
+        }
+        if k > int8::MAX_K {
+            return Err(format!(
+                "{k} inputs per output: more than the {} whose int8 sums fit in 32 bits",
+                int8::MAX_K
+            ));
+        }
+        if input.lo < 0
+            || input.hi > 255
+            || input.lo > input.zero_point
+            || input.zero_point > input.hi
+        {
+            return Err(
+                "the input quantizer must be unsigned 8-bit at most, its zero point in range"
+                    .into(),
+            );
+        }
+        if !(input.scale.is_finite() && input.scale > 0.0) {
+            return Err(format!(
+                "input scale {} is not a positive number",
+                input.scale
+            ));
+        }
+        if weight_q
+            .iter()
+            .any(|q| !(q.scale.is_finite() && q.scale > 0.0))
+        {
+            return Err("a weight scale is not a positive number".into());
+        }
+        if bias.as_ref().is_some_and(|b| b.len() != n) {
+            return Err("bias length differs from the output channels".into());
+        }
+        let zero_sums = weight
+            .chunks_exact(k)
+            .map(|r| input.zero_point as i64 * r.iter().map(|&v| v as i64).sum::<i64>())
+            .collect();
+        let scales = weight_q.iter().map(|q| input.scale * q.scale).collect();
+        let blocked = int8::Avx2Blocked::new().map(|kb| (kb, int8::PackedB::new(n, k, &weight)));
+        Ok(Product {
+            n,
+            k,
+            weight,
+            weight_q,
+            zero_sums,
+            scales,
+            bias,
+            input,
+            relu: false,
+            kernel: Kernel::Auto {
+                rows: int8::best(),
+                blocked,
+            },
+        })
+    }
+
+    /// Quantizes `weight` (`[n, k]` row-major) to `bits` bits per output channel.
+    fn quantizing(
+        n: usize,
+        k: usize,
+        weight: &[f32],
+        bias: Option<Vec<f32>>,
+        bits: u32,
+        input: Quantizer,
+    ) -> Result<Product, String> {
+        check_bits("bits", bits)?;
+        if n == 0 || weight.len() != n * k {
+            return Err(format!(
+                "weight of {} values for {n} channels of {k} inputs",
+                weight.len()
+            ));
+        }
+        let (weight_q, codes) = quantize_per_channel(weight, n, bits);
+        Product::new(n, k, codes, weight_q, bias, input)
+    }
+
+    fn kernel_name(&self, m: usize) -> &'static str {
+        match &self.kernel {
+            Kernel::Fixed(k) => k.name(),
+            Kernel::Auto {
+                blocked: Some((k, _)),
+                ..
+            } if m >= 4 => k.name(),
+            Kernel::Auto { rows, .. } => rows.name(),
+        }
+    }
+
+    /// The exact i32 sums `[m, n]` of `m` rows of codes `a`.
+    fn sums(&self, m: usize, a: &[u8]) -> Vec<i32> {
+        let mut acc = vec![0i32; m * self.n];
+        match &self.kernel {
+            Kernel::Fixed(k) => k.gemm(m, self.n, self.k, a, &self.weight, &mut acc),
+            Kernel::Auto {
+                blocked: Some((k, packed)),
+                ..
+            } if m >= 4 => k.gemm_packed(m, packed, a, &mut acc),
+            Kernel::Auto { rows, .. } => rows.gemm(m, self.n, self.k, a, &self.weight, &mut acc),
+        }
+        acc
+    }
+
+    /// The epilogue over whole rows of sums (`[rows, n]`, in place as `f32`): the same values
+    /// as [`Product::value`] up to rounding, as one multiply-add per output on precomputed
+    /// `s_x · s_w[o]` and `b[o] − z_x · Σ q_w[o] · s_x · s_w[o]`, so that it vectorises.
+    fn values_in_place(&self, acc: &mut [i32], offsets: &[f32]) {
+        for row in acc.chunks_exact_mut(self.n) {
+            for ((v, &s), &off) in row.iter_mut().zip(&self.scales).zip(offsets) {
+                let mut y = *v as f32 * s + off;
+                if self.relu {
+                    y = y.max(0.0);
+                }
+                *v = y.to_bits() as i32;
+            }
+        }
+    }
+
+    /// The per-channel offsets of [`Product::values_in_place`].
+    fn offsets(&self) -> Vec<f32> {
+        (0..self.n)
+            .map(|o| {
+                let b = self.bias.as_ref().map_or(0.0, |b| b[o]) as f64;
+                (b - self.zero_sums[o] as f64 * self.scales[o] as f64) as f32
+            })
+            .collect()
+    }
+
+    /// Output channel `o`'s value for the sum `acc`: the epilogue, with the bias and ReLU.
+    #[inline]
+    fn value(&self, o: usize, acc: i32) -> f32 {
+        let exact = acc as i64 - self.zero_sums[o];
+        let y = exact as f32 * self.scales[o] + self.bias.as_ref().map_or(0.0, |b| b[o]);
+        if self.relu { y.max(0.0) } else { y }
+    }
+
+    fn weight_bytes(&self) -> usize {
+        // One byte per weight, a scale per channel, the bias.
+        self.weight.len() + 4 * self.weight_q.len() + 4 * self.bias.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// `y = x Wᵀ + b` on int8 weights and u8 inputs.
+#[derive(Clone)]
+pub struct Int8Linear {
+    p: Product,
 }
 
 impl Int8Linear {
@@ -52,84 +224,61 @@ impl Int8Linear {
         bits: u32,
         input: Quantizer,
     ) -> Result<Int8Linear, String> {
-        crate::compress::quantize::check_bits("bits", bits)?;
-        if weight.len() != in_features * out_features || out_features == 0 {
-            return Err(format!(
-                "weight of {} values for a {in_features} -> {out_features} layer",
-                weight.len()
-            ));
-        }
-        if in_features > int8::MAX_K {
-            return Err(format!(
-                "{in_features} inputs: more than the {} whose int8 sums fit in 32 bits",
-                int8::MAX_K
-            ));
-        }
-        if input.lo < 0 || input.hi > 255 {
-            return Err("the input quantizer must be unsigned 8-bit at most".into());
-        }
-        if bias.as_ref().is_some_and(|b| b.len() != out_features) {
-            return Err("bias length differs from the output features".into());
-        }
-        let (weight_q, weight) = quantize_per_channel(weight, out_features, bits);
-        let zero_sums = weight
-            .chunks_exact(in_features.max(1))
-            .map(|r| input.zero_point as i64 * r.iter().map(|&v| v as i64).sum::<i64>())
-            .collect();
-        let scales = weight_q.iter().map(|q| input.scale * q.scale).collect();
-        let blocked = int8::Avx2Blocked::new()
-            .map(|k| (k, int8::PackedB::new(out_features, in_features, &weight)));
         Ok(Int8Linear {
-            in_features,
-            out_features,
-            weight,
-            weight_q,
-            zero_sums,
-            scales,
-            bias,
-            input,
-            kernel: Kernel::Auto {
-                rows: int8::best(),
-                blocked,
-            },
+            p: Product::quantizing(out_features, in_features, weight, bias, bits, input)?,
+        })
+    }
+
+    /// The layer of weight codes already quantized (`[out, in]`, with their per-channel
+    /// quantizers), as a quantized model file holds them.
+    pub fn from_codes(
+        in_features: usize,
+        out_features: usize,
+        codes: Vec<i8>,
+        weight_q: Vec<Quantizer>,
+        bias: Option<Vec<f32>>,
+        input: Quantizer,
+    ) -> Result<Int8Linear, String> {
+        Ok(Int8Linear {
+            p: Product::new(out_features, in_features, codes, weight_q, bias, input)?,
         })
     }
 
     /// The same layer on another int8 path (tests force each one).
     pub fn with_kernel(mut self, kernel: &'static dyn Int8Gemm) -> Self {
-        self.kernel = Kernel::Fixed(kernel);
+        self.p.kernel = Kernel::Fixed(kernel);
+        self
+    }
+
+    /// The same layer with ReLU applied in its epilogue.
+    pub fn with_relu(mut self) -> Self {
+        self.p.relu = true;
         self
     }
 
     /// The weight codes (`[out, in]`) and their per-channel quantizers.
     pub fn weights(&self) -> (&[i8], &[Quantizer]) {
-        (&self.weight, &self.weight_q)
+        (&self.p.weight, &self.p.weight_q)
     }
 
     /// The path that runs a batch of `batch` rows.
     pub fn kernel_name(&self, batch: usize) -> &'static str {
-        match &self.kernel {
-            Kernel::Fixed(k) => k.name(),
-            Kernel::Auto {
-                blocked: Some((k, _)),
-                ..
-            } if batch >= 4 => k.name(),
-            Kernel::Auto { rows, .. } => rows.name(),
-        }
+        self.p.kernel_name(batch)
     }
 
     /// The input quantizer.
     pub fn input_quantizer(&self) -> Quantizer {
-        self.input
+        self.p.input
     }
 }
 
 impl std::fmt::Debug for Int8Linear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Int8Linear")
-            .field("in_features", &self.in_features)
-            .field("out_features", &self.out_features)
-            .field("input", &self.input)
+            .field("in_features", &self.p.k)
+            .field("out_features", &self.p.n)
+            .field("input", &self.p.input)
+            .field("relu", &self.p.relu)
             .field("kernel", &self.kernel_name(64))
             .finish_non_exhaustive()
     }
@@ -137,37 +286,245 @@ impl std::fmt::Debug for Int8Linear {
 
 impl LinearKernel for Int8Linear {
     fn in_features(&self) -> usize {
-        self.in_features
+        self.p.k
     }
     fn out_features(&self) -> usize {
-        self.out_features
+        self.p.n
     }
     fn forward(&self, x: &[f32], batch: usize, y: &mut [f32]) {
-        let (n_in, n_out) = (self.in_features, self.out_features);
+        let (n_in, n_out) = (self.p.k, self.p.n);
         assert_eq!(x.len(), batch * n_in);
         assert_eq!(y.len(), batch * n_out);
         let mut codes = vec![0u8; x.len()];
-        self.input.quantize_u8_slice(x, &mut codes);
-        let mut acc = vec![0i32; batch * n_out];
-        match &self.kernel {
-            Kernel::Fixed(k) => k.gemm(batch, n_out, n_in, &codes, &self.weight, &mut acc),
-            Kernel::Auto {
-                blocked: Some((k, packed)),
-                ..
-            } if batch >= 4 => k.gemm_packed(batch, packed, &codes, &mut acc),
-            Kernel::Auto { rows, .. } => {
-                rows.gemm(batch, n_out, n_in, &codes, &self.weight, &mut acc)
-            }
-        }
+        self.p.input.quantize_u8_slice(x, &mut codes);
+        let acc = self.p.sums(batch, &codes);
         for (acc_row, y_row) in acc.chunks_exact(n_out).zip(y.chunks_exact_mut(n_out)) {
             for (o, (&a, out)) in acc_row.iter().zip(y_row.iter_mut()).enumerate() {
-                let exact = a as i64 - self.zero_sums[o];
-                *out = exact as f32 * self.scales[o] + self.bias.as_ref().map_or(0.0, |b| b[o]);
+                *out = self.p.value(o, a);
             }
         }
     }
     fn weight_bytes(&self) -> usize {
-        // One byte per weight, a scale per channel, the bias.
-        self.weight.len() + 4 * self.weight_q.len() + 4 * self.bias.as_ref().map_or(0, Vec::len)
+        self.p.weight_bytes()
+    }
+}
+
+/// A 2-D convolution (one group) on int8 weights and u8 inputs: im2col patches of the
+/// quantized input, one [`Int8Gemm`] product for the whole batch, the epilogue into
+/// `[batch, out, H', W']`.
+#[derive(Clone)]
+pub struct Int8Conv {
+    geometry: ConvGeometry,
+    p: Product,
+}
+
+impl Int8Conv {
+    /// Quantizes `weight` (`[out, in, kh, kw]`) to `bits` bits per output channel.
+    pub fn new(
+        geometry: ConvGeometry,
+        weight: &[f32],
+        bias: Option<Vec<f32>>,
+        bits: u32,
+        input: Quantizer,
+    ) -> Result<Int8Conv, String> {
+        Self::check(&geometry)?;
+        let p = Product::quantizing(
+            geometry.out_channels,
+            geometry.patch_len(),
+            weight,
+            bias,
+            bits,
+            input,
+        )?;
+        Ok(Int8Conv { geometry, p })
+    }
+
+    /// The layer of weight codes already quantized (`[out, in, kh, kw]`).
+    pub fn from_codes(
+        geometry: ConvGeometry,
+        codes: Vec<i8>,
+        weight_q: Vec<Quantizer>,
+        bias: Option<Vec<f32>>,
+        input: Quantizer,
+    ) -> Result<Int8Conv, String> {
+        Self::check(&geometry)?;
+        let p = Product::new(
+            geometry.out_channels,
+            geometry.patch_len(),
+            codes,
+            weight_q,
+            bias,
+            input,
+        )?;
+        Ok(Int8Conv { geometry, p })
+    }
+
+    fn check(g: &ConvGeometry) -> Result<(), String> {
+        g.validate()?;
+        if g.groups != 1 {
+            return Err(format!(
+                "a grouped convolution ({} groups) has no int8 kernel yet: keep it in float",
+                g.groups
+            ));
+        }
+        Ok(())
+    }
+
+    /// The same layer on another int8 path (tests force each one).
+    pub fn with_kernel(mut self, kernel: &'static dyn Int8Gemm) -> Self {
+        self.p.kernel = Kernel::Fixed(kernel);
+        self
+    }
+
+    /// The same layer with ReLU applied in its epilogue.
+    pub fn with_relu(mut self) -> Self {
+        self.p.relu = true;
+        self
+    }
+
+    /// The weight codes (`[out, in, kh, kw]`) and their per-channel quantizers.
+    pub fn weights(&self) -> (&[i8], &[Quantizer]) {
+        (&self.p.weight, &self.p.weight_q)
+    }
+
+    /// The path that runs the product (im2col rows are many, so the blocked one where there).
+    pub fn kernel_name(&self) -> &'static str {
+        self.p.kernel_name(usize::MAX)
+    }
+
+    /// The input quantizer.
+    pub fn input_quantizer(&self) -> Quantizer {
+        self.p.input
+    }
+
+    /// Patches `[H'·W', k]` of one image's codes `[C, H, W]`, out-of-image taps as the zero
+    /// point; the patch order is the weight's, `(c, i, j)`.
+    fn im2col(&self, image: &[u8], [h, w]: [usize; 2], [oh, ow]: [usize; 2], rows: &mut [u8]) {
+        let g = &self.geometry;
+        let [kh, kw] = g.kernel;
+        let zp = self.p.input.zero_point as u8;
+        let k = self.p.k;
+        for oi in 0..oh {
+            for oj in 0..ow {
+                let row = &mut rows[(oi * ow + oj) * k..(oi * ow + oj + 1) * k];
+                let mut t = 0;
+                for c in 0..g.in_channels {
+                    let plane = &image[c * h * w..(c + 1) * h * w];
+                    for ki in 0..kh {
+                        let ih = (oi * g.stride[0] + ki * g.dilation[0]) as isize
+                            - g.padding[0] as isize;
+                        if ih < 0 || ih >= h as isize {
+                            row[t..t + kw].fill(zp);
+                            t += kw;
+                            continue;
+                        }
+                        let line = &plane[ih as usize * w..(ih as usize + 1) * w];
+                        let iw0 = (oj * g.stride[1]) as isize - g.padding[1] as isize;
+                        if g.dilation[1] == 1 && iw0 >= 0 && iw0 as usize + kw <= w {
+                            // The whole window row is inside the image: one copy.
+                            copy_taps(&mut row[t..t + kw], &line[iw0 as usize..iw0 as usize + kw]);
+                            t += kw;
+                            continue;
+                        }
+                        for kj in 0..kw {
+                            let iw = (oj * g.stride[1] + kj * g.dilation[1]) as isize
+                                - g.padding[1] as isize;
+                            row[t] = if iw < 0 || iw >= w as isize {
+                                zp
+                            } else {
+                                line[iw as usize]
+                            };
+                            t += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst.copy_from_slice(src)` for a window row of a few taps: the common widths are copied as
+/// fixed-size arrays (inline moves), since a `memcpy` call for 3 or 5 bytes costs more than
+/// the copy.
+#[inline]
+fn copy_taps(dst: &mut [u8], src: &[u8]) {
+    fn fixed<const K: usize>(dst: &mut [u8], src: &[u8]) {
+        let s: &[u8; K] = src.try_into().expect("K taps");
+        let d: &mut [u8; K] = dst.try_into().expect("K taps");
+        *d = *s;
+    }
+    match dst.len() {
+        1 => dst[0] = src[0],
+        3 => fixed::<3>(dst, src),
+        5 => fixed::<5>(dst, src),
+        7 => fixed::<7>(dst, src),
+        _ => dst.copy_from_slice(src),
+    }
+}
+
+impl std::fmt::Debug for Int8Conv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Int8Conv")
+            .field("geometry", &self.geometry)
+            .field("input", &self.p.input)
+            .field("relu", &self.p.relu)
+            .field("kernel", &self.kernel_name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conv2dKernel for Int8Conv {
+    fn geometry(&self) -> &ConvGeometry {
+        &self.geometry
+    }
+
+    fn forward(&self, x: &[f32], batch: usize, hw: [usize; 2], y: &mut [f32]) {
+        let g = &self.geometry;
+        let out_hw = g
+            .output_hw(hw)
+            .unwrap_or_else(|| panic!("conv window larger than the padded {hw:?} input"));
+        let image = g.in_channels * hw[0] * hw[1];
+        let positions = out_hw[0] * out_hw[1];
+        let (n, k) = (self.p.n, self.p.k);
+        assert_eq!(x.len(), batch * image, "input size");
+        assert_eq!(y.len(), batch * n * positions, "output size");
+        let mut codes = vec![0u8; x.len()];
+        self.p.input.quantize_u8_slice(x, &mut codes);
+        let mut rows = vec![0u8; batch * positions * k];
+        let patches = |(b, r): (usize, &mut [u8])| {
+            self.im2col(&codes[b * image..(b + 1) * image], hw, out_hw, r)
+        };
+        if rows.len() >= PARALLEL_MIN && batch > 1 {
+            rows.par_chunks_mut(positions * k)
+                .enumerate()
+                .for_each(patches);
+        } else {
+            rows.chunks_mut(positions * k).enumerate().for_each(patches);
+        }
+        let mut acc = self.p.sums(batch * positions, &rows);
+        let offsets = self.p.offsets();
+        let epilogue = |(out, acc): (&mut [f32], &mut [i32])| {
+            // Sums to values in place (contiguous, vectorised), then `[H'·W', n]` to `[n, H'·W']`.
+            self.p.values_in_place(acc, &offsets);
+            for (pos, values) in acc.chunks_exact(n).enumerate() {
+                for (o, &v) in values.iter().enumerate() {
+                    out[o * positions + pos] = f32::from_bits(v as u32);
+                }
+            }
+        };
+        let chunk = n * positions;
+        if y.len() >= PARALLEL_MIN && batch > 1 {
+            y.par_chunks_mut(chunk)
+                .zip(acc.par_chunks_mut(chunk))
+                .for_each(epilogue);
+        } else {
+            y.chunks_mut(chunk)
+                .zip(acc.chunks_mut(chunk))
+                .for_each(epilogue);
+        }
+    }
+
+    fn weight_bytes(&self) -> usize {
+        self.p.weight_bytes()
     }
 }

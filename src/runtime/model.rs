@@ -1,4 +1,6 @@
-//! Whole-model CPU inference for pruned networks: every fully connected layer runs as
+//! Whole-model CPU inference for compressed networks.
+//!
+//! Pruned networks: every fully connected layer runs as
 //! [`CsrLinear`] and every convolution as [`SparseIm2colConv`], so the weights that pruning
 //! removed are neither stored nor multiplied (Han et al. 2015, "Learning both weights and
 //! connections", section 5: the pruned network's speed-up on CPU comes from sparse
@@ -6,11 +8,17 @@
 //! their weights: those run dense on convpress's training kernels, which is faster there. The
 //! rest (batch-norm in evaluation form, ReLU, pooling, flatten, residual sums) is plain Rust on
 //! `[batch, C, H, W]` row-major activations.
+//!
+//! Quantized networks (a [`QuantSpec`] on the checkpoint, issue #12): each quantized
+//! convolution runs as [`Int8Conv`] and each quantized linear layer as [`Int8Linear`], with a
+//! ReLU that follows folded into their epilogue; layers kept in float run as above.
 
 use super::LinearKernel;
 use super::conv::{Conv2dKernel, ConvGeometry, DenseConv, DirectConv, SparseIm2colConv};
+use super::int8::{Int8Conv, Int8Linear};
 use super::sparse::CsrLinear;
 use crate::checkpoint::{CheckpointError, Loaded};
+use crate::compress::quantize::QuantSpec;
 use crate::kernels::{self, pool::PoolProblem};
 use crate::models::{Arch, LayerSpec, Shape};
 use rayon::prelude::*;
@@ -18,8 +26,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-/// Burn's `BatchNormConfig` default; checkpoints do not store epsilon.
-pub const BATCH_NORM_EPSILON: f64 = 1e-5;
+pub use crate::compress::fold::BATCH_NORM_EPSILON;
 
 /// Element-wise work below this runs on the calling thread.
 const PARALLEL_MIN_ELEMENTS: usize = 32 * 1024;
@@ -28,6 +35,7 @@ const PARALLEL_MIN_ELEMENTS: usize = 32 * 1024;
 enum Op {
     Conv(ConvLayer),
     Linear(CsrLinear),
+    Int8Linear(Int8Linear),
     /// Batch-norm in evaluation form, `x * scale[c] + shift[c]` (when no convolution precedes
     /// it to fold it into).
     Affine {
@@ -56,6 +64,7 @@ enum Op {
 enum ConvLayer {
     Sparse(SparseIm2colConv),
     Dense(DenseConv),
+    Int8(Int8Conv),
 }
 
 impl ConvLayer {
@@ -72,6 +81,7 @@ impl ConvLayer {
         match self {
             ConvLayer::Sparse(k) => k,
             ConvLayer::Dense(k) => k,
+            ConvLayer::Int8(k) => k,
         }
     }
 
@@ -80,6 +90,7 @@ impl ConvLayer {
         match self {
             ConvLayer::Sparse(k) => k.nnz(),
             ConvLayer::Dense(k) => k.layer.weight.len(),
+            ConvLayer::Int8(k) => k.weights().0.len(),
         }
     }
 
@@ -87,6 +98,7 @@ impl ConvLayer {
         match self {
             ConvLayer::Sparse(_) => "sparse im2col",
             ConvLayer::Dense(_) => "dense",
+            ConvLayer::Int8(_) => "int8",
         }
     }
 }
@@ -96,6 +108,8 @@ impl ConvLayer {
 struct Step {
     path: String,
     kind: &'static str,
+    /// Bits per weight of a conv or linear layer (32 in float).
+    bits: u32,
     op: Op,
     input: Shape,
     output: Shape,
@@ -120,8 +134,10 @@ pub struct LayerInfo {
     pub stored: usize,
     /// Bytes the runtime holds for the layer.
     pub bytes: usize,
-    /// Which kernel runs it: "sparse im2col", "dense" or "csr".
+    /// Which kernel runs it: "sparse im2col", "dense", "csr" or "int8".
     pub kernel: &'static str,
+    /// Bits per weight: 32 in float, the quantized width otherwise.
+    pub bits: u32,
 }
 
 /// A pruned network ready to run on the CPU.
@@ -133,10 +149,11 @@ pub struct SparseModel {
     dense_bytes: usize,
 }
 
-/// The checkpoint's tensors by path, each taken once.
+/// The checkpoint's tensors by path, each taken once, and how its layers are quantized.
 struct Tensors<'a> {
     map: &'a HashMap<String, (burn::tensor::TensorData, Option<burn::module::ParamId>)>,
     used: usize,
+    quant: Option<&'a QuantSpec>,
 }
 
 impl Tensors<'_> {
@@ -165,18 +182,9 @@ impl Tensors<'_> {
             t("running_mean")?,
             t("running_var")?,
         );
-        let scale: Vec<f32> = gamma
-            .iter()
-            .zip(&var)
-            .map(|(&g, &v)| (g as f64 / (v as f64 + BATCH_NORM_EPSILON).sqrt()) as f32)
-            .collect();
-        let shift = beta
-            .iter()
-            .zip(&mean)
-            .zip(&scale)
-            .map(|((&b, &m), &s)| b - m * s)
-            .collect();
-        Ok((scale, shift))
+        Ok(crate::compress::fold::batch_norm_affine(
+            &gamma, &beta, &mean, &var,
+        ))
     }
 }
 
@@ -197,6 +205,7 @@ impl SparseModel {
         let mut tensors = Tensors {
             map: &loaded.tensors,
             used: 0,
+            quant: loaded.quant.as_ref(),
         };
         let steps = build(
             &loaded.arch.layers,
@@ -227,14 +236,34 @@ impl SparseModel {
     /// Class scores `[batch, classes]` for images `[batch, C, H, W]` (row-major).
     pub fn forward(&self, images: &[f32], batch: usize) -> Vec<f32> {
         self.check_input(images, batch);
-        run(&self.steps, images.to_vec(), batch, None)
+        run(&self.steps, images.to_vec(), batch, &mut Probe::default())
+    }
+
+    /// [`forward`](Self::forward), showing `seen(path, input)` the input of every convolution
+    /// and linear layer (calibration observes them).
+    pub fn forward_observed(
+        &self,
+        images: &[f32],
+        batch: usize,
+        seen: &mut dyn FnMut(&str, &[f32]),
+    ) -> Vec<f32> {
+        self.check_input(images, batch);
+        let mut probe = Probe {
+            times: None,
+            inputs: Some(seen),
+        };
+        run(&self.steps, images.to_vec(), batch, &mut probe)
     }
 
     /// [`forward`](Self::forward), also returning each step's wall time in execution order.
     pub fn forward_timed(&self, images: &[f32], batch: usize) -> (Vec<f32>, Vec<LayerTime>) {
         self.check_input(images, batch);
         let mut times = Vec::new();
-        let out = run(&self.steps, images.to_vec(), batch, Some(&mut times));
+        let mut probe = Probe {
+            times: Some(&mut times),
+            inputs: None,
+        };
+        let out = run(&self.steps, images.to_vec(), batch, &mut probe);
         (out, times)
     }
 
@@ -256,6 +285,7 @@ impl SparseModel {
                 .map(|s| match &s.op {
                     Op::Conv(k) => k.kernel().weight_bytes(),
                     Op::Linear(k) => k.weight_bytes(),
+                    Op::Int8Linear(k) => k.weight_bytes(),
                     Op::Affine { scale, shift } => 4 * (scale.len() + shift.len()),
                     Op::Residual { body, shortcut } => sum(body) + sum(shortcut),
                     _ => 0,
@@ -274,18 +304,27 @@ impl SparseModel {
     pub fn layers(&self) -> Vec<LayerInfo> {
         fn walk(steps: &[Step], out: &mut Vec<LayerInfo>) {
             for s in steps {
-                let (weights, stored, bytes, kernel) = match &s.op {
+                let (weights, stored, bytes, kernel, bits) = match &s.op {
                     Op::Conv(k) => (
                         k.kernel().geometry().weight_len(),
                         k.stored(),
                         k.kernel().weight_bytes(),
                         k.name(),
+                        s.bits,
                     ),
                     Op::Linear(k) => (
                         k.in_features * k.out_features,
                         k.nnz(),
                         k.weight_bytes(),
                         "csr",
+                        32,
+                    ),
+                    Op::Int8Linear(k) => (
+                        k.in_features() * k.out_features(),
+                        k.weights().0.len(),
+                        k.weight_bytes(),
+                        "int8",
+                        s.bits,
                     ),
                     Op::Residual { body, shortcut } => {
                         walk(body, out);
@@ -301,6 +340,7 @@ impl SparseModel {
                     stored,
                     bytes,
                     kernel,
+                    bits,
                 });
             }
         }
@@ -325,6 +365,8 @@ fn build(
             .output_shape(shape)
             .map_err(|e| format!("{path}: {e}"))?;
         let mut kind = spec.kind();
+        let quant = tensors.quant.and_then(|q| q.layers.get(&path)).cloned();
+        let mut bits = 32;
         let op = match *spec {
             LayerSpec::Conv2d {
                 in_channels,
@@ -359,8 +401,11 @@ fn build(
                     None
                 };
                 // A batch-norm right after the convolution is folded into its weights and
-                // bias: scaling keeps zeros zero, so the sparsity pattern is unchanged.
-                if let Some(LayerSpec::BatchNorm { features }) = layers.get(i + 1) {
+                // bias: scaling keeps zeros zero, so the sparsity pattern is unchanged. (A
+                // quantized model was folded before it was quantized, so has none here.)
+                if let Some(LayerSpec::BatchNorm { features }) = layers.get(i + 1)
+                    && quant.is_none()
+                {
                     let (scale, shift) =
                         tensors.batch_norm(&format!("{prefix}.{}", i + 1), *features)?;
                     let patch = geometry.patch_len();
@@ -377,9 +422,32 @@ fn build(
                     kind = "conv2d+batch_norm";
                     i += 1;
                 }
-                let dense =
-                    DirectConv::new(geometry, weight, bias).map_err(|e| format!("{path}: {e}"))?;
-                Op::Conv(ConvLayer::new(&dense))
+                match &quant {
+                    Some(q) => {
+                        bits = q.bits;
+                        let codes = q.codes(&weight, false);
+                        let conv = Int8Conv::from_codes(
+                            geometry,
+                            codes,
+                            q.weight_quantizers(),
+                            bias,
+                            q.input,
+                        )
+                        .map_err(|e| format!("{path}: {e}"))?;
+                        if matches!(layers.get(i + 1), Some(LayerSpec::Relu)) {
+                            kind = "conv2d+relu";
+                            i += 1;
+                            Op::Conv(ConvLayer::Int8(conv.with_relu()))
+                        } else {
+                            Op::Conv(ConvLayer::Int8(conv))
+                        }
+                    }
+                    None => {
+                        let dense = DirectConv::new(geometry, weight, bias)
+                            .map_err(|e| format!("{path}: {e}"))?;
+                        Op::Conv(ConvLayer::new(&dense))
+                    }
+                }
             }
             LayerSpec::Linear {
                 in_features,
@@ -392,9 +460,44 @@ fn build(
                 } else {
                     None
                 };
-                let dense =
-                    super::DenseReference::from_burn_layout(in_features, out_features, &w, b);
-                Op::Linear(CsrLinear::from_dense(&dense))
+                match &quant {
+                    Some(q) => {
+                        bits = q.bits;
+                        // Burn's `[in, out]` to the kernels' `[out, in]`.
+                        let codes_in_out = q.codes(&w, true);
+                        let mut codes = vec![0i8; w.len()];
+                        for i in 0..in_features {
+                            for o in 0..out_features {
+                                codes[o * in_features + i] = codes_in_out[i * out_features + o];
+                            }
+                        }
+                        let linear = Int8Linear::from_codes(
+                            in_features,
+                            out_features,
+                            codes,
+                            q.weight_quantizers(),
+                            b,
+                            q.input,
+                        )
+                        .map_err(|e| format!("{path}: {e}"))?;
+                        if matches!(layers.get(i + 1), Some(LayerSpec::Relu)) {
+                            kind = "linear+relu";
+                            i += 1;
+                            Op::Int8Linear(linear.with_relu())
+                        } else {
+                            Op::Int8Linear(linear)
+                        }
+                    }
+                    None => {
+                        let dense = super::DenseReference::from_burn_layout(
+                            in_features,
+                            out_features,
+                            &w,
+                            b,
+                        );
+                        Op::Linear(CsrLinear::from_dense(&dense))
+                    }
+                }
             }
             LayerSpec::BatchNorm { features } => {
                 let (scale, shift) = tensors.batch_norm(&path, features)?;
@@ -413,10 +516,16 @@ fn build(
                 shortcut: build(shortcut, &format!("{path}.shortcut"), shape, tensors)?,
             },
         };
-        // A folded batch-norm keeps the shape, so `output` is still the step's output.
+        if quant.is_some() && !matches!(op, Op::Conv(_) | Op::Int8Linear(_)) {
+            return Err(format!(
+                "{path} is quantized but is not a conv or linear layer"
+            ));
+        }
+        // A folded batch-norm or ReLU keeps the shape, so `output` is still the step's output.
         steps.push(Step {
             path,
             kind,
+            bits,
             op,
             input: shape,
             output,
@@ -427,17 +536,24 @@ fn build(
     Ok(steps)
 }
 
-fn run(
-    steps: &[Step],
-    mut x: Vec<f32>,
-    batch: usize,
-    mut times: Option<&mut Vec<LayerTime>>,
-) -> Vec<f32> {
+/// What a run reports as it goes: each step's time, each weighted layer's input.
+#[derive(Default)]
+struct Probe<'a> {
+    times: Option<&'a mut Vec<LayerTime>>,
+    inputs: Option<&'a mut dyn FnMut(&str, &[f32])>,
+}
+
+fn run(steps: &[Step], mut x: Vec<f32>, batch: usize, probe: &mut Probe) -> Vec<f32> {
     for step in steps {
+        if let Some(seen) = probe.inputs.as_deref_mut()
+            && matches!(step.op, Op::Conv(_) | Op::Linear(_) | Op::Int8Linear(_))
+        {
+            seen(&step.path, &x);
+        }
         let start = Instant::now();
         let nested = matches!(step.op, Op::Residual { .. });
-        x = step.forward(x, batch, times.as_deref_mut());
-        if let Some(t) = times.as_deref_mut()
+        x = step.forward(x, batch, probe);
+        if let Some(t) = probe.times.as_deref_mut()
             && !nested
         {
             t.push(LayerTime {
@@ -459,12 +575,7 @@ fn dims(s: Shape) -> [usize; 3] {
 }
 
 impl Step {
-    fn forward(
-        &self,
-        mut x: Vec<f32>,
-        batch: usize,
-        times: Option<&mut Vec<LayerTime>>,
-    ) -> Vec<f32> {
+    fn forward(&self, mut x: Vec<f32>, batch: usize, probe: &mut Probe) -> Vec<f32> {
         let [c, h, w] = dims(self.input);
         let [oc, oh, ow] = dims(self.output);
         let out_len = batch * oc * oh * ow;
@@ -475,6 +586,11 @@ impl Step {
                 y
             }
             Op::Linear(k) => {
+                let mut y = vec![0f32; out_len];
+                k.forward(&x, batch, &mut y);
+                y
+            }
+            Op::Int8Linear(k) => {
                 let mut y = vec![0f32; out_len];
                 k.forward(&x, batch, &mut y);
                 y
@@ -511,9 +627,8 @@ impl Step {
             }
             Op::Flatten => x,
             Op::Residual { body, shortcut } => {
-                let mut times = times;
-                let mut a = run(body, x.clone(), batch, times.as_deref_mut());
-                let b = run(shortcut, x, batch, times);
+                let mut a = run(body, x.clone(), batch, probe);
+                let b = run(shortcut, x, batch, probe);
                 a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
                 a
             }
@@ -544,4 +659,32 @@ fn pool(
     } else {
         kernels::pool::avg_forward(&p, x, true)
     }
+}
+
+/// Test loss (mean cross-entropy) and accuracy of `model` on `set`, `batch` images at a time:
+/// what `eval` reports for a model that runs on this runtime (a quantized one: its accuracy is
+/// the int8 kernels', not that of its dequantized weights in float).
+pub fn evaluate(model: &SparseModel, set: &crate::data::ImageSet, batch: usize) -> (f64, f64) {
+    let len = set.image_len();
+    let classes = model.arch.classes;
+    let (mut loss, mut correct) = (0f64, 0usize);
+    for start in (0..set.n).step_by(batch.max(1)) {
+        let b = batch.min(set.n - start);
+        let logits = model.forward(&set.pixels[start * len..(start + b) * len], b);
+        for (row, &label) in logits
+            .chunks_exact(classes)
+            .zip(&set.labels[start..start + b])
+        {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+            loss += sum.ln() - (row[label as usize] - max) as f64;
+            let best = row
+                .iter()
+                .enumerate()
+                .fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
+            correct += usize::from(best == label as usize);
+        }
+    }
+    let n = set.n.max(1) as f64;
+    (loss / n, correct as f64 / n)
 }

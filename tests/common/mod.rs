@@ -87,3 +87,73 @@ pub fn uniform(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
 pub fn values(n: usize, seed: u64) -> Vec<f32> {
     uniform(n, seed, -1.0, 1.0)
 }
+
+pub fn meta() -> convpress::checkpoint::ModelMeta {
+    use convpress::checkpoint::ModelMeta;
+    use convpress::data::{DatasetKind, Preprocess};
+    ModelMeta {
+        dataset: DatasetKind::Mnist,
+        preprocess: Preprocess {
+            pad: 0,
+            resize: None,
+            resize_mode: Default::default(),
+            mean: vec![0.0],
+            std: vec![1.0],
+        },
+        info: serde_json::json!({}),
+    }
+}
+
+/// A randomly initialised `kind` with its conv and linear weights pruned by magnitude to
+/// `sparsity` and batch-norm parameters and running statistics set away from their initial
+/// values (so folding them is really tested), written as a checkpoint in `dir`.
+pub fn pruned_checkpoint(
+    kind: convpress::models::ModelKind,
+    input: [usize; 3],
+    sparsity: f64,
+    dir: &std::path::Path,
+) -> (convpress::models::Network, std::path::PathBuf) {
+    use burn::prelude::*;
+    use convpress::checkpoint;
+    use convpress::compress::prune::level_mask;
+    use convpress::models::Network;
+    let device = Device::flex();
+    device.seed(3);
+    let arch = kind.arch(input, 10).unwrap();
+    let fresh = dir.join("fresh.safetensors");
+    let mut meta = meta();
+    meta.preprocess.mean = vec![0.0; input[0]];
+    meta.preprocess.std = vec![1.0; input[0]];
+    checkpoint::save(&fresh, &Network::new(&arch, &device).unwrap(), &meta).unwrap();
+    let mut loaded = checkpoint::read(&fresh).unwrap();
+    let mut n = 0;
+    for (path, (data, _)) in loaded.tensors.iter_mut() {
+        n += 1;
+        let shape = data.shape().to_vec();
+        let mut v: Vec<f32> = data.try_to_vec().unwrap();
+        let len = v.len();
+        let seed = n as u64 * 1000 + len as u64;
+        if path.ends_with("weight") && shape.len() >= 2 {
+            let keep = level_mask(&v, sparsity).unwrap();
+            v.iter_mut().zip(keep).for_each(|(w, k)| {
+                if !k {
+                    *w = 0.0
+                }
+            });
+        } else if path.ends_with("gamma") {
+            v = uniform(len, seed, 0.5, 1.5);
+        } else if path.ends_with("beta") || path.ends_with("running_mean") {
+            v = uniform(len, seed, -0.5, 0.5);
+        } else if path.ends_with("running_var") {
+            v = uniform(len, seed, 0.3, 2.0);
+        } else if path.ends_with("bias") {
+            v = uniform(len, seed, -0.2, 0.2);
+        }
+        *data = TensorData::new(v, shape);
+    }
+    let net =
+        checkpoint::load_tensors(Network::new(&arch, &device).unwrap(), loaded.tensors).unwrap();
+    let path = dir.join("pruned.safetensors");
+    checkpoint::save(&path, &net, &meta).unwrap();
+    (net, path)
+}

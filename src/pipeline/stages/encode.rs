@@ -110,8 +110,8 @@ impl Stage for Encode {
             };
             payloads.push((name.clone(), shape, payload));
         }
-        let (bytes, stages) =
-            format::encode(input.arch(), input.meta(), payloads).map_err(anyhow::Error::msg)?;
+        let (bytes, stages) = format::encode(input.arch(), input.meta(), payloads, None)
+            .map_err(anyhow::Error::msg)?;
         let out = self.out.clone().unwrap_or_else(|| cx.dir.join("model.cpz"));
         crate::atomic_file::write_atomic(&out, &bytes)?;
         let mut model = Model::open(&out)?;

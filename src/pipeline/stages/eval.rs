@@ -1,10 +1,12 @@
 //! The `eval` stage: test accuracy and loss of the model so far, decoded from its file, on its
-//! dataset's test split. The model passes through unchanged.
+//! dataset's test split (a quantized model on the int8 kernels). The model passes through
+//! unchanged.
 
 use crate::checkpoint;
 use crate::pipeline::measure::test_set;
 use crate::pipeline::table::{self, StageTable};
 use crate::pipeline::{Context, Model, Outcome, Plan, Stage, required};
+use crate::runtime::model::SparseModel;
 use crate::train;
 use serde::{Deserialize, Serialize};
 
@@ -67,9 +69,15 @@ impl Stage for Eval {
     fn run(&self, input: Option<Model>, cx: &Context) -> anyhow::Result<Outcome> {
         let model = required(input, self.kind())?;
         self.check().map_err(anyhow::Error::msg)?;
-        let (network, _) = checkpoint::load(&model.file, &cx.device)?;
         let test = test_set(&model, &cx.data_dir_for(model.meta()), self.params.limit)?;
-        let (loss, acc) = train::evaluate(&network, &test, self.params.batch_size, &cx.device);
+        // A quantized model runs on the int8 kernels, as it would be served.
+        let (loss, acc) = if model.loaded.quant.is_some() {
+            let runtime = SparseModel::from_loaded(&model.loaded).map_err(anyhow::Error::msg)?;
+            crate::runtime::model::evaluate(&runtime, &test, self.params.batch_size)
+        } else {
+            let (network, _) = checkpoint::load(&model.file, &cx.device)?;
+            train::evaluate(&network, &test, self.params.batch_size, &cx.device)
+        };
         let details = serde_json::json!({
             "test_acc": acc,
             "test_loss": loss,

@@ -1,0 +1,165 @@
+//! Post-training quantization (issue #12): fold batch norms, run the float model on
+//! calibration images to observe each conv and linear layer's input, then quantize weights
+//! symmetrically per output channel and inputs asymmetrically per tensor (Krishnamoorthi 2018,
+//! "Quantizing deep convolutional networks for efficient inference", sections 2 and 3.1).
+//! The result is the model with its weights on their quantization grid and a [`QuantSpec`],
+//! which the int8 runtime runs and the `.cpz` format stores at `bits` bits per weight.
+
+use super::fold::fold_batch_norms;
+use super::quantize::{Calibration, Observer, QuantLayer, QuantSpec, Quantizer, check_bits};
+use crate::checkpoint::{Loaded, floats};
+use crate::data::ImageSet;
+use crate::runtime::model::SparseModel;
+use std::collections::BTreeMap;
+
+/// Images per calibration batch.
+const CALIBRATION_BATCH: usize = 64;
+
+/// What to quantize, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PtqSettings {
+    /// Bits of weights and inputs of every quantized layer, unless `layer_bits` says otherwise.
+    pub bits: u32,
+    pub calibration: Calibration,
+    /// Bits per layer (paths of the model as given, before folding); `None` keeps the layer
+    /// in float.
+    pub layer_bits: BTreeMap<String, Option<u32>>,
+}
+
+/// A quantized model and how it came about.
+#[derive(Debug, Clone)]
+pub struct Quantized {
+    /// The folded model on its quantization grid, with its spec.
+    pub model: Loaded,
+    /// Each layer path of the model as given, and its path in the folded one.
+    pub renamed: BTreeMap<String, String>,
+    /// Images the observers saw.
+    pub calibration_images: usize,
+}
+
+/// Quantizes `model` after calibrating on the images of `calibration` (preprocessed as the
+/// model expects). Refuses a model already quantized, and an empty calibration set, before any
+/// work.
+pub fn quantize_model(
+    model: &Loaded,
+    settings: &PtqSettings,
+    calibration: &ImageSet,
+) -> Result<Quantized, String> {
+    if model.quant.is_some() {
+        return Err("the model is already quantized: quantize its float checkpoint instead".into());
+    }
+    check_bits("bits", settings.bits)?;
+    for (layer, bits) in &settings.layer_bits {
+        if let Some(b) = bits {
+            check_bits(&format!("{layer}: bits"), *b)?;
+        }
+    }
+    if calibration.n == 0 {
+        return Err("calibration needs at least one image, and the set is empty".into());
+    }
+    let (folded, renamed) = fold_batch_norms(model)?;
+    let mut bits_of: BTreeMap<String, Option<u32>> = BTreeMap::new();
+    for s in folded.arch.layer_stats() {
+        if matches!(s.kind, "conv2d" | "linear") {
+            bits_of.insert(s.path, Some(settings.bits));
+        }
+    }
+    for (old, bits) in &settings.layer_bits {
+        let new = renamed
+            .get(old)
+            .filter(|n| bits_of.contains_key(*n))
+            .ok_or_else(|| format!("{old} is not a conv or linear layer of the model"))?;
+        bits_of.insert(new.clone(), *bits);
+    }
+    let float = SparseModel::from_loaded(&folded)?;
+    let mut observers: BTreeMap<String, Observer> = BTreeMap::new();
+    let mut failed: Option<String> = None;
+    let len = calibration.image_len();
+    for start in (0..calibration.n).step_by(CALIBRATION_BATCH) {
+        let batch = CALIBRATION_BATCH.min(calibration.n - start);
+        let images = &calibration.pixels[start * len..(start + batch) * len];
+        float.forward_observed(images, batch, &mut |path, x| {
+            if failed.is_none()
+                && matches!(bits_of.get(path), Some(Some(_)))
+                && let Err(e) = observers.entry(path.to_string()).or_default().observe(x)
+            {
+                failed = Some(format!("{path}: {e}"));
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+    }
+    let mut tensors = folded.tensors.clone();
+    let mut spec = QuantSpec::default();
+    let axis_of: BTreeMap<String, bool> = folded
+        .arch
+        .layer_stats()
+        .into_iter()
+        .map(|s| (s.path, s.kind == "linear"))
+        .collect();
+    for (path, bits) in &bits_of {
+        let Some(bits) = *bits else { continue };
+        let observer = observers
+            .get(path)
+            .ok_or_else(|| format!("{path}: calibration never reached the layer"))?;
+        let input = observer.quantizer(settings.calibration, bits)?;
+        let name = format!("{path}.weight");
+        let (mut w, shape) = floats(&tensors, &name)?;
+        let channel_last = axis_of[path];
+        let scales = quantize_in_place(&mut w, &shape, channel_last, bits);
+        tensors.insert(name, (burn::tensor::TensorData::new(w, shape), None));
+        spec.layers.insert(
+            path.clone(),
+            QuantLayer {
+                bits,
+                input,
+                weight_scales: scales,
+            },
+        );
+    }
+    let quantized = Loaded {
+        quant: Some(spec),
+        tensors,
+        ..folded
+    };
+    quantized.check()?;
+    Ok(Quantized {
+        model: quantized,
+        renamed,
+        calibration_images: calibration.n,
+    })
+}
+
+/// Puts weight `w` (output channel first, or last for Burn's linear `[in, out]`) on its
+/// symmetric per-channel grid of `bits` bits, `w = code · step`; returns the steps.
+pub fn quantize_in_place(
+    w: &mut [f32],
+    shape: &[usize],
+    channel_last: bool,
+    bits: u32,
+) -> Vec<f32> {
+    let channels = if channel_last {
+        shape[shape.len() - 1]
+    } else {
+        shape[0]
+    };
+    let inner = if channel_last {
+        1
+    } else {
+        w.len() / channels.max(1)
+    };
+    let channel = |i: usize| (i / inner) % channels;
+    let mut max_abs = vec![0f32; channels];
+    for (i, v) in w.iter().enumerate() {
+        max_abs[channel(i)] = max_abs[channel(i)].max(v.abs());
+    }
+    let quantizers: Vec<Quantizer> = max_abs
+        .iter()
+        .map(|&m| Quantizer::symmetric(m, bits))
+        .collect();
+    for (i, v) in w.iter_mut().enumerate() {
+        *v = quantizers[channel(i)].round_trip(*v);
+    }
+    quantizers.iter().map(|q| q.scale).collect()
+}

@@ -1,0 +1,301 @@
+//! Quantized models end to end (issue #12): int8 convolutions against a float reference on
+//! every instruction path, batch-norm folding, post-training quantization, and the version-2
+//! `.cpz` file: bit-exact round trips, real size, sparse zeros, refusals of damaged files.
+
+mod common;
+
+use common::{pruned_checkpoint, uniform};
+use convpress::checkpoint::{self, Loaded};
+use convpress::compress::fold::fold_batch_norms;
+use convpress::compress::format::{self, Encoding};
+use convpress::compress::ptq::{PtqSettings, quantize_model};
+use convpress::compress::quantize::{Calibration, Observer};
+use convpress::data::ImageSet;
+use convpress::kernels::int8;
+use convpress::models::ModelKind;
+use convpress::runtime::conv::{Conv2dKernel, ConvGeometry, DirectConv};
+use convpress::runtime::int8::Int8Conv;
+use convpress::runtime::model::SparseModel;
+use std::collections::BTreeMap;
+
+fn images(n: usize, shape: [usize; 3], seed: u64) -> ImageSet {
+    let len: usize = shape.iter().product();
+    ImageSet {
+        n,
+        channels: shape[0],
+        height: shape[1],
+        width: shape[2],
+        pixels: uniform(n * len, seed, -1.0, 2.0),
+        labels: (0..n).map(|i| (i % 10) as u8).collect(),
+        classes: 10,
+    }
+}
+
+fn settings(bits: u32) -> PtqSettings {
+    PtqSettings {
+        bits,
+        calibration: Calibration::MinMax,
+        layer_bits: BTreeMap::new(),
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// An int8 convolution equals, on every path this machine has, the float convolution of its
+/// dequantized input and weights (up to the epilogue's f32 rounding), and every path gives the
+/// same bits: padding, stride and dilation included.
+#[test]
+fn int8_convolutions_match_the_float_reference_on_every_path() {
+    let cases = [
+        ([3, 8, 3, 3], [1, 1], [1, 1], [1, 1], [9, 9]),
+        ([1, 6, 5, 5], [0, 0], [1, 1], [1, 1], [12, 12]),
+        ([4, 5, 3, 3], [2, 1], [2, 2], [1, 1], [11, 10]),
+        ([2, 17, 3, 3], [2, 2], [1, 1], [2, 2], [8, 8]),
+    ];
+    for (n, &([cin, cout, kh, kw], padding, stride, dilation, hw)) in cases.iter().enumerate() {
+        let g = ConvGeometry {
+            in_channels: cin,
+            out_channels: cout,
+            kernel: [kh, kw],
+            stride,
+            padding,
+            dilation,
+            groups: 1,
+        };
+        let w = uniform(g.weight_len(), n as u64, -0.5, 0.5);
+        let bias = uniform(cout, 100 + n as u64, -0.2, 0.2);
+        let batch = 3;
+        let x = uniform(batch * cin * hw[0] * hw[1], 200 + n as u64, -1.0, 3.0);
+        let mut obs = Observer::default();
+        obs.observe(&x).unwrap();
+        let input = obs.quantizer(Calibration::MinMax, 8).unwrap();
+        let conv = Int8Conv::new(g, &w, Some(bias.clone()), 8, input).unwrap();
+        let (codes, wq) = conv.weights();
+        let per = g.patch_len();
+        let w_hat: Vec<f32> = codes
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| wq[i / per].dequantize(c as i32))
+            .collect();
+        let x_hat: Vec<f32> = x.iter().map(|&v| input.round_trip(v)).collect();
+        let reference = DirectConv::new(g, w_hat, Some(bias)).unwrap();
+        let out_hw = g.output_hw(hw).unwrap();
+        let mut want = vec![0f32; batch * cout * out_hw[0] * out_hw[1]];
+        reference.forward(&x_hat, batch, hw, &mut want);
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let mut first: Option<Vec<f32>> = None;
+        for path in int8::available() {
+            let path: &'static dyn int8::Int8Gemm = Box::leak(path);
+            let k = conv.clone().with_kernel(path);
+            let mut got = vec![0f32; want.len()];
+            k.forward(&x, batch, hw, &mut got);
+            let d = max_abs_diff(&got, &want);
+            assert!(
+                d <= 1e-4 * scale,
+                "case {n} on {}: {d} (scale {scale})",
+                path.name()
+            );
+            match &first {
+                None => first = Some(got),
+                Some(f) => assert_eq!(&got, f, "case {n}: {} differs", path.name()),
+            }
+        }
+        // ReLU in the epilogue is ReLU after it.
+        let mut plain = vec![0f32; want.len()];
+        conv.forward(&x, batch, hw, &mut plain);
+        let mut fused = vec![0f32; want.len()];
+        conv.clone().with_relu().forward(&x, batch, hw, &mut fused);
+        let relu: Vec<f32> = plain.iter().map(|v| v.max(0.0)).collect();
+        assert_eq!(fused, relu, "case {n}");
+    }
+}
+
+/// Folding batch norms into the convolutions before them leaves the network's function as it
+/// was and removes them from the architecture.
+#[test]
+fn folding_batch_norms_keeps_the_function() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, path) = pruned_checkpoint(ModelKind::Resnet20, [3, 16, 16], 0.3, dir.path());
+    let loaded = checkpoint::read(&path).unwrap();
+    let (folded, renamed) = fold_batch_norms(&loaded).unwrap();
+    folded.check().unwrap();
+    let kinds: Vec<&str> = folded.arch.layer_stats().iter().map(|s| s.kind).collect();
+    assert!(!kinds.contains(&"batch_norm"), "{kinds:?}");
+    assert!(renamed.len() > folded.arch.layer_stats().len() / 2);
+    let x = uniform(2 * 3 * 16 * 16, 5, -2.0, 2.0);
+    let a = SparseModel::from_loaded(&loaded).unwrap().forward(&x, 2);
+    let b = SparseModel::from_loaded(&folded).unwrap().forward(&x, 2);
+    let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
+    assert!(max_abs_diff(&a, &b) <= 1e-4 * scale);
+}
+
+/// Post-training quantization of a pruned ResNet-20 and a pruned LeNet-5: the file decodes to
+/// exactly the quantized model, re-encodes to the same bytes, keeps the pruned zeros (stored
+/// sparsely), spends `bits / 8` bytes per stored weight and less than a byte per position, and its int8 runtime gives the
+/// float model's class scores within the quantization error.
+#[test]
+fn quantized_files_round_trip_bit_exactly_at_their_real_size() {
+    for (kind, input, sparsity, bits) in [
+        (ModelKind::Lenet5, [1, 28, 28], 0.9, 8),
+        (ModelKind::Lenet5, [1, 28, 28], 0.0, 4),
+        (ModelKind::Resnet20, [3, 16, 16], 0.5, 8),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, path) = pruned_checkpoint(kind, input, sparsity, dir.path());
+        let float = checkpoint::read(&path).unwrap();
+        let calib = images(32, input, 9);
+        let q = quantize_model(&float, &settings(bits), &calib).unwrap();
+        let (bytes, stages) = format::encode_quantized(&q.model).unwrap();
+        let back: Loaded = format::decode(&bytes).unwrap();
+        back.check().unwrap();
+        assert_eq!(back.quant, q.model.quant, "{kind:?}");
+        for (name, (data, _)) in &q.model.tensors {
+            assert_eq!(back.tensors[name].0, *data, "{kind:?} {name}");
+        }
+        let (again, _) = format::encode_quantized(&back).unwrap();
+        assert!(again == bytes, "{kind:?}: re-encoding changed the bytes");
+        // Zeros stay zeros, and the pruned tensors are stored sparsely.
+        let spec = q.model.quant.as_ref().unwrap();
+        assert!(!spec.layers.is_empty());
+        let entries = format::entries(&bytes).unwrap();
+        for e in entries.iter().filter(|e| e.path.ends_with(".weight")) {
+            let Encoding::Quantized { bits: b, gaps, .. } = &e.encoding else {
+                panic!("{kind:?} {}: not quantized", e.path)
+            };
+            assert_eq!(*b, bits);
+            if sparsity >= 0.9 {
+                assert!(gaps.is_some(), "{kind:?} {}: dense codes", e.path);
+            }
+        }
+        let weights: usize = stages
+            .iter()
+            .filter(|s| s.path.ends_with(".weight"))
+            .map(|s| s.nnz)
+            .sum();
+        let weight_bytes: usize = stages
+            .iter()
+            .filter(|s| s.path.ends_with(".weight"))
+            .map(|s| s.huffman)
+            .sum();
+        // The codes at their width, plus (sparse) under a byte per position, plus the steps.
+        let ideal = weights * bits as usize / 8;
+        let positions = if sparsity > 0.0 { weights } else { 0 };
+        assert!(
+            weight_bytes >= ideal && weight_bytes <= ideal + positions + 4096,
+            "{kind:?}: {weight_bytes} bytes for {weights} weights at {bits} bits"
+        );
+        // The int8 runtime from the file equals the one from memory, and is close to float.
+        let x = calib.pixels[..4 * calib.image_len()].to_vec();
+        let from_file = SparseModel::from_loaded(&back).unwrap().forward(&x, 4);
+        let from_memory = SparseModel::from_loaded(&q.model).unwrap().forward(&x, 4);
+        assert_eq!(from_file, from_memory);
+        let want = SparseModel::from_loaded(&float).unwrap().forward(&x, 4);
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let tol = if bits == 8 { 0.1 } else { 0.6 };
+        assert!(
+            max_abs_diff(&from_file, &want) <= tol * scale,
+            "{kind:?} at {bits} bits: {} (scale {scale})",
+            max_abs_diff(&from_file, &want)
+        );
+        let layers = SparseModel::from_loaded(&back).unwrap().layers();
+        assert!(layers.iter().all(|l| l.kernel == "int8" && l.bits == bits));
+    }
+}
+
+/// Layers kept in float stay raw f32 and run on the float kernels.
+#[test]
+fn layers_kept_in_float_stay_float() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, path) = pruned_checkpoint(ModelKind::Lenet5, [1, 28, 28], 0.0, dir.path());
+    let float = checkpoint::read(&path).unwrap();
+    let mut s = settings(8);
+    s.layer_bits.insert("layers.0".into(), None);
+    s.layer_bits.insert("layers.7".into(), Some(6));
+    let q = quantize_model(&float, &s, &images(8, [1, 28, 28], 1)).unwrap();
+    let spec = q.model.quant.as_ref().unwrap();
+    assert!(!spec.layers.contains_key("layers.0"));
+    assert_eq!(spec.layers["layers.7"].bits, 6);
+    let (bytes, _) = format::encode_quantized(&q.model).unwrap();
+    let layers = SparseModel::from_loaded(&format::decode(&bytes).unwrap())
+        .unwrap()
+        .layers();
+    assert_eq!(layers[0].bits, 32);
+    assert_ne!(layers[0].kernel, "int8");
+}
+
+/// What the method refuses, before any work: a model already quantized, an empty
+/// calibration set, bit widths outside 2..=8, a layer that is not a conv or linear one.
+#[test]
+fn bad_quantization_requests_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, path) = pruned_checkpoint(ModelKind::Lenet5, [1, 28, 28], 0.0, dir.path());
+    let float = checkpoint::read(&path).unwrap();
+    let calib = images(4, [1, 28, 28], 2);
+    for bits in [0, 1, 9, 16] {
+        let e = quantize_model(&float, &settings(bits), &calib).unwrap_err();
+        assert!(e.contains("bits"), "{bits}: {e}");
+    }
+    let e = quantize_model(&float, &settings(8), &images(0, [1, 28, 28], 2)).unwrap_err();
+    assert!(e.contains("at least one image"), "{e}");
+    let mut s = settings(8);
+    s.layer_bits.insert("layers.1".into(), Some(8));
+    let e = quantize_model(&float, &s, &calib).unwrap_err();
+    assert!(e.contains("layers.1"), "{e}");
+    let q = quantize_model(&float, &settings(8), &calib).unwrap();
+    let e = quantize_model(&q.model, &settings(8), &calib).unwrap_err();
+    assert!(e.contains("already quantized"), "{e}");
+}
+
+/// Damaged quantized files with a valid checksum (what a fuzzer reaches): decoding returns an
+/// error or a model, never panics; flipped bytes are caught by the checksum. Also writes the
+/// fuzz seed (`CONVPRESS_WRITE_SEEDS=1`), a small quantized file.
+#[test]
+fn damaged_quantized_files_are_refused_never_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, path) = pruned_checkpoint(ModelKind::Lenet300, [1, 8, 8], 0.8, dir.path());
+    let float = checkpoint::read(&path).unwrap();
+    let q = quantize_model(&float, &settings(4), &images(4, [1, 8, 8], 3)).unwrap();
+    let (bytes, _) = format::encode_quantized(&q.model).unwrap();
+    format::decode(&bytes).unwrap();
+    if std::env::var_os("CONVPRESS_WRITE_SEEDS").is_some() {
+        let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+        std::fs::write(seeds.join("quantized-lenet300-4bit.cpz"), &bytes).unwrap();
+    }
+    let reseal = |mut b: Vec<u8>| {
+        let n = b.len() - 4;
+        let crc = crc32fast::hash(&b[..n]);
+        b[n..].copy_from_slice(&crc.to_le_bytes());
+        b
+    };
+    let mut state = 12345u64;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as usize
+    };
+    let (mut refused, mut flipped) = (0, 0);
+    for _ in 0..2000 {
+        let mut b = bytes.clone();
+        let i = 16 + next() % (b.len() - 20);
+        b[i] ^= 1 << (next() % 8);
+        if format::decode(&b).is_err() {
+            flipped += 1;
+        }
+        if format::decode(&reseal(b)).and_then(|l| l.check()).is_err() {
+            refused += 1;
+        }
+    }
+    assert_eq!(flipped, 2000, "the checksum catches every flipped bit");
+    assert!(
+        refused > 100,
+        "only {refused} of 2000 resealed damages refused"
+    );
+    // A version-1 file cannot hold quantized tensors.
+    let mut v1 = bytes.clone();
+    v1[4] = 1;
+    let e = format::decode(&reseal(v1)).unwrap_err();
+    assert!(e.contains("version-1"), "{e}");
+}
