@@ -111,6 +111,62 @@ int8_gemm_conformance!(
     int8::Avx2Blocked::new().map(|k| Box::new(k) as Box<dyn Int8Gemm>)
 );
 
+/// The blocked kernel's two other entry points, as gemms for the same suite: rows already
+/// widened to pairs (`gemm_pairs`), and pairs gathered through offsets from one u16 buffer
+/// (`gemm_gathered`, which the int8 convolution uses), here laid out with a gap after every
+/// row so that the offsets are really followed.
+struct Pairs(int8::Avx2Blocked);
+struct Gathered(int8::Avx2Blocked);
+
+fn widened(m: usize, k: usize, a: &[u8], stride: usize) -> Vec<u16> {
+    let mut wide = vec![0u16; m * stride + 2];
+    for (i, row) in a.chunks_exact(k.max(1)).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            wide[i * stride + j] = v as u16;
+        }
+    }
+    wide
+}
+
+impl Int8Gemm for Pairs {
+    fn name(&self) -> &'static str {
+        "avx2-blocked pairs"
+    }
+    fn gemm(&self, m: usize, n: usize, k: usize, a: &[u8], b: &[i8], c: &mut [i32]) {
+        let packed = int8::PackedB::new(n, k, b);
+        let wide = widened(m, k, a, 2 * packed.pairs());
+        let a2: Vec<i32> = wide[..m * 2 * packed.pairs()]
+            .chunks_exact(2)
+            .map(|p| p[0] as i32 | (p[1] as i32) << 16)
+            .collect();
+        self.0.gemm_pairs(m, &packed, &a2, c);
+    }
+}
+
+impl Int8Gemm for Gathered {
+    fn name(&self) -> &'static str {
+        "avx2-blocked gathered"
+    }
+    fn gemm(&self, m: usize, n: usize, k: usize, a: &[u8], b: &[i8], c: &mut [i32]) {
+        let packed = int8::PackedB::new(n, k, b);
+        let stride = 2 * packed.pairs() + 3;
+        let wide = widened(m, k, a, stride);
+        let bases: Vec<usize> = (0..m).map(|i| i * stride).collect();
+        let offsets: Vec<usize> = (0..packed.pairs()).map(|q| 2 * q).collect();
+        self.0.gemm_gathered(&bases, &offsets, &wide, &packed, c);
+    }
+}
+
+int8_gemm_conformance!(
+    avx2_pairs,
+    int8::Avx2Blocked::new().map(|k| Box::new(Pairs(k)) as Box<dyn Int8Gemm>)
+);
+
+int8_gemm_conformance!(
+    avx2_gathered,
+    int8::Avx2Blocked::new().map(|k| Box::new(Gathered(k)) as Box<dyn Int8Gemm>)
+);
+
 #[test]
 fn best_is_one_of_the_available_paths() {
     let names: Vec<&str> = int8::available().iter().map(|k| k.name()).collect();

@@ -188,26 +188,29 @@ mod avx2 {
         }
     }
 
-    /// `out = a · bᵀ` for up to `ROWS` rows: `a2` holds the rows' pairs (`rows × b.pairs`),
-    /// `out` is `rows × b.n`. Full blocks of `ROWS` rows run the unrolled kernel; the rows
-    /// left over run it one at a time.
+    /// `out = a · bᵀ` for rows `first .. first + rows` (up to `ROWS`) of `src`; `out` is
+    /// `rows × b.n`. Full blocks of `ROWS` rows run the unrolled kernel; the rows left over run
+    /// it one at a time.
+    ///
+    /// # Safety
+    /// AVX2, and `src` must hold every pair of those rows.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn blocked(a2: &[i32], rows: usize, b: &super::PackedB, out: &mut [i32]) {
+    pub unsafe fn blocked<P: super::Pairs>(
+        src: &P,
+        first: usize,
+        rows: usize,
+        b: &super::PackedB,
+        out: &mut [i32],
+    ) {
         use super::ROWS;
         if rows == ROWS {
             // SAFETY: forwarded from the caller.
-            unsafe { block::<ROWS>(a2, b, out) };
+            unsafe { block::<ROWS, P>(src, first, b, out) };
         } else {
-            let (n, pairs) = (b.n, b.pairs);
+            let n = b.n;
             for r in 0..rows {
                 // SAFETY: as above.
-                unsafe {
-                    block::<1>(
-                        &a2[r * pairs..(r + 1) * pairs],
-                        b,
-                        &mut out[r * n..(r + 1) * n],
-                    )
-                };
+                unsafe { block::<1, P>(src, first + r, b, &mut out[r * n..(r + 1) * n]) };
             }
         }
     }
@@ -215,15 +218,20 @@ mod avx2 {
     /// `R` rows against every panel; `R` is a constant so that the `2 R` accumulators live in
     /// registers.
     #[target_feature(enable = "avx2")]
-    unsafe fn block<const R: usize>(a2: &[i32], b: &super::PackedB, out: &mut [i32]) {
+    unsafe fn block<const R: usize, P: super::Pairs>(
+        src: &P,
+        first: usize,
+        b: &super::PackedB,
+        out: &mut [i32],
+    ) {
         use super::PANEL;
         let (n, pairs) = (b.n, b.pairs);
-        assert!(a2.len() == R * pairs && out.len() == R * n);
+        assert!(out.len() == R * n);
         assert!(b.data.len() >= n.div_ceil(PANEL) * pairs * PANEL * 2);
         for p in 0..n.div_ceil(PANEL) {
             let mut acc = [[_mm256_setzero_si256(); 2]; R];
             // SAFETY: the asserts above bound every offset: panel p holds `pairs` steps of
-            // 2 * PANEL i16 (two 256-bit loads), and row r's pairs are `a2[r * pairs..]`.
+            // 2 * PANEL i16 (two 256-bit loads); the caller vouches for `src`'s rows.
             unsafe {
                 let panel = b.data.as_ptr().add(p * pairs * PANEL * 2);
                 for q in 0..pairs {
@@ -231,7 +239,7 @@ mod avx2 {
                     let b0 = _mm256_loadu_si256(ptr.cast());
                     let b1 = _mm256_loadu_si256(ptr.add(16).cast());
                     for (r, acc) in acc.iter_mut().enumerate() {
-                        let av = _mm256_set1_epi32(*a2.get_unchecked(r * pairs + q));
+                        let av = _mm256_set1_epi32(src.get(first + r, q));
                         acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(av, b0));
                         acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(av, b1));
                     }
@@ -347,6 +355,11 @@ impl PackedB {
     pub fn k(&self) -> usize {
         self.k
     }
+
+    /// Pairs of reduction steps per row: `ceil(k / 2)`.
+    pub fn pairs(&self) -> usize {
+        self.pairs
+    }
 }
 
 /// AVX2, register-blocked: 4 rows of `a` against 16 output channels at a time, each pair of `a`
@@ -387,21 +400,126 @@ impl Avx2Blocked {
                 a2.push(*last as i32);
             }
         }
+        self.gemm_pairs(m, b, &a2, c);
+    }
+
+    /// [`Avx2Blocked::gemm_packed`] on rows already widened to pairs: row `i` of `a2` is
+    /// `b.pairs()` values `a[i][2q] | a[i][2q + 1] << 16` (a last odd step paired with 0), which
+    /// is the row's u8 values widened to `u16` read as `i32` on this little-endian target. A
+    /// producer of rows (the int8 convolution's im2col) writes them so, skipping a pass.
+    pub fn gemm_pairs(&self, m: usize, b: &PackedB, a2: &[i32], c: &mut [i32]) {
+        let (n, k, pairs) = (b.n, b.k, b.pairs);
+        assert!(
+            k <= MAX_K,
+            "int8 gemm: k = {k} could overflow i32 (at most {MAX_K})"
+        );
+        assert_eq!(a2.len(), m * pairs, "int8 gemm: a2 is not [m, pairs]");
+        assert_eq!(c.len(), m * n, "int8 gemm: c is not [m, n]");
+        if m == 0 || n == 0 {
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         {
             use rayon::prelude::*;
             let run = |(block, out): (usize, &mut [i32])| {
                 let rows = out.len() / n;
-                let a2 = &a2[block * ROWS * pairs..(block * ROWS + rows) * pairs];
-                // SAFETY: an `Avx2Blocked` exists only where the CPU has AVX2; the slices have
-                // the lengths asserted above.
-                unsafe { avx2::blocked(a2, rows, b, out) }
+                let src = Contiguous { a2, pairs };
+                // SAFETY: an `Avx2Blocked` exists only where the CPU has AVX2; `a2` holds
+                // `m × pairs` values, as asserted above.
+                unsafe { avx2::blocked(&src, block * ROWS, rows, b, out) }
             };
             if m * n * k >= 1 << 18 && m > ROWS {
                 c.par_chunks_mut(ROWS * n).enumerate().for_each(run);
             } else {
                 c.chunks_mut(ROWS * n).enumerate().for_each(run);
             }
+        }
+    }
+}
+
+impl Avx2Blocked {
+    /// `c = a · bᵀ` where row `i`'s pair `q` is the two `u16` at `a[bases[i] + offsets[q]]`
+    /// (read as one `i32`, as in [`Avx2Blocked::gemm_pairs`]). An int8 convolution reads its
+    /// patches so straight from the widened, padded input (`offsets` walk the window, `bases`
+    /// the output positions): no im2col buffer.
+    pub fn gemm_gathered(
+        &self,
+        bases: &[usize],
+        offsets: &[usize],
+        a: &[u16],
+        b: &PackedB,
+        c: &mut [i32],
+    ) {
+        let (n, k, m) = (b.n, b.k, bases.len());
+        assert!(
+            k <= MAX_K,
+            "int8 gemm: k = {k} could overflow i32 (at most {MAX_K})"
+        );
+        assert_eq!(offsets.len(), b.pairs, "int8 gemm: one offset per pair");
+        assert_eq!(c.len(), m * n, "int8 gemm: c is not [m, n]");
+        if m == 0 || n == 0 || offsets.is_empty() {
+            c.fill(0);
+            return;
+        }
+        let reach = bases.iter().max().unwrap_or(&0) + offsets.iter().max().unwrap_or(&0) + 2;
+        assert!(
+            reach <= a.len(),
+            "int8 gemm: a gathered pair lies outside a"
+        );
+        #[cfg(target_arch = "x86_64")]
+        {
+            use rayon::prelude::*;
+            let src = Gathered { a, bases, offsets };
+            let run = |(block, out): (usize, &mut [i32])| {
+                let rows = out.len() / n;
+                // SAFETY: an `Avx2Blocked` exists only where the CPU has AVX2; every pair read
+                // lies inside `a`, as asserted above.
+                unsafe { avx2::blocked(&src, block * ROWS, rows, b, out) }
+            };
+            if m * n * k >= 1 << 18 && m > ROWS {
+                c.par_chunks_mut(ROWS * n).enumerate().for_each(run);
+            } else {
+                c.chunks_mut(ROWS * n).enumerate().for_each(run);
+            }
+        }
+    }
+}
+
+/// Where the blocked kernel reads row `r`'s pair `q` of reduction steps.
+trait Pairs: Sync {
+    /// # Safety
+    /// `(r, q)` must be a pair the source holds.
+    unsafe fn get(&self, r: usize, q: usize) -> i32;
+}
+
+/// Rows of pairs one after another, `pairs` each.
+struct Contiguous<'a> {
+    a2: &'a [i32],
+    pairs: usize,
+}
+
+impl Pairs for Contiguous<'_> {
+    #[inline(always)]
+    unsafe fn get(&self, r: usize, q: usize) -> i32 {
+        // SAFETY: the caller's.
+        unsafe { *self.a2.get_unchecked(r * self.pairs + q) }
+    }
+}
+
+/// Pairs gathered from one buffer of `u16` (see [`Avx2Blocked::gemm_gathered`]).
+struct Gathered<'a> {
+    a: &'a [u16],
+    bases: &'a [usize],
+    offsets: &'a [usize],
+}
+
+impl Pairs for Gathered<'_> {
+    #[inline(always)]
+    unsafe fn get(&self, r: usize, q: usize) -> i32 {
+        // SAFETY: the caller's: `bases[r] + offsets[q] + 2 <= a.len()`.
+        unsafe {
+            let at = self.bases.get_unchecked(r) + self.offsets.get_unchecked(q);
+            std::ptr::read_unaligned(self.a.as_ptr().add(at).cast::<i32>())
         }
     }
 }

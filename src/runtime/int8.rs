@@ -316,6 +316,11 @@ impl LinearKernel for Int8Linear {
 pub struct Int8Conv {
     geometry: ConvGeometry,
     p: Product,
+    /// For the blocked AVX2 kernel reading patches straight from the input: the weights with
+    /// each window row padded to an even number of taps (a zero weight after an odd one), so
+    /// that every pair of taps is two neighbours of one image row. `None` without AVX2, or with
+    /// a horizontal dilation (the taps are not neighbours).
+    rows_packed: Option<int8::PackedB>,
 }
 
 impl Int8Conv {
@@ -336,7 +341,7 @@ impl Int8Conv {
             bits,
             input,
         )?;
-        Ok(Int8Conv { geometry, p })
+        Ok(Int8Conv::with_product(geometry, p))
     }
 
     /// The layer of weight codes already quantized (`[out, in, kh, kw]`).
@@ -356,7 +361,29 @@ impl Int8Conv {
             bias,
             input,
         )?;
-        Ok(Int8Conv { geometry, p })
+        Ok(Int8Conv::with_product(geometry, p))
+    }
+
+    fn with_product(geometry: ConvGeometry, p: Product) -> Int8Conv {
+        let g = &geometry;
+        let [kh, kw] = g.kernel;
+        let even = 2 * kw.div_ceil(2);
+        let rows_packed = (g.dilation[1] == 1 && int8::Avx2Blocked::new().is_some()).then(|| {
+            let k2 = g.in_channels * kh * even;
+            let mut padded = vec![0i8; p.n * k2];
+            for (o, w) in p.weight.chunks_exact(p.k).enumerate() {
+                for (r, taps) in w.chunks_exact(kw).enumerate() {
+                    let at = o * k2 + r * even;
+                    padded[at..at + kw].copy_from_slice(taps);
+                }
+            }
+            int8::PackedB::new(p.n, k2, &padded)
+        });
+        Int8Conv {
+            geometry,
+            p,
+            rows_packed,
+        }
     }
 
     fn check(g: &ConvGeometry) -> Result<(), String> {
@@ -397,44 +424,119 @@ impl Int8Conv {
         self.p.input
     }
 
-    /// Patches `[H'·W', k]` of one image's codes `[C, H, W]`, out-of-image taps as the zero
-    /// point; the patch order is the weight's, `(c, i, j)`.
-    fn im2col(&self, image: &[u8], [h, w]: [usize; 2], [oh, ow]: [usize; 2], rows: &mut [u8]) {
+    /// The sums `[batch · H'·W', n]` on the blocked AVX2 kernel, its pairs read straight from
+    /// the input widened to u16 and padded with the zero point: pair `(c, i, p)` of the window
+    /// at output `(y, x)` is the two values at row `y · s_h + i · d_h`, columns
+    /// `x · s_w + 2p` and one to the right, of the padded channel `c`.
+    fn gathered(
+        &self,
+        kb: &int8::Avx2Blocked,
+        packed: &int8::PackedB,
+        codes: &[u8],
+        batch: usize,
+        [h, w]: [usize; 2],
+        [oh, ow]: [usize; 2],
+    ) -> Vec<i32> {
         let g = &self.geometry;
         let [kh, kw] = g.kernel;
-        let zp = self.p.input.zero_point as u8;
-        let k = self.p.k;
+        let [ph, pw] = g.padding;
+        let (hp, wp) = (h + 2 * ph, w + 2 * pw);
+        let plane = hp * wp;
+        let image = g.in_channels * plane;
+        // Two values of slack: the last pair of a window row with an odd width reads one value
+        // past it (times a zero weight).
+        let mut padded = vec![self.p.input.zero_point as u16; batch * image + 2];
+        let widen = |(b, dst): (usize, &mut [u16])| {
+            for c in 0..g.in_channels {
+                for y in 0..h {
+                    let src = &codes[((b * g.in_channels + c) * h + y) * w..][..w];
+                    let at = c * plane + (y + ph) * wp + pw;
+                    for (d, &v) in dst[at..at + w].iter_mut().zip(src) {
+                        *d = v as u16;
+                    }
+                }
+            }
+        };
+        if padded.len() >= PARALLEL_MIN && batch > 1 {
+            padded[..batch * image]
+                .par_chunks_mut(image)
+                .enumerate()
+                .for_each(widen);
+        } else {
+            padded[..batch * image]
+                .chunks_mut(image)
+                .enumerate()
+                .for_each(widen);
+        }
+        let mut offsets = Vec::with_capacity(packed.pairs());
+        for c in 0..g.in_channels {
+            for i in 0..kh {
+                for p in 0..kw.div_ceil(2) {
+                    offsets.push(c * plane + i * g.dilation[0] * wp + 2 * p);
+                }
+            }
+        }
+        let mut bases = Vec::with_capacity(batch * oh * ow);
+        for b in 0..batch {
+            for y in 0..oh {
+                for x in 0..ow {
+                    bases.push(b * image + y * g.stride[0] * wp + x * g.stride[1]);
+                }
+            }
+        }
+        let mut acc = vec![0i32; bases.len() * self.p.n];
+        kb.gemm_gathered(&bases, &offsets, &padded, packed, &mut acc);
+        acc
+    }
+
+    /// Patches `[H'·W', k]` of one image's codes `[C, H, W]`, out-of-image taps as the zero
+    /// point; the patch order is the weight's, `(c, i, j)`. Each row is `stride ≥ k` long (the
+    /// rest left as it is): u8 rows of `k`, or for the blocked AVX2 kernel u16 rows of
+    /// `2 · ceil(k / 2)`, its pairs.
+    fn im2col<T: Tap>(
+        &self,
+        image: &[u8],
+        [h, w]: [usize; 2],
+        [oh, ow]: [usize; 2],
+        rows: &mut [T],
+        stride: usize,
+    ) {
+        let g = &self.geometry;
+        let [kh, kw] = g.kernel;
+        let zp = T::from(self.p.input.zero_point as u8);
+        let (sw, pw, dw) = (g.stride[1], g.padding[1] as isize, g.dilation[1]);
+        // The image row of each output row and tap row is found once, and the window rows of a
+        // whole output row copied from it: the inner loop is over output columns.
         for oi in 0..oh {
-            for oj in 0..ow {
-                let row = &mut rows[(oi * ow + oj) * k..(oi * ow + oj + 1) * k];
-                let mut t = 0;
-                for c in 0..g.in_channels {
-                    let plane = &image[c * h * w..(c + 1) * h * w];
-                    for ki in 0..kh {
-                        let ih = (oi * g.stride[0] + ki * g.dilation[0]) as isize
-                            - g.padding[0] as isize;
-                        if ih < 0 || ih >= h as isize {
-                            row[t..t + kw].fill(zp);
-                            t += kw;
-                            continue;
+            let out_row = &mut rows[oi * ow * stride..(oi + 1) * ow * stride];
+            for c in 0..g.in_channels {
+                let plane = &image[c * h * w..(c + 1) * h * w];
+                for ki in 0..kh {
+                    let t0 = (c * kh + ki) * kw;
+                    let ih =
+                        (oi * g.stride[0] + ki * g.dilation[0]) as isize - g.padding[0] as isize;
+                    if ih < 0 || ih >= h as isize {
+                        for row in out_row.chunks_exact_mut(stride) {
+                            row[t0..t0 + kw].fill(zp);
                         }
-                        let line = &plane[ih as usize * w..(ih as usize + 1) * w];
-                        let iw0 = (oj * g.stride[1]) as isize - g.padding[1] as isize;
-                        if g.dilation[1] == 1 && iw0 >= 0 && iw0 as usize + kw <= w {
+                        continue;
+                    }
+                    let line = &plane[ih as usize * w..(ih as usize + 1) * w];
+                    for (oj, row) in out_row.chunks_exact_mut(stride).enumerate() {
+                        let taps = &mut row[t0..t0 + kw];
+                        let iw0 = (oj * sw) as isize - pw;
+                        if dw == 1 && iw0 >= 0 && iw0 as usize + kw <= w {
                             // The whole window row is inside the image: one copy.
-                            copy_taps(&mut row[t..t + kw], &line[iw0 as usize..iw0 as usize + kw]);
-                            t += kw;
+                            T::copy(taps, &line[iw0 as usize..iw0 as usize + kw]);
                             continue;
                         }
-                        for kj in 0..kw {
-                            let iw = (oj * g.stride[1] + kj * g.dilation[1]) as isize
-                                - g.padding[1] as isize;
-                            row[t] = if iw < 0 || iw >= w as isize {
+                        for (kj, t) in taps.iter_mut().enumerate() {
+                            let iw = iw0 + (kj * dw) as isize;
+                            *t = if iw < 0 || iw >= w as isize {
                                 zp
                             } else {
-                                line[iw as usize]
+                                T::from(line[iw as usize])
                             };
-                            t += 1;
                         }
                     }
                 }
@@ -443,22 +545,54 @@ impl Int8Conv {
     }
 }
 
-/// `dst.copy_from_slice(src)` for a window row of a few taps: the common widths are copied as
-/// fixed-size arrays (inline moves), since a `memcpy` call for 3 or 5 bytes costs more than
-/// the copy.
-#[inline]
-fn copy_taps(dst: &mut [u8], src: &[u8]) {
-    fn fixed<const K: usize>(dst: &mut [u8], src: &[u8]) {
-        let s: &[u8; K] = src.try_into().expect("K taps");
-        let d: &mut [u8; K] = dst.try_into().expect("K taps");
-        *d = *s;
+/// An im2col element: a u8 code, or the code widened to u16 for the pairs of the blocked
+/// AVX2 kernel.
+trait Tap: Copy + From<u8> + Send + Sync {
+    /// `dst[i] = src[i]` for a window row of a few taps.
+    fn copy(dst: &mut [Self], src: &[u8]);
+}
+
+impl Tap for u8 {
+    /// The common widths are copied as fixed-size arrays (inline moves): a `memcpy` call for 3
+    /// or 5 bytes costs more than the copy.
+    #[inline]
+    fn copy(dst: &mut [u8], src: &[u8]) {
+        fn fixed<const K: usize>(dst: &mut [u8], src: &[u8]) {
+            let s: &[u8; K] = src.try_into().expect("K taps");
+            let d: &mut [u8; K] = dst.try_into().expect("K taps");
+            *d = *s;
+        }
+        match dst.len() {
+            1 => dst[0] = src[0],
+            3 => fixed::<3>(dst, src),
+            5 => fixed::<5>(dst, src),
+            7 => fixed::<7>(dst, src),
+            _ => dst.copy_from_slice(src),
+        }
     }
-    match dst.len() {
-        1 => dst[0] = src[0],
-        3 => fixed::<3>(dst, src),
-        5 => fixed::<5>(dst, src),
-        7 => fixed::<7>(dst, src),
-        _ => dst.copy_from_slice(src),
+}
+
+impl Tap for u16 {
+    /// Widening copies, unrolled for the common widths.
+    #[inline]
+    fn copy(dst: &mut [u16], src: &[u8]) {
+        fn fixed<const K: usize>(dst: &mut [u16], src: &[u8]) {
+            let s: &[u8; K] = src.try_into().expect("K taps");
+            let d: &mut [u16; K] = dst.try_into().expect("K taps");
+            for i in 0..K {
+                d[i] = s[i] as u16;
+            }
+        }
+        match dst.len() {
+            3 => fixed::<3>(dst, src),
+            5 => fixed::<5>(dst, src),
+            7 => fixed::<7>(dst, src),
+            _ => {
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    *d = v as u16;
+                }
+            }
+        }
     }
 }
 
@@ -489,19 +623,63 @@ impl Conv2dKernel for Int8Conv {
         assert_eq!(x.len(), batch * image, "input size");
         assert_eq!(y.len(), batch * n * positions, "output size");
         let mut codes = vec![0u8; x.len()];
-        self.p.input.quantize_u8_slice(x, &mut codes);
-        let mut rows = vec![0u8; batch * positions * k];
-        let patches = |(b, r): (usize, &mut [u8])| {
-            self.im2col(&codes[b * image..(b + 1) * image], hw, out_hw, r)
-        };
-        if rows.len() >= PARALLEL_MIN && batch > 1 {
-            rows.par_chunks_mut(positions * k)
-                .enumerate()
-                .for_each(patches);
+        let quantize = |(x, c): (&[f32], &mut [u8])| self.p.input.quantize_u8_slice(x, c);
+        if x.len() >= PARALLEL_MIN && batch > 1 {
+            x.par_chunks(image)
+                .zip(codes.par_chunks_mut(image))
+                .for_each(quantize);
         } else {
-            rows.chunks_mut(positions * k).enumerate().for_each(patches);
+            quantize((x, &mut codes));
         }
-        let mut acc = self.p.sums(batch * positions, &rows);
+        let m = batch * positions;
+        let parallel = m * k >= PARALLEL_MIN && batch > 1;
+        let mut acc = match (&self.p.kernel, &self.rows_packed) {
+            (
+                Kernel::Auto {
+                    blocked: Some((kb, _)),
+                    ..
+                },
+                Some(packed),
+            ) if m >= 4 => self.gathered(kb, packed, &codes, batch, hw, out_hw),
+            (
+                Kernel::Auto {
+                    blocked: Some((kb, packed)),
+                    ..
+                },
+                _,
+            ) if m >= 4 => {
+                // Patches straight into the kernel's pairs: u16 rows of `2 · pairs`.
+                let pairs = packed.pairs();
+                let mut a2 = vec![0i32; m * pairs];
+                let wide: &mut [u16] = bytemuck::cast_slice_mut(&mut a2);
+                let patches = |(b, r): (usize, &mut [u16])| {
+                    self.im2col(&codes[b * image..(b + 1) * image], hw, out_hw, r, 2 * pairs)
+                };
+                let chunk = positions * 2 * pairs;
+                if parallel {
+                    wide.par_chunks_mut(chunk).enumerate().for_each(patches);
+                } else {
+                    wide.chunks_mut(chunk).enumerate().for_each(patches);
+                }
+                let mut acc = vec![0i32; m * n];
+                kb.gemm_pairs(m, packed, &a2, &mut acc);
+                acc
+            }
+            _ => {
+                let mut rows = vec![0u8; m * k];
+                let patches = |(b, r): (usize, &mut [u8])| {
+                    self.im2col(&codes[b * image..(b + 1) * image], hw, out_hw, r, k)
+                };
+                if parallel {
+                    rows.par_chunks_mut(positions * k)
+                        .enumerate()
+                        .for_each(patches);
+                } else {
+                    rows.chunks_mut(positions * k).enumerate().for_each(patches);
+                }
+                self.p.sums(m, &rows)
+            }
+        };
         let offsets = self.p.offsets();
         let epilogue = |(out, acc): (&mut [f32], &mut [i32])| {
             // Sums to values in place (contiguous, vectorised), then `[H'·W', n]` to `[n, H'·W']`.
