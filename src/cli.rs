@@ -102,6 +102,10 @@ pub enum Command {
     /// images, weights per output channel at --bits bits; writes a .cpz that eval runs on the
     /// int8 kernels, and prints the accuracy before and after.
     Quantize(QuantizeArgs),
+    /// Quantization-aware training at --bits from a float checkpoint (batch norms folded,
+    /// inputs calibrated, weights and inputs fake-quantized with straight-through gradients);
+    /// writes a .cpz like quantize does.
+    Qat(QatArgs),
     /// Throughput benchmarks.
     Bench {
         #[command(subcommand)]
@@ -371,6 +375,27 @@ pub struct QuantizeArgs {
     pub test_limit: Option<usize>,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct QatArgs {
+    /// The trained float model (a checkpoint, or a pruned one: its masks are kept).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Output file (default: the checkpoint's name with .qat<bits>.cpz). Never the checkpoint.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Run folder of the training (default: next to --out).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Replace --out and the run folder if they exist.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub params: crate::pipeline::stages::qat::QatParams,
+    /// Dataset folder (default: the one the checkpoint was trained on).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
 /// `layers.2=0.9` as a layer path and a sparsity (range checked later, with the layers).
 fn parse_layer_sparsity(s: &str) -> Result<(String, f64), String> {
     let (layer, v) = s
@@ -455,6 +480,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sensitivity(args) => crate::compress::sensitivity::command(&args, device()?),
         Command::RescaleCompare(args) => crate::rescale::compare::command(&args, device()?),
         Command::Encode(args) => run_encode(args, device()?),
+        Command::Qat(args) => crate::pipeline::stages::qat::command(
+            &args.checkpoint,
+            encode::Outputs {
+                out: args.out,
+                run_dir: args.run_dir,
+                force: args.force,
+            },
+            args.params,
+            context(PathBuf::new(), device()?, args.data_dir, true),
+        ),
         Command::Quantize(args) => crate::pipeline::stages::quantize::command(
             &args.checkpoint,
             args.out,

@@ -133,3 +133,51 @@ fn bad_calibration_and_bit_widths_are_refused() {
         check_bits("--bits", good).unwrap();
     }
 }
+
+/// Fake quantization (`compress::qat`): the forward pass is the quantizer's round trip, the
+/// gradient the identity inside the quantizer's range and zero outside it (clipped STE); a
+/// fake-quantized weight passes its whole gradient through and sits on its per-channel grid.
+#[test]
+fn straight_through_gradients_are_the_identity_inside_the_range_and_zero_outside() {
+    use burn::prelude::*;
+    use convpress::compress::qat::{fake_quant, fake_quant_conv, fake_quant_linear};
+    let d = Device::flex().autodiff();
+    let q = Quantizer::asymmetric(-1.0, 2.0, 4);
+    let (lo, hi) = q.range();
+    let xs = vec![-3.0, lo - 0.01, -0.7, 0.0, 0.33, 1.9, hi + 0.01, 5.0];
+    let x = Tensor::<1>::from_data(TensorData::new(xs.clone(), [xs.len()]), &d).require_grad();
+    let y = fake_quant(x.clone(), &q);
+    let got: Vec<f32> = y.clone().into_data().try_to_vec().unwrap();
+    for (v, g) in xs.iter().zip(&got) {
+        assert!((q.round_trip(*v) - g).abs() <= 1e-6, "{v}: {g}");
+    }
+    let grads = y.sum().backward();
+    let g: Vec<f32> = x.grad(&grads).unwrap().into_data().try_to_vec().unwrap();
+    let want: Vec<f32> = xs
+        .iter()
+        .map(|&v| if (lo..=hi).contains(&v) { 1.0 } else { 0.0 })
+        .collect();
+    assert_eq!(g, want);
+
+    let w: Vec<f32> = common::uniform(2 * 3 * 2 * 2, 4, -1.0, 1.0);
+    let wt = Tensor::<4>::from_data(TensorData::new(w.clone(), [2, 3, 2, 2]), &d).require_grad();
+    let fq = fake_quant_conv(wt.clone(), 3);
+    let vals: Vec<f32> = fq.clone().into_data().try_to_vec().unwrap();
+    let (quantizers, codes) = quantize_per_channel(&w, 2, 3);
+    for (i, v) in vals.iter().enumerate() {
+        let want = quantizers[i / 12].dequantize(codes[i] as i32);
+        assert!((v - want).abs() <= 1e-6, "weight {i}: {v} vs {want}");
+    }
+    let g: Vec<f32> = wt
+        .grad(&fq.sum().backward())
+        .unwrap()
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+    assert!(g.iter().all(|&v| v == 1.0), "{g:?}");
+    // A linear weight is `[in, out]`: its channels are columns. (Burn rounds exact ties to
+    // even, the quantizer away from zero: no tie here.)
+    let lw = Tensor::<2>::from_data(TensorData::new(vec![1.0, 10.0, -0.6, 4.0], [2, 2]), &d);
+    let lq: Vec<f32> = fake_quant_linear(lw, 2).into_data().try_to_vec().unwrap();
+    assert_eq!(lq, vec![1.0, 10.0, -1.0, 0.0]);
+}

@@ -7,6 +7,7 @@ pub mod format;
 pub mod huffman;
 pub mod prune;
 pub mod ptq;
+pub mod qat;
 pub mod quantize;
 pub mod sensitivity;
 pub mod share;

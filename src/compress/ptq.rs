@@ -58,6 +58,24 @@ pub fn quantize_model(
         return Err("calibration needs at least one image, and the set is empty".into());
     }
     let (folded, renamed) = fold_batch_norms(model)?;
+    let bits_of = layer_bits(&folded, &renamed, settings)?;
+    let inputs = calibrate(&folded, &bits_of, settings.calibration, calibration)?;
+    let quantized = finish(folded, &bits_of, &inputs)?;
+    Ok(Quantized {
+        model: quantized,
+        renamed,
+        calibration_images: calibration.n,
+    })
+}
+
+/// Bits of every conv and linear layer of the folded model (`None`: float): `settings.bits`
+/// unless `settings.layer_bits` names the layer by its path before folding.
+pub fn layer_bits(
+    folded: &Loaded,
+    renamed: &BTreeMap<String, String>,
+    settings: &PtqSettings,
+) -> Result<BTreeMap<String, Option<u32>>, String> {
+    check_bits("bits", settings.bits)?;
     let mut bits_of: BTreeMap<String, Option<u32>> = BTreeMap::new();
     for s in folded.arch.layer_stats() {
         if matches!(s.kind, "conv2d" | "linear") {
@@ -65,20 +83,37 @@ pub fn quantize_model(
         }
     }
     for (old, bits) in &settings.layer_bits {
+        if let Some(b) = bits {
+            check_bits(&format!("{old}: bits"), *b)?;
+        }
         let new = renamed
             .get(old)
             .filter(|n| bits_of.contains_key(*n))
             .ok_or_else(|| format!("{old} is not a conv or linear layer of the model"))?;
         bits_of.insert(new.clone(), *bits);
     }
-    let float = SparseModel::from_loaded(&folded)?;
+    Ok(bits_of)
+}
+
+/// The input quantizer of every quantized layer (`bits_of`) of the float model `folded`, from
+/// what its inputs are on the calibration images.
+pub fn calibrate(
+    folded: &Loaded,
+    bits_of: &BTreeMap<String, Option<u32>>,
+    calibration: Calibration,
+    images: &ImageSet,
+) -> Result<BTreeMap<String, Quantizer>, String> {
+    if images.n == 0 {
+        return Err("calibration needs at least one image, and the set is empty".into());
+    }
+    let float = SparseModel::from_loaded(folded)?;
     let mut observers: BTreeMap<String, Observer> = BTreeMap::new();
     let mut failed: Option<String> = None;
-    let len = calibration.image_len();
-    for start in (0..calibration.n).step_by(CALIBRATION_BATCH) {
-        let batch = CALIBRATION_BATCH.min(calibration.n - start);
-        let images = &calibration.pixels[start * len..(start + batch) * len];
-        float.forward_observed(images, batch, &mut |path, x| {
+    let len = images.image_len();
+    for start in (0..images.n).step_by(CALIBRATION_BATCH) {
+        let batch = CALIBRATION_BATCH.min(images.n - start);
+        let x = &images.pixels[start * len..(start + batch) * len];
+        float.forward_observed(x, batch, &mut |path, x| {
             if failed.is_none()
                 && matches!(bits_of.get(path), Some(Some(_)))
                 && let Err(e) = observers.entry(path.to_string()).or_default().observe(x)
@@ -90,23 +125,43 @@ pub fn quantize_model(
             return Err(e);
         }
     }
+    let mut out = BTreeMap::new();
+    for (path, bits) in bits_of {
+        let Some(bits) = *bits else { continue };
+        let observer = observers
+            .get(path)
+            .ok_or_else(|| format!("{path}: calibration never reached the layer"))?;
+        out.insert(path.clone(), observer.quantizer(calibration, bits)?);
+    }
+    Ok(out)
+}
+
+/// `folded` (a float model without foldable batch norms) with the weights of every layer of
+/// `bits_of` on their per-channel grid, its inputs quantized by `inputs`: the quantized model
+/// with its spec, checked.
+pub fn finish(
+    folded: Loaded,
+    bits_of: &BTreeMap<String, Option<u32>>,
+    inputs: &BTreeMap<String, Quantizer>,
+) -> Result<Loaded, String> {
     let mut tensors = folded.tensors.clone();
     let mut spec = QuantSpec::default();
-    let axis_of: BTreeMap<String, bool> = folded
+    let linear: BTreeMap<String, bool> = folded
         .arch
         .layer_stats()
         .into_iter()
         .map(|s| (s.path, s.kind == "linear"))
         .collect();
-    for (path, bits) in &bits_of {
+    for (path, bits) in bits_of {
         let Some(bits) = *bits else { continue };
-        let observer = observers
+        let input = *inputs
             .get(path)
-            .ok_or_else(|| format!("{path}: calibration never reached the layer"))?;
-        let input = observer.quantizer(settings.calibration, bits)?;
+            .ok_or_else(|| format!("{path}: no input quantizer"))?;
         let name = format!("{path}.weight");
         let (mut w, shape) = floats(&tensors, &name)?;
-        let channel_last = axis_of[path];
+        let channel_last = *linear
+            .get(path)
+            .ok_or_else(|| format!("{path} is not a layer of the model"))?;
         let scales = quantize_in_place(&mut w, &shape, channel_last, bits);
         tensors.insert(name, (burn::tensor::TensorData::new(w, shape), None));
         spec.layers.insert(
@@ -124,11 +179,7 @@ pub fn quantize_model(
         ..folded
     };
     quantized.check()?;
-    Ok(Quantized {
-        model: quantized,
-        renamed,
-        calibration_images: calibration.n,
-    })
+    Ok(quantized)
 }
 
 /// Puts weight `w` (output channel first, or last for Burn's linear `[in, out]`) on its

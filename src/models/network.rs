@@ -67,6 +67,10 @@ pub struct Network {
     pub layers: Vec<Layer>,
     #[module(skip)]
     pub arch: Arch,
+    /// Quantization-aware training: the inputs of these layers are fake-quantized in the
+    /// forward pass (`compress::qat`). Not part of the saved model.
+    #[module(skip)]
+    pub fake_quant: Option<std::sync::Arc<crate::compress::qat::FakeQuantInputs>>,
 }
 
 impl Network {
@@ -76,6 +80,7 @@ impl Network {
         Ok(Network {
             layers: arch.layers.iter().map(|l| Layer::new(l, device)).collect(),
             arch: arch.clone(),
+            fake_quant: None,
         })
     }
 
@@ -101,7 +106,12 @@ impl Network {
 
     /// Class scores `[N, classes]` for images `[N, C, H, W]`.
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        match run(&self.layers, Activation::Map(images)) {
+        let x = Activation::Map(images);
+        let out = match &self.fake_quant {
+            Some(fq) => run_fake_quant(&self.layers, "layers", x, fq),
+            None => run(&self.layers, x),
+        };
+        match out {
             Activation::Flat(t) => t,
             Activation::Map(t) => t.flatten(1, 3),
         }
@@ -118,6 +128,29 @@ fn run(layers: &[Layer], mut x: Activation) -> Activation {
             x = layers[i].forward(x);
             i += 1;
         }
+    }
+    x
+}
+
+/// [`run`] with the inputs of the layers that `fq` names fake-quantized (quantization-aware
+/// training; no fused inference).
+fn run_fake_quant(
+    layers: &[Layer],
+    prefix: &str,
+    mut x: Activation,
+    fq: &crate::compress::qat::FakeQuantInputs,
+) -> Activation {
+    for (i, layer) in layers.iter().enumerate() {
+        let path = format!("{prefix}.{i}");
+        x = fq.apply(&path, x);
+        x = match layer {
+            Layer::Residual(r) => {
+                let body = run_fake_quant(&r.body, &format!("{path}.body"), x.clone(), fq);
+                let shortcut = run_fake_quant(&r.shortcut, &format!("{path}.shortcut"), x, fq);
+                body.add(shortcut)
+            }
+            layer => layer.forward(x),
+        };
     }
     x
 }

@@ -1,7 +1,7 @@
 //! The one list of stages a recipe can name. Adding a method adds one line here.
 
 use super::Stage;
-use super::stages::{encode, eval, finetune, prune, prune_filters, quantize, share, train};
+use super::stages::{encode, eval, finetune, prune, prune_filters, qat, quantize, share, train};
 use super::table::{Error, StageTable};
 
 /// A stage's recipe name, what it does, and how its table is read.
@@ -51,6 +51,11 @@ pub const STAGES: &[StageKind] = &[
         name: "quantize",
         about: "post-training quantization (int8 or fewer bits), written as a .cpz",
         parse: quantize::parse,
+    },
+    StageKind {
+        name: "qat",
+        about: "quantization-aware training at 2 to 8 bits, written as a .cpz",
+        parse: qat::parse,
     },
     StageKind {
         name: "eval",

@@ -7,6 +7,7 @@ pub mod eval;
 pub mod finetune;
 pub mod prune;
 pub mod prune_filters;
+pub mod qat;
 pub mod quantize;
 pub mod share;
 pub mod train;

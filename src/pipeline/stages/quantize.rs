@@ -203,47 +203,60 @@ impl Stage for Quantize {
         let calibration = meta.preprocess.try_apply(&train)?;
         let q = quantize_model(&input.loaded, &settings, &calibration)
             .map_err(|e| anyhow::anyhow!("{}: {e}", input.file.display()))?;
-        let (bytes, stages) =
-            crate::compress::format::encode_quantized(&q.model).map_err(anyhow::Error::msg)?;
-        let out = self.out.clone().unwrap_or_else(|| cx.dir.join("model.cpz"));
-        crate::atomic_file::write_atomic(&out, &bytes)?;
-        let model = Model::open(&out)?;
-        let spec = model.loaded.quant.clone().unwrap_or_default();
-        // Each weighted layer's path in the model as given (folding renumbers them).
-        let original = weighted_layer_paths(input.arch());
-        let from: BTreeMap<&String, &String> = q
-            .renamed
-            .iter()
-            .filter(|(old, _)| original.contains(old))
-            .map(|(old, new)| (new, old))
-            .collect();
-        let layers: Vec<serde_json::Value> = crate::pipeline::layers::weighted_layers(model.arch())
-            .into_iter()
-            .map(|(path, kind)| {
-                let l = spec.layers.get(&path);
-                serde_json::json!({
-                    "layer": path,
-                    "was": from.get(&path),
-                    "kind": kind,
-                    "bits": l.map_or(32, |l| l.bits),
-                    "input_range": l.map(|l| l.input.range()),
-                    "input_zero_point": l.map(|l| l.input.zero_point),
-                })
-            })
-            .collect();
-        let details = serde_json::json!({
-            "file_bytes": bytes.len(),
-            "dense_bytes": stages.iter().map(|s| s.dense).sum::<usize>(),
-            "calibration_images": q.calibration_images,
-            "layers": layers,
-            "stages": stages,
-        });
-        Ok(Outcome {
-            model,
-            details,
-            curve: vec![],
-        })
+        let mut out = write(&q.model, &q.renamed, &input, cx, &self.out)?;
+        out.details["calibration_images"] = q.calibration_images.into();
+        Ok(out)
     }
+}
+
+/// Writes the quantized model `quantized` (folded from `input`, its layers `renamed`) to `out`
+/// (default `model.cpz` in the stage's folder) and reads it back: the stage's outcome, with
+/// each layer's bits and input range.
+pub fn write(
+    quantized: &crate::checkpoint::Loaded,
+    renamed: &BTreeMap<String, String>,
+    input: &Model,
+    cx: &Context,
+    out: &Option<PathBuf>,
+) -> anyhow::Result<Outcome> {
+    let (bytes, stages) =
+        crate::compress::format::encode_quantized(quantized).map_err(anyhow::Error::msg)?;
+    let out = out.clone().unwrap_or_else(|| cx.dir.join("model.cpz"));
+    crate::atomic_file::write_atomic(&out, &bytes)?;
+    let model = Model::open(&out)?;
+    let spec = model.loaded.quant.clone().unwrap_or_default();
+    // Each weighted layer's path in the model as given (folding renumbers them).
+    let original = weighted_layer_paths(input.arch());
+    let from: BTreeMap<&String, &String> = renamed
+        .iter()
+        .filter(|(old, _)| original.contains(old))
+        .map(|(old, new)| (new, old))
+        .collect();
+    let layers: Vec<serde_json::Value> = crate::pipeline::layers::weighted_layers(model.arch())
+        .into_iter()
+        .map(|(path, kind)| {
+            let l = spec.layers.get(&path);
+            serde_json::json!({
+                "layer": path,
+                "was": from.get(&path),
+                "kind": kind,
+                "bits": l.map_or(32, |l| l.bits),
+                "input_range": l.map(|l| l.input.range()),
+                "input_zero_point": l.map(|l| l.input.zero_point),
+            })
+        })
+        .collect();
+    let details = serde_json::json!({
+        "file_bytes": bytes.len(),
+        "dense_bytes": stages.iter().map(|s| s.dense).sum::<usize>(),
+        "layers": layers,
+        "stages": stages,
+    });
+    Ok(Outcome {
+        model,
+        details,
+        curve: vec![],
+    })
 }
 
 /// `convpress quantize`: the stage on one checkpoint, written to `out` (never over the
@@ -289,6 +302,19 @@ pub fn command(
     });
     let _ = std::fs::remove_file(&staged);
     let q = result?;
+    print_outcome(checkpoint, &out, &q, &test, &cx)
+}
+
+/// What `convpress quantize` and `convpress qat` print: each layer's bits and input range, the
+/// file's bytes, and the test accuracy of the float model and of the quantized file on the int8
+/// kernels.
+pub fn print_outcome(
+    checkpoint: &std::path::Path,
+    out: &std::path::Path,
+    q: &Outcome,
+    test: &crate::data::ImageSet,
+    cx: &Context,
+) -> anyhow::Result<()> {
     println!(
         "{:<18} {:<18} {:<7} {:>5} {:>24} {:>5}",
         "layer", "was", "kind", "bits", "input range", "zero"
@@ -314,7 +340,7 @@ pub fn command(
                 .map_or("".into(), |z| z.to_string())
         );
     }
-    let file_bytes = fs_err::metadata(&out)?.len();
+    let file_bytes = fs_err::metadata(out)?.len();
     let source_bytes = fs_err::metadata(checkpoint)?.len();
     let dense = q.details["dense_bytes"].as_u64().unwrap_or(0);
     println!(
@@ -325,10 +351,10 @@ pub fn command(
         q.details["calibration_images"]
     );
     let (network, _) = crate::checkpoint::load(checkpoint, &cx.device)?;
-    let (_, float_acc) = crate::train::evaluate(&network, &test, 256, &cx.device);
-    let runtime = crate::runtime::model::SparseModel::from_loaded(&Model::open(&out)?.loaded)
+    let (_, float_acc) = crate::train::evaluate(&network, test, 256, &cx.device);
+    let runtime = crate::runtime::model::SparseModel::from_loaded(&Model::open(out)?.loaded)
         .map_err(anyhow::Error::msg)?;
-    let (_, int8_acc) = crate::runtime::model::evaluate(&runtime, &test, 256);
+    let (_, int8_acc) = crate::runtime::model::evaluate(&runtime, test, 256);
     println!(
         "test accuracy ({} images): {:.2}% float, {:.2}% quantized on the int8 kernels ({:+.2} points)",
         test.n,

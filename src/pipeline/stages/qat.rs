@@ -1,0 +1,224 @@
+//! The `qat` stage: quantization-aware training (`compress::qat`) from a trained float model:
+//! batch norms folded, input ranges calibrated as `quantize` does, then `epochs` of training
+//! with weights and inputs fake-quantized at `bits` (straight-through gradients; a pruned
+//! model keeps its masks), and the trained model written as `quantize` writes it: a
+//! version-2 `.cpz` that `eval` runs on the int8 kernels.
+
+use super::quantize::{CalibrationKind, LayerQuant, Quantize, QuantizeParams};
+use super::{check_retrain, retrain_config, train_keeping};
+use crate::compress::fold::fold_batch_norms;
+use crate::compress::ptq;
+use crate::compress::qat::QatHook;
+use crate::pipeline::layers::LayerRules;
+use crate::pipeline::table::{self, StageTable};
+use crate::pipeline::{Constraints, Context, Model, Outcome, Plan, Stage, State, required};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// `convpress qat`'s flags and the `qat` stage's keys: those of `quantize`, and the training.
+#[derive(clap::Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct QatParams {
+    /// Bits of weights and activations, 2 to 8.
+    #[arg(long, default_value_t = 8)]
+    pub bits: u32,
+    /// Training images the input ranges are calibrated on before training (the first N).
+    #[arg(long, default_value_t = 1024)]
+    pub calibrate: usize,
+    #[arg(long, value_enum, default_value_t = CalibrationKind::MinMax)]
+    pub calibration: CalibrationKind,
+    /// The percentile that `--calibration percentile` clips at.
+    #[arg(long, default_value_t = 99.99)]
+    pub percentile: f64,
+    /// Layers kept in float: `first`, `last` or layer paths and patterns, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub float_layers: Vec<String>,
+    /// Epochs of quantization-aware training.
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 0.001, allow_negative_numbers = true)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Train on the first N training images only.
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    pub test_limit: Option<usize>,
+}
+
+impl Default for QatParams {
+    fn default() -> Self {
+        table::clap_defaults()
+    }
+}
+
+pub struct Qat {
+    pub params: QatParams,
+    pub layers: LayerRules<LayerQuant>,
+    /// Where the file goes (default: `model.cpz` in the stage's folder).
+    pub out: Option<PathBuf>,
+}
+
+pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, table::Error> {
+    Ok(Box::new(Qat {
+        params: t.params()?,
+        layers: t.layers()?,
+        out: None,
+    }))
+}
+
+impl Qat {
+    /// The quantization half of the settings, as the `quantize` stage takes them.
+    fn quantize(&self) -> Quantize {
+        let p = &self.params;
+        Quantize {
+            params: QuantizeParams {
+                bits: p.bits,
+                calibrate: p.calibrate,
+                calibration: p.calibration,
+                percentile: p.percentile,
+                float_layers: p.float_layers.clone(),
+            },
+            layers: self.layers.clone(),
+            out: self.out.clone(),
+        }
+    }
+}
+
+impl Stage for Qat {
+    fn kind(&self) -> &'static str {
+        "qat"
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::json!({ "params": self.params, "layers": self.layers })
+    }
+
+    fn plan(&self, before: &Plan, cx: &Context) -> Result<Plan, String> {
+        let after = self.quantize().plan(before, cx)?;
+        let p = &self.params;
+        check_retrain(
+            before.arch()?,
+            p.epochs,
+            p.lr,
+            [p.train_limit, p.test_limit],
+        )?;
+        Ok(after.with(State::Encoded))
+    }
+
+    fn run(&self, input: Option<Model>, cx: &Context) -> anyhow::Result<Outcome> {
+        let input = required(input, self.kind())?;
+        let p = &self.params;
+        let quantize = self.quantize();
+        let settings = quantize
+            .settings_for(input.arch())
+            .map_err(anyhow::Error::msg)?;
+        let (folded, renamed) = fold_batch_norms(&input.loaded).map_err(anyhow::Error::msg)?;
+        let bits_of = ptq::layer_bits(&folded, &renamed, &settings).map_err(anyhow::Error::msg)?;
+        let meta = input.meta();
+        let splits = crate::data::load(meta.dataset, &cx.data_dir_for(meta))?;
+        let calibration = meta.preprocess.try_apply(&splits.train.take(p.calibrate))?;
+        let inputs = ptq::calibrate(&folded, &bits_of, settings.calibration, &calibration)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", input.file.display()))?;
+        // A pruned model's masks, on the folded model's paths.
+        let mut masks = BTreeMap::new();
+        for (param, keep) in &input.constraints.masks {
+            let layer = param.strip_suffix(".weight").unwrap_or(param);
+            let new = renamed.get(layer).cloned().unwrap_or_else(|| layer.into());
+            masks.insert(format!("{new}.weight"), keep.clone());
+        }
+        let keep = Constraints {
+            masks,
+            codebooks: Default::default(),
+        };
+        let start = Model::save_tensors(
+            &cx.dir.join("folded.safetensors"),
+            &folded.arch,
+            folded.tensors.clone(),
+            &folded.meta,
+            &keep,
+            &cx.device,
+        )?;
+        let mut config = retrain_config(&start, p.epochs, p.lr, p.seed, cx)?;
+        config.train_limit = p.train_limit;
+        config.test_limit = p.test_limit;
+        let weight_bits = bits_of
+            .iter()
+            .filter_map(|(l, b)| b.map(|b| (l.clone(), b)))
+            .collect();
+        let hook = QatHook::new(weight_bits, inputs.clone());
+        let (outcome, _) = train_keeping(&config, &keep, vec![Box::new(hook)], cx)?;
+        let trained = crate::checkpoint::read(&outcome.model_path)?;
+        let quantized = ptq::finish(trained, &bits_of, &inputs).map_err(anyhow::Error::msg)?;
+        let mut out = super::quantize::write(&quantized, &renamed, &input, cx, &self.out)?;
+        out.details["epochs"] = p.epochs.into();
+        out.details["calibration_images"] = calibration.n.into();
+        out.curve = outcome.metrics;
+        Ok(out)
+    }
+}
+
+/// `convpress qat`: the stage on one checkpoint, its training in `run_dir` (default: next to
+/// `out`), written to `out`; prints what `convpress quantize` prints.
+pub fn command(
+    checkpoint: &std::path::Path,
+    outputs: super::encode::Outputs,
+    params: QatParams,
+    cx: Context,
+) -> anyhow::Result<()> {
+    use crate::run_folder::{Reuse, RunFolder, claim_output};
+    let super::encode::Outputs {
+        out,
+        run_dir,
+        force,
+    } = outputs;
+    let out = out.unwrap_or_else(|| checkpoint.with_extension(format!("qat{}.cpz", params.bits)));
+    claim_output(&out, &[checkpoint], force, "--out")?;
+    let source = Model::open(checkpoint)?;
+    if source.loaded.quant.is_some() {
+        anyhow::bail!(
+            "{}: the model is already quantized: train its float checkpoint instead",
+            checkpoint.display()
+        );
+    }
+    let staged = crate::atomic_file::tmp_sibling(&out);
+    let test_limit = params.test_limit;
+    let stage = Qat {
+        params,
+        layers: Default::default(),
+        out: Some(staged.clone()),
+    };
+    stage
+        .plan(&Plan::of(&source), &cx)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", checkpoint.display()))?;
+    let test =
+        crate::pipeline::measure::test_set(&source, &cx.data_dir_for(source.meta()), test_limit)?;
+    let work = run_dir.unwrap_or_else(|| out.with_extension("run"));
+    let _work = RunFolder::open(
+        &work,
+        Reuse::from_flags(false, force),
+        "--run-dir",
+        false,
+        &[checkpoint],
+    )?;
+    let cx = Context {
+        dir: work.clone(),
+        ..cx
+    };
+    eprintln!(
+        "quantization-aware training for {} epochs at {} bits, run folder {}",
+        stage.params.epochs,
+        stage.params.bits,
+        work.display()
+    );
+    let result = stage.run(Some(source.clone()), &cx).and_then(|q| {
+        crate::atomic_file::publish(&staged, &out, force)?;
+        Ok(q)
+    });
+    let _ = std::fs::remove_file(&staged);
+    let q = result?;
+    super::quantize::print_outcome(checkpoint, &out, &q, &test, &cx)
+}
