@@ -1,5 +1,6 @@
 //! `convpress info`: what a model file holds, layer by layer: shapes, parameters, FLOPs and
-//! bytes; for a compressed file also the bytes of each compression step.
+//! bytes; for a compressed file also the bytes of each compression step, and for a quantized
+//! one each layer's bits and input quantizer.
 
 use crate::checkpoint;
 use anyhow::Context as _;
@@ -14,6 +15,9 @@ pub fn info(path: &Path, json: bool) -> anyhow::Result<()> {
     if json {
         let v = serde_json::json!({
             "checkpoint": path,
+            "quantized": loaded.quant.as_ref().map(|q| q.layers.iter().map(|(l, q)| {
+                serde_json::json!({ "layer": l, "bits": q.bits, "input": q.input, "weight_scales": q.weight_scales })
+            }).collect::<Vec<_>>()),
             "arch": loaded.arch,
             "meta": loaded.meta,
             "layers": stats,
@@ -74,8 +78,37 @@ pub fn info(path: &Path, json: bool) -> anyhow::Result<()> {
             crate::compress::format::stage_table(&stages, file_bytes as usize, path)
         );
     }
+    if let Some(q) = &loaded.quant {
+        let stages = crate::compress::format::stages(&bytes)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        println!(
+            "quantized layers (the others run in float; eval runs the file on the int8 kernels):"
+        );
+        println!(
+            "{:<22} {:>5} {:>24} {:>5} {:>11} {:>11}",
+            "layer", "bits", "input range", "zero", "weights", "weight B"
+        );
+        for (layer, l) in &q.layers {
+            let (lo, hi) = l.input.range();
+            let w = stages.iter().find(|s| s.path == format!("{layer}.weight"));
+            println!(
+                "{:<22} {:>5} {:>24} {:>5} {:>11} {:>11}",
+                layer,
+                l.bits,
+                format!("[{lo:.4}, {hi:.4}]"),
+                l.input.zero_point,
+                w.map_or(0, |w| w.numel),
+                w.map_or(0, |w| w.huffman)
+            );
+        }
+    }
     if let Some(acc) = loaded.meta.info.get("test_acc").and_then(|v| v.as_f64()) {
-        println!("recorded test accuracy: {:.2}%", 100.0 * acc);
+        let of = if loaded.quant.is_some() {
+            " (of the float model before its last quantization)"
+        } else {
+            ""
+        };
+        println!("recorded test accuracy{of}: {:.2}%", 100.0 * acc);
     }
     Ok(())
 }

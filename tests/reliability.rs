@@ -31,7 +31,8 @@ fn bin() -> String {
 
 /// The fixture every case starts from, built once per test run:
 /// `data/` (64 training and 32 test images, 28x28), `runs/l5/` (a finished LeNet-5 run),
-/// `l5.safetensors` (its model), `l5.cpz` (that model compressed), `recipe.toml` (one eval
+/// `l5.safetensors` (its model), `l5.cpz` (that model compressed), `l5.q8.cpz` (it quantized),
+/// `recipe.toml` (one eval
 /// stage) and `runs/c/` (that recipe run from `l5.safetensors`).
 fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -47,6 +48,7 @@ fn fixture() -> &'static Path {
         run("train --model lenet5 --epochs 1 --batch-size 16 --data-dir data --run-dir runs/l5 --no-progress");
         std::fs::copy(dir.join("runs/l5/model.safetensors"), dir.join("l5.safetensors")).unwrap();
         run("encode --checkpoint l5.safetensors --out l5.cpz --conv-bits 2 --fc-bits 2");
+        run("quantize --checkpoint l5.safetensors --out l5.q8.cpz --calibrate 16 --data-dir data");
         std::fs::write(
             dir.join("recipe.toml"),
             "[[stage]]\nkind = \"eval\"\n",
@@ -709,6 +711,112 @@ fn cases() -> Vec<Case> {
             1,
             &["new.report.json", "exists already"],
         ),
+        // --- quantization ---
+        case(
+            "quantize at 0 bits",
+            "quantize --checkpoint l5.safetensors --out x.cpz --bits 0 --data-dir data",
+            none,
+            1,
+            &["bits", "between 2 and 8"],
+        ),
+        case(
+            "quantize at 1 bit",
+            "quantize --checkpoint l5.safetensors --out x.cpz --bits 1 --data-dir data",
+            none,
+            1,
+            &["bits", "binarization"],
+        ),
+        case(
+            "quantize at 9 bits",
+            "quantize --checkpoint l5.safetensors --out x.cpz --bits 9 --data-dir data",
+            none,
+            1,
+            &["bits", "between 2 and 8"],
+        ),
+        case(
+            "quantize calibrating on no image",
+            "quantize --checkpoint l5.safetensors --out x.cpz --calibrate 0 --data-dir data",
+            none,
+            1,
+            &["calibrate", "empty set"],
+        ),
+        case(
+            "quantize a quantized model",
+            "quantize --checkpoint l5.q8.cpz --out x.cpz --data-dir data",
+            none,
+            1,
+            &["l5.q8.cpz", "already quantized"],
+        ),
+        case(
+            "quantize onto its input",
+            "quantize --checkpoint l5.safetensors --out l5.safetensors --data-dir data",
+            none,
+            1,
+            &["--out", "is the input file"],
+        ),
+        case(
+            "quantize a layer that is not there",
+            "quantize --checkpoint l5.safetensors --out x.cpz --float-layers layers.99 --data-dir data",
+            none,
+            1,
+            &["float-layers", "layers.99"],
+        ),
+        case(
+            "quantize with a percentile out of range",
+            "quantize --checkpoint l5.safetensors --out x.cpz --calibration percentile --percentile 30 --data-dir data",
+            none,
+            1,
+            &["percentile", "30"],
+        ),
+        case(
+            "quantize without the data",
+            "quantize --checkpoint l5.safetensors --out x.cpz --data-dir nowhere",
+            none,
+            1,
+            &["nowhere"],
+        ),
+        case(
+            "qat at 9 bits",
+            "qat --checkpoint l5.safetensors --out x.cpz --bits 9 --data-dir data",
+            none,
+            1,
+            &["bits", "between 2 and 8"],
+        ),
+        case(
+            "qat for no epoch",
+            "qat --checkpoint l5.safetensors --out x.cpz --epochs 0 --data-dir data",
+            none,
+            1,
+            &["epochs", "at least 1"],
+        ),
+        case(
+            "qat of a quantized model",
+            "qat --checkpoint l5.q8.cpz --out x.cpz --data-dir data",
+            none,
+            1,
+            &["l5.q8.cpz", "already quantized"],
+        ),
+        case(
+            "damaged quantized file",
+            "eval --checkpoint l5.q8.cpz --data-dir data",
+            |d| flip_byte(&d.join("l5.q8.cpz"), 100),
+            1,
+            &["l5.q8.cpz", "checksum mismatch"],
+        ),
+        case(
+            "truncated quantized file",
+            "info --checkpoint l5.q8.cpz",
+            |d| truncate(&d.join("l5.q8.cpz"), 5000),
+            1,
+            &["l5.q8.cpz", "truncated"],
+        ),
+        case(
+            "whole-model int8 bench on a float model",
+            "bench quant --checkpoint l5.safetensors --seconds 0.1",
+            none,
+            1,
+            &["l5.safetensors", "not a quantized model"],
+        ),
         // --- flags ---
         case(
             "threads 100000",
@@ -1283,6 +1391,12 @@ fn cases() -> Vec<Case> {
     v.extend([
         case("control: info", "info --checkpoint l5.safetensors", none, 0, &[]),
         case("control: info on the .cpz", "info --checkpoint l5.cpz", none, 0, &[]),
+        case("control: info on the quantized file", "info --checkpoint l5.q8.cpz", none, 0, &[]),
+        case("control: eval on the int8 kernels", "eval --checkpoint l5.q8.cpz --data-dir data", none, 0, &[]),
+        Case {
+            changes: &["q4.cpz"],
+            ..case("control: quantize at 4 bits", "quantize --checkpoint l5.safetensors --out q4.cpz --bits 4 --calibrate 8 --data-dir data", none, 0, &[])
+        },
         case("control: eval", "eval --checkpoint l5.cpz --data-dir data", none, 0, &[]),
         Case {
             changes: &["runs/c"],

@@ -1,7 +1,7 @@
 //! The figures of a model file that every report gives: test accuracy, bytes on disk,
 //! parameters, non-zero parameters, FLOPs, and latency measured on the runtime that would
-//! serve it (the sparse runtime for a model that is mostly zeros, convpress's dense kernels
-//! through Burn otherwise).
+//! serve it (the sparse runtime for a model that is mostly zeros, the int8 runtime for a
+//! quantized one, whichever is faster of those and convpress's dense kernels through Burn).
 
 use super::layers::weighted_layers;
 use super::{Context, Model};
@@ -76,7 +76,7 @@ pub struct Latency {
     pub batch: usize,
     /// Milliseconds per forward pass of the whole batch, on `runtime`.
     pub ms: f64,
-    /// `dense` or `sparse`.
+    /// `dense`, `sparse` or `int8`.
     pub runtime: String,
     /// Milliseconds on the dense runtime (equal to `ms` when it is the one chosen).
     pub dense_ms: f64,
@@ -89,7 +89,7 @@ pub struct LayerFigures {
     pub kind: String,
     pub weights: usize,
     pub kept: usize,
-    /// Bits per weight: the codebook's index width, or 32 for f32.
+    /// Bits per weight: the codebook's index width, the quantized width, or 32 for f32.
     pub bits: u32,
 }
 
@@ -106,7 +106,7 @@ pub fn layer_figures(model: &Model) -> anyhow::Result<Vec<LayerFigures>> {
     if model.is_encoded() {
         let bytes = fs_err::read(&model.file)?;
         for e in format::entries(&bytes).map_err(anyhow::Error::msg)? {
-            if let Encoding::Shared { bits, .. } = e.encoding {
+            if let Encoding::Shared { bits, .. } | Encoding::Quantized { bits, .. } = e.encoding {
                 stored.insert(e.path, bits);
             }
         }
@@ -140,7 +140,15 @@ pub fn measure(
 ) -> anyhow::Result<(Figures, Vec<LayerFigures>)> {
     let (network, _) = checkpoint::load(&model.file, &cx.device)?;
     let test = test_set(model, &cx.data_dir_for(model.meta()), settings.test_limit)?;
-    let (test_loss, test_acc) = train::evaluate(&network, &test, 256, &cx.device);
+    // A quantized model is measured on the int8 runtime, which serves it.
+    let int8 = match model.loaded.quant {
+        Some(_) => Some(SparseModel::from_loaded(&model.loaded).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let (test_loss, test_acc) = match &int8 {
+        Some(m) => crate::runtime::model::evaluate(m, &test, 256),
+        None => train::evaluate(&network, &test, 256, &cx.device),
+    };
     let layers = layer_figures(model)?;
     let arch = model.arch();
     let params = arch.num_params();
@@ -168,10 +176,10 @@ pub fn measure(
         .fold((0, 0), |(w, k), l| (w + l.weights, k + l.kept));
     // The sparse runtime is timed for models that are mostly zeros (it refuses a few layer
     // kinds, asymmetric padding, which then run dense only).
-    let sparse = if 2 * kept < weights {
-        SparseModel::from_loaded(&model.loaded).ok()
-    } else {
-        None
+    let (sparse, kind) = match int8 {
+        Some(m) => (Some(m), "int8"),
+        None if 2 * kept < weights => (SparseModel::from_loaded(&model.loaded).ok(), "sparse"),
+        None => (None, "sparse"),
     };
     let budget = Duration::from_secs_f64(settings.latency_seconds);
     let latency = settings
@@ -183,7 +191,7 @@ pub fn measure(
                 .as_ref()
                 .map_or(f64::INFINITY, |s| bench::sparse_latency(s, batch, budget));
             let (ms, runtime) = if sparse_ms < dense_ms {
-                (sparse_ms, "sparse")
+                (sparse_ms, kind)
             } else {
                 (dense_ms, "dense")
             };
