@@ -20,6 +20,8 @@ p.add_argument("--model", choices=("lenet5", "lenet300", "resnet20"), default="l
 p.add_argument("--batch", default="1,64", help="batch sizes, comma separated")
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--seconds", type=float, default=2.0, help="per batch size, both paths together")
+p.add_argument("--input", default=None,
+               help="C,H,W of the input (default: the model's; ResNet-20 on MNIST is 1,32,32)")
 ARGS = p.parse_args()
 for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = str(ARGS.threads)
@@ -35,6 +37,8 @@ from torch_models import build_model  # noqa: E402
 torch.set_num_threads(ARGS.threads)
 torch.backends.quantized.engine = "x86"
 INPUT = {"lenet5": (1, 28, 28), "lenet300": (1, 28, 28), "resnet20": (3, 32, 32)}[ARGS.model]
+if ARGS.input:
+    INPUT = tuple(int(v) for v in ARGS.input.split(","))
 
 
 def per_call_ms(fn, x, seconds):
@@ -53,6 +57,8 @@ def per_call_ms(fn, x, seconds):
 def main():
     torch.manual_seed(0)
     model, _ = build_model(ARGS.model)
+    if ARGS.model == "resnet20" and INPUT[0] != 3:
+        model.conv1 = torch.nn.Conv2d(INPUT[0], 16, 3, padding=1, bias=False)
     model.eval()
     example = (torch.randn(8, *INPUT),)
     prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), example)

@@ -394,6 +394,9 @@ pub struct QatArgs {
     /// Dataset folder (default: the one the checkpoint was trained on).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 /// `layers.2=0.9` as a layer path and a sparsity (range checked later, with the layers).
@@ -488,7 +491,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 force: args.force,
             },
             args.params,
-            context(PathBuf::new(), device()?, args.data_dir, true),
+            context(PathBuf::new(), device()?, args.data_dir, args.no_progress),
         ),
         Command::Quantize(args) => crate::pipeline::stages::quantize::command(
             &args.checkpoint,

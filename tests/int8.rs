@@ -113,8 +113,8 @@ int8_gemm_conformance!(
 
 /// The blocked kernel's two other entry points, as gemms for the same suite: rows already
 /// widened to pairs (`gemm_pairs`), and pairs gathered through offsets from one u16 buffer
-/// (`gemm_gathered`, which the int8 convolution uses), here laid out with a gap after every
-/// row so that the offsets are really followed.
+/// (`gemm_gathered`, which the int8 convolution uses), here laid out with gaps between the
+/// pairs and between the rows, so that both the offsets and the bases are followed.
 struct Pairs(int8::Avx2Blocked);
 struct Gathered(int8::Avx2Blocked);
 
@@ -148,11 +148,20 @@ impl Int8Gemm for Gathered {
         "avx2-blocked gathered"
     }
     fn gemm(&self, m: usize, n: usize, k: usize, a: &[u8], b: &[i8], c: &mut [i32]) {
+        // Each row's pairs sit `GAP` values apart (as a window's rows do in a padded image),
+        // the rows one after another with a gap of 3.
+        const GAP: usize = 5;
         let packed = int8::PackedB::new(n, k, b);
-        let stride = 2 * packed.pairs() + 3;
-        let wide = widened(m, k, a, stride);
+        let pairs = packed.pairs();
+        let stride = pairs * GAP + 3;
+        let mut wide = vec![0u16; m * stride + GAP + 2];
+        for (i, row) in a.chunks_exact(k.max(1)).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                wide[i * stride + (j / 2) * GAP + j % 2] = v as u16;
+            }
+        }
         let bases: Vec<usize> = (0..m).map(|i| i * stride).collect();
-        let offsets: Vec<usize> = (0..packed.pairs()).map(|q| 2 * q).collect();
+        let offsets: Vec<usize> = (0..pairs).map(|q| q * GAP).collect();
         self.0.gemm_gathered(&bases, &offsets, &wide, &packed, c);
     }
 }

@@ -53,6 +53,10 @@ fn int8_convolutions_match_the_float_reference_on_every_path() {
         ([1, 6, 5, 5], [0, 0], [1, 1], [1, 1], [12, 12]),
         ([4, 5, 3, 3], [2, 1], [2, 2], [1, 1], [11, 10]),
         ([2, 17, 3, 3], [2, 2], [1, 1], [2, 2], [8, 8]),
+        // Even and 1-wide windows, and an output of fewer than 4 rows.
+        ([3, 4, 2, 4], [1, 2], [1, 1], [1, 1], [7, 9]),
+        ([16, 8, 1, 1], [0, 0], [2, 2], [1, 1], [6, 6]),
+        ([2, 3, 3, 3], [0, 0], [1, 1], [1, 1], [3, 4]),
     ];
     for (n, &([cin, cout, kh, kw], padding, stride, dilation, hw)) in cases.iter().enumerate() {
         let g = ConvGeometry {
@@ -66,7 +70,7 @@ fn int8_convolutions_match_the_float_reference_on_every_path() {
         };
         let w = uniform(g.weight_len(), n as u64, -0.5, 0.5);
         let bias = uniform(cout, 100 + n as u64, -0.2, 0.2);
-        let batch = 3;
+        let batch = if hw == [3, 4] { 1 } else { 3 };
         let x = uniform(batch * cin * hw[0] * hw[1], 200 + n as u64, -1.0, 3.0);
         let mut obs = Observer::default();
         obs.observe(&x).unwrap();
@@ -230,6 +234,8 @@ fn layers_kept_in_float_stay_float() {
         .layers();
     assert_eq!(layers[0].bits, 32);
     assert_ne!(layers[0].kernel, "int8");
+    let last = layers.iter().find(|l| l.path == "layers.7").unwrap();
+    assert_eq!((last.kernel, last.bits), ("int8", 6));
 }
 
 /// What the method refuses, before any work: a model already quantized, an empty
@@ -250,6 +256,12 @@ fn bad_quantization_requests_are_refused() {
     s.layer_bits.insert("layers.1".into(), Some(8));
     let e = quantize_model(&float, &s, &calib).unwrap_err();
     assert!(e.contains("layers.1"), "{e}");
+    let mut all_float = settings(8);
+    for l in ["layers.0", "layers.2", "layers.5", "layers.7"] {
+        all_float.layer_bits.insert(l.into(), None);
+    }
+    let e = quantize_model(&float, &all_float, &calib).unwrap_err();
+    assert!(e.contains("nothing to quantize"), "{e}");
     let q = quantize_model(&float, &settings(8), &calib).unwrap();
     let e = quantize_model(&q.model, &settings(8), &calib).unwrap_err();
     assert!(e.contains("already quantized"), "{e}");
@@ -283,19 +295,26 @@ fn damaged_quantized_files_are_refused_never_a_panic() {
             .wrapping_add(1442695040888963407);
         (state >> 33) as usize
     };
-    let (mut refused, mut flipped) = (0, 0);
+    let mut flipped = bytes.clone();
+    flipped[100] ^= 4;
+    assert!(format::decode(&flipped).unwrap_err().contains("checksum"));
+    // Resealed damage: refused, or a model that the runtime builds and runs without a panic.
+    let mut refused = 0;
     for _ in 0..2000 {
         let mut b = bytes.clone();
         let i = 16 + next() % (b.len() - 20);
         b[i] ^= 1 << (next() % 8);
-        if format::decode(&b).is_err() {
-            flipped += 1;
-        }
-        if format::decode(&reseal(b)).and_then(|l| l.check()).is_err() {
-            refused += 1;
+        match format::decode(&reseal(b)).and_then(|l| l.check().map(|()| l)) {
+            Err(_) => refused += 1,
+            Ok(l) => {
+                if let Ok(m) = SparseModel::from_loaded(&l) {
+                    let n: usize = m.arch.input.iter().product();
+                    let out = m.forward(&vec![0.5; 4 * n], 4);
+                    assert_eq!(out.len(), 4 * m.arch.classes);
+                }
+            }
         }
     }
-    assert_eq!(flipped, 2000, "the checksum catches every flipped bit");
     assert!(
         refused > 100,
         "only {refused} of 2000 resealed damages refused"

@@ -776,6 +776,13 @@ fn cases() -> Vec<Case> {
             &["nowhere"],
         ),
         case(
+            "quantize with every layer kept in float",
+            "quantize --checkpoint l5.safetensors --out x.cpz --float-layers layers.* --data-dir data",
+            none,
+            1,
+            &["kept in float", "nothing to quantize"],
+        ),
+        case(
             "qat at 9 bits",
             "qat --checkpoint l5.safetensors --out x.cpz --bits 9 --data-dir data",
             none,

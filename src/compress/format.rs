@@ -731,11 +731,17 @@ pub fn decode(bytes: &[u8]) -> Result<Loaded, String> {
                     return Err(format!("{}: quantized tensor in a version-1 file", t.path));
                 }
                 check_bits(&t.path, bits)?;
-                let channels = *t
-                    .shape
-                    .get(axis)
-                    .filter(|&&n| n > 0)
-                    .ok_or_else(|| format!("{}: axis {axis} does not fit the shape", t.path))?;
+                // The output channel is the first axis of a conv weight and the last of a
+                // linear one (Burn's `[in, out]`); an empty tensor is no layer's weight.
+                let want_axis = usize::from(t.shape.len() == 2);
+                if axis != want_axis || numel == 0 {
+                    return Err(format!(
+                        "{}: quantized along axis {axis} of shape {:?}",
+                        t.path, t.shape
+                    ));
+                }
+                // Every dimension is at most `numel` here, so no product below overflows.
+                let channels = t.shape[axis];
                 let scales = f32s(c.take(4 * channels, &t.path)?);
                 if scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
                     return Err(format!("{}: a step is not a positive number", t.path));

@@ -173,6 +173,11 @@ pub fn finish(
             },
         );
     }
+    if spec.layers.is_empty() {
+        return Err(
+            "every conv and linear layer is kept in float: there is nothing to quantize".into(),
+        );
+    }
     let quantized = Loaded {
         quant: Some(spec),
         tensors,

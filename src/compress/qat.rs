@@ -4,8 +4,10 @@
 //! input outside its quantizer's range (Hubara et al. 2016, "Binarized neural networks",
 //! eq. 4; Jacob et al. 2018, section 3). Weights are fake-quantized symmetrically per output
 //! channel on their current largest magnitude, so nothing of them is clipped; inputs on the
-//! ranges calibrated before training, kept fixed, so that the trained network is exactly what
-//! the int8 runtime runs. Batch norms are folded before training (`compress::fold`).
+//! ranges calibrated before training, kept fixed, so that the trained network sees the grids
+//! the int8 runtime runs on (up to ties: Burn rounds them to even, the quantizers away from
+//! zero). The per-epoch test accuracy of the run is that of the float weights with fake-
+//! quantized inputs; the written file's accuracy is measured on the int8 kernels. Batch norms are folded before training (`compress::fold`).
 //!
 //! Learned step sizes (LSQ, Esser et al. 2020) are not implemented: the input ranges stay as
 //! calibrated.

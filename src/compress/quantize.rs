@@ -405,7 +405,7 @@ impl QuantSpec {
             let ok = q.scale.is_finite()
                 && q.scale > 0.0
                 && q.lo == 0
-                && (1..=255).contains(&q.hi)
+                && (3..=255).contains(&q.hi)
                 && (q.hi + 1).count_ones() == 1
                 && (q.lo..=q.hi).contains(&q.zero_point);
             if !ok {

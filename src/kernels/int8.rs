@@ -439,7 +439,8 @@ impl Avx2Blocked {
 
 impl Avx2Blocked {
     /// `c = a · bᵀ` where row `i`'s pair `q` is the two `u16` at `a[bases[i] + offsets[q]]`
-    /// (read as one `i32`, as in [`Avx2Blocked::gemm_pairs`]). An int8 convolution reads its
+    /// (read as one `i32`, as in [`Avx2Blocked::gemm_pairs`]; `vpmaddwd` reads them as signed
+    /// 16-bit values, so they must be codes of at most 255 for [`MAX_K`] to hold). An int8 convolution reads its
     /// patches so straight from the widened, padded input (`offsets` walk the window, `bases`
     /// the output positions): no im2col buffer.
     pub fn gemm_gathered(
@@ -461,9 +462,13 @@ impl Avx2Blocked {
             c.fill(0);
             return;
         }
-        let reach = bases.iter().max().unwrap_or(&0) + offsets.iter().max().unwrap_or(&0) + 2;
+        let reach = bases
+            .iter()
+            .max()
+            .and_then(|b| b.checked_add(*offsets.iter().max()?))
+            .and_then(|r| r.checked_add(2));
         assert!(
-            reach <= a.len(),
+            reach.is_some_and(|r| r <= a.len()),
             "int8 gemm: a gathered pair lies outside a"
         );
         #[cfg(target_arch = "x86_64")]
@@ -540,9 +545,9 @@ impl Int8Gemm for Avx2Blocked {
 #[inline]
 pub fn round_u8(x: f32, scale: f32, offset: f32, lo: f32, hi: f32) -> u8 {
     let t = (x / scale + offset).max(lo).min(hi);
-    // SAFETY: `t` is in [lo, hi] within [0, 256): finite, and an exact i32 (the unchecked
-    // conversion is one vectorisable instruction; `as` adds saturation checks).
-    unsafe { t.to_int_unchecked::<i32>() as u8 }
+    // Truncation; `as` saturates (and sends NaN to 0), so bounds outside [0, 256) given by a
+    // caller cannot make it undefined.
+    t as u8
 }
 
 /// `out[i] = trunc(min(max(x[i] / scale + offset, lo), hi))` as `u8`: the rounding of

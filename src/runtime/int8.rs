@@ -6,8 +6,9 @@
 //! `y[o] = s_x · s_w[o] · (Σ_k q_x[k] · q_w[o][k] − z_x · Σ_k q_w[o][k]) + b[o]`
 //!
 //! (Jacob et al. 2018, eq. 7: the zero point leaves the inner loop through the weights' row
-//! sums, which are computed once). A convolution is the same product on im2col patches of its
-//! u8 input, padded with the zero point (the code of 0.0). The layers take and give `f32`, so
+//! sums, which are computed once). A convolution is the same product on the patches of its
+//! u8 input padded with the zero point (the code of 0.0): on AVX2 read straight from the
+//! padded input (`Avx2Blocked::gemm_gathered`), elsewhere from im2col rows. The layers take and give `f32`, so
 //! they drop into [`super::LinearKernel`] and [`super::conv::Conv2dKernel`]; the next layer
 //! quantizes its input again (one pass over the activations, not yet fused into this epilogue).
 
@@ -309,9 +310,9 @@ impl LinearKernel for Int8Linear {
     }
 }
 
-/// A 2-D convolution (one group) on int8 weights and u8 inputs: im2col patches of the
-/// quantized input, one [`Int8Gemm`] product for the whole batch, the epilogue into
-/// `[batch, out, H', W']`.
+/// A 2-D convolution (one group) on int8 weights and u8 inputs: one [`Int8Gemm`] product for
+/// the whole batch over its patches (read from the padded input on AVX2, from im2col rows
+/// otherwise), the epilogue into `[batch, out, H', W']`.
 #[derive(Clone)]
 pub struct Int8Conv {
     geometry: ConvGeometry,
@@ -368,8 +369,11 @@ impl Int8Conv {
         let g = &geometry;
         let [kh, kw] = g.kernel;
         let even = 2 * kw.div_ceil(2);
-        let rows_packed = (g.dilation[1] == 1 && int8::Avx2Blocked::new().is_some()).then(|| {
-            let k2 = g.in_channels * kh * even;
+        let k2 = g.in_channels * kh * even;
+        // A 1-wide window would pair every tap with a zero weight (twice the work): those go
+        // through im2col rows; so does a window whose padded rows would exceed `MAX_K`.
+        let gathers = g.dilation[1] == 1 && kw > 1 && k2 <= int8::MAX_K;
+        let rows_packed = (gathers && int8::Avx2Blocked::new().is_some()).then(|| {
             let mut padded = vec![0i8; p.n * k2];
             for (o, w) in p.weight.chunks_exact(p.k).enumerate() {
                 for (r, taps) in w.chunks_exact(kw).enumerate() {

@@ -130,6 +130,12 @@ impl Quantize {
             };
             layer_bits.insert(layer, bits);
         }
+        if paths.iter().all(|p| layer_bits.get(p) == Some(&None)) {
+            return Err(
+                "every conv and linear layer is kept in float: there is nothing to quantize"
+                    .into(),
+            );
+        }
         // What the int8 kernels cannot run must stay in float, said before any work.
         for (path, spec) in conv_specs(arch) {
             if let LayerSpec::Conv2d {
