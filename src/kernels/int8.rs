@@ -230,23 +230,35 @@ mod avx2 {
         assert!(b.data.len() >= n.div_ceil(PANEL) * pairs * PANEL * 2);
         for p in 0..n.div_ceil(PANEL) {
             let mut acc = [[_mm256_setzero_si256(); 2]; R];
+            let width = PANEL.min(n - p * PANEL);
             // SAFETY: the asserts above bound every offset: panel p holds `pairs` steps of
             // 2 * PANEL i16 (two 256-bit loads); the caller vouches for `src`'s rows.
             unsafe {
                 let panel = b.data.as_ptr().add(p * pairs * PANEL * 2);
-                for q in 0..pairs {
-                    let ptr = panel.add(q * PANEL * 2);
-                    let b0 = _mm256_loadu_si256(ptr.cast());
-                    let b1 = _mm256_loadu_si256(ptr.add(16).cast());
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let av = _mm256_set1_epi32(src.get(first + r, q));
-                        acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(av, b0));
-                        acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(av, b1));
+                if width > PANEL / 2 {
+                    for q in 0..pairs {
+                        let ptr = panel.add(q * PANEL * 2);
+                        let b0 = _mm256_loadu_si256(ptr.cast());
+                        let b1 = _mm256_loadu_si256(ptr.add(16).cast());
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let av = _mm256_set1_epi32(src.get(first + r, q));
+                            acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(av, b0));
+                            acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(av, b1));
+                        }
+                    }
+                } else {
+                    // A last panel of at most 8 channels: its upper half is padding, so one
+                    // register of them (LeNet-5's 20 and 50 channels end so).
+                    for q in 0..pairs {
+                        let b0 = _mm256_loadu_si256(panel.add(q * PANEL * 2).cast());
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let av = _mm256_set1_epi32(src.get(first + r, q));
+                            acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(av, b0));
+                        }
                     }
                 }
             }
             let first = p * PANEL;
-            let width = PANEL.min(n - first);
             for (r, acc) in acc.iter().enumerate() {
                 let mut lanes = [0i32; PANEL];
                 // SAFETY: `lanes` holds 16 i32, two 256-bit stores.

@@ -317,11 +317,10 @@ impl LinearKernel for Int8Linear {
 pub struct Int8Conv {
     geometry: ConvGeometry,
     p: Product,
-    /// For the blocked AVX2 kernel reading patches straight from the input: the weights with
-    /// each window row padded to an even number of taps (a zero weight after an odd one), so
-    /// that every pair of taps is two neighbours of one image row. `None` without AVX2, or with
-    /// a horizontal dilation (the taps are not neighbours).
-    rows_packed: Option<int8::PackedB>,
+    /// For the blocked AVX2 kernel reading patches straight from the input: how the input is
+    /// laid out so that every pair of reduction steps is two neighbouring values, and the
+    /// weights packed in that order. `None` without AVX2, or where neither layout fits.
+    gather: Option<(Gather, int8::PackedB)>,
 }
 
 impl Int8Conv {
@@ -368,25 +367,37 @@ impl Int8Conv {
     fn with_product(geometry: ConvGeometry, p: Product) -> Int8Conv {
         let g = &geometry;
         let [kh, kw] = g.kernel;
-        let even = 2 * kw.div_ceil(2);
-        let k2 = g.in_channels * kh * even;
-        // A 1-wide window would pair every tap with a zero weight (twice the work): those go
-        // through im2col rows; so does a window whose padded rows would exceed `MAX_K`.
-        let gathers = g.dilation[1] == 1 && kw > 1 && k2 <= int8::MAX_K;
-        let rows_packed = (gathers && int8::Avx2Blocked::new().is_some()).then(|| {
-            let mut padded = vec![0i8; p.n * k2];
-            for (o, w) in p.weight.chunks_exact(p.k).enumerate() {
-                for (r, taps) in w.chunks_exact(kw).enumerate() {
-                    let at = o * k2 + r * even;
-                    padded[at..at + kw].copy_from_slice(taps);
+        // Two or more channels pair up across channels (no padding for an even count, one
+        // zero channel otherwise); one channel pairs along window rows, which a window one tap
+        // wide or dilated across cannot.
+        let layout = if g.in_channels >= 2 {
+            Some(Gather::Channels)
+        } else if kw > 1 && g.dilation[1] == 1 {
+            Some(Gather::Rows)
+        } else {
+            None
+        };
+        let gather = layout
+            .filter(|_| int8::Avx2Blocked::new().is_some())
+            .and_then(|layout| {
+                let k2 = layout.steps(g);
+                // Beyond `MAX_K` the padded steps could overflow: those run on im2col rows.
+                if k2 > int8::MAX_K {
+                    return None;
                 }
-            }
-            int8::PackedB::new(p.n, k2, &padded)
-        });
+                let mut padded = vec![0i8; p.n * k2];
+                for (o, w) in p.weight.chunks_exact(p.k).enumerate() {
+                    for (t, &v) in w.iter().enumerate() {
+                        let (ci, i, j) = (t / (kh * kw), t / kw % kh, t % kw);
+                        padded[o * k2 + layout.step(g, ci, i, j)] = v;
+                    }
+                }
+                Some((layout, int8::PackedB::new(p.n, k2, &padded)))
+            });
         Int8Conv {
             geometry,
             p,
-            rows_packed,
+            gather,
         }
     }
 
@@ -429,12 +440,12 @@ impl Int8Conv {
     }
 
     /// The sums `[batch · H'·W', n]` on the blocked AVX2 kernel, its pairs read straight from
-    /// the input widened to u16 and padded with the zero point: pair `(c, i, p)` of the window
-    /// at output `(y, x)` is the two values at row `y · s_h + i · d_h`, columns
-    /// `x · s_w + 2p` and one to the right, of the padded channel `c`.
+    /// the input widened to u16 and padded with the zero point, in `layout` (see [`Gather`]).
+    #[allow(clippy::too_many_arguments)]
     fn gathered(
         &self,
         kb: &int8::Avx2Blocked,
+        layout: Gather,
         packed: &int8::PackedB,
         codes: &[u8],
         batch: usize,
@@ -445,18 +456,38 @@ impl Int8Conv {
         let [kh, kw] = g.kernel;
         let [ph, pw] = g.padding;
         let (hp, wp) = (h + 2 * ph, w + 2 * pw);
-        let plane = hp * wp;
-        let image = g.in_channels * plane;
+        let c = g.in_channels;
+        let cp = 2 * c.div_ceil(2);
+        let image = match layout {
+            Gather::Rows => c * hp * wp,
+            Gather::Channels => hp * wp * cp,
+        };
         // Two values of slack: the last pair of a window row with an odd width reads one value
         // past it (times a zero weight).
-        let mut padded = vec![self.p.input.zero_point as u16; batch * image + 2];
+        let zp = self.p.input.zero_point as u16;
+        let mut padded = vec![zp; batch * image + 2];
         let widen = |(b, dst): (usize, &mut [u16])| {
-            for c in 0..g.in_channels {
-                for y in 0..h {
-                    let src = &codes[((b * g.in_channels + c) * h + y) * w..][..w];
-                    let at = c * plane + (y + ph) * wp + pw;
-                    for (d, &v) in dst[at..at + w].iter_mut().zip(src) {
-                        *d = v as u16;
+            let src = &codes[b * c * h * w..(b + 1) * c * h * w];
+            match layout {
+                Gather::Rows => {
+                    for (ci, plane) in src.chunks_exact(h * w).enumerate() {
+                        for (y, line) in plane.chunks_exact(w).enumerate() {
+                            let at = ci * hp * wp + (y + ph) * wp + pw;
+                            for (d, &v) in dst[at..at + w].iter_mut().zip(line) {
+                                *d = v as u16;
+                            }
+                        }
+                    }
+                }
+                Gather::Channels => {
+                    // `[C, H, W]` to `[H + 2p, W + 2p, C']`: a pixel's channels side by side.
+                    for (ci, plane) in src.chunks_exact(h * w).enumerate() {
+                        for (y, line) in plane.chunks_exact(w).enumerate() {
+                            let row = ((y + ph) * wp + pw) * cp + ci;
+                            for (x, &v) in line.iter().enumerate() {
+                                dst[row + x * cp] = v as u16;
+                            }
+                        }
                     }
                 }
             }
@@ -472,19 +503,37 @@ impl Int8Conv {
                 .enumerate()
                 .for_each(widen);
         }
+        let [dh, dw] = g.dilation;
         let mut offsets = Vec::with_capacity(packed.pairs());
-        for c in 0..g.in_channels {
-            for i in 0..kh {
-                for p in 0..kw.div_ceil(2) {
-                    offsets.push(c * plane + i * g.dilation[0] * wp + 2 * p);
+        match layout {
+            Gather::Rows => {
+                for ci in 0..c {
+                    for i in 0..kh {
+                        for p in 0..kw.div_ceil(2) {
+                            offsets.push(ci * hp * wp + i * dh * wp + 2 * p);
+                        }
+                    }
+                }
+            }
+            Gather::Channels => {
+                for i in 0..kh {
+                    for j in 0..kw {
+                        for p in 0..cp / 2 {
+                            offsets.push((i * dh * wp + j * dw) * cp + 2 * p);
+                        }
+                    }
                 }
             }
         }
+        let pixel = match layout {
+            Gather::Rows => 1,
+            Gather::Channels => cp,
+        };
         let mut bases = Vec::with_capacity(batch * oh * ow);
         for b in 0..batch {
             for y in 0..oh {
                 for x in 0..ow {
-                    bases.push(b * image + y * g.stride[0] * wp + x * g.stride[1]);
+                    bases.push(b * image + (y * g.stride[0] * wp + x * g.stride[1]) * pixel);
                 }
             }
         }
@@ -545,6 +594,38 @@ impl Int8Conv {
                     }
                 }
             }
+        }
+    }
+}
+
+/// How the int8 convolution lays out its widened, padded input so that every pair of
+/// reduction steps the AVX2 kernel reads is two neighbouring values (one `i32` load).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gather {
+    /// `[C, H', W']` planes; taps `(j, j + 1)` of a window row pair up, and an odd-width row
+    /// gets a zero-weight tap (one input channel: LeNet-5's first layer).
+    Rows,
+    /// `[H', W', C']`, `C'` the channels rounded up to even; channels `(c, c + 1)` of a tap pair
+    /// up: no padding for an even channel count, any window width and dilation.
+    Channels,
+}
+
+impl Gather {
+    /// Reduction steps of the packed weights.
+    fn steps(self, g: &ConvGeometry) -> usize {
+        let [kh, kw] = g.kernel;
+        match self {
+            Gather::Rows => g.in_channels * kh * 2 * kw.div_ceil(2),
+            Gather::Channels => kh * kw * 2 * g.in_channels.div_ceil(2),
+        }
+    }
+
+    /// The packed step of weight `(c, i, j)`.
+    fn step(self, g: &ConvGeometry, c: usize, i: usize, j: usize) -> usize {
+        let [kh, kw] = g.kernel;
+        match self {
+            Gather::Rows => (c * kh + i) * 2 * kw.div_ceil(2) + j,
+            Gather::Channels => (i * kw + j) * 2 * g.in_channels.div_ceil(2) + c,
         }
     }
 }
@@ -637,14 +718,14 @@ impl Conv2dKernel for Int8Conv {
         }
         let m = batch * positions;
         let parallel = m * k >= PARALLEL_MIN && batch > 1;
-        let mut acc = match (&self.p.kernel, &self.rows_packed) {
+        let mut acc = match (&self.p.kernel, &self.gather) {
             (
                 Kernel::Auto {
                     blocked: Some((kb, _)),
                     ..
                 },
-                Some(packed),
-            ) if m >= 4 => self.gathered(kb, packed, &codes, batch, hw, out_hw),
+                Some((layout, packed)),
+            ) if m >= 4 => self.gathered(kb, *layout, packed, &codes, batch, hw, out_hw),
             (
                 Kernel::Auto {
                     blocked: Some((kb, packed)),

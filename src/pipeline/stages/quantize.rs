@@ -132,8 +132,7 @@ impl Quantize {
         }
         if paths.iter().all(|p| layer_bits.get(p) == Some(&None)) {
             return Err(
-                "every conv and linear layer is kept in float: there is nothing to quantize"
-                    .into(),
+                "every conv and linear layer is kept in float: there is nothing to quantize".into(),
             );
         }
         // What the int8 kernels cannot run must stay in float, said before any work.
