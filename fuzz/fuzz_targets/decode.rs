@@ -8,7 +8,9 @@
 //!    checksum.
 //!
 //! Decoding must return `Ok` or `Err`: a panic, an abort, a timeout or an allocation over
-//! libFuzzer's limits is a bug.
+//! libFuzzer's limits is a bug. A quantized model that decodes and passes `Loaded::check` is
+//! also built by the int8 runtime and run on a small batch (if it is small enough to run
+//! quickly): a file the reader accepts must not panic the runtime either.
 #![no_main]
 
 use convpress::compress::format::{self, MAGIC, VERSION};
@@ -33,6 +35,17 @@ fn check(bytes: &[u8]) {
         // as its shape says.
         for (path, (data, _)) in &loaded.tensors {
             assert_eq!(data.as_bytes().len(), 4 * data.num_elements(), "{path}");
+        }
+        let small = loaded.arch.input.iter().product::<usize>() <= 1 << 12
+            && loaded.arch.flops() <= 1 << 24;
+        if loaded.quant.is_some()
+            && small
+            && loaded.check().is_ok()
+            && let Ok(model) = convpress::runtime::model::SparseModel::from_loaded(&loaded)
+        {
+            let n: usize = model.arch.input.iter().product();
+            let out = model.forward(&vec![0.5; 4 * n], 4);
+            assert_eq!(out.len(), 4 * model.arch.classes);
         }
     }
 }
