@@ -536,11 +536,14 @@ fn build(
     Ok(steps)
 }
 
+/// Sees the input of a weighted layer: `(path, input)`.
+type InputWatcher<'a> = &'a mut dyn FnMut(&str, &[f32]);
+
 /// What a run reports as it goes: each step's time, each weighted layer's input.
 #[derive(Default)]
 struct Probe<'a> {
     times: Option<&'a mut Vec<LayerTime>>,
-    inputs: Option<&'a mut dyn FnMut(&str, &[f32])>,
+    inputs: Option<InputWatcher<'a>>,
 }
 
 fn run(steps: &[Step], mut x: Vec<f32>, batch: usize, probe: &mut Probe) -> Vec<f32> {
