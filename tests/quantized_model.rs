@@ -308,7 +308,12 @@ fn damaged_quantized_files_are_refused_never_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.safetensors");
     let device = burn::prelude::Device::flex();
-    checkpoint::save(&path, &Network::seeded(&arch, &device, 5).unwrap(), &common::meta()).unwrap();
+    checkpoint::save(
+        &path,
+        &Network::seeded(&arch, &device, 5).unwrap(),
+        &common::meta(),
+    )
+    .unwrap();
     let mut float = checkpoint::read(&path).unwrap();
     for (name, (data, _)) in float.tensors.iter_mut() {
         if name == "layers.5.weight" {
