@@ -30,12 +30,10 @@ fn real_mnist_reads_with_the_published_counts() {
     );
 }
 
-#[test]
-fn lenet5_learns_real_mnist_in_one_short_epoch() {
-    let dir = common::real_mnist();
-    let run = tempfile::tempdir().unwrap();
+/// LeNet-5 trained for one short epoch (6,000 images) on the data in `dir`, in `run/run`.
+fn lenet5_short_epoch(dir: &std::path::Path, run: &std::path::Path) -> train::TrainOutcome {
     let mut c = TrainConfig::defaults(ModelKind::Lenet5, DatasetKind::Mnist);
-    c.data_dir = dir.clone();
+    c.data_dir = dir.to_path_buf();
     c.epochs = 1;
     // One short epoch: the default rate (0.01, for 6 full epochs) is too timid for 94 steps.
     c.train_limit = Some(6000);
@@ -44,18 +42,21 @@ fn lenet5_learns_real_mnist_in_one_short_epoch() {
         momentum: 0.9,
         weight_decay: 5e-4,
     };
-    let out = train::train(
-        &c,
-        vec![],
-        &TrainOptions {
-            run_dir: run.path().join("run"),
-            device: burn::prelude::Device::flex(),
-            resume: false,
-            progress_bar: false,
-            verbose: false,
-        },
-    )
-    .unwrap();
+    let options = TrainOptions {
+        run_dir: run.join("run"),
+        device: burn::prelude::Device::flex(),
+        resume: false,
+        progress_bar: false,
+        verbose: false,
+    };
+    train::train(&c, vec![], &options).unwrap()
+}
+
+#[test]
+fn lenet5_learns_real_mnist_in_one_short_epoch() {
+    let dir = common::real_mnist();
+    let run = tempfile::tempdir().unwrap();
+    let out = lenet5_short_epoch(&dir, run.path());
     let acc = out.metrics[0].test_acc;
     assert!(acc >= 0.90, "LeNet-5 after 6000 images: {acc}");
 
@@ -155,23 +156,7 @@ fn convpress_kernels_train_to_the_same_accuracy_as_burns_ops() {
 fn post_training_and_quantization_aware_training_on_real_mnist() {
     let dir = common::real_mnist();
     let run = tempfile::tempdir().unwrap();
-    let mut c = TrainConfig::defaults(ModelKind::Lenet5, DatasetKind::Mnist);
-    c.data_dir = dir.clone();
-    c.epochs = 1;
-    c.train_limit = Some(6000);
-    c.optimizer = train::OptimizerConfig::Sgd {
-        lr: 0.05,
-        momentum: 0.9,
-        weight_decay: 5e-4,
-    };
-    let options = TrainOptions {
-        run_dir: run.path().join("run"),
-        device: burn::prelude::Device::flex(),
-        resume: false,
-        progress_bar: false,
-        verbose: false,
-    };
-    let out = train::train(&c, vec![], &options).unwrap();
+    let out = lenet5_short_epoch(&dir, run.path());
     let float_acc = out.metrics[0].test_acc;
     let convpress = |args: &[&str]| {
         let o = Command::new(env!("CARGO_BIN_EXE_convpress"))

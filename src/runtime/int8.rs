@@ -208,6 +208,34 @@ impl Product {
     }
 }
 
+/// The methods both int8 layers have, on the [`Product`] each holds as `p`; `$layout` is the
+/// layout of its weight codes.
+macro_rules! shared_accessors {
+    ($layout:literal) => {
+        /// The same layer on another int8 path (tests force each one).
+        pub fn with_kernel(mut self, kernel: &'static dyn Int8Gemm) -> Self {
+            self.p.kernel = Kernel::Fixed(kernel);
+            self
+        }
+
+        /// The same layer with ReLU applied in its epilogue.
+        pub fn with_relu(mut self) -> Self {
+            self.p.relu = true;
+            self
+        }
+
+        #[doc = concat!("The weight codes (`", $layout, "`) and their per-channel quantizers.")]
+        pub fn weights(&self) -> (&[i8], &[Quantizer]) {
+            (&self.p.weight, &self.p.weight_q)
+        }
+
+        /// The input quantizer.
+        pub fn input_quantizer(&self) -> Quantizer {
+            self.p.input
+        }
+    };
+}
+
 /// `y = x Wᵀ + b` on int8 weights and u8 inputs.
 #[derive(Clone)]
 pub struct Int8Linear {
@@ -245,31 +273,11 @@ impl Int8Linear {
         })
     }
 
-    /// The same layer on another int8 path (tests force each one).
-    pub fn with_kernel(mut self, kernel: &'static dyn Int8Gemm) -> Self {
-        self.p.kernel = Kernel::Fixed(kernel);
-        self
-    }
-
-    /// The same layer with ReLU applied in its epilogue.
-    pub fn with_relu(mut self) -> Self {
-        self.p.relu = true;
-        self
-    }
-
-    /// The weight codes (`[out, in]`) and their per-channel quantizers.
-    pub fn weights(&self) -> (&[i8], &[Quantizer]) {
-        (&self.p.weight, &self.p.weight_q)
-    }
+    shared_accessors!("[out, in]");
 
     /// The path that runs a batch of `batch` rows.
     pub fn kernel_name(&self, batch: usize) -> &'static str {
         self.p.kernel_name(batch)
-    }
-
-    /// The input quantizer.
-    pub fn input_quantizer(&self) -> Quantizer {
-        self.p.input
     }
 }
 
@@ -412,31 +420,11 @@ impl Int8Conv {
         Ok(())
     }
 
-    /// The same layer on another int8 path (tests force each one).
-    pub fn with_kernel(mut self, kernel: &'static dyn Int8Gemm) -> Self {
-        self.p.kernel = Kernel::Fixed(kernel);
-        self
-    }
-
-    /// The same layer with ReLU applied in its epilogue.
-    pub fn with_relu(mut self) -> Self {
-        self.p.relu = true;
-        self
-    }
-
-    /// The weight codes (`[out, in, kh, kw]`) and their per-channel quantizers.
-    pub fn weights(&self) -> (&[i8], &[Quantizer]) {
-        (&self.p.weight, &self.p.weight_q)
-    }
+    shared_accessors!("[out, in, kh, kw]");
 
     /// The path that runs the product (im2col rows are many, so the blocked one where there).
     pub fn kernel_name(&self) -> &'static str {
         self.p.kernel_name(usize::MAX)
-    }
-
-    /// The input quantizer.
-    pub fn input_quantizer(&self) -> Quantizer {
-        self.p.input
     }
 
     /// The sums `[batch · H'·W', n]` on the blocked AVX2 kernel, its pairs read straight from
