@@ -688,10 +688,6 @@ pub fn measure_int8_linear(
         let (iters, secs) = time_loop(slice, || int8.forward(&x, batch, &mut y));
         int8_us.push(1e6 * secs / iters as f64);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let (f32_us, int8_us) = (median(&mut f32_us), median(&mut int8_us));
     Ok(QuantMeasurement {
         layer: layer.into(),
@@ -706,6 +702,12 @@ pub fn measure_int8_linear(
         f32_bytes: 4 * (in_f * out_f + out_f),
         int8_bytes: int8.weight_bytes(),
     })
+}
+
+/// The median of interleaved rounds' timings.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// One whole-model measurement of `convpress bench quant --checkpoint`: the float model on
@@ -752,10 +754,6 @@ pub fn measure_quantized_model(
         });
         int8_ms.push(1e3 * secs / iters as f64);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let (f32_ms, int8_ms) = (median(&mut f32_ms), median(&mut int8_ms));
     QuantModelMeasurement {
         model: int8.arch.name.clone(),

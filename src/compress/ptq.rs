@@ -48,15 +48,8 @@ pub fn quantize_model(
     if model.quant.is_some() {
         return Err("the model is already quantized: quantize its float checkpoint instead".into());
     }
-    check_bits("bits", settings.bits)?;
-    for (layer, bits) in &settings.layer_bits {
-        if let Some(b) = bits {
-            check_bits(&format!("{layer}: bits"), *b)?;
-        }
-    }
-    if calibration.n == 0 {
-        return Err("calibration needs at least one image, and the set is empty".into());
-    }
+    // `layer_bits` checks the widths and `calibrate` the set, both before any work on the
+    // weights; only the fold comes before them.
     let (folded, renamed) = fold_batch_norms(model)?;
     let bits_of = layer_bits(&folded, &renamed, settings)?;
     let inputs = calibrate(&folded, &bits_of, settings.calibration, calibration)?;

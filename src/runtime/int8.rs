@@ -44,10 +44,12 @@ struct Product {
     /// `[n, k]` codes.
     weight: Vec<i8>,
     weight_q: Vec<Quantizer>,
-    /// `z_x · Σ_k q_w[o][k]` per output channel: the zero point's share of each sum.
-    zero_sums: Vec<i64>,
     /// `s_x · s_w[o]` per output channel.
     scales: Vec<f32>,
+    /// `b[o] − z_x · Σ_k q_w[o][k] · s_x · s_w[o]` per output channel (the zero point's share
+    /// of each sum, taken out through the weights' row sums, and the bias): with `scales`, the
+    /// epilogue's one multiply-add.
+    offsets: Vec<f32>,
     bias: Option<Vec<f32>>,
     input: Quantizer,
     relu: bool,
@@ -101,19 +103,25 @@ impl Product {
         if bias.as_ref().is_some_and(|b| b.len() != n) {
             return Err("bias length differs from the output channels".into());
         }
-        let zero_sums = weight
+        let zero_sums: Vec<i64> = weight
             .chunks_exact(k)
             .map(|r| input.zero_point as i64 * r.iter().map(|&v| v as i64).sum::<i64>())
             .collect();
-        let scales = weight_q.iter().map(|q| input.scale * q.scale).collect();
+        let scales: Vec<f32> = weight_q.iter().map(|q| input.scale * q.scale).collect();
+        let offsets = (0..n)
+            .map(|o| {
+                let b = bias.as_ref().map_or(0.0, |b| b[o]) as f64;
+                (b - zero_sums[o] as f64 * scales[o] as f64) as f32
+            })
+            .collect();
         let blocked = int8::Avx2Blocked::new().map(|kb| (kb, int8::PackedB::new(n, k, &weight)));
         Ok(Product {
             n,
             k,
             weight,
             weight_q,
-            zero_sums,
             scales,
+            offsets,
             bias,
             input,
             relu: false,
@@ -169,12 +177,12 @@ impl Product {
         acc
     }
 
-    /// The epilogue over whole rows of sums (`[rows, n]`, in place as `f32`): the same values
-    /// as [`Product::value`] up to rounding, as one multiply-add per output on precomputed
-    /// `s_x · s_w[o]` and `b[o] − z_x · Σ q_w[o] · s_x · s_w[o]`, so that it vectorises.
-    fn values_in_place(&self, acc: &mut [i32], offsets: &[f32]) {
+    /// The epilogue over whole rows of sums (`[rows, n]`, in place as `f32` bits): one
+    /// multiply-add per output on the precomputed `scales` and `offsets`, and ReLU, so that it
+    /// vectorises.
+    fn values_in_place(&self, acc: &mut [i32]) {
         for row in acc.chunks_exact_mut(self.n) {
-            for ((v, &s), &off) in row.iter_mut().zip(&self.scales).zip(offsets) {
+            for ((v, &s), &off) in row.iter_mut().zip(&self.scales).zip(&self.offsets) {
                 let mut y = *v as f32 * s + off;
                 if self.relu {
                     y = y.max(0.0);
@@ -182,24 +190,6 @@ impl Product {
                 *v = y.to_bits() as i32;
             }
         }
-    }
-
-    /// The per-channel offsets of [`Product::values_in_place`].
-    fn offsets(&self) -> Vec<f32> {
-        (0..self.n)
-            .map(|o| {
-                let b = self.bias.as_ref().map_or(0.0, |b| b[o]) as f64;
-                (b - self.zero_sums[o] as f64 * self.scales[o] as f64) as f32
-            })
-            .collect()
-    }
-
-    /// Output channel `o`'s value for the sum `acc`: the epilogue, with the bias and ReLU.
-    #[inline]
-    fn value(&self, o: usize, acc: i32) -> f32 {
-        let exact = acc as i64 - self.zero_sums[o];
-        let y = exact as f32 * self.scales[o] + self.bias.as_ref().map_or(0.0, |b| b[o]);
-        if self.relu { y.max(0.0) } else { y }
     }
 
     fn weight_bytes(&self) -> usize {
@@ -306,11 +296,10 @@ impl LinearKernel for Int8Linear {
         assert_eq!(y.len(), batch * n_out);
         let mut codes = vec![0u8; x.len()];
         self.p.input.quantize_u8_slice(x, &mut codes);
-        let acc = self.p.sums(batch, &codes);
-        for (acc_row, y_row) in acc.chunks_exact(n_out).zip(y.chunks_exact_mut(n_out)) {
-            for (o, (&a, out)) in acc_row.iter().zip(y_row.iter_mut()).enumerate() {
-                *out = self.p.value(o, a);
-            }
+        let mut acc = self.p.sums(batch, &codes);
+        self.p.values_in_place(&mut acc);
+        for (out, &v) in y.iter_mut().zip(&acc) {
+            *out = f32::from_bits(v as u32);
         }
     }
     fn weight_bytes(&self) -> usize {
@@ -531,20 +520,13 @@ impl Int8Conv {
     }
 
     /// Patches `[H'·W', k]` of one image's codes `[C, H, W]`, out-of-image taps as the zero
-    /// point; the patch order is the weight's, `(c, i, j)`. Each row is `stride ≥ k` long (the
-    /// rest left as it is): u8 rows of `k`, or for the blocked AVX2 kernel u16 rows of
-    /// `2 · ceil(k / 2)`, its pairs.
-    fn im2col<T: Tap>(
-        &self,
-        image: &[u8],
-        [h, w]: [usize; 2],
-        [oh, ow]: [usize; 2],
-        rows: &mut [T],
-        stride: usize,
-    ) {
+    /// point; the patch order is the weight's, `(c, i, j)`. (The path where the input cannot
+    /// be read in place: no AVX2, or a window the gathered layouts do not fit.)
+    fn im2col(&self, image: &[u8], [h, w]: [usize; 2], [oh, ow]: [usize; 2], rows: &mut [u8]) {
+        let stride = self.p.k;
         let g = &self.geometry;
         let [kh, kw] = g.kernel;
-        let zp = T::from(self.p.input.zero_point as u8);
+        let zp = self.p.input.zero_point as u8;
         let (sw, pw, dw) = (g.stride[1], g.padding[1] as isize, g.dilation[1]);
         // The image row of each output row and tap row is found once, and the window rows of a
         // whole output row copied from it: the inner loop is over output columns.
@@ -568,7 +550,7 @@ impl Int8Conv {
                         let iw0 = (oj * sw) as isize - pw;
                         if dw == 1 && iw0 >= 0 && iw0 as usize + kw <= w {
                             // The whole window row is inside the image: one copy.
-                            T::copy(taps, &line[iw0 as usize..iw0 as usize + kw]);
+                            copy_taps(taps, &line[iw0 as usize..iw0 as usize + kw]);
                             continue;
                         }
                         for (kj, t) in taps.iter_mut().enumerate() {
@@ -576,7 +558,7 @@ impl Int8Conv {
                             *t = if iw < 0 || iw >= w as isize {
                                 zp
                             } else {
-                                T::from(line[iw as usize])
+                                line[iw as usize]
                             };
                         }
                     }
@@ -618,54 +600,22 @@ impl Gather {
     }
 }
 
-/// An im2col element: a u8 code, or the code widened to u16 for the pairs of the blocked
-/// AVX2 kernel.
-trait Tap: Copy + From<u8> + Send + Sync {
-    /// `dst[i] = src[i]` for a window row of a few taps.
-    fn copy(dst: &mut [Self], src: &[u8]);
-}
-
-impl Tap for u8 {
-    /// The common widths are copied as fixed-size arrays (inline moves): a `memcpy` call for 3
-    /// or 5 bytes costs more than the copy.
-    #[inline]
-    fn copy(dst: &mut [u8], src: &[u8]) {
-        fn fixed<const K: usize>(dst: &mut [u8], src: &[u8]) {
-            let s: &[u8; K] = src.try_into().expect("K taps");
-            let d: &mut [u8; K] = dst.try_into().expect("K taps");
-            *d = *s;
-        }
-        match dst.len() {
-            1 => dst[0] = src[0],
-            3 => fixed::<3>(dst, src),
-            5 => fixed::<5>(dst, src),
-            7 => fixed::<7>(dst, src),
-            _ => dst.copy_from_slice(src),
-        }
+/// `dst.copy_from_slice(src)` for a window row of a few taps: the common widths are copied as
+/// fixed-size arrays (inline moves), since a `memcpy` call for 3 or 5 bytes costs more than
+/// the copy.
+#[inline]
+fn copy_taps(dst: &mut [u8], src: &[u8]) {
+    fn fixed<const K: usize>(dst: &mut [u8], src: &[u8]) {
+        let s: &[u8; K] = src.try_into().expect("K taps");
+        let d: &mut [u8; K] = dst.try_into().expect("K taps");
+        *d = *s;
     }
-}
-
-impl Tap for u16 {
-    /// Widening copies, unrolled for the common widths.
-    #[inline]
-    fn copy(dst: &mut [u16], src: &[u8]) {
-        fn fixed<const K: usize>(dst: &mut [u16], src: &[u8]) {
-            let s: &[u8; K] = src.try_into().expect("K taps");
-            let d: &mut [u16; K] = dst.try_into().expect("K taps");
-            for i in 0..K {
-                d[i] = s[i] as u16;
-            }
-        }
-        match dst.len() {
-            3 => fixed::<3>(dst, src),
-            5 => fixed::<5>(dst, src),
-            7 => fixed::<7>(dst, src),
-            _ => {
-                for (d, &v) in dst.iter_mut().zip(src) {
-                    *d = v as u16;
-                }
-            }
-        }
+    match dst.len() {
+        1 => dst[0] = src[0],
+        3 => fixed::<3>(dst, src),
+        5 => fixed::<5>(dst, src),
+        7 => fixed::<7>(dst, src),
+        _ => dst.copy_from_slice(src),
     }
 }
 
@@ -714,34 +664,10 @@ impl Conv2dKernel for Int8Conv {
                 },
                 Some((layout, packed)),
             ) if m >= 4 => self.gathered(kb, *layout, packed, &codes, batch, hw, out_hw),
-            (
-                Kernel::Auto {
-                    blocked: Some((kb, packed)),
-                    ..
-                },
-                _,
-            ) if m >= 4 => {
-                // Patches straight into the kernel's pairs: u16 rows of `2 · pairs`.
-                let pairs = packed.pairs();
-                let mut a2 = vec![0i32; m * pairs];
-                let wide: &mut [u16] = bytemuck::cast_slice_mut(&mut a2);
-                let patches = |(b, r): (usize, &mut [u16])| {
-                    self.im2col(&codes[b * image..(b + 1) * image], hw, out_hw, r, 2 * pairs)
-                };
-                let chunk = positions * 2 * pairs;
-                if parallel {
-                    wide.par_chunks_mut(chunk).enumerate().for_each(patches);
-                } else {
-                    wide.chunks_mut(chunk).enumerate().for_each(patches);
-                }
-                let mut acc = vec![0i32; m * n];
-                kb.gemm_pairs(m, packed, &a2, &mut acc);
-                acc
-            }
             _ => {
                 let mut rows = vec![0u8; m * k];
                 let patches = |(b, r): (usize, &mut [u8])| {
-                    self.im2col(&codes[b * image..(b + 1) * image], hw, out_hw, r, k)
+                    self.im2col(&codes[b * image..(b + 1) * image], hw, out_hw, r)
                 };
                 if parallel {
                     rows.par_chunks_mut(positions * k)
@@ -753,10 +679,9 @@ impl Conv2dKernel for Int8Conv {
                 self.p.sums(m, &rows)
             }
         };
-        let offsets = self.p.offsets();
         let epilogue = |(out, acc): (&mut [f32], &mut [i32])| {
             // Sums to values in place (contiguous, vectorised), then `[H'·W', n]` to `[n, H'·W']`.
-            self.p.values_in_place(acc, &offsets);
+            self.p.values_in_place(acc);
             for (pos, values) in acc.chunks_exact(n).enumerate() {
                 for (o, &v) in values.iter().enumerate() {
                     out[o * positions + pos] = f32::from_bits(v as u32);

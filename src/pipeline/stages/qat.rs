@@ -17,6 +17,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// `convpress qat`'s flags and the `qat` stage's keys: those of `quantize`, and the training.
+/// The quantization keys are repeated rather than flattened in: serde's `flatten` does not work
+/// with `deny_unknown_fields`, which is what refuses a misspelt recipe key.
 #[derive(clap::Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct QatParams {
