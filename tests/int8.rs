@@ -114,7 +114,7 @@ int8_gemm_conformance!(
 /// The blocked kernel's two other entry points, as gemms for the same suite: rows already
 /// widened to pairs (`gemm_pairs`), and pairs gathered through offsets from one u16 buffer
 /// (`gemm_gathered`, which the int8 convolution uses), here laid out with gaps between the
-/// pairs and between the rows, so that both the offsets and the bases are followed.
+/// pairs and between the rows, so that both the offsets and the grid are followed.
 struct Pairs(int8::Avx2Blocked);
 struct Gathered(int8::Avx2Blocked);
 
@@ -160,9 +160,15 @@ impl Int8Gemm for Gathered {
                 wide[i * stride + (j / 2) * GAP + j % 2] = v as u16;
             }
         }
-        let bases: Vec<usize> = (0..m).map(|i| i * stride).collect();
+        // Row `i` is "image" `i` of a grid of one position each, `stride` values apart.
+        let grid = int8::Grid {
+            images: m,
+            out_hw: [1, 1],
+            image_len: stride,
+            step: [0, 0],
+        };
         let offsets: Vec<usize> = (0..pairs).map(|q| q * GAP).collect();
-        self.0.gemm_gathered(&bases, &offsets, &wide, &packed, c);
+        self.0.gemm_gathered(&grid, &offsets, &wide, &packed, c);
     }
 }
 

@@ -215,6 +215,33 @@ fn quantized_files_round_trip_bit_exactly_at_their_real_size() {
     }
 }
 
+/// Int8 layers that hand the next int8 layer codes (requantized in their epilogue, through
+/// max-pooling, ReLU and flattening on u8 codes channels last) give exactly the class scores of
+/// the unfused model, where every layer gives floats and the next quantizes them again:
+/// LeNet-5 (pooling, a flattened map into a linear layer) and ResNet-20 (padding, stride,
+/// residual blocks), at batch sizes on both sides of the blocked kernel's.
+#[test]
+fn chained_int8_layers_equal_the_unfused_model() {
+    for (kind, input, bits) in [
+        (ModelKind::Lenet5, [1, 28, 28], 8),
+        (ModelKind::Lenet5, [1, 28, 28], 4),
+        (ModelKind::Resnet20, [3, 16, 16], 8),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, path) = pruned_checkpoint(kind, input, 0.0, dir.path());
+        let float = checkpoint::read(&path).unwrap();
+        let calib = images(16, input, 4);
+        let q = quantize_model(&float, &settings(bits), &calib).unwrap();
+        let fused = SparseModel::from_loaded(&q.model).unwrap();
+        let unfused = SparseModel::from_loaded_unfused(&q.model).unwrap();
+        for batch in [1, 3, 16] {
+            let x = calib.pixels[..batch * calib.image_len()].to_vec();
+            let (a, b) = (fused.forward(&x, batch), unfused.forward(&x, batch));
+            assert_eq!(a, b, "{kind:?} at {bits} bits, batch {batch}");
+        }
+    }
+}
+
 /// Layers kept in float stay raw f32 and run on the float kernels.
 #[test]
 fn layers_kept_in_float_stay_float() {

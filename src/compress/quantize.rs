@@ -71,17 +71,31 @@ impl Quantizer {
     /// [`Quantizer::quantize`] for an unsigned 8-bit quantizer, written so that a loop of it
     /// vectorises: after clamping to `[lo, hi]` the value is non-negative, so adding 0.5 and
     /// truncating rounds it (`f32::round` is a library call on baseline x86-64, without
-    /// SSE4.1). The code is the same as `quantize`'s but for exact negative ties.
+    /// SSE4.1), and it multiplies by `1 / scale` rather than dividing (the int8 epilogues do
+    /// this per output: see `kernels::int8::round_u8`). The code is the same as `quantize`'s
+    /// but for exact negative ties and values within an ulp of a rounding boundary.
     pub fn quantize_u8(&self, x: f32) -> u8 {
         let (offset, lo, hi) = self.u8_rounding();
-        crate::kernels::int8::round_u8(x, self.scale, offset, lo, hi)
+        crate::kernels::int8::round_u8(x, 1.0 / self.scale, offset, lo, hi)
     }
 
     /// [`Quantizer::quantize_u8`] over a whole input, on the vector path where the CPU has one
     /// (`kernels::int8::quantize_u8`); the same bytes.
     pub fn quantize_u8_slice(&self, x: &[f32], out: &mut [u8]) {
         let (offset, lo, hi) = self.u8_rounding();
-        crate::kernels::int8::quantize_u8(x, self.scale, offset, lo, hi, out);
+        crate::kernels::int8::quantize_u8(x, 1.0 / self.scale, offset, lo, hi, out);
+    }
+
+    /// The unsigned rounding as the int8 kernels take it, to requantize in an epilogue: the
+    /// same codes as [`Quantizer::quantize_u8`].
+    pub fn rounding(&self) -> crate::kernels::int8::Rounding {
+        let (offset, lo, hi) = self.u8_rounding();
+        crate::kernels::int8::Rounding {
+            inverse: 1.0 / self.scale,
+            offset,
+            lo,
+            hi,
+        }
     }
 
     /// The offset and bounds of the unsigned rounding: `+ 0.5` then truncation rounds, and the

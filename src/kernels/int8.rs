@@ -188,95 +188,137 @@ mod avx2 {
         }
     }
 
-    /// `out = a · bᵀ` for rows `first .. first + rows` (up to `ROWS`) of `src`; `out` is
-    /// `rows × b.n`. Full blocks of `ROWS` rows run the unrolled kernel; the rows left over run
-    /// it one at a time.
+    /// One tile: `R` rows (their starts in `rows`) against one panel of `W` registers (8 output
+    /// channels each) over all `pairs` pairs of reduction steps, its sums stored to `out` as
+    /// `R` rows of 16 lanes (a narrow panel leaves lanes 8..16 as they were). `R` and `W` are
+    /// constants so that the `R · W` accumulators live in registers: 6 × 2 = 12, with the two
+    /// weight registers and the broadcast 15 of AVX2's 16.
     ///
     /// # Safety
-    /// AVX2, and `src` must hold every pair of those rows.
+    /// AVX2; every pair `src` places after those rows' starts must be readable, `panel` must
+    /// hold `pairs · W · 16` values, and `out` `R · 16` values.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn blocked<P: super::Pairs>(
+    pub unsafe fn tile<const R: usize, const W: usize, P: super::Pairs>(
         src: &P,
-        first: usize,
-        rows: usize,
-        b: &super::PackedB,
-        out: &mut [i32],
+        rows: &[*const u8; R],
+        panel: *const i16,
+        pairs: usize,
+        out: *mut i32,
     ) {
-        use super::ROWS;
-        if rows == ROWS {
-            // SAFETY: forwarded from the caller.
-            unsafe { block::<ROWS, P>(src, first, b, out) };
-        } else {
-            let n = b.n;
-            for r in 0..rows {
-                // SAFETY: as above.
-                unsafe { block::<1, P>(src, first + r, b, &mut out[r * n..(r + 1) * n]) };
+        let mut acc = [[_mm256_setzero_si256(); W]; R];
+        for q in 0..pairs {
+            let off = src.offset(q);
+            // SAFETY: panel holds `pairs` steps of `W` registers; every row's pair `q` lies
+            // in `src` (the caller's).
+            unsafe {
+                let ptr = panel.add(q * W * 16);
+                let mut b = [_mm256_setzero_si256(); W];
+                for (w, b) in b.iter_mut().enumerate() {
+                    *b = _mm256_loadu_si256(ptr.add(16 * w).cast());
+                }
+                for (acc, row) in acc.iter_mut().zip(rows) {
+                    let av =
+                        _mm256_set1_epi32(std::ptr::read_unaligned(row.add(off).cast::<i32>()));
+                    for (acc, b) in acc.iter_mut().zip(&b) {
+                        *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(av, *b));
+                    }
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (w, acc) in acc.iter().enumerate() {
+                // SAFETY: `out` holds `R` rows of 16 lanes.
+                unsafe { _mm256_storeu_si256(out.add(r * 16 + 8 * w).cast(), *acc) };
             }
         }
     }
 
-    /// `R` rows against every panel; `R` is a constant so that the `2 R` accumulators live in
-    /// registers.
+    /// [`super::Dequant::codes_rows`]: whole panels stored as 16 bytes, the last one's
+    /// channels copied.
+    ///
+    /// # Safety
+    /// AVX2, and the lengths that `codes_rows` asserts.
     #[target_feature(enable = "avx2")]
-    unsafe fn block<const R: usize, P: super::Pairs>(
-        src: &P,
-        first: usize,
-        b: &super::PackedB,
-        out: &mut [i32],
+    pub unsafe fn requantize_rows(
+        d: &super::Dequant,
+        sums: &super::Sums,
+        next: super::Rounding,
+        out: &mut [u8],
     ) {
-        use super::PANEL;
-        let (n, pairs) = (b.n, b.pairs);
-        assert!(out.len() == R * n);
-        assert!(b.data.len() >= n.div_ceil(PANEL) * pairs * PANEL * 2);
-        for p in 0..n.div_ceil(PANEL) {
-            let mut acc = [[_mm256_setzero_si256(); 2]; R];
-            let width = PANEL.min(n - p * PANEL);
-            // SAFETY: the asserts above bound every offset: panel p holds `pairs` steps of
-            // 2 * PANEL i16 (two 256-bit loads); the caller vouches for `src`'s rows.
-            unsafe {
-                let panel = b.data.as_ptr().add(p * pairs * PANEL * 2);
-                if width > PANEL / 2 {
-                    for q in 0..pairs {
-                        let ptr = panel.add(q * PANEL * 2);
-                        let b0 = _mm256_loadu_si256(ptr.cast());
-                        let b1 = _mm256_loadu_si256(ptr.add(16).cast());
-                        for (r, acc) in acc.iter_mut().enumerate() {
-                            let av = _mm256_set1_epi32(src.get(first + r, q));
-                            acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(av, b0));
-                            acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(av, b1));
-                        }
-                    }
+        let n = sums.n;
+        for (r, row) in out.chunks_exact_mut(n).enumerate() {
+            for p in 0..n.div_ceil(16) {
+                // SAFETY: the caller's.
+                let bytes = unsafe { requantize(d, p, sums.panel(r, p), next) };
+                let o = &mut row[16 * p..];
+                if o.len() >= 16 {
+                    // SAFETY: 16 bytes of the row are left.
+                    unsafe { _mm_storeu_si128(o.as_mut_ptr().cast(), bytes) };
                 } else {
-                    // A last panel of at most 8 channels: its upper half is padding, so one
-                    // register of them (LeNet-5's 20 and 50 channels end so).
-                    for q in 0..pairs {
-                        let b0 = _mm256_loadu_si256(panel.add(q * PANEL * 2).cast());
-                        for (r, acc) in acc.iter_mut().enumerate() {
-                            let av = _mm256_set1_epi32(src.get(first + r, q));
-                            acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(av, b0));
-                        }
+                    let mut tmp = [0u8; 16];
+                    // SAFETY: 16 bytes out.
+                    unsafe { _mm_storeu_si128(tmp.as_mut_ptr().cast(), bytes) };
+                    for (o, &b) in o.iter_mut().zip(&tmp) {
+                        *o = b;
                     }
                 }
-            }
-            let first = p * PANEL;
-            for (r, acc) in acc.iter().enumerate() {
-                let mut lanes = [0i32; PANEL];
-                // SAFETY: `lanes` holds 16 i32, two 256-bit stores.
-                unsafe {
-                    _mm256_storeu_si256(lanes.as_mut_ptr().cast(), acc[0]);
-                    _mm256_storeu_si256(lanes.as_mut_ptr().add(8).cast(), acc[1]);
-                }
-                out[r * n + first..r * n + first + width].copy_from_slice(&lanes[..width]);
             }
         }
+    }
+
+    /// [`super::Dequant::codes`] of one panel: 16 lanes to 16 codes.
+    ///
+    /// # Safety
+    /// AVX2; `d`'s scales and offsets hold channels `16 p .. 16 p + 16`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub unsafe fn requantize(
+        d: &super::Dequant,
+        p: usize,
+        lanes: &[i32; 16],
+        next: super::Rounding,
+    ) -> __m128i {
+        let zero = _mm256_setzero_ps();
+        let (qs, qo, ql, qh) = (
+            _mm256_set1_ps(next.inverse),
+            _mm256_set1_ps(next.offset),
+            _mm256_set1_ps(next.lo),
+            _mm256_set1_ps(next.hi),
+        );
+        let mut ints = [_mm256_setzero_si256(); 2];
+        for (h, ints) in ints.iter_mut().enumerate() {
+            // SAFETY: eight lanes, scales and offsets from `16 p + 8 h` (the caller's).
+            unsafe {
+                let v = _mm256_cvtepi32_ps(_mm256_loadu_si256(lanes.as_ptr().add(8 * h).cast()));
+                let s = _mm256_loadu_ps(d.scales.as_ptr().add(16 * p + 8 * h));
+                let o = _mm256_loadu_ps(d.offsets.as_ptr().add(16 * p + 8 * h));
+                let mut y = _mm256_add_ps(_mm256_mul_ps(v, s), o);
+                if d.relu {
+                    // `max(y, 0)` gives 0 for a NaN y, as `f32::max` does.
+                    y = _mm256_max_ps(y, zero);
+                }
+                let t = _mm256_min_ps(
+                    _mm256_max_ps(_mm256_add_ps(_mm256_mul_ps(y, qs), qo), ql),
+                    qh,
+                );
+                *ints = _mm256_cvttps_epi32(t);
+            }
+        }
+        // In [0, 255] after the clamp, so the saturating packs are exact: 16 i32 to 16 i16
+        // (in-lane, hence the permute), then to 16 bytes.
+        let words = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(ints[0], ints[1]));
+        _mm_packus_epi16(
+            _mm256_castsi256_si128(words),
+            _mm256_extracti128_si256::<1>(words),
+        )
     }
 
     /// [`super::quantize_u8`] on a multiple of 32 values.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn quantize(x: &[f32], scale: f32, offset: f32, lo: f32, hi: f32, out: &mut [u8]) {
+    pub unsafe fn quantize(x: &[f32], inverse: f32, offset: f32, lo: f32, hi: f32, out: &mut [u8]) {
         debug_assert!(x.len().is_multiple_of(32) && out.len() == x.len());
         let (s, o, l, h) = (
-            _mm256_set1_ps(scale),
+            _mm256_set1_ps(inverse),
             _mm256_set1_ps(offset),
             _mm256_set1_ps(lo),
             _mm256_set1_ps(hi),
@@ -289,7 +331,7 @@ mod avx2 {
                 // SAFETY: each chunk holds 32 floats: four loads of eight.
                 let f = unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * j)) };
                 // max(x, lo) gives lo for a NaN x, as `f32::max` does.
-                let t = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(_mm256_div_ps(f, s), o), l), h);
+                let t = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(_mm256_mul_ps(f, s), o), l), h);
                 *v = _mm256_cvttps_epi32(t);
             }
             let p01 = _mm256_packs_epi32(v[0], v[1]);
@@ -315,23 +357,31 @@ mod avx2 {
     }
 }
 
-/// Weights packed for [`Avx2Blocked`]: panels of 16 output channels; within a panel, for each
-/// pair of reduction steps `(2q, 2q + 1)`, the 16 channels' two values widened to `i16`, in the
-/// order `vpmaddwd` pairs them (channel 0's two, channel 1's two, ...). Channels past `n` and a
-/// last odd step are zero. Packed once per layer, since weights do not change.
+/// Weights packed for [`Avx2Blocked`]: panels of 16 output channels (two registers of eight
+/// sums), the last one only 8 wide where at most 8 channels are left (LeNet-5's 20 and 50
+/// end so). Within a panel, for each pair of reduction steps `(2q, 2q + 1)`, the channels' two
+/// values widened to `i16`, in the order `vpmaddwd` pairs them (channel 0's two, channel 1's
+/// two, ...). Channels past `n` and a last odd step are zero. Packed once per layer, since
+/// weights do not change.
 #[derive(Debug, Clone)]
 pub struct PackedB {
     n: usize,
     k: usize,
     /// Pairs of reduction steps: `ceil(k / 2)`.
     pairs: usize,
+    /// Registers (of 8 channels) per panel: 2, or 1 for a narrow last panel.
+    widths: Vec<usize>,
+    /// Where each panel starts in `data`.
+    starts: Vec<usize>,
     data: Vec<i16>,
 }
 
-/// Output channels per panel of [`PackedB`] (two 256-bit registers of eight i32 sums).
-const PANEL: usize = 16;
-/// Rows of `a` per block of the blocked kernel: 4 rows × 2 registers = 8 accumulators.
-const ROWS: usize = 4;
+/// Output channels per panel of [`PackedB`], and lanes per row of [`Sums`].
+pub const PANEL: usize = 16;
+/// Rows of a tile of the blocked kernel (see `avx2::tile`).
+const ROWS: usize = 6;
+/// Rows of one task at most: its tiles reuse each panel of weights from L1.
+const CHUNK: usize = 96;
 
 impl PackedB {
     /// Packs `b` (`[n, k]` row-major).
@@ -339,15 +389,24 @@ impl PackedB {
         assert_eq!(b.len(), n * k, "int8 pack: b is not [n, k]");
         let pairs = k.div_ceil(2);
         let panels = n.div_ceil(PANEL);
-        let mut data = vec![0i16; panels * pairs * PANEL * 2];
+        let widths: Vec<usize> = (0..panels)
+            .map(|p| if n - p * PANEL > PANEL / 2 { 2 } else { 1 })
+            .collect();
+        let starts: Vec<usize> = widths
+            .iter()
+            .scan(0, |at, &w| {
+                let start = *at;
+                *at += pairs * w * 16;
+                Some(start)
+            })
+            .collect();
+        let mut data = vec![0i16; widths.iter().sum::<usize>() * pairs * 16];
         for p in 0..panels {
+            let lanes = widths[p] * 8;
             for q in 0..pairs {
-                let base = (p * pairs + q) * PANEL * 2;
-                for c in 0..PANEL {
+                let base = starts[p] + q * lanes * 2;
+                for c in 0..lanes.min(n - p * PANEL) {
                     let ch = p * PANEL + c;
-                    if ch >= n {
-                        continue;
-                    }
                     for t in 0..2 {
                         let step = 2 * q + t;
                         if step < k {
@@ -357,7 +416,14 @@ impl PackedB {
                 }
             }
         }
-        PackedB { n, k, pairs, data }
+        PackedB {
+            n,
+            k,
+            pairs,
+            widths,
+            starts,
+            data,
+        }
     }
 
     pub fn n(&self) -> usize {
@@ -372,17 +438,90 @@ impl PackedB {
     pub fn pairs(&self) -> usize {
         self.pairs
     }
+
+    /// Panels of [`PANEL`] output channels: `ceil(n / 16)`.
+    pub fn panels(&self) -> usize {
+        self.widths.len()
+    }
 }
 
-/// AVX2, register-blocked: 4 rows of `a` against 16 output channels at a time, each pair of `a`
-/// values broadcast and multiplied by `vpmaddwd` against the packed weights (exact, like
-/// [`Avx2`]), 16 products per instruction with every load reused four or sixteen times. For
-/// batches of at least 4 rows; [`Int8Gemm::gemm`] packs `b` on every call, so a layer keeps a
-/// [`PackedB`] and calls [`Avx2Blocked::gemm_packed`].
+/// The exact sums of a block of rows as the blocked kernel leaves them for an epilogue: panel
+/// after panel, each row's 16 lanes (channels `16 p .. 16 p + 16`) side by side, so that an
+/// epilogue reads 16 channels of a row with two vector loads. Lanes past `n` hold 0.
+pub struct Sums<'a> {
+    data: &'a [i32],
+    rows: usize,
+    n: usize,
+}
+
+impl Sums<'_> {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Row `r`'s 16 lanes of panel `p`.
+    pub fn panel(&self, r: usize, p: usize) -> &[i32; PANEL] {
+        let at = (p * self.rows + r) * PANEL;
+        self.data[at..at + PANEL].try_into().expect("16 lanes")
+    }
+
+    /// Row `r`'s `n` sums, into `out`.
+    pub fn row_into(&self, r: usize, out: &mut [i32]) {
+        for (p, out) in out[..self.n].chunks_mut(PANEL).enumerate() {
+            out.copy_from_slice(&self.panel(r, p)[..out.len()]);
+        }
+    }
+}
+
+/// Where the rows of a product gathered from a convolution's padded input start: row `r` is
+/// output position `(image, y, x)` in row-major order, and starts `image · image_len +
+/// y · step[0] + x · step[1]` values into the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grid {
+    pub images: usize,
+    pub out_hw: [usize; 2],
+    /// Values per image.
+    pub image_len: usize,
+    /// Values between output rows, and between output columns.
+    pub step: [usize; 2],
+}
+
+impl Grid {
+    /// Rows of the product: `images · H' · W'`.
+    pub fn rows(&self) -> usize {
+        self.images * self.out_hw[0] * self.out_hw[1]
+    }
+
+    /// The largest base, that of the last position (every term grows with its index); `None`
+    /// on overflow.
+    fn last_base(&self) -> Option<usize> {
+        let [oh, ow] = self.out_hw;
+        (self.images - 1)
+            .checked_mul(self.image_len)?
+            .checked_add((oh - 1).checked_mul(self.step[0])?)?
+            .checked_add((ow - 1).checked_mul(self.step[1])?)
+    }
+}
+
+/// AVX2, register-blocked: tiles of 6 rows of `a` against 16 output channels, each pair of
+/// `a` values broadcast and multiplied by `vpmaddwd` against the packed weights (exact, like
+/// [`Avx2`]), 16 products per instruction with every load reused six or sixteen times. Rows are
+/// split into tasks of up to 96 (over threads where the product is large); a task runs its
+/// tiles panel by panel, so that a panel's weights stay in L1, then hands its sums to the
+/// caller's epilogue while they are in cache. For batches of at least 4 rows; [`Int8Gemm::gemm`]
+/// packs `b` on every call, so a layer keeps a [`PackedB`].
 #[derive(Debug, Clone, Copy)]
 pub struct Avx2Blocked {
     _private: (),
 }
+
+/// What the blocked kernel does with each task's sums: `(first row, sums, the task's rows of
+/// the output)`.
+pub type Epilogue<'a, T> = &'a (dyn Fn(usize, &Sums, &mut [T]) + Sync);
 
 impl Avx2Blocked {
     /// The blocked AVX2 path, if this CPU has AVX2.
@@ -392,121 +531,230 @@ impl Avx2Blocked {
 
     /// `c = a · bᵀ` with `b` packed.
     pub fn gemm_packed(&self, m: usize, b: &PackedB, a: &[u8], c: &mut [i32]) {
-        let (n, k) = (b.n, b.k);
-        assert!(
-            k <= MAX_K,
-            "int8 gemm: k = {k} could overflow i32 (at most {MAX_K})"
-        );
-        assert_eq!(a.len(), m * k, "int8 gemm: a is not [m, k]");
-        assert_eq!(c.len(), m * n, "int8 gemm: c is not [m, n]");
-        if m == 0 || n == 0 {
-            return;
-        }
-        // Pairs of `a` as the i32 that `vpmaddwd` reads as two i16: (a[2q], a[2q + 1]).
-        let pairs = b.pairs;
-        let mut a2 = Vec::with_capacity(m * pairs);
-        for row in a.chunks_exact(k.max(1)) {
-            let mut it = row.chunks_exact(2);
-            a2.extend(it.by_ref().map(|p| p[0] as i32 | ((p[1] as i32) << 16)));
-            if let [last] = it.remainder() {
-                a2.push(*last as i32);
-            }
-        }
-        self.gemm_pairs(m, b, &a2, c);
+        assert_eq!(a.len(), m * b.k, "int8 gemm: a is not [m, k]");
+        self.gemm_pairs(m, b, &pairs_of(a, b.k, b.pairs), c);
+    }
+
+    /// [`Avx2Blocked::gemm_packed`] with an epilogue: `out` holds `per_row` values per row.
+    pub fn gemm_packed_with<T: Send>(
+        &self,
+        m: usize,
+        b: &PackedB,
+        a: &[u8],
+        out: &mut [T],
+        per_row: usize,
+        epilogue: Epilogue<T>,
+    ) {
+        assert_eq!(a.len(), m * b.k, "int8 gemm: a is not [m, k]");
+        let a2 = pairs_of(a, b.k, b.pairs);
+        self.gemm_pairs_with(m, b, &a2, out, per_row, epilogue);
     }
 
     /// [`Avx2Blocked::gemm_packed`] on rows already widened to pairs: row `i` of `a2` is
     /// `b.pairs()` values `a[i][2q] | a[i][2q + 1] << 16` (a last odd step paired with 0), which
-    /// is the row's u8 values widened to `u16` read as `i32` on this little-endian target. A
-    /// producer of rows (the int8 convolution's im2col) writes them so, skipping a pass.
+    /// is the row's u8 values widened to `u16` read as `i32` on this little-endian target.
     pub fn gemm_pairs(&self, m: usize, b: &PackedB, a2: &[i32], c: &mut [i32]) {
-        let (n, k, pairs) = (b.n, b.k, b.pairs);
-        assert!(
-            k <= MAX_K,
-            "int8 gemm: k = {k} could overflow i32 (at most {MAX_K})"
-        );
-        assert_eq!(a2.len(), m * pairs, "int8 gemm: a2 is not [m, pairs]");
-        assert_eq!(c.len(), m * n, "int8 gemm: c is not [m, n]");
-        if m == 0 || n == 0 {
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            use rayon::prelude::*;
-            let run = |(block, out): (usize, &mut [i32])| {
-                let rows = out.len() / n;
-                let src = Contiguous { a2, pairs };
-                // SAFETY: an `Avx2Blocked` exists only where the CPU has AVX2; `a2` holds
-                // `m × pairs` values, as asserted above.
-                unsafe { avx2::blocked(&src, block * ROWS, rows, b, out) }
-            };
-            if m * n * k >= 1 << 18 && m > ROWS {
-                c.par_chunks_mut(ROWS * n).enumerate().for_each(run);
-            } else {
-                c.chunks_mut(ROWS * n).enumerate().for_each(run);
-            }
-        }
+        self.gemm_pairs_with(m, b, a2, c, b.n, &copy_sums);
     }
-}
 
-impl Avx2Blocked {
-    /// `c = a · bᵀ` where row `i`'s pair `q` is the two `u16` at `a[bases[i] + offsets[q]]`
+    /// [`Avx2Blocked::gemm_pairs`] with an epilogue.
+    pub fn gemm_pairs_with<T: Send>(
+        &self,
+        m: usize,
+        b: &PackedB,
+        a2: &[i32],
+        out: &mut [T],
+        per_row: usize,
+        epilogue: Epilogue<T>,
+    ) {
+        assert_eq!(a2.len(), m * b.pairs, "int8 gemm: a2 is not [m, pairs]");
+        let src = Contiguous { a2, pairs: b.pairs };
+        self.run(m, b, &src, out, per_row, epilogue);
+    }
+
+    /// `c = a · bᵀ` where row `r`'s pair `q` is the two `u16` at `a[grid.base(r) + offsets[q]]`
     /// (read as one `i32`, as in [`Avx2Blocked::gemm_pairs`]; `vpmaddwd` reads them as signed
-    /// 16-bit values, so they must be codes of at most 255 for [`MAX_K`] to hold). An int8 convolution reads its
-    /// patches so straight from the widened, padded input (`offsets` walk the window, `bases`
-    /// the output positions): no im2col buffer.
+    /// 16-bit values, so they must be codes of at most 255 for [`MAX_K`] to hold). An int8
+    /// convolution reads its patches so straight from the widened, padded input (`offsets`
+    /// walk the window, the grid the output positions): no im2col buffer.
     pub fn gemm_gathered(
         &self,
-        bases: &[usize],
+        grid: &Grid,
         offsets: &[usize],
         a: &[u16],
         b: &PackedB,
         c: &mut [i32],
     ) {
-        let (n, k, m) = (b.n, b.k, bases.len());
+        self.gemm_gathered_with(grid, offsets, a, b, c, b.n, &copy_sums);
+    }
+
+    /// [`Avx2Blocked::gemm_gathered`] with an epilogue.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_gathered_with<T: Send>(
+        &self,
+        grid: &Grid,
+        offsets: &[usize],
+        a: &[u16],
+        b: &PackedB,
+        out: &mut [T],
+        per_row: usize,
+        epilogue: Epilogue<T>,
+    ) {
+        assert_eq!(offsets.len(), b.pairs, "int8 gemm: one offset per pair");
+        let m = grid.rows();
+        if m > 0 && !offsets.is_empty() {
+            let reach = grid
+                .last_base()
+                .and_then(|r| r.checked_add(*offsets.iter().max()?))
+                .and_then(|r| r.checked_add(2));
+            assert!(
+                reach.is_some_and(|r| r <= a.len()),
+                "int8 gemm: a gathered pair lies outside a"
+            );
+        }
+        let src = Gathered {
+            a,
+            grid: *grid,
+            offsets,
+        };
+        self.run(m, b, &src, out, per_row, epilogue);
+    }
+
+    /// The driver: tasks of rows, tiles within a task panel by panel, then the epilogue.
+    fn run<P: Pairs, T: Send>(
+        &self,
+        m: usize,
+        b: &PackedB,
+        src: &P,
+        out: &mut [T],
+        per_row: usize,
+        epilogue: Epilogue<T>,
+    ) {
+        use rayon::prelude::*;
+        let (n, k) = (b.n, b.k);
         assert!(
             k <= MAX_K,
             "int8 gemm: k = {k} could overflow i32 (at most {MAX_K})"
         );
-        assert_eq!(offsets.len(), b.pairs, "int8 gemm: one offset per pair");
-        assert_eq!(c.len(), m * n, "int8 gemm: c is not [m, n]");
-        if m == 0 || n == 0 || offsets.is_empty() {
-            c.fill(0);
+        assert_eq!(
+            out.len(),
+            m * per_row,
+            "int8 gemm: the output is not [m, per_row]"
+        );
+        if m == 0 || per_row == 0 {
             return;
         }
-        let reach = bases
-            .iter()
-            .max()
-            .and_then(|b| b.checked_add(*offsets.iter().max()?))
-            .and_then(|r| r.checked_add(2));
-        assert!(
-            reach.is_some_and(|r| r <= a.len()),
-            "int8 gemm: a gathered pair lies outside a"
-        );
-        #[cfg(target_arch = "x86_64")]
-        {
-            use rayon::prelude::*;
-            let src = Gathered { a, bases, offsets };
-            let run = |(block, out): (usize, &mut [i32])| {
-                let rows = out.len() / n;
-                // SAFETY: an `Avx2Blocked` exists only where the CPU has AVX2; every pair read
-                // lies inside `a`, as asserted above.
-                unsafe { avx2::blocked(&src, block * ROWS, rows, b, out) }
-            };
-            if m * n * k >= 1 << 18 && m > ROWS {
-                c.par_chunks_mut(ROWS * n).enumerate().for_each(run);
-            } else {
-                c.chunks_mut(ROWS * n).enumerate().for_each(run);
+        let parallel = m * n * k >= 1 << 18 && m > ROWS;
+        // Where it pays, at least four tasks a thread (rows permitting), whole tiles each.
+        let chunk = if parallel {
+            m.div_ceil(4 * rayon::current_num_threads())
+                .next_multiple_of(ROWS)
+                .clamp(ROWS, CHUNK)
+        } else {
+            CHUNK
+        };
+        let task = |(t, out): (usize, &mut [T])| {
+            let (first, rows) = (t * chunk, out.len() / per_row);
+            let mut sums = vec![0i32; b.panels() * rows * PANEL];
+            // Where each row starts, found once for all panels.
+            let mut starts = [std::ptr::null::<u8>(); CHUNK];
+            // SAFETY: the entry points checked that the source holds rows `first .. first + rows`.
+            unsafe { src.starts(first, &mut starts[..rows]) };
+            #[cfg(target_arch = "x86_64")]
+            for p in 0..b.panels() {
+                let panel = &b.data[b.starts[p]..];
+                let at = &mut sums[p * rows * PANEL..(p + 1) * rows * PANEL];
+                // SAFETY: an `Avx2Blocked` exists only where the CPU has AVX2; the source
+                // holds rows `first .. first + rows` (checked by the entry points), the panel
+                // `pairs · width · 16` values, `at` `rows · 16`.
+                unsafe {
+                    match b.widths[p] {
+                        1 => panel_tiles::<1, P>(src, &starts[..rows], panel, b.pairs, at),
+                        _ => panel_tiles::<2, P>(src, &starts[..rows], panel, b.pairs, at),
+                    }
+                }
             }
+            epilogue(
+                first,
+                &Sums {
+                    data: &sums,
+                    rows,
+                    n,
+                },
+                out,
+            );
+        };
+        if parallel {
+            out.par_chunks_mut(chunk * per_row)
+                .enumerate()
+                .for_each(task);
+        } else {
+            out.chunks_mut(chunk * per_row).enumerate().for_each(task);
         }
     }
 }
 
-/// Where the blocked kernel reads row `r`'s pair `q` of reduction steps.
+/// The rows that start at `starts` against one panel: whole tiles of [`ROWS`], then one row
+/// at a time.
+///
+/// # Safety
+/// As `avx2::tile`, for every row.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn panel_tiles<const W: usize, P: Pairs>(
+    src: &P,
+    starts: &[*const u8],
+    panel: &[i16],
+    pairs: usize,
+    out: &mut [i32],
+) {
+    let rows = starts.len();
+    assert!(panel.len() >= pairs * W * 16 && out.len() >= rows * PANEL);
+    let (b, o) = (panel.as_ptr(), out.as_mut_ptr());
+    let mut r = 0;
+    // SAFETY: the caller's, and the asserts above.
+    unsafe {
+        while r + ROWS <= rows {
+            let tile: &[*const u8; ROWS] = starts[r..r + ROWS].try_into().expect("a tile");
+            avx2::tile::<ROWS, W, P>(src, tile, b, pairs, o.add(r * PANEL));
+            r += ROWS;
+        }
+        while r < rows {
+            avx2::tile::<1, W, P>(src, &[starts[r]], b, pairs, o.add(r * PANEL));
+            r += 1;
+        }
+    }
+}
+
+/// The epilogue of the plain entry points: the sums themselves, `[m, n]`.
+fn copy_sums(_first: usize, sums: &Sums, c: &mut [i32]) {
+    for (r, row) in c.chunks_exact_mut(sums.n).enumerate() {
+        sums.row_into(r, row);
+    }
+}
+
+/// Rows `[m, k]` of u8 as pairs `a[2q] | a[2q + 1] << 16` (a last odd step paired with 0).
+fn pairs_of(a: &[u8], k: usize, pairs: usize) -> Vec<i32> {
+    let mut a2 = Vec::with_capacity(a.len().div_ceil(2) + pairs);
+    for row in a.chunks_exact(k.max(1)) {
+        let mut it = row.chunks_exact(2);
+        a2.extend(it.by_ref().map(|p| p[0] as i32 | ((p[1] as i32) << 16)));
+        if let [last] = it.remainder() {
+            a2.push(*last as i32);
+        }
+    }
+    a2
+}
+
+/// Where the blocked kernel reads row `r`'s pair `q` of reduction steps: `offset(q)` bytes
+/// after the start of row `r`.
 trait Pairs: Sync {
+    /// The starts of rows `first ..`, one per element of `out`.
+    ///
     /// # Safety
-    /// `(r, q)` must be a pair the source holds.
-    unsafe fn get(&self, r: usize, q: usize) -> i32;
+    /// The source must hold those rows.
+    unsafe fn starts(&self, first: usize, out: &mut [*const u8]);
+    fn offset(&self, q: usize) -> usize;
 }
 
 /// Rows of pairs one after another, `pairs` each.
@@ -516,28 +764,50 @@ struct Contiguous<'a> {
 }
 
 impl Pairs for Contiguous<'_> {
+    unsafe fn starts(&self, first: usize, out: &mut [*const u8]) {
+        for (r, out) in out.iter_mut().enumerate() {
+            // SAFETY: the caller's: the rows lie inside `a2`.
+            *out = unsafe { self.a2.as_ptr().add((first + r) * self.pairs).cast() };
+        }
+    }
+
     #[inline(always)]
-    unsafe fn get(&self, r: usize, q: usize) -> i32 {
-        // SAFETY: the caller's.
-        unsafe { *self.a2.get_unchecked(r * self.pairs + q) }
+    fn offset(&self, q: usize) -> usize {
+        4 * q
     }
 }
 
 /// Pairs gathered from one buffer of `u16` (see [`Avx2Blocked::gemm_gathered`]).
 struct Gathered<'a> {
     a: &'a [u16],
-    bases: &'a [usize],
+    grid: Grid,
     offsets: &'a [usize],
 }
 
 impl Pairs for Gathered<'_> {
-    #[inline(always)]
-    unsafe fn get(&self, r: usize, q: usize) -> i32 {
-        // SAFETY: the caller's: `bases[r] + offsets[q] + 2 <= a.len()`.
-        unsafe {
-            let at = self.bases.get_unchecked(r) + self.offsets.get_unchecked(q);
-            std::ptr::read_unaligned(self.a.as_ptr().add(at).cast::<i32>())
+    unsafe fn starts(&self, first: usize, out: &mut [*const u8]) {
+        // One division for the first row, then a walk along the grid.
+        let [oh, ow] = self.grid.out_hw;
+        let (mut b, p) = (first / (oh * ow), first % (oh * ow));
+        let (mut y, mut x) = (p / ow, p % ow);
+        for out in out.iter_mut() {
+            let base = b * self.grid.image_len + y * self.grid.step[0] + x * self.grid.step[1];
+            // SAFETY: the caller's: `base(r) + offsets[q] + 2 <= a.len()` for every `q`.
+            *out = unsafe { self.a.as_ptr().add(base).cast() };
+            x += 1;
+            if x == ow {
+                (x, y) = (0, y + 1);
+                if y == oh {
+                    (y, b) = (0, b + 1);
+                }
+            }
         }
+    }
+
+    #[inline(always)]
+    fn offset(&self, q: usize) -> usize {
+        // SAFETY: `q < pairs == offsets.len()` in the tile loop.
+        2 * unsafe { *self.offsets.get_unchecked(q) }
     }
 }
 
@@ -552,34 +822,37 @@ impl Int8Gemm for Avx2Blocked {
     }
 }
 
-/// One value of [`quantize_u8`]: `trunc(min(max(x / scale + offset, lo), hi))`. `max` comes
+/// One value of [`quantize_u8`]: `trunc(min(max(x · inverse + offset, lo), hi))`, `inverse`
+/// being `1 / scale`: a multiply, not a division, which is several times slower and would be
+/// the slowest step of an int8 layer's epilogue (a value within an ulp of a rounding boundary
+/// may land on the other code than `x / scale` gives; neither is more right). `max` comes
 /// before `min` so that a NaN comes out as `lo`; `lo` ≥ 0 and `hi` < 256 are the caller's.
 #[inline]
-pub fn round_u8(x: f32, scale: f32, offset: f32, lo: f32, hi: f32) -> u8 {
-    let t = (x / scale + offset).max(lo).min(hi);
+pub fn round_u8(x: f32, inverse: f32, offset: f32, lo: f32, hi: f32) -> u8 {
+    let t = (x * inverse + offset).max(lo).min(hi);
     // Truncation; `as` saturates (and sends NaN to 0), so bounds outside [0, 256) given by a
     // caller cannot make it undefined.
     t as u8
 }
 
-/// `out[i] = trunc(min(max(x[i] / scale + offset, lo), hi))` as `u8`: the rounding of
+/// `out[i] = trunc(min(max(x[i] · inverse + offset, lo), hi))` as `u8`: the rounding of
 /// `compress::quantize::Quantizer::quantize_u8` over a whole input (`offset` = zero point +
 /// 0.5, `lo` ≥ 0, `hi` < 256), eight values per AVX2 instruction where the CPU has it and the
-/// same scalar steps elsewhere: both give the same bytes (IEEE division and addition, NaN to
-/// `lo` by the order of `max` and `min`, truncation).
-pub fn quantize_u8(x: &[f32], scale: f32, offset: f32, lo: f32, hi: f32, out: &mut [u8]) {
+/// same scalar steps elsewhere: both give the same bytes (IEEE multiplication and addition,
+/// NaN to `lo` by the order of `max` and `min`, truncation).
+pub fn quantize_u8(x: &[f32], inverse: f32, offset: f32, lo: f32, hi: f32, out: &mut [u8]) {
     assert_eq!(x.len(), out.len(), "int8 quantize: lengths differ");
     assert!(lo >= 0.0 && hi < 256.0, "int8 quantize: range outside u8");
     let scalar = |x: &[f32], out: &mut [u8]| {
         for (o, &v) in out.iter_mut().zip(x) {
-            *o = round_u8(v, scale, offset, lo, hi);
+            *o = round_u8(v, inverse, offset, lo, hi);
         }
     };
     #[cfg(target_arch = "x86_64")]
     if Avx2::new().is_some() {
         let whole = x.len() / 32 * 32;
         // SAFETY: AVX2 is present; the vector loop reads and writes `whole` elements.
-        unsafe { avx2::quantize(&x[..whole], scale, offset, lo, hi, &mut out[..whole]) };
+        unsafe { avx2::quantize(&x[..whole], inverse, offset, lo, hi, &mut out[..whole]) };
         scalar(&x[whole..], &mut out[whole..]);
         return;
     }
@@ -606,4 +879,120 @@ pub fn best() -> &'static dyn Int8Gemm {
         None => Box::new(Portable),
     })
     .as_ref()
+}
+
+/// How sums become an int8 layer's output (Jacob et al. 2018, eq. 7, with the input's zero
+/// point and the bias folded into `offsets`): channel `o`'s value is `y = sum · scales[o] +
+/// offsets[o]` (a multiply, then an add: no fused multiply-add, so that every path rounds
+/// alike), `max(y, 0)` with ReLU. [`Dequant::codes`] goes on to the next layer's input codes
+/// with [`round_u8`] (requantization fused into the epilogue), [`Dequant::values`] stops at
+/// `y`. Both take one panel of a row (16 lanes, channels `16 p ..`) and give the same results
+/// on the AVX2 path as on the scalar one.
+#[derive(Debug, Clone, Copy)]
+pub struct Dequant<'a> {
+    /// Per channel, padded with zeros to a multiple of 16.
+    pub scales: &'a [f32],
+    pub offsets: &'a [f32],
+    pub relu: bool,
+}
+
+/// The rounding of [`round_u8`]: `trunc(min(max(y · inverse + offset, lo), hi))`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rounding {
+    /// `1 / scale`.
+    pub inverse: f32,
+    pub offset: f32,
+    pub lo: f32,
+    pub hi: f32,
+}
+
+impl Dequant<'_> {
+    fn value(&self, o: usize, sum: i32) -> f32 {
+        let y = sum as f32 * self.scales[o] + self.offsets[o];
+        if self.relu { y.max(0.0) } else { y }
+    }
+
+    /// The values of panel `p` of one row: `out` is its first `out.len()` (≤ 16) channels.
+    pub fn values(&self, p: usize, lanes: &[i32; PANEL], out: &mut [f32]) {
+        let o0 = p * PANEL;
+        for (l, (out, &sum)) in out.iter_mut().zip(lanes).enumerate() {
+            *out = self.value(o0 + l, sum);
+        }
+    }
+
+    /// The codes of panel `p` of one row under `next`'s rounding: `out` is its first
+    /// `out.len()` (≤ 16) channels.
+    pub fn codes(&self, p: usize, lanes: &[i32; PANEL], next: Rounding, out: &mut [u8]) {
+        assert!(
+            self.scales.len() >= (p + 1) * PANEL && self.offsets.len() >= (p + 1) * PANEL,
+            "int8 epilogue: scales and offsets are not padded to whole panels"
+        );
+        assert!(
+            next.lo >= 0.0 && next.hi < 256.0,
+            "int8 epilogue: range outside u8"
+        );
+        #[cfg(target_arch = "x86_64")]
+        if Avx2::new().is_some() {
+            let mut bytes = [0u8; PANEL];
+            // SAFETY: AVX2 is present; the scales and offsets hold panel p (asserted above).
+            unsafe {
+                let v = avx2::requantize(self, p, lanes, next);
+                std::arch::x86_64::_mm_storeu_si128(bytes.as_mut_ptr().cast(), v);
+            }
+            for (o, &b) in out.iter_mut().zip(&bytes) {
+                *o = b;
+            }
+            return;
+        }
+        self.codes_scalar(p, lanes, next, out);
+    }
+
+    /// [`Dequant::values`] of every row of a task's sums: `out` is `[rows, n]`.
+    pub fn values_rows(&self, sums: &Sums, out: &mut [f32]) {
+        for (r, row) in out.chunks_exact_mut(sums.n).enumerate() {
+            for (p, o) in row.chunks_mut(PANEL).enumerate() {
+                self.values(p, sums.panel(r, p), o);
+            }
+        }
+    }
+
+    /// [`Dequant::codes`] of every row of a task's sums: `out` is `[rows, n]`.
+    pub fn codes_rows(&self, sums: &Sums, next: Rounding, out: &mut [u8]) {
+        let n = sums.n;
+        assert_eq!(
+            out.len(),
+            sums.rows * n,
+            "int8 epilogue: out is not [rows, n]"
+        );
+        assert!(
+            self.scales.len() >= n.div_ceil(PANEL) * PANEL
+                && self.offsets.len() >= n.div_ceil(PANEL) * PANEL,
+            "int8 epilogue: scales and offsets are not padded to whole panels"
+        );
+        assert!(
+            next.lo >= 0.0 && next.hi < 256.0,
+            "int8 epilogue: range outside u8"
+        );
+        #[cfg(target_arch = "x86_64")]
+        if Avx2::new().is_some() {
+            // SAFETY: AVX2 is present; the lengths are asserted above.
+            unsafe { avx2::requantize_rows(self, sums, next, out) };
+            return;
+        }
+        for (r, row) in out.chunks_exact_mut(n).enumerate() {
+            for (p, o) in row.chunks_mut(PANEL).enumerate() {
+                self.codes_scalar(p, sums.panel(r, p), next, o);
+            }
+        }
+    }
+
+    /// [`Dequant::codes`] one value at a time (the path off x86-64; tests hold the AVX2 path
+    /// to it).
+    pub fn codes_scalar(&self, p: usize, lanes: &[i32; PANEL], next: Rounding, out: &mut [u8]) {
+        let o0 = p * PANEL;
+        for (l, (out, &sum)) in out.iter_mut().zip(lanes).enumerate() {
+            let y = self.value(o0 + l, sum);
+            *out = round_u8(y, next.inverse, next.offset, next.lo, next.hi);
+        }
+    }
 }

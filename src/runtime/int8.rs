@@ -1,22 +1,28 @@
 //! Int8 layers of the compressed-inference runtime (issue #12): weights quantized
 //! symmetrically per output channel, the input per tensor (unsigned, with a zero point), the
-//! product in exact 32-bit integers on [`crate::kernels::int8`], then one multiply per output
-//! back to `f32` with the bias, and ReLU when one follows:
+//! product in exact 32-bit integers on [`crate::kernels::int8`], then one multiply-add per
+//! output with the bias, and ReLU when one follows:
 //!
 //! `y[o] = s_x · s_w[o] · (Σ_k q_x[k] · q_w[o][k] − z_x · Σ_k q_w[o][k]) + b[o]`
 //!
 //! (Jacob et al. 2018, eq. 7: the zero point leaves the inner loop through the weights' row
 //! sums, which are computed once). A convolution is the same product on the patches of its
 //! u8 input padded with the zero point (the code of 0.0): on AVX2 read straight from the
-//! padded input (`Avx2Blocked::gemm_gathered`), elsewhere from im2col rows. The layers take and give `f32`, so
-//! they drop into [`super::LinearKernel`] and [`super::conv::Conv2dKernel`]; the next layer
-//! quantizes its input again (one pass over the activations, not yet fused into this epilogue).
+//! padded input (`Avx2Blocked::gemm_gathered_with`), elsewhere from im2col rows.
+//!
+//! A layer whose output goes (through max-pooling, ReLU or flattening) to another int8 layer
+//! requantizes `y` to that layer's input codes in the same epilogue ([`Int8Conv::emit_codes`]):
+//! between int8 layers the activations are u8, channels last, and never written as floats.
+//! Otherwise it gives `f32` values, and the layers also drop into [`super::LinearKernel`] and
+//! [`super::conv::Conv2dKernel`].
 
-use super::LinearKernel;
 use super::conv::{Conv2dKernel, ConvGeometry};
+use super::{Activations, LinearKernel};
 use crate::compress::quantize::{Quantizer, check_bits, quantize_per_channel};
-use crate::kernels::int8::{self, Int8Gemm};
+use crate::kernels::int8::{self, Dequant, Int8Gemm, PANEL, Rounding, Sums};
 use rayon::prelude::*;
+use std::borrow::Cow;
+use std::cell::Cell;
 
 /// Element counts below this run on the calling thread.
 const PARALLEL_MIN: usize = 32 * 1024;
@@ -35,8 +41,8 @@ enum Kernel {
     },
 }
 
-/// The integer product of one layer and its way back to `f32`: `[m, k]` u8 rows times the
-/// `[n, k]` int8 weights, then the epilogue above.
+/// The integer product of one layer and its epilogue: `[m, k]` u8 rows times the `[n, k]`
+/// int8 weights, then values or the next layer's codes.
 #[derive(Clone)]
 struct Product {
     n: usize,
@@ -44,16 +50,54 @@ struct Product {
     /// `[n, k]` codes.
     weight: Vec<i8>,
     weight_q: Vec<Quantizer>,
-    /// `s_x · s_w[o]` per output channel.
+    /// `s_x · s_w[o]` per output channel, padded with zeros to whole panels of 16.
     scales: Vec<f32>,
     /// `b[o] − z_x · Σ_k q_w[o][k] · s_x · s_w[o]` per output channel (the zero point's share
-    /// of each sum, taken out through the weights' row sums, and the bias): with `scales`, the
-    /// epilogue's one multiply-add.
+    /// of each sum, taken out through the weights' row sums, and the bias), padded like
+    /// `scales`: with them, the epilogue's one multiply-add.
     offsets: Vec<f32>,
     bias: Option<Vec<f32>>,
     input: Quantizer,
     relu: bool,
     kernel: Kernel,
+    /// The next int8 layer's input quantizer, when this layer hands it codes.
+    emit: Option<Quantizer>,
+}
+
+/// What an epilogue writes: `f32` values or `u8` codes, of a task's rows or of one panel of
+/// a row.
+trait Out: Copy + Default + Send + Sync {
+    fn rows(d: &Dequant, next: Option<Rounding>, sums: &Sums, out: &mut [Self]);
+    fn panel(d: &Dequant, next: Option<Rounding>, p: usize, lanes: &[i32; PANEL], out: &mut [Self]);
+}
+
+impl Out for f32 {
+    fn rows(d: &Dequant, _: Option<Rounding>, sums: &Sums, out: &mut [f32]) {
+        d.values_rows(sums, out);
+    }
+
+    fn panel(d: &Dequant, _: Option<Rounding>, p: usize, lanes: &[i32; PANEL], out: &mut [f32]) {
+        d.values(p, lanes, out);
+    }
+}
+
+impl Out for u8 {
+    fn rows(d: &Dequant, next: Option<Rounding>, sums: &Sums, out: &mut [u8]) {
+        d.codes_rows(
+            sums,
+            next.expect("codes need the next layer's rounding"),
+            out,
+        );
+    }
+
+    fn panel(d: &Dequant, next: Option<Rounding>, p: usize, lanes: &[i32; PANEL], out: &mut [u8]) {
+        d.codes(
+            p,
+            lanes,
+            next.expect("codes need the next layer's rounding"),
+            out,
+        );
+    }
 }
 
 impl Product {
@@ -78,22 +122,7 @@ impl Product {
                 int8::MAX_K
             ));
         }
-        if input.lo < 0
-            || input.hi > 255
-            || input.lo > input.zero_point
-            || input.zero_point > input.hi
-        {
-            return Err(
-                "the input quantizer must be unsigned 8-bit at most, its zero point in range"
-                    .into(),
-            );
-        }
-        if !(input.scale.is_finite() && input.scale > 0.0) {
-            return Err(format!(
-                "input scale {} is not a positive number",
-                input.scale
-            ));
-        }
+        check_unsigned(&input)?;
         if weight_q
             .iter()
             .any(|q| !(q.scale.is_finite() && q.scale > 0.0))
@@ -107,13 +136,16 @@ impl Product {
             .chunks_exact(k)
             .map(|r| input.zero_point as i64 * r.iter().map(|&v| v as i64).sum::<i64>())
             .collect();
-        let scales: Vec<f32> = weight_q.iter().map(|q| input.scale * q.scale).collect();
-        let offsets = (0..n)
+        let padded = n.div_ceil(PANEL) * PANEL;
+        let mut scales: Vec<f32> = weight_q.iter().map(|q| input.scale * q.scale).collect();
+        let mut offsets: Vec<f32> = (0..n)
             .map(|o| {
                 let b = bias.as_ref().map_or(0.0, |b| b[o]) as f64;
                 (b - zero_sums[o] as f64 * scales[o] as f64) as f32
             })
             .collect();
+        scales.resize(padded, 0.0);
+        offsets.resize(padded, 0.0);
         let blocked = int8::Avx2Blocked::new().map(|kb| (kb, int8::PackedB::new(n, k, &weight)));
         Ok(Product {
             n,
@@ -129,6 +161,7 @@ impl Product {
                 rows: int8::best(),
                 blocked,
             },
+            emit: None,
         })
     }
 
@@ -152,6 +185,32 @@ impl Product {
         Product::new(n, k, codes, weight_q, bias, input)
     }
 
+    /// The same product with its columns (inputs) reordered: new column `j` is old column
+    /// `from[j]`.
+    fn permuted(&self, from: &[usize]) -> Product {
+        assert_eq!(from.len(), self.k, "a permutation of every input");
+        let weight: Vec<i8> = self
+            .weight
+            .chunks_exact(self.k)
+            .flat_map(|row| from.iter().map(|&j| row[j]))
+            .collect();
+        let mut p = Product::new(
+            self.n,
+            self.k,
+            weight,
+            self.weight_q.clone(),
+            self.bias.clone(),
+            self.input,
+        )
+        .expect("a permutation keeps a valid layer valid");
+        p.relu = self.relu;
+        p.emit = self.emit;
+        if let Kernel::Fixed(k) = self.kernel {
+            p.kernel = Kernel::Fixed(k);
+        }
+        p
+    }
+
     fn kernel_name(&self, m: usize) -> &'static str {
         match &self.kernel {
             Kernel::Fixed(k) => k.name(),
@@ -163,31 +222,89 @@ impl Product {
         }
     }
 
-    /// The exact i32 sums `[m, n]` of `m` rows of codes `a`.
+    fn dequant(&self) -> Dequant<'_> {
+        Dequant {
+            scales: &self.scales,
+            offsets: &self.offsets,
+            relu: self.relu,
+        }
+    }
+
+    /// The epilogue of one task of the blocked kernel: its rows of sums into `out`.
+    fn finish<T: Out>(&self, sums: &Sums, next: Option<Rounding>, out: &mut [T]) {
+        T::rows(&self.dequant(), next, sums, out);
+    }
+
+    /// The epilogue on row-major sums `[m, n]` (the row-by-row paths).
+    fn finish_rows<T: Out>(&self, acc: &[i32], next: Option<Rounding>, out: &mut [T]) {
+        let d = self.dequant();
+        let run = |(row, o): (&[i32], &mut [T])| {
+            for (p, (a, o)) in row.chunks(PANEL).zip(o.chunks_mut(PANEL)).enumerate() {
+                let mut lanes = [0i32; PANEL];
+                lanes[..a.len()].copy_from_slice(a);
+                T::panel(&d, next, p, &lanes, o);
+            }
+        };
+        if acc.len() >= PARALLEL_MIN {
+            acc.par_chunks(self.n)
+                .zip(out.par_chunks_mut(self.n))
+                .for_each(run);
+        } else {
+            acc.chunks(self.n).zip(out.chunks_mut(self.n)).for_each(run);
+        }
+    }
+
+    /// `out` (`[m, n]`) from `m` rows of codes `a` (`[m, k]`).
+    fn rows<T: Out>(&self, m: usize, a: &[u8], next: Option<Rounding>, out: &mut [T]) {
+        match &self.kernel {
+            Kernel::Auto {
+                blocked: Some((kb, packed)),
+                ..
+            } if m >= 4 => {
+                kb.gemm_packed_with(m, packed, a, out, self.n, &|_, sums, out| {
+                    self.finish(sums, next, out)
+                });
+            }
+            _ => {
+                let acc = self.sums(m, a);
+                self.finish_rows(&acc, next, out);
+            }
+        }
+    }
+
+    /// The exact i32 sums `[m, n]` of `m` rows of codes `a`, on a row-by-row path.
     fn sums(&self, m: usize, a: &[u8]) -> Vec<i32> {
         let mut acc = vec![0i32; m * self.n];
-        match &self.kernel {
-            Kernel::Fixed(k) => k.gemm(m, self.n, self.k, a, &self.weight, &mut acc),
-            Kernel::Auto {
-                blocked: Some((k, packed)),
-                ..
-            } if m >= 4 => k.gemm_packed(m, packed, a, &mut acc),
-            Kernel::Auto { rows, .. } => rows.gemm(m, self.n, self.k, a, &self.weight, &mut acc),
-        }
+        let kernel = match &self.kernel {
+            Kernel::Fixed(k) => *k,
+            Kernel::Auto { rows, .. } => *rows,
+        };
+        kernel.gemm(m, self.n, self.k, a, &self.weight, &mut acc);
         acc
     }
 
-    /// The epilogue over whole rows of sums (`[rows, n]`, in place as `f32` bits): one
-    /// multiply-add per output on the precomputed `scales` and `offsets`, and ReLU, so that it
-    /// vectorises.
-    fn values_in_place(&self, acc: &mut [i32]) {
-        for row in acc.chunks_exact_mut(self.n) {
-            for ((v, &s), &off) in row.iter_mut().zip(&self.scales).zip(&self.offsets) {
-                let mut y = *v as f32 * s + off;
-                if self.relu {
-                    y = y.max(0.0);
+    /// The codes of this layer's input: quantized from values, or handed over by the int8
+    /// layer before (which requantized them to this layer's quantizer).
+    fn input_codes<'a>(&self, x: Input<'a>) -> Cow<'a, [u8]> {
+        match x {
+            Input::Values(v) => {
+                let mut codes = vec![0u8; v.len()];
+                let quantize = |(x, c): (&[f32], &mut [u8])| self.input.quantize_u8_slice(x, c);
+                if v.len() >= 2 * PARALLEL_MIN {
+                    v.par_chunks(PARALLEL_MIN)
+                        .zip(codes.par_chunks_mut(PARALLEL_MIN))
+                        .for_each(quantize);
+                } else {
+                    quantize((v, &mut codes));
                 }
-                *v = y.to_bits() as i32;
+                Cow::Owned(codes)
+            }
+            Input::Codes(codes, quantizer) => {
+                assert_eq!(
+                    quantizer, self.input,
+                    "int8 layer: codes of another quantizer than its input's"
+                );
+                Cow::Borrowed(codes)
             }
         }
     }
@@ -196,6 +313,44 @@ impl Product {
         // One byte per weight, a scale per channel, the bias.
         self.weight.len() + 4 * self.weight_q.len() + 4 * self.bias.as_ref().map_or(0, Vec::len)
     }
+}
+
+/// A layer's input, borrowed from [`Activations`].
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    /// Channels first.
+    Values(&'a [f32]),
+    /// Channels last.
+    Codes(&'a [u8], Quantizer),
+}
+
+impl<'a> Input<'a> {
+    fn of(x: &'a Activations) -> Input<'a> {
+        match x {
+            Activations::Values(v) => Input::Values(v),
+            Activations::Codes { codes, quantizer } => Input::Codes(codes, *quantizer),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Input::Values(v) => v.len(),
+            Input::Codes(c, _) => c.len(),
+        }
+    }
+}
+
+/// An unsigned input quantizer of at most 8 bits, its zero point in range, its step positive.
+fn check_unsigned(q: &Quantizer) -> Result<(), String> {
+    if q.lo < 0 || q.hi > 255 || q.lo > q.zero_point || q.zero_point > q.hi {
+        return Err(
+            "the input quantizer must be unsigned 8-bit at most, its zero point in range".into(),
+        );
+    }
+    if !(q.scale.is_finite() && q.scale > 0.0) {
+        return Err(format!("input scale {} is not a positive number", q.scale));
+    }
+    Ok(())
 }
 
 /// The methods both int8 layers have, on the [`Product`] each holds as `p`; `$layout` is the
@@ -222,6 +377,20 @@ macro_rules! shared_accessors {
         /// The input quantizer.
         pub fn input_quantizer(&self) -> Quantizer {
             self.p.input
+        }
+
+        /// The same layer handing its output to the int8 layer after it as codes of that
+        /// layer's input quantizer `next` ([`Activations::Codes`], channels last), requantized
+        /// in its epilogue, instead of as values.
+        pub fn emit_codes(mut self, next: Quantizer) -> Result<Self, String> {
+            check_unsigned(&next)?;
+            self.p.emit = Some(next);
+            Ok(self)
+        }
+
+        /// The quantizer of the codes this layer hands on, if it does.
+        pub fn emits(&self) -> Option<Quantizer> {
+            self.p.emit
         }
     };
 }
@@ -269,6 +438,45 @@ impl Int8Linear {
     pub fn kernel_name(&self, batch: usize) -> &'static str {
         self.p.kernel_name(batch)
     }
+
+    /// The same layer taking its inputs of a `[C, H, W]` map flattened channels last (the
+    /// order of [`Activations::Codes`]) instead of channels first, as flattening gives them.
+    pub fn channels_last_input(self, [c, h, w]: [usize; 3]) -> Result<Self, String> {
+        if c * h * w != self.p.k {
+            return Err(format!(
+                "a {c}x{h}x{w} map is not the {} inputs of the layer",
+                self.p.k
+            ));
+        }
+        // Input `(pos, ch)` channels last was input `ch · H·W + pos` channels first.
+        let from: Vec<usize> = (0..h * w)
+            .flat_map(|pos| (0..c).map(move |ch| ch * h * w + pos))
+            .collect();
+        Ok(Int8Linear {
+            p: self.p.permuted(&from),
+        })
+    }
+
+    /// The layer on a batch of `batch` rows: values, or codes for the next int8 layer.
+    pub fn run(&self, x: &Activations, batch: usize) -> Activations {
+        let codes = self.p.input_codes(Input::of(x));
+        assert_eq!(codes.len(), batch * self.p.k, "input size");
+        match self.p.emit {
+            Some(next) => {
+                let mut out = vec![0u8; batch * self.p.n];
+                self.p.rows(batch, &codes, Some(next.rounding()), &mut out);
+                Activations::Codes {
+                    codes: out,
+                    quantizer: next,
+                }
+            }
+            None => {
+                let mut out = vec![0f32; batch * self.p.n];
+                self.p.rows(batch, &codes, None, &mut out);
+                Activations::Values(out)
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Int8Linear {
@@ -291,16 +499,10 @@ impl LinearKernel for Int8Linear {
         self.p.n
     }
     fn forward(&self, x: &[f32], batch: usize, y: &mut [f32]) {
-        let (n_in, n_out) = (self.p.k, self.p.n);
-        assert_eq!(x.len(), batch * n_in);
-        assert_eq!(y.len(), batch * n_out);
-        let mut codes = vec![0u8; x.len()];
-        self.p.input.quantize_u8_slice(x, &mut codes);
-        let mut acc = self.p.sums(batch, &codes);
-        self.p.values_in_place(&mut acc);
-        for (out, &v) in y.iter_mut().zip(&acc) {
-            *out = f32::from_bits(v as u32);
-        }
+        assert_eq!(x.len(), batch * self.p.k);
+        assert_eq!(y.len(), batch * self.p.n);
+        let codes = self.p.input_codes(Input::Values(x));
+        self.p.rows(batch, &codes, None, y);
     }
     fn weight_bytes(&self) -> usize {
         self.p.weight_bytes()
@@ -416,47 +618,150 @@ impl Int8Conv {
         self.p.kernel_name(usize::MAX)
     }
 
-    /// The sums `[batch · H'·W', n]` on the blocked AVX2 kernel, its pairs read straight from
-    /// the input widened to u16 and padded with the zero point, in `layout` (see [`Gather`]).
-    #[allow(clippy::too_many_arguments)]
-    fn gathered(
+    /// The layer on a batch of `[C, H, W]` inputs (channels first as values, channels last as
+    /// codes): values `[batch, out, H', W']`, or codes `[batch, H', W', out]` for the next int8
+    /// layer.
+    pub fn run(&self, x: &Activations, batch: usize, hw: [usize; 2]) -> Activations {
+        let x = Input::of(x);
+        match self.p.emit {
+            Some(next) => Activations::Codes {
+                codes: self.channels_last(x, batch, hw, Some(next.rounding())),
+                quantizer: next,
+            },
+            None => {
+                let nhwc: Vec<f32> = self.channels_last(x, batch, hw, None);
+                let mut y = vec![0f32; nhwc.len()];
+                self.channels_first(&nhwc, hw, &mut y);
+                Activations::Values(y)
+            }
+        }
+    }
+
+    /// The output channels last, `[batch · H'·W', out]`, as values or as `next`'s codes.
+    fn channels_last<T: Out>(
         &self,
-        kb: &int8::Avx2Blocked,
+        x: Input,
+        batch: usize,
+        hw: [usize; 2],
+        next: Option<Rounding>,
+    ) -> Vec<T> {
+        let g = &self.geometry;
+        let out_hw = g
+            .output_hw(hw)
+            .unwrap_or_else(|| panic!("conv window larger than the padded {hw:?} input"));
+        let image = g.in_channels * hw[0] * hw[1];
+        let m = batch * out_hw[0] * out_hw[1];
+        assert_eq!(x.len(), batch * image, "input size");
+        let mut out = vec![T::default(); m * self.p.n];
+        let channels_last_in = matches!(x, Input::Codes(..));
+        match (&self.p.kernel, &self.gather) {
+            (
+                Kernel::Auto {
+                    blocked: Some((kb, _)),
+                    ..
+                },
+                Some((layout, packed)),
+            ) if m >= 4 => {
+                let codes = self.p.input_codes(x);
+                // The widened input is the largest buffer of a call: one per thread, reused.
+                let mut wide = WIDE.take();
+                self.widen(*layout, &codes, channels_last_in, batch, hw, &mut wide);
+                let (grid, offsets) = self.grid(*layout, batch, hw, out_hw);
+                let epilogue =
+                    |_: usize, sums: &Sums, out: &mut [T]| self.p.finish(sums, next, out);
+                kb.gemm_gathered_with(
+                    &grid, &offsets, &wide, packed, &mut out, self.p.n, &epilogue,
+                );
+                WIDE.set(wide);
+            }
+            _ => {
+                let mut codes = self.p.input_codes(x);
+                if channels_last_in {
+                    codes = Cow::Owned(channels_first_codes(&codes, g.in_channels, hw[0] * hw[1]));
+                }
+                let (positions, k) = (out_hw[0] * out_hw[1], self.p.k);
+                let mut rows = vec![0u8; m * k];
+                let patches = |(b, r): (usize, &mut [u8])| {
+                    self.im2col(&codes[b * image..(b + 1) * image], hw, out_hw, r)
+                };
+                if m * k >= PARALLEL_MIN && batch > 1 {
+                    rows.par_chunks_mut(positions * k)
+                        .enumerate()
+                        .for_each(patches);
+                } else {
+                    rows.chunks_mut(positions * k).enumerate().for_each(patches);
+                }
+                self.p.rows(m, &rows, next, &mut out);
+            }
+        }
+        out
+    }
+
+    /// `[batch · H'·W', out]` values to `[batch, out, H', W']` (`hw` is the input's size).
+    fn channels_first(&self, nhwc: &[f32], hw: [usize; 2], y: &mut [f32]) {
+        let n = self.p.n;
+        let [oh, ow] = self.geometry.output_hw(hw).expect("checked by the product");
+        let chunk = n * oh * ow;
+        let image = |(src, dst): (&[f32], &mut [f32])| {
+            let positions = src.len() / n;
+            for (pos, values) in src.chunks_exact(n).enumerate() {
+                for (o, &v) in values.iter().enumerate() {
+                    dst[o * positions + pos] = v;
+                }
+            }
+        };
+        if y.len() >= PARALLEL_MIN && y.len() > chunk {
+            nhwc.par_chunks(chunk)
+                .zip(y.par_chunks_mut(chunk))
+                .for_each(image);
+        } else {
+            nhwc.chunks(chunk).zip(y.chunks_mut(chunk)).for_each(image);
+        }
+    }
+
+    /// The input's codes widened to u16 in `layout`, padded with the zero point, into `wide`
+    /// (reused: cleared and refilled). `codes` are channels last or first as given.
+    #[allow(clippy::too_many_arguments)]
+    fn widen(
+        &self,
         layout: Gather,
-        packed: &int8::PackedB,
         codes: &[u8],
+        channels_last: bool,
         batch: usize,
         [h, w]: [usize; 2],
-        [oh, ow]: [usize; 2],
-    ) -> Vec<i32> {
+        wide: &mut Vec<u16>,
+    ) {
         let g = &self.geometry;
-        let [kh, kw] = g.kernel;
         let [ph, pw] = g.padding;
         let (hp, wp) = (h + 2 * ph, w + 2 * pw);
         let c = g.in_channels;
         let cp = 2 * c.div_ceil(2);
-        let image = match layout {
-            Gather::Rows => c * hp * wp,
-            Gather::Channels => hp * wp * cp,
-        };
+        let image = layout.image_len(g, [h, w]);
         // Two values of slack: the last pair of a window row with an odd width reads one value
         // past it (times a zero weight).
-        let zp = self.p.input.zero_point as u16;
-        let mut padded = vec![zp; batch * image + 2];
-        let widen = |(b, dst): (usize, &mut [u16])| {
+        wide.clear();
+        wide.resize(batch * image + 2, self.p.input.zero_point as u16);
+        let fill = |(b, dst): (usize, &mut [u16])| {
             let src = &codes[b * c * h * w..(b + 1) * c * h * w];
-            match layout {
-                Gather::Rows => {
+            match (layout, channels_last) {
+                // One channel: channels first and last are the same.
+                (Gather::Rows, false) | (Gather::Rows, true) if c == 1 || !channels_last => {
                     for (ci, plane) in src.chunks_exact(h * w).enumerate() {
                         for (y, line) in plane.chunks_exact(w).enumerate() {
                             let at = ci * hp * wp + (y + ph) * wp + pw;
-                            for (d, &v) in dst[at..at + w].iter_mut().zip(line) {
-                                *d = v as u16;
-                            }
+                            widen_into(&mut dst[at..at + w], line);
                         }
                     }
                 }
-                Gather::Channels => {
+                (Gather::Rows, _) => {
+                    for (pos, px) in src.chunks_exact(c).enumerate() {
+                        let (y, x) = (pos / w, pos % w);
+                        for (ci, &v) in px.iter().enumerate() {
+                            dst[ci * hp * wp + (y + ph) * wp + pw + x] = v as u16;
+                        }
+                    }
+                }
+                (Gather::Channels, false) => {
                     // `[C, H, W]` to `[H + 2p, W + 2p, C']`: a pixel's channels side by side.
                     for (ci, plane) in src.chunks_exact(h * w).enumerate() {
                         for (y, line) in plane.chunks_exact(w).enumerate() {
@@ -467,22 +772,51 @@ impl Int8Conv {
                         }
                     }
                 }
+                (Gather::Channels, true) => {
+                    // `[H, W, C]` to `[H + 2p, W + 2p, C']`: whole image rows where `C' = C`.
+                    for (y, line) in src.chunks_exact(w * c).enumerate() {
+                        let row = ((y + ph) * wp + pw) * cp;
+                        if cp == c {
+                            widen_into(&mut dst[row..row + w * c], line);
+                        } else {
+                            for (x, px) in line.chunks_exact(c).enumerate() {
+                                widen_into(&mut dst[row + x * cp..row + x * cp + c], px);
+                            }
+                        }
+                    }
+                }
             }
         };
-        if padded.len() >= PARALLEL_MIN && batch > 1 {
-            padded[..batch * image]
+        if batch * image >= PARALLEL_MIN && batch > 1 {
+            wide[..batch * image]
                 .par_chunks_mut(image)
                 .enumerate()
-                .for_each(widen);
+                .for_each(fill);
         } else {
-            padded[..batch * image]
+            wide[..batch * image]
                 .chunks_mut(image)
                 .enumerate()
-                .for_each(widen);
+                .for_each(fill);
         }
+    }
+
+    /// Where the product's rows start in the widened input, and where each pair of a window
+    /// lies from there.
+    fn grid(
+        &self,
+        layout: Gather,
+        batch: usize,
+        [h, w]: [usize; 2],
+        out_hw: [usize; 2],
+    ) -> (int8::Grid, Vec<usize>) {
+        let g = &self.geometry;
+        let [kh, kw] = g.kernel;
         let [dh, dw] = g.dilation;
-        let mut offsets = Vec::with_capacity(packed.pairs());
-        match layout {
+        let (hp, wp) = (h + 2 * g.padding[0], w + 2 * g.padding[1]);
+        let c = g.in_channels;
+        let cp = 2 * c.div_ceil(2);
+        let mut offsets = Vec::with_capacity(layout.steps(g) / 2);
+        let pixel = match layout {
             Gather::Rows => {
                 for ci in 0..c {
                     for i in 0..kh {
@@ -491,6 +825,7 @@ impl Int8Conv {
                         }
                     }
                 }
+                1
             }
             Gather::Channels => {
                 for i in 0..kh {
@@ -500,23 +835,16 @@ impl Int8Conv {
                         }
                     }
                 }
+                cp
             }
-        }
-        let pixel = match layout {
-            Gather::Rows => 1,
-            Gather::Channels => cp,
         };
-        let mut bases = Vec::with_capacity(batch * oh * ow);
-        for b in 0..batch {
-            for y in 0..oh {
-                for x in 0..ow {
-                    bases.push(b * image + (y * g.stride[0] * wp + x * g.stride[1]) * pixel);
-                }
-            }
-        }
-        let mut acc = vec![0i32; bases.len() * self.p.n];
-        kb.gemm_gathered(&bases, &offsets, &padded, packed, &mut acc);
-        acc
+        let grid = int8::Grid {
+            images: batch,
+            out_hw,
+            image_len: layout.image_len(g, [h, w]),
+            step: [g.stride[0] * wp * pixel, g.stride[1] * pixel],
+        };
+        (grid, offsets)
     }
 
     /// Patches `[H'·W', k]` of one image's codes `[C, H, W]`, out-of-image taps as the zero
@@ -581,6 +909,15 @@ enum Gather {
 }
 
 impl Gather {
+    /// Values per image of the widened, padded input of `[h, w]` images.
+    fn image_len(self, g: &ConvGeometry, [h, w]: [usize; 2]) -> usize {
+        let (hp, wp) = (h + 2 * g.padding[0], w + 2 * g.padding[1]);
+        match self {
+            Gather::Rows => g.in_channels * hp * wp,
+            Gather::Channels => hp * wp * 2 * g.in_channels.div_ceil(2),
+        }
+    }
+
     /// Reduction steps of the packed weights.
     fn steps(self, g: &ConvGeometry) -> usize {
         let [kh, kw] = g.kernel;
@@ -636,71 +973,40 @@ impl Conv2dKernel for Int8Conv {
     }
 
     fn forward(&self, x: &[f32], batch: usize, hw: [usize; 2], y: &mut [f32]) {
-        let g = &self.geometry;
-        let out_hw = g
-            .output_hw(hw)
-            .unwrap_or_else(|| panic!("conv window larger than the padded {hw:?} input"));
-        let image = g.in_channels * hw[0] * hw[1];
-        let positions = out_hw[0] * out_hw[1];
-        let (n, k) = (self.p.n, self.p.k);
-        assert_eq!(x.len(), batch * image, "input size");
-        assert_eq!(y.len(), batch * n * positions, "output size");
-        let mut codes = vec![0u8; x.len()];
-        let quantize = |(x, c): (&[f32], &mut [u8])| self.p.input.quantize_u8_slice(x, c);
-        if x.len() >= PARALLEL_MIN && batch > 1 {
-            x.par_chunks(image)
-                .zip(codes.par_chunks_mut(image))
-                .for_each(quantize);
-        } else {
-            quantize((x, &mut codes));
-        }
-        let m = batch * positions;
-        let parallel = m * k >= PARALLEL_MIN && batch > 1;
-        let mut acc = match (&self.p.kernel, &self.gather) {
-            (
-                Kernel::Auto {
-                    blocked: Some((kb, _)),
-                    ..
-                },
-                Some((layout, packed)),
-            ) if m >= 4 => self.gathered(kb, *layout, packed, &codes, batch, hw, out_hw),
-            _ => {
-                let mut rows = vec![0u8; m * k];
-                let patches = |(b, r): (usize, &mut [u8])| {
-                    self.im2col(&codes[b * image..(b + 1) * image], hw, out_hw, r)
-                };
-                if parallel {
-                    rows.par_chunks_mut(positions * k)
-                        .enumerate()
-                        .for_each(patches);
-                } else {
-                    rows.chunks_mut(positions * k).enumerate().for_each(patches);
-                }
-                self.p.sums(m, &rows)
-            }
-        };
-        let epilogue = |(out, acc): (&mut [f32], &mut [i32])| {
-            // Sums to values in place (contiguous, vectorised), then `[H'·W', n]` to `[n, H'·W']`.
-            self.p.values_in_place(acc);
-            for (pos, values) in acc.chunks_exact(n).enumerate() {
-                for (o, &v) in values.iter().enumerate() {
-                    out[o * positions + pos] = f32::from_bits(v as u32);
-                }
-            }
-        };
-        let chunk = n * positions;
-        if y.len() >= PARALLEL_MIN && batch > 1 {
-            y.par_chunks_mut(chunk)
-                .zip(acc.par_chunks_mut(chunk))
-                .for_each(epilogue);
-        } else {
-            y.chunks_mut(chunk)
-                .zip(acc.chunks_mut(chunk))
-                .for_each(epilogue);
-        }
+        let nhwc: Vec<f32> = self.channels_last(Input::Values(x), batch, hw, None);
+        assert_eq!(y.len(), nhwc.len(), "output size");
+        self.channels_first(&nhwc, hw, y);
     }
 
     fn weight_bytes(&self) -> usize {
         self.p.weight_bytes()
     }
+}
+
+thread_local! {
+    /// The widened input of the last int8 convolution run on this thread, kept for the next.
+    static WIDE: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+}
+
+/// `dst[i] = src[i]` widened to `u16`.
+fn widen_into(dst: &mut [u16], src: &[u8]) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = v as u16;
+    }
+}
+
+/// Codes `[batch, H·W, C]` channels last to `[batch, C, H·W]` (the im2col path's order).
+fn channels_first_codes(codes: &[u8], c: usize, plane: usize) -> Vec<u8> {
+    let mut out = vec![0u8; codes.len()];
+    for (src, dst) in codes
+        .chunks_exact(c * plane)
+        .zip(out.chunks_exact_mut(c * plane))
+    {
+        for (pos, px) in src.chunks_exact(c).enumerate() {
+            for (ch, &v) in px.iter().enumerate() {
+                dst[ch * plane + pos] = v;
+            }
+        }
+    }
+    out
 }

@@ -79,3 +79,45 @@ impl LinearKernel for DenseReference {
         4 * (self.weight.len() + self.bias.as_ref().map_or(0, Vec::len))
     }
 }
+
+/// What one step of the whole-model runtime ([`model::SparseModel`]) hands the next.
+#[derive(Debug, Clone)]
+pub enum Activations {
+    /// Floats, channels first: `[batch, C, H, W]` (or `[batch, F]`).
+    Values(Vec<f32>),
+    /// The u8 codes of `quantizer`, channels last: `[batch, H, W, C]` (or `[batch, F]`). An
+    /// int8 layer hands these to the int8 layer after it, requantized in its epilogue, so
+    /// that no float activation is written between them; max-pooling, ReLU and flattening
+    /// in between run on the codes (quantization is monotonic, so they commute with it).
+    Codes {
+        codes: Vec<u8>,
+        quantizer: crate::compress::quantize::Quantizer,
+    },
+}
+
+impl Activations {
+    /// As floats, channels first (`dims` is `[C, H, W]` of one image): codes are dequantized,
+    /// `(q − z) · s`.
+    pub fn into_values(self, dims: [usize; 3]) -> Vec<f32> {
+        match self {
+            Activations::Values(v) => v,
+            Activations::Codes { codes, quantizer } => {
+                let [c, h, w] = dims;
+                let plane = h * w;
+                let mut out = vec![0f32; codes.len()];
+                for (src, dst) in codes
+                    .chunks_exact(c * plane)
+                    .zip(out.chunks_exact_mut(c * plane))
+                {
+                    for (pos, px) in src.chunks_exact(c).enumerate() {
+                        for (ch, &q) in px.iter().enumerate() {
+                            dst[ch * plane + pos] =
+                                (q as i32 - quantizer.zero_point) as f32 * quantizer.scale;
+                        }
+                    }
+                }
+                out
+            }
+        }
+    }
+}

@@ -13,10 +13,10 @@
 //! convolution runs as [`Int8Conv`] and each quantized linear layer as [`Int8Linear`], with a
 //! ReLU that follows folded into their epilogue; layers kept in float run as above.
 
-use super::LinearKernel;
 use super::conv::{Conv2dKernel, ConvGeometry, DenseConv, DirectConv, SparseIm2colConv};
 use super::int8::{Int8Conv, Int8Linear};
 use super::sparse::CsrLinear;
+use super::{Activations, LinearKernel};
 use crate::checkpoint::{CheckpointError, Loaded};
 use crate::compress::quantize::QuantSpec;
 use crate::kernels::{self, pool::PoolProblem};
@@ -27,6 +27,9 @@ use std::path::Path;
 use std::time::Instant;
 
 pub use crate::compress::fold::BATCH_NORM_EPSILON;
+
+/// Images per thread from which [`SparseModel::forward`] splits a batch across threads.
+pub const SPLIT_MIN: usize = 8;
 
 /// Element-wise work below this runs on the calling thread.
 const PARALLEL_MIN_ELEMENTS: usize = 32 * 1024;
@@ -199,20 +202,34 @@ impl SparseModel {
     }
 
     /// Builds the runtime from a checkpoint's architecture and tensors; every tensor must be
-    /// used.
+    /// used. Int8 layers hand the int8 layers after them codes (see [`chain_codes`]).
     pub fn from_loaded(loaded: &Loaded) -> Result<Self, String> {
+        Self::build_from(loaded, true)
+    }
+
+    /// [`from_loaded`](Self::from_loaded) with every int8 layer giving float values and
+    /// every int8 layer quantizing its input again: the unfused form, which the fused one
+    /// matches exactly (tests, and benchmarks of what fusing saves).
+    pub fn from_loaded_unfused(loaded: &Loaded) -> Result<Self, String> {
+        Self::build_from(loaded, false)
+    }
+
+    fn build_from(loaded: &Loaded, chained: bool) -> Result<Self, String> {
         loaded.arch.validate()?;
         let mut tensors = Tensors {
             map: &loaded.tensors,
             used: 0,
             quant: loaded.quant.as_ref(),
         };
-        let steps = build(
+        let mut steps = build(
             &loaded.arch.layers,
             "layers",
             Shape::Map(loaded.arch.input),
             &mut tensors,
         )?;
+        if chained {
+            chain_codes(&mut steps)?;
+        }
         if tensors.used != loaded.tensors.len() {
             let mut names: Vec<_> = loaded.tensors.keys().cloned().collect();
             names.sort();
@@ -234,9 +251,35 @@ impl SparseModel {
     }
 
     /// Class scores `[batch, classes]` for images `[batch, C, H, W]` (row-major).
+    ///
+    /// A batch of at least [`SPLIT_MIN`] images per thread is split into one part per thread,
+    /// each run through the whole network on its own (every image's computation is
+    /// independent): the threads then never wait for one another between layers, and each
+    /// part's activations stay in its core's cache. Smaller batches run as one, each layer
+    /// splitting its own work.
     pub fn forward(&self, images: &[f32], batch: usize) -> Vec<f32> {
         self.check_input(images, batch);
-        run(&self.steps, images.to_vec(), batch, &mut Probe::default())
+        let threads = rayon::current_num_threads();
+        let classes = self.arch.classes;
+        let whole = |x: &[f32], b: usize| {
+            run(
+                &self.steps,
+                Activations::Values(x.to_vec()),
+                b,
+                &mut Probe::default(),
+            )
+            .into_values([classes, 1, 1])
+        };
+        if threads < 2 || batch < SPLIT_MIN * threads {
+            return whole(images, batch);
+        }
+        let len = images.len() / batch;
+        let per = batch.div_ceil(threads);
+        let parts: Vec<Vec<f32>> = images
+            .par_chunks(per * len)
+            .map(|x| whole(x, x.len() / len))
+            .collect();
+        parts.concat()
     }
 
     /// [`forward`](Self::forward), showing `seen(path, input)` the input of every convolution
@@ -252,7 +295,13 @@ impl SparseModel {
             times: None,
             inputs: Some(seen),
         };
-        run(&self.steps, images.to_vec(), batch, &mut probe)
+        run(
+            &self.steps,
+            Activations::Values(images.to_vec()),
+            batch,
+            &mut probe,
+        )
+        .into_values([self.arch.classes, 1, 1])
     }
 
     /// [`forward`](Self::forward), also returning each step's wall time in execution order.
@@ -263,7 +312,13 @@ impl SparseModel {
             times: Some(&mut times),
             inputs: None,
         };
-        let out = run(&self.steps, images.to_vec(), batch, &mut probe);
+        let out = run(
+            &self.steps,
+            Activations::Values(images.to_vec()),
+            batch,
+            &mut probe,
+        )
+        .into_values([self.arch.classes, 1, 1]);
         (out, times)
     }
 
@@ -536,6 +591,62 @@ fn build(
     Ok(steps)
 }
 
+/// Lets each int8 layer whose output reaches another int8 layer through steps that commute
+/// with quantization (max-pooling, ReLU, flattening) hand it codes, requantized in its
+/// epilogue, channels last: no float activations between them. A linear layer that so gets a
+/// flattened map takes it channels last. Residual blocks are chained inside; their sums stay
+/// float.
+fn chain_codes(steps: &mut [Step]) -> Result<(), String> {
+    for i in 0..steps.len() {
+        if let Op::Residual { body, shortcut } = &mut steps[i].op {
+            chain_codes(body)?;
+            chain_codes(shortcut)?;
+            continue;
+        }
+        if !matches!(
+            steps[i].op,
+            Op::Conv(ConvLayer::Int8(_)) | Op::Int8Linear(_)
+        ) {
+            continue;
+        }
+        let mut j = i + 1;
+        while j < steps.len() && matches!(steps[j].op, Op::MaxPool { .. } | Op::Relu | Op::Flatten)
+        {
+            j += 1;
+        }
+        let next = match steps.get(j).map(|s| &s.op) {
+            Some(Op::Conv(ConvLayer::Int8(k))) => k.input_quantizer(),
+            Some(Op::Int8Linear(k)) => k.input_quantizer(),
+            _ => continue,
+        };
+        let path = steps[i].path.clone();
+        let emit = |op: Op| -> Result<Op, String> {
+            Ok(match op {
+                Op::Conv(ConvLayer::Int8(k)) => Op::Conv(ConvLayer::Int8(k.emit_codes(next)?)),
+                Op::Int8Linear(k) => Op::Int8Linear(k.emit_codes(next)?),
+                other => other,
+            })
+        };
+        let op = std::mem::replace(&mut steps[i].op, Op::Flatten);
+        steps[i].op = emit(op).map_err(|e| format!("{path}: {e}"))?;
+        let flattened = steps[i + 1..j].iter().find_map(|s| match (&s.op, s.input) {
+            (Op::Flatten, Shape::Map(dims)) => Some(dims),
+            _ => None,
+        });
+        if let Some(dims) = flattened {
+            let op = std::mem::replace(&mut steps[j].op, Op::Flatten);
+            steps[j].op = match op {
+                Op::Int8Linear(k) => Op::Int8Linear(
+                    k.channels_last_input(dims)
+                        .map_err(|e| format!("{}: {e}", steps[j].path))?,
+                ),
+                other => other,
+            };
+        }
+    }
+    Ok(())
+}
+
 /// Sees the input of a weighted layer: `(path, input)`.
 type InputWatcher<'a> = &'a mut dyn FnMut(&str, &[f32]);
 
@@ -546,12 +657,15 @@ struct Probe<'a> {
     inputs: Option<InputWatcher<'a>>,
 }
 
-fn run(steps: &[Step], mut x: Vec<f32>, batch: usize, probe: &mut Probe) -> Vec<f32> {
+fn run(steps: &[Step], mut x: Activations, batch: usize, probe: &mut Probe) -> Activations {
     for step in steps {
         if let Some(seen) = probe.inputs.as_deref_mut()
             && matches!(step.op, Op::Conv(_) | Op::Linear(_) | Op::Int8Linear(_))
         {
-            seen(&step.path, &x);
+            match &x {
+                Activations::Values(v) => seen(&step.path, v),
+                codes => seen(&step.path, &codes.clone().into_values(dims(step.input))),
+            }
         }
         let start = Instant::now();
         let nested = matches!(step.op, Op::Residual { .. });
@@ -578,10 +692,47 @@ fn dims(s: Shape) -> [usize; 3] {
 }
 
 impl Step {
-    fn forward(&self, mut x: Vec<f32>, batch: usize, probe: &mut Probe) -> Vec<f32> {
+    fn forward(&self, x: Activations, batch: usize, probe: &mut Probe) -> Activations {
         let [c, h, w] = dims(self.input);
         let [oc, oh, ow] = dims(self.output);
         let out_len = batch * oc * oh * ow;
+        // Codes go on as codes through the steps that commute with quantization.
+        let x = match (&self.op, x) {
+            (Op::Conv(ConvLayer::Int8(k)), x) => return k.run(&x, batch, [h, w]),
+            (Op::Int8Linear(k), x) => return k.run(&x, batch),
+            (Op::Flatten, x) => return x,
+            (Op::MaxPool { kernel, stride }, Activations::Codes { codes, quantizer }) => {
+                return Activations::Codes {
+                    codes: max_pool_codes(&codes, batch, [c, h, w], *kernel, *stride),
+                    quantizer,
+                };
+            }
+            (
+                Op::Relu,
+                Activations::Codes {
+                    mut codes,
+                    quantizer,
+                },
+            ) => {
+                // The code of 0.0 is the zero point, and quantization is monotonic.
+                let zero = quantizer.zero_point as u8;
+                codes.iter_mut().for_each(|v| *v = (*v).max(zero));
+                return Activations::Codes { codes, quantizer };
+            }
+            (_, x) => x.into_values([c, h, w]),
+        };
+        Activations::Values(self.forward_values(x, batch, out_len, probe))
+    }
+
+    /// The step on float activations, channels first.
+    fn forward_values(
+        &self,
+        mut x: Vec<f32>,
+        batch: usize,
+        out_len: usize,
+        probe: &mut Probe,
+    ) -> Vec<f32> {
+        let [c, h, w] = dims(self.input);
         match &self.op {
             Op::Conv(k) => {
                 let mut y = vec![0f32; out_len];
@@ -630,13 +781,72 @@ impl Step {
             }
             Op::Flatten => x,
             Op::Residual { body, shortcut } => {
-                let mut a = run(body, x.clone(), batch, probe);
-                let b = run(shortcut, x, batch, probe);
+                let (a, b) = (
+                    run(body, Activations::Values(x.clone()), batch, probe),
+                    run(shortcut, Activations::Values(x), batch, probe),
+                );
+                let [oc, oh, ow] = dims(self.output);
+                let mut a = a.into_values([oc, oh, ow]);
+                let b = b.into_values([oc, oh, ow]);
                 a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
                 a
             }
         }
     }
+}
+
+/// Max-pooling (no padding) of codes `[batch, H, W, C]` channels last: the same codes as
+/// quantizing the pooled values, since quantization is monotonic (but for NaN values, which
+/// codes cannot hold).
+fn max_pool_codes(
+    codes: &[u8],
+    batch: usize,
+    [c, h, w]: [usize; 3],
+    [kh, kw]: [usize; 2],
+    [sh, sw]: [usize; 2],
+) -> Vec<u8> {
+    let (oh, ow) = ((h - kh) / sh + 1, (w - kw) / sw + 1);
+    let mut out = vec![0u8; batch * oh * ow * c];
+    // Down the window's rows first (whole image rows, contiguous), then across its columns.
+    let image = |(src, dst): (&[u8], &mut [u8])| {
+        let line = w * c;
+        let mut rows = vec![0u8; line];
+        for (oy, out) in dst.chunks_exact_mut(ow * c).enumerate() {
+            let y0 = oy * sh;
+            rows.copy_from_slice(&src[y0 * line..(y0 + 1) * line]);
+            for i in 1..kh {
+                let next = &src[(y0 + i) * line..(y0 + i + 1) * line];
+                rows.iter_mut()
+                    .zip(next)
+                    .for_each(|(m, &v)| *m = (*m).max(v));
+            }
+            for (ox, px) in out.chunks_exact_mut(c).enumerate() {
+                let x0 = ox * sw * c;
+                px.iter_mut()
+                    .zip(&rows[x0..x0 + c])
+                    .for_each(|(d, &v)| *d = v);
+                for j in 1..kw {
+                    let at = x0 + j * c;
+                    px.iter_mut()
+                        .zip(&rows[at..at + c])
+                        .for_each(|(d, &v)| *d = (*d).max(v));
+                }
+            }
+        }
+    };
+    let (per_in, per_out) = (h * w * c, oh * ow * c);
+    if codes.len() >= PARALLEL_MIN_ELEMENTS && batch > 1 {
+        codes
+            .par_chunks(per_in)
+            .zip(out.par_chunks_mut(per_out))
+            .for_each(image);
+    } else {
+        codes
+            .chunks(per_in)
+            .zip(out.chunks_mut(per_out))
+            .for_each(image);
+    }
+    out
 }
 
 /// Unpadded pooling with window `kernel` and `stride` on every `[H, W]` plane, on the training
