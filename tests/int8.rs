@@ -51,6 +51,9 @@ macro_rules! int8_gemm_conformance {
                     (64, 10, 784),
                     (5, 33, 4099),
                     (100, 20, 150),
+                    // Many tasks of whole tiles and a ragged last one; narrow last panels.
+                    (301, 40, 100),
+                    (97, 50, 500),
                     (0, 3, 5),
                     (3, 0, 5),
                     (3, 4, 0),
@@ -341,4 +344,81 @@ fn input_quantization_matches_the_scalar_quantizer() {
     q.quantize_u8_slice(&x, &mut got);
     let want: Vec<u8> = x.iter().map(|&v| q.quantize_u8(v)).collect();
     assert_eq!(got, want);
+}
+
+/// The int8 layers' epilogue, requantizing each task's sums to the next layer's codes on the
+/// blocked kernel (AVX2, whole panels stored 16 bytes at a time), gives exactly the codes of
+/// the scalar epilogue on the reference sums: every panel width, with and without ReLU, sums
+/// far outside the code range, and a rounding that clamps at both ends.
+#[test]
+fn the_requantizing_epilogue_matches_the_scalar_one() {
+    use convpress::kernels::int8::{Dequant, PANEL, Rounding};
+    let Some(kb) = int8::Avx2Blocked::new() else {
+        eprintln!("no AVX2: the blocked kernel's epilogue is not run here");
+        return;
+    };
+    let next = Rounding {
+        inverse: 1.0 / 0.37,
+        offset: 12.5,
+        lo: 0.0,
+        hi: 255.49,
+    };
+    for &(m, n, k) in &[
+        (7, 20, 30),
+        (13, 1, 5),
+        (40, 33, 64),
+        (200, 50, 100),
+        (6, 8, 16),
+        (9, 9, 9),
+    ] {
+        let a = bytes(m * k, (m + 3 * n) as u64);
+        let b: Vec<i8> = bytes(n * k, (k + n) as u64)
+            .into_iter()
+            .map(|v| v as i8)
+            .collect();
+        let padded = n.div_ceil(PANEL) * PANEL;
+        let mut scales = common::uniform(n, 7, 2e-3, 2e-2);
+        let mut offsets = common::uniform(n, 8, -40.0, 40.0);
+        scales.resize(padded, 0.0);
+        offsets.resize(padded, 0.0);
+        let mut sums = vec![0i32; m * n];
+        Reference.gemm(m, n, k, &a, &b, &mut sums);
+        let packed = int8::PackedB::new(n, k, &b);
+        for relu in [false, true] {
+            let d = Dequant {
+                scales: &scales,
+                offsets: &offsets,
+                relu,
+            };
+            let mut want = vec![0u8; m * n];
+            for (row, out) in sums.chunks_exact(n).zip(want.chunks_exact_mut(n)) {
+                for (p, (s, o)) in row.chunks(PANEL).zip(out.chunks_mut(PANEL)).enumerate() {
+                    let mut lanes = [0i32; PANEL];
+                    lanes[..s.len()].copy_from_slice(s);
+                    d.codes_scalar(p, &lanes, next, o);
+                }
+            }
+            // Both ends clamp (with ReLU the lowest code is the zero point's).
+            let low = if relu { 12 } else { 0 };
+            assert!(
+                want.contains(&low) && want.contains(&255) && want.iter().all(|&c| c >= low),
+                "{m}x{n}x{k}: no clamping"
+            );
+            let mut got = vec![7u8; m * n];
+            kb.gemm_packed_with(m, &packed, &a, &mut got, n, &|_, s, out| {
+                d.codes_rows(s, next, out)
+            });
+            assert_eq!(got, want, "{m}x{n}x{k}, relu {relu}");
+            // One panel at a time on the dispatching path.
+            let mut one = vec![0u8; n];
+            for (row, w) in sums.chunks_exact(n).zip(want.chunks_exact(n)).take(3) {
+                for (p, (s, o)) in row.chunks(PANEL).zip(one.chunks_mut(PANEL)).enumerate() {
+                    let mut lanes = [0i32; PANEL];
+                    lanes[..s.len()].copy_from_slice(s);
+                    d.codes(p, &lanes, next, o);
+                }
+                assert_eq!(one, w);
+            }
+        }
+    }
 }

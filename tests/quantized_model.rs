@@ -234,11 +234,100 @@ fn chained_int8_layers_equal_the_unfused_model() {
         let q = quantize_model(&float, &settings(bits), &calib).unwrap();
         let fused = SparseModel::from_loaded(&q.model).unwrap();
         let unfused = SparseModel::from_loaded_unfused(&q.model).unwrap();
+        assert!(
+            fused.layers().iter().any(|l| l.codes_out),
+            "{kind:?}: nothing chained"
+        );
         for batch in [1, 3, 16] {
             let x = calib.pixels[..batch * calib.image_len()].to_vec();
             let (a, b) = (fused.forward(&x, batch), unfused.forward(&x, batch));
             assert_eq!(a, b, "{kind:?} at {bits} bits, batch {batch}");
         }
+    }
+}
+
+/// The same on a network built for the purpose: an odd channel count handed on as codes (the
+/// next layer pads it to pairs), ReLU after max-pooling (run on the codes), a dilated and a
+/// strided window, and a dense head; on the default kernels and forced onto the row-by-row
+/// path (im2col rows from the codes put channels first again).
+#[test]
+fn chained_codes_cover_odd_channels_relu_on_codes_and_every_path() {
+    use burn::prelude::*;
+    use convpress::models::{Arch, LayerSpec, Network};
+    let conv = |cin, cout, k, stride, padding, dilation| LayerSpec::Conv2d {
+        in_channels: cin,
+        out_channels: cout,
+        kernel: [k, k],
+        stride: [stride, stride],
+        padding: [padding, padding],
+        pad_extra: [0, 0],
+        dilation: [dilation, dilation],
+        groups: 1,
+        bias: true,
+    };
+    let arch = Arch {
+        name: "lenet5".into(),
+        input: [3, 14, 14],
+        classes: 10,
+        layers: vec![
+            conv(3, 5, 3, 1, 1, 1),
+            LayerSpec::MaxPool {
+                kernel: [2, 2],
+                stride: [2, 2],
+            },
+            LayerSpec::Relu,
+            conv(5, 6, 3, 1, 2, 2),
+            LayerSpec::Relu,
+            conv(6, 4, 3, 2, 1, 1),
+            LayerSpec::Flatten,
+            LayerSpec::Linear {
+                in_features: 4 * 4 * 4,
+                out_features: 12,
+                bias: true,
+            },
+            LayerSpec::Relu,
+            LayerSpec::Linear {
+                in_features: 12,
+                out_features: 10,
+                bias: true,
+            },
+        ],
+    };
+    arch.validate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("custom.safetensors");
+    let device = Device::flex();
+    device.seed(11);
+    let mut meta = common::meta();
+    meta.preprocess.mean = vec![0.0; 3];
+    meta.preprocess.std = vec![1.0; 3];
+    checkpoint::save(&path, &Network::new(&arch, &device).unwrap(), &meta).unwrap();
+    let float = checkpoint::read(&path).unwrap();
+    let calib = images(16, [3, 14, 14], 8);
+    let q = quantize_model(&float, &settings(8), &calib).unwrap();
+    let fused = SparseModel::from_loaded(&q.model).unwrap();
+    let unfused = SparseModel::from_loaded_unfused(&q.model).unwrap();
+    assert!(
+        fused.layers().iter().filter(|l| l.codes_out).count() == 4,
+        "{:?}",
+        fused.layers()
+    );
+    assert!(unfused.layers().iter().all(|l| !l.codes_out));
+    for batch in [1, 2, 16] {
+        let x = calib.pixels[..batch * calib.image_len()].to_vec();
+        assert_eq!(
+            fused.forward(&x, batch),
+            unfused.forward(&x, batch),
+            "batch {batch}"
+        );
+    }
+    // Every layer on each row-by-row path: the same scores again.
+    let x = calib.pixels[..4 * calib.image_len()].to_vec();
+    let want = unfused.forward(&x, 4);
+    for path in int8::available() {
+        let path: &'static dyn int8::Int8Gemm = Box::leak(path);
+        let forced = fused.clone().with_int8_kernel(path);
+        assert_eq!(forced.forward(&x, 4), want, "{}", path.name());
     }
 }
 

@@ -246,33 +246,41 @@ mod avx2 {
         out: &mut [u8],
     ) {
         let n = sums.n;
-        for (r, row) in out.chunks_exact_mut(n).enumerate() {
+        let len = out.len();
+        let ptr = out.as_mut_ptr();
+        for r in 0..sums.rows {
             for p in 0..n.div_ceil(16) {
+                let at = r * n + 16 * p;
                 // SAFETY: the caller's.
-                let bytes = unsafe { requantize(d, p, sums.panel(r, p), next) };
-                let o = &mut row[16 * p..];
-                if o.len() >= 16 {
-                    // SAFETY: 16 bytes of the row are left.
-                    unsafe { _mm_storeu_si128(o.as_mut_ptr().cast(), bytes) };
+                let bytes = unsafe {
+                    if n - 16 * p > 8 {
+                        requantize::<2>(d, p, sums.panel(r, p), next)
+                    } else {
+                        requantize::<1>(d, p, sums.panel(r, p), next)
+                    }
+                };
+                if at + 16 <= len {
+                    // SAFETY: 16 bytes from `at` lie in `out`. Past the row's last channel
+                    // they are the next row's first, which it writes after this.
+                    unsafe { _mm_storeu_si128(ptr.add(at).cast(), bytes) };
                 } else {
                     let mut tmp = [0u8; 16];
                     // SAFETY: 16 bytes out.
                     unsafe { _mm_storeu_si128(tmp.as_mut_ptr().cast(), bytes) };
-                    for (o, &b) in o.iter_mut().zip(&tmp) {
-                        *o = b;
-                    }
+                    out[at..].copy_from_slice(&tmp[..len - at]);
                 }
             }
         }
     }
 
-    /// [`super::Dequant::codes`] of one panel: 16 lanes to 16 codes.
+    /// [`super::Dequant::codes`] of one panel: 16 lanes to 16 codes (the first `8 H`
+    /// computed, the rest 0).
     ///
     /// # Safety
     /// AVX2; `d`'s scales and offsets hold channels `16 p .. 16 p + 16`.
     #[target_feature(enable = "avx2")]
     #[inline]
-    pub unsafe fn requantize(
+    pub unsafe fn requantize<const H: usize>(
         d: &super::Dequant,
         p: usize,
         lanes: &[i32; 16],
@@ -286,7 +294,8 @@ mod avx2 {
             _mm256_set1_ps(next.hi),
         );
         let mut ints = [_mm256_setzero_si256(); 2];
-        for (h, ints) in ints.iter_mut().enumerate() {
+        // `H` halves of eight lanes: 1 where the panel has at most 8 channels.
+        for (h, ints) in ints.iter_mut().enumerate().take(H) {
             // SAFETY: eight lanes, scales and offsets from `16 p + 8 h` (the caller's).
             unsafe {
                 let v = _mm256_cvtepi32_ps(_mm256_loadu_si256(lanes.as_ptr().add(8 * h).cast()));
@@ -447,7 +456,7 @@ impl PackedB {
 
 /// The exact sums of a block of rows as the blocked kernel leaves them for an epilogue: panel
 /// after panel, each row's 16 lanes (channels `16 p .. 16 p + 16`) side by side, so that an
-/// epilogue reads 16 channels of a row with two vector loads. Lanes past `n` hold 0.
+/// epilogue reads 16 channels of a row with two vector loads. Lanes past `n` hold anything.
 pub struct Sums<'a> {
     data: &'a [i32],
     rows: usize,
@@ -655,7 +664,11 @@ impl Avx2Blocked {
         };
         let task = |(t, out): (usize, &mut [T])| {
             let (first, rows) = (t * chunk, out.len() / per_row);
-            let mut sums = vec![0i32; b.panels() * rows * PANEL];
+            // A buffer of this thread's, reused (every lane the epilogue reads is written).
+            let mut sums = SUMS.take();
+            if sums.len() < b.panels() * rows * PANEL {
+                sums.resize(b.panels() * rows * PANEL, 0);
+            }
             // Where each row starts, found once for all panels.
             let mut starts = [std::ptr::null::<u8>(); CHUNK];
             // SAFETY: the entry points checked that the source holds rows `first .. first + rows`.
@@ -683,6 +696,7 @@ impl Avx2Blocked {
                 },
                 out,
             );
+            SUMS.set(sums);
         };
         if parallel {
             out.par_chunks_mut(chunk * per_row)
@@ -692,6 +706,11 @@ impl Avx2Blocked {
             out.chunks_mut(chunk * per_row).enumerate().for_each(task);
         }
     }
+}
+
+thread_local! {
+    /// The sums of the last task run on this thread, kept for the next.
+    static SUMS: std::cell::Cell<Vec<i32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// The rows that start at `starts` against one panel: whole tiles of [`ROWS`], then one row
@@ -936,7 +955,7 @@ impl Dequant<'_> {
             let mut bytes = [0u8; PANEL];
             // SAFETY: AVX2 is present; the scales and offsets hold panel p (asserted above).
             unsafe {
-                let v = avx2::requantize(self, p, lanes, next);
+                let v = avx2::requantize::<2>(self, p, lanes, next);
                 std::arch::x86_64::_mm_storeu_si128(bytes.as_mut_ptr().cast(), v);
             }
             for (o, &b) in out.iter_mut().zip(&bytes) {

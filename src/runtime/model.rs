@@ -141,6 +141,9 @@ pub struct LayerInfo {
     pub kernel: &'static str,
     /// Bits per weight: 32 in float, the quantized width otherwise.
     pub bits: u32,
+    /// Whether the layer hands the int8 layer after it u8 codes (requantized in its
+    /// epilogue) rather than float values.
+    pub codes_out: bool,
 }
 
 /// A pruned network ready to run on the CPU.
@@ -355,10 +358,41 @@ impl SparseModel {
         self.dense_bytes
     }
 
+    /// The same model with every int8 layer on int8 path `kernel` (tests force each one).
+    pub fn with_int8_kernel(mut self, kernel: &'static dyn crate::kernels::int8::Int8Gemm) -> Self {
+        fn walk(steps: &mut [Step], kernel: &'static dyn crate::kernels::int8::Int8Gemm) {
+            for s in steps {
+                let op = std::mem::replace(&mut s.op, Op::Flatten);
+                s.op = match op {
+                    Op::Conv(ConvLayer::Int8(k)) => {
+                        Op::Conv(ConvLayer::Int8(k.with_kernel(kernel)))
+                    }
+                    Op::Int8Linear(k) => Op::Int8Linear(k.with_kernel(kernel)),
+                    Op::Residual {
+                        mut body,
+                        mut shortcut,
+                    } => {
+                        walk(&mut body, kernel);
+                        walk(&mut shortcut, kernel);
+                        Op::Residual { body, shortcut }
+                    }
+                    other => other,
+                };
+            }
+        }
+        walk(&mut self.steps, kernel);
+        self
+    }
+
     /// The convolutions and fully connected layers in execution order.
     pub fn layers(&self) -> Vec<LayerInfo> {
         fn walk(steps: &[Step], out: &mut Vec<LayerInfo>) {
             for s in steps {
+                let codes_out = match &s.op {
+                    Op::Conv(ConvLayer::Int8(k)) => k.emits().is_some(),
+                    Op::Int8Linear(k) => k.emits().is_some(),
+                    _ => false,
+                };
                 let (weights, stored, bytes, kernel, bits) = match &s.op {
                     Op::Conv(k) => (
                         k.kernel().geometry().weight_len(),
@@ -396,6 +430,7 @@ impl SparseModel {
                     bytes,
                     kernel,
                     bits,
+                    codes_out,
                 });
             }
         }
