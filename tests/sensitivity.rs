@@ -278,3 +278,158 @@ fn bad_input_is_refused_before_any_work_and_nothing_is_written() {
     );
     assert!(!out.exists(), "prune must not start on bad input");
 }
+
+/// `sensitivity --bits`: one layer at a time quantized to each width on the int8 runtime; its
+/// files, a widest width that costs nothing, widths that `quantize --targets` applies (and
+/// that a per-layer flag overrides), and its refusals before any work.
+#[test]
+fn bit_sensitivity_writes_widths_that_quantize_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::write_synthetic_mnist(&data, 600, 200, 28);
+    let d = data.to_str().unwrap();
+    let run = dir.path().join("run");
+    ok(&convpress(&[
+        "train",
+        "--model",
+        "lenet300",
+        "--epochs",
+        "2",
+        "--data-dir",
+        d,
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]));
+    let c = run.join("model.safetensors");
+    let c = c.to_str().unwrap();
+    let out_dir = dir.path().join("bits");
+    let text = ok(&convpress(&[
+        "sensitivity",
+        "--checkpoint",
+        c,
+        "--data-dir",
+        d,
+        "--bits",
+        "2,8,4",
+        "--calibrate",
+        "128",
+        "--max-drop",
+        "1",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]));
+    assert!(text.contains("8 bits") && text.contains("2 bits"), "{text}");
+    for f in [
+        "bit-sensitivity.json",
+        "bit-sensitivity.csv",
+        "bit-sensitivity.svg",
+        "bits.json",
+    ] {
+        assert!(out_dir.join(f).is_file(), "{f} missing");
+    }
+    let s: convpress::compress::bit_sensitivity::BitSensitivity =
+        serde_json::from_slice(&std::fs::read(out_dir.join("bit-sensitivity.json")).unwrap())
+            .unwrap();
+    assert_eq!(s.bits, vec![8, 4, 2]);
+    assert_eq!(s.layers.len(), 3);
+    for c in &s.layers {
+        assert_eq!(c.points.len(), 3);
+        // 8 bits of one layer costs at most a few of the 200 test images.
+        assert!(
+            (c.points[0].accuracy - s.baseline_accuracy).abs() <= 0.02,
+            "{c:?}"
+        );
+    }
+    let targets =
+        convpress::compress::bit_sensitivity::BitTargetsFile::read(&out_dir.join("bits.json"))
+            .unwrap();
+    assert_eq!(targets.layer_bits.len(), 3);
+    assert!(targets.layer_bits.values().all(|b| b.is_some()));
+    // A hand-written file: the widths land in the quantized model; float-layers wins.
+    let file = dir.path().join("mine.json");
+    std::fs::write(
+        &file,
+        r#"{"layer_bits": {"layers.1": 6, "layers.3": 4, "layers.5": null}}"#,
+    )
+    .unwrap();
+    let q = dir.path().join("mixed.cpz");
+    ok(&convpress(&[
+        "quantize",
+        "--checkpoint",
+        c,
+        "--data-dir",
+        d,
+        "--calibrate",
+        "64",
+        "--targets",
+        file.to_str().unwrap(),
+        "--float-layers",
+        "layers.3",
+        "--out",
+        q.to_str().unwrap(),
+    ]));
+    let spec = checkpoint::read(&q).unwrap().quant.unwrap();
+    let bits: Vec<(String, u32)> = spec
+        .layers
+        .iter()
+        .map(|(p, l)| (p.clone(), l.bits))
+        .collect();
+    assert_eq!(bits, vec![("layers.1".to_string(), 6)]);
+    // Refusals, before any work.
+    let sens = |extra: &[&str]| {
+        let o = dir.path().join("never");
+        let mut args = vec![
+            "sensitivity",
+            "--checkpoint",
+            c,
+            "--data-dir",
+            d,
+            "--out",
+            o.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = convpress(&args);
+        assert!(!o.exists(), "nothing may be written on bad input");
+        out
+    };
+    fails_with(&sens(&["--bits", "8,1"]), "must be between 2 and 8 bits");
+    fails_with(&sens(&["--bits", "9"]), "got 9");
+    fails_with(&sens(&["--bits", "8", "--calibrate", "0"]), "--calibrate");
+    fails_with(&sens(&["--bits", "8", "--layers", "layers.9"]), "layers.9");
+    fails_with(
+        &sens(&["--bits", "8", "--sparsities", "0.5"]),
+        "cannot be used with",
+    );
+    std::fs::write(&file, r#"{"layer_bits": {"layers.9": 4}}"#).unwrap();
+    fails_with(
+        &convpress(&[
+            "quantize",
+            "--checkpoint",
+            c,
+            "--data-dir",
+            d,
+            "--targets",
+            file.to_str().unwrap(),
+            "--out",
+            q.to_str().unwrap(),
+            "--force",
+        ]),
+        "layers.9 is not a conv or linear layer",
+    );
+    std::fs::write(&file, r#"{"layer_bits": {"layers.1": 12}}"#).unwrap();
+    fails_with(
+        &convpress(&[
+            "quantize",
+            "--checkpoint",
+            c,
+            "--data-dir",
+            d,
+            "--targets",
+            file.to_str().unwrap(),
+            "--out",
+            q.to_str().unwrap(),
+            "--force",
+        ]),
+        "12",
+    );
+}

@@ -358,6 +358,14 @@ pub struct SensitivityArgs {
     /// Layers to analyse by path (`layers.5`); all conv and linear layers if none.
     #[arg(long, value_delimiter = ',')]
     pub layers: Vec<String>,
+    /// Quantization instead of pruning: the bit widths (2 to 8) to quantize each layer to,
+    /// alone, by post-training quantization run on the int8 runtime; with --max-drop, writes
+    /// `bits.json` for `quantize --targets`.
+    #[arg(long, value_delimiter = ',', conflicts_with = "sparsities")]
+    pub bits: Vec<u32>,
+    /// With --bits: training images the activation ranges are calibrated on (min-max).
+    #[arg(long, default_value_t = 1024, requires = "bits")]
+    pub calibrate: usize,
     /// Evaluate on the first N test images only.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -386,6 +394,9 @@ pub struct SensitivityArgs {
 /// `convpress sensitivity`: the analysis of one checkpoint, its table, and its files in
 /// `args.out` (nothing is written if any argument is wrong).
 pub fn command(args: &SensitivityArgs, device: Device) -> anyhow::Result<()> {
+    if !args.bits.is_empty() {
+        return super::bit_sensitivity::command(args);
+    }
     use crate::atomic_file::write_atomic;
     use crate::checkpoint;
     use anyhow::{Context as _, bail};

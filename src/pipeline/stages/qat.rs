@@ -36,6 +36,10 @@ pub struct QatParams {
     /// Layers kept in float: `first`, `last` or layer paths and patterns, comma separated.
     #[arg(long, value_delimiter = ',')]
     pub float_layers: Vec<String>,
+    /// Per-layer bit widths from a file (`convpress sensitivity --bits ... --max-drop D`
+    /// writes one: `bits.json`); `float-layers` and per-layer keys override it.
+    #[arg(long)]
+    pub targets: Option<PathBuf>,
     /// Epochs of quantization-aware training.
     #[arg(long, default_value_t = 2)]
     pub epochs: usize,
@@ -83,6 +87,7 @@ impl Qat {
                 calibration: p.calibration,
                 percentile: p.percentile,
                 float_layers: p.float_layers.clone(),
+                targets: p.targets.clone(),
             },
             layers: self.layers.clone(),
             out: self.out.clone(),

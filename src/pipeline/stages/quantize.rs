@@ -43,6 +43,10 @@ pub struct QuantizeParams {
     /// Layers kept in float: `first`, `last` or layer paths and patterns, comma separated.
     #[arg(long, value_delimiter = ',')]
     pub float_layers: Vec<String>,
+    /// Per-layer bit widths from a file (`convpress sensitivity --bits ... --max-drop D`
+    /// writes one: `bits.json`); `float-layers` and per-layer keys override it.
+    #[arg(long)]
+    pub targets: Option<PathBuf>,
 }
 
 impl Default for QuantizeParams {
@@ -102,6 +106,19 @@ impl Quantize {
         };
         let paths = weighted_layer_paths(arch);
         let mut layer_bits: BTreeMap<String, Option<u32>> = BTreeMap::new();
+        if let Some(file) = &p.targets {
+            let targets = crate::compress::bit_sensitivity::BitTargetsFile::read(file)?;
+            for (layer, bits) in targets.layer_bits {
+                if !paths.contains(&layer) {
+                    return Err(format!(
+                        "{}: {layer} is not a conv or linear layer of the model (those are {})",
+                        file.display(),
+                        paths.join(", ")
+                    ));
+                }
+                layer_bits.insert(layer, bits);
+            }
+        }
         for name in &p.float_layers {
             let hits: Vec<String> = match name.as_str() {
                 "first" => paths.first().cloned().into_iter().collect(),
