@@ -114,6 +114,50 @@ int8_gemm_conformance!(
     int8::Avx2Blocked::new().map(|k| Box::new(k) as Box<dyn Int8Gemm>)
 );
 
+int8_gemm_conformance!(
+    avx2_quads,
+    int8::Avx2Quads::new().map(|k| Box::new(k) as Box<dyn Int8Gemm>)
+);
+
+/// The `vpmaddubsw` path on the weights it takes, [-64, 64]: exact at its own worst cases (all
+/// 255 against all 64, all -64, alternating), where a pair of products comes within 127 of
+/// the 16-bit limit, on every remainder of quads, panels and tiles; and it refuses to pack a
+/// weight outside that range (the suite above shows it then falls back, exactly).
+#[test]
+fn quads_are_exact_for_7_bit_weights_at_their_worst_case() {
+    let Some(kernel) = int8::Avx2Quads::new() else {
+        eprintln!("no AVX2: the quads path is not run here");
+        return;
+    };
+    for &(m, n, k) in &[
+        (1, 1, 1),
+        (7, 9, 5),
+        (13, 33, 4099),
+        (200, 50, 500),
+        (64, 10, 784),
+    ] {
+        let a = vec![255u8; m * k];
+        for b in [
+            vec![64i8; n * k],
+            vec![-64i8; n * k],
+            (0..n * k)
+                .map(|i| if i % 2 == 0 { 64 } else { -64 })
+                .collect(),
+            bytes(n * k, 5)
+                .iter()
+                .map(|&v| (v as i8) / 2)
+                .collect::<Vec<i8>>(),
+        ] {
+            assert!(int8::PackedQuads::new(n, k, &b).is_some());
+            check(&kernel, m, n, k, &a, &b);
+            let a = bytes(m * k, (m + k) as u64);
+            check(&kernel, m, n, k, &a, &b);
+        }
+    }
+    assert!(int8::PackedQuads::new(1, 2, &[64, 65]).is_none());
+    assert!(int8::PackedQuads::new(1, 2, &[-65, 0]).is_none());
+}
+
 /// The blocked kernel's two other entry points, as gemms for the same suite: rows already
 /// widened to pairs (`gemm_pairs`), and pairs gathered through offsets from one u16 buffer
 /// (`gemm_gathered`, which the int8 convolution uses), here laid out with gaps between the

@@ -36,6 +36,7 @@ fn settings(bits: u32) -> PtqSettings {
         bits,
         calibration: Calibration::MinMax,
         layer_bits: BTreeMap::new(),
+        weight_bits: None,
     }
 }
 
@@ -75,51 +76,58 @@ fn int8_convolutions_match_the_float_reference_on_every_path() {
         let mut obs = Observer::default();
         obs.observe(&x).unwrap();
         let input = obs.quantizer(Calibration::MinMax, 8).unwrap();
-        let conv = Int8Conv::new(g, &w, Some(bias.clone()), 8, input).unwrap();
-        let (codes, wq) = conv.weights();
-        let per = g.patch_len();
-        let w_hat: Vec<f32> = codes
-            .iter()
-            .enumerate()
-            .map(|(i, &c)| wq[i / per].dequantize(c as i32))
-            .collect();
-        let x_hat: Vec<f32> = x.iter().map(|&v| input.round_trip(v)).collect();
-        let reference = DirectConv::new(g, w_hat, Some(bias)).unwrap();
-        let out_hw = g.output_hw(hw).unwrap();
-        let mut want = vec![0f32; batch * cout * out_hw[0] * out_hw[1]];
-        reference.forward(&x_hat, batch, hw, &mut want);
-        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-        let mut first: Option<Vec<f32>> = None;
-        for path in int8::available() {
-            let path: &'static dyn int8::Int8Gemm = Box::leak(path);
-            let k = conv.clone().with_kernel(path);
-            let mut got = vec![0f32; want.len()];
-            k.forward(&x, batch, hw, &mut got);
-            let d = max_abs_diff(&got, &want);
-            assert!(
-                d <= 1e-4 * scale,
-                "case {n} on {}: {d} (scale {scale})",
-                path.name()
-            );
-            match &first {
-                None => first = Some(got),
-                Some(f) => assert_eq!(&got, f, "case {n}: {} differs", path.name()),
+        // 8-bit weights run on widened pairs; 7-bit ones, where the channels come in fours,
+        // on `vpmaddubsw` quads read from the padded codes.
+        for bits in [8, 7] {
+            let conv = Int8Conv::new(g, &w, Some(bias.clone()), bits, input).unwrap();
+            if bits == 7 && cin % 4 == 0 && int8::Avx2Blocked::new().is_some() {
+                assert_eq!(conv.kernel_name(), "avx2-quads", "case {n}");
             }
+            let (codes, wq) = conv.weights();
+            let per = g.patch_len();
+            let w_hat: Vec<f32> = codes
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| wq[i / per].dequantize(c as i32))
+                .collect();
+            let x_hat: Vec<f32> = x.iter().map(|&v| input.round_trip(v)).collect();
+            let reference = DirectConv::new(g, w_hat, Some(bias.clone())).unwrap();
+            let out_hw = g.output_hw(hw).unwrap();
+            let mut want = vec![0f32; batch * cout * out_hw[0] * out_hw[1]];
+            reference.forward(&x_hat, batch, hw, &mut want);
+            let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+            let mut first: Option<Vec<f32>> = None;
+            for path in int8::available() {
+                let path: &'static dyn int8::Int8Gemm = Box::leak(path);
+                let k = conv.clone().with_kernel(path);
+                let mut got = vec![0f32; want.len()];
+                k.forward(&x, batch, hw, &mut got);
+                let d = max_abs_diff(&got, &want);
+                assert!(
+                    d <= 1e-4 * scale,
+                    "case {n} on {}: {d} (scale {scale})",
+                    path.name()
+                );
+                match &first {
+                    None => first = Some(got),
+                    Some(f) => assert_eq!(&got, f, "case {n}: {} differs", path.name()),
+                }
+            }
+            // The layer as it runs by default (on AVX2: pairs read straight from the padded
+            // input, no im2col) gives the same bits.
+            let mut plain = vec![0f32; want.len()];
+            conv.forward(&x, batch, hw, &mut plain);
+            assert_eq!(
+                Some(&plain),
+                first.as_ref(),
+                "case {n}: the default path differs"
+            );
+            // ReLU in the epilogue is ReLU after it.
+            let mut fused = vec![0f32; want.len()];
+            conv.clone().with_relu().forward(&x, batch, hw, &mut fused);
+            let relu: Vec<f32> = plain.iter().map(|v| v.max(0.0)).collect();
+            assert_eq!(fused, relu, "case {n}");
         }
-        // The layer as it runs by default (on AVX2: pairs read straight from the padded
-        // input, no im2col) gives the same bits.
-        let mut plain = vec![0f32; want.len()];
-        conv.forward(&x, batch, hw, &mut plain);
-        assert_eq!(
-            Some(&plain),
-            first.as_ref(),
-            "case {n}: the default path differs"
-        );
-        // ReLU in the epilogue is ReLU after it.
-        let mut fused = vec![0f32; want.len()];
-        conv.clone().with_relu().forward(&x, batch, hw, &mut fused);
-        let relu: Vec<f32> = plain.iter().map(|v| v.max(0.0)).collect();
-        assert_eq!(fused, relu, "case {n}");
     }
 }
 
@@ -224,6 +232,7 @@ fn quantized_files_round_trip_bit_exactly_at_their_real_size() {
 fn chained_int8_layers_equal_the_unfused_model() {
     for (kind, input, bits) in [
         (ModelKind::Lenet5, [1, 28, 28], 8),
+        (ModelKind::Lenet5, [1, 28, 28], 7),
         (ModelKind::Lenet5, [1, 28, 28], 4),
         (ModelKind::Resnet20, [3, 16, 16], 8),
     ] {

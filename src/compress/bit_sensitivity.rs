@@ -103,6 +103,7 @@ pub fn analyse(
                 bits: b,
                 calibration,
                 layer_bits,
+                weight_bits: None,
             };
             let q = quantize_model(float, &settings, calibration_set)
                 .map_err(|e| format!("{layer} at {b} bits: {e}"))?;

@@ -24,6 +24,11 @@ pub struct PtqSettings {
     /// Bits per layer (paths of the model as given, before folding); `None` keeps the layer
     /// in float.
     pub layer_bits: BTreeMap<String, Option<u32>>,
+    /// Bits of the weights of every layer at the default width `bits`, where they differ from
+    /// its inputs' (a layer given its own width keeps it for both): 7-bit
+    /// weights with 8-bit inputs run on the int8 runtime's faster `vpmaddubsw` kernel on
+    /// AVX2, whose 16-bit pair sums overflow for 8-bit weights (`kernels::int8::PackedQuads`).
+    pub weight_bits: Option<u32>,
 }
 
 /// A quantized model and how it came about.
@@ -53,7 +58,7 @@ pub fn quantize_model(
     let (folded, renamed) = fold_batch_norms(model)?;
     let bits_of = layer_bits(&folded, &renamed, settings)?;
     let inputs = calibrate(&folded, &bits_of, settings.calibration, calibration)?;
-    let quantized = finish(folded, &bits_of, &inputs)?;
+    let quantized = finish(folded, &weight_bits_of(&bits_of, settings), &inputs)?;
     Ok(Quantized {
         model: quantized,
         renamed,
@@ -69,6 +74,9 @@ pub fn layer_bits(
     settings: &PtqSettings,
 ) -> Result<BTreeMap<String, Option<u32>>, String> {
     check_bits("bits", settings.bits)?;
+    if let Some(w) = settings.weight_bits {
+        check_bits("weight bits", w)?;
+    }
     let mut bits_of: BTreeMap<String, Option<u32>> = BTreeMap::new();
     for s in folded.arch.layer_stats() {
         if matches!(s.kind, "conv2d" | "linear") {
@@ -86,6 +94,24 @@ pub fn layer_bits(
         bits_of.insert(new.clone(), *bits);
     }
     Ok(bits_of)
+}
+
+/// The weights' bits of every layer of `bits_of` (the inputs' bits): `settings.weight_bits`
+/// for the layers at the default width, where given.
+pub fn weight_bits_of(
+    bits_of: &BTreeMap<String, Option<u32>>,
+    settings: &PtqSettings,
+) -> BTreeMap<String, Option<u32>> {
+    bits_of
+        .iter()
+        .map(|(l, b)| {
+            let w = b.map(|b| match settings.weight_bits {
+                Some(w) if b == settings.bits => w,
+                _ => b,
+            });
+            (l.clone(), w)
+        })
+        .collect()
 }
 
 /// The input quantizer of every quantized layer (`bits_of`) of the float model `folded`, from

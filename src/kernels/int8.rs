@@ -189,38 +189,48 @@ mod avx2 {
     }
 
     /// One tile: `R` rows (their starts in `rows`) against one panel of `W` registers (8 output
-    /// channels each) over all `pairs` pairs of reduction steps, its sums stored to `out` as
-    /// `R` rows of 16 lanes (a narrow panel leaves lanes 8..16 as they were). `R` and `W` are
-    /// constants so that the `R · W` accumulators live in registers: 6 × 2 = 12, with the two
-    /// weight registers and the broadcast 15 of AVX2's 16.
+    /// channels each) over all `groups` groups of reduction steps, its sums stored to `out` as
+    /// `R` rows of 16 lanes (a narrow panel leaves lanes 8..16 as they were). Each group is an
+    /// `i32` of the row broadcast against 32 bytes of weights per register: two u16 against
+    /// two i16 per channel (`vpmaddwd`), or with `QUADS` four u8 against four i8
+    /// (`vpmaddubsw`, then `vpmaddwd` by ones to 32 bits). `R` and `W` are constants so that
+    /// the `R · W` accumulators live in registers: 6 × 2 = 12, with the two weight registers
+    /// and the broadcast 15 of AVX2's 16.
     ///
     /// # Safety
-    /// AVX2; every pair `src` places after those rows' starts must be readable, `panel` must
-    /// hold `pairs · W · 16` values, and `out` `R · 16` values.
+    /// AVX2; every group `src` places after those rows' starts must be readable, `panel` must
+    /// hold `groups · W · 32` bytes, and `out` `R · 16` values; with `QUADS`, every weight in
+    /// [-64, 64].
     #[target_feature(enable = "avx2")]
-    pub unsafe fn tile<const R: usize, const W: usize, P: super::Pairs>(
+    pub unsafe fn tile<const R: usize, const W: usize, const QUADS: bool, P: super::Pairs>(
         src: &P,
         rows: &[*const u8; R],
-        panel: *const i16,
-        pairs: usize,
+        panel: *const u8,
+        groups: usize,
         out: *mut i32,
     ) {
+        let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_si256(); W]; R];
-        for q in 0..pairs {
+        for q in 0..groups {
             let off = src.offset(q);
-            // SAFETY: panel holds `pairs` steps of `W` registers; every row's pair `q` lies
+            // SAFETY: panel holds `groups` steps of `W` registers; every row's group `q` lies
             // in `src` (the caller's).
             unsafe {
-                let ptr = panel.add(q * W * 16);
+                let ptr = panel.add(q * W * 32);
                 let mut b = [_mm256_setzero_si256(); W];
                 for (w, b) in b.iter_mut().enumerate() {
-                    *b = _mm256_loadu_si256(ptr.add(16 * w).cast());
+                    *b = _mm256_loadu_si256(ptr.add(32 * w).cast());
                 }
                 for (acc, row) in acc.iter_mut().zip(rows) {
                     let av =
                         _mm256_set1_epi32(std::ptr::read_unaligned(row.add(off).cast::<i32>()));
                     for (acc, b) in acc.iter_mut().zip(&b) {
-                        *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(av, *b));
+                        let sums = if QUADS {
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(av, *b), ones)
+                        } else {
+                            _mm256_madd_epi16(av, *b)
+                        };
+                        *acc = _mm256_add_epi32(*acc, sums);
                     }
                 }
             }
@@ -368,35 +378,45 @@ mod avx2 {
 
 /// Weights packed for [`Avx2Blocked`]: panels of 16 output channels (two registers of eight
 /// sums), the last one only 8 wide where at most 8 channels are left (LeNet-5's 20 and 50
-/// end so). Within a panel, for each pair of reduction steps `(2q, 2q + 1)`, the channels' two
-/// values widened to `i16`, in the order `vpmaddwd` pairs them (channel 0's two, channel 1's
-/// two, ...). Channels past `n` and a last odd step are zero. Packed once per layer, since
-/// weights do not change.
+/// end so). Within a panel, for each group of `G` reduction steps (`G` = 2 for `vpmaddwd`,
+/// 4 for `vpmaddubsw`), the channels' `G` values side by side, in the order the instruction
+/// takes them (channel 0's, channel 1's, ...): 32 bytes per register either way. Channels past
+/// `n` and steps past `k` are zero. Packed once per layer, since weights do not change.
 #[derive(Debug, Clone)]
-pub struct PackedB {
+pub struct Packed<E> {
     n: usize,
     k: usize,
-    /// Pairs of reduction steps: `ceil(k / 2)`.
-    pairs: usize,
+    /// Groups of reduction steps: `ceil(k / G)`.
+    groups: usize,
     /// Registers (of 8 channels) per panel: 2, or 1 for a narrow last panel.
     widths: Vec<usize>,
     /// Where each panel starts in `data`.
     starts: Vec<usize>,
-    data: Vec<i16>,
+    data: Vec<E>,
+    /// Whether every weight lies in [-64, 64] (see [`PackedQuads`]).
+    seven_bit: bool,
 }
 
-/// Output channels per panel of [`PackedB`], and lanes per row of [`Sums`].
+/// Pairs of steps widened to `i16`, for `vpmaddwd`: exact for every int8 weight.
+pub type PackedB = Packed<i16>;
+
+/// Quads of steps as `i8`, for `vpmaddubsw`, which multiplies u8 by i8 and adds pairs of
+/// products in 16 bits with saturation: exact when every weight lies in [-64, 64]
+/// (2 · 255 · 64 = 32,640 ≤ 32,767), as 7-bit weights (±63) do; twice the steps per
+/// instruction of the pairs, half the bytes.
+pub type PackedQuads = Packed<i8>;
+
+/// Output channels per panel of [`Packed`], and lanes per row of [`Sums`].
 pub const PANEL: usize = 16;
 /// Rows of a tile of the blocked kernel (see `avx2::tile`).
 const ROWS: usize = 6;
 /// Rows of one task at most: its tiles reuse each panel of weights from L1.
 const CHUNK: usize = 96;
 
-impl PackedB {
-    /// Packs `b` (`[n, k]` row-major).
-    pub fn new(n: usize, k: usize, b: &[i8]) -> PackedB {
+impl<E: Copy + Default + From<i8>> Packed<E> {
+    fn pack(n: usize, k: usize, b: &[i8], group: usize) -> Packed<E> {
         assert_eq!(b.len(), n * k, "int8 pack: b is not [n, k]");
-        let pairs = k.div_ceil(2);
+        let groups = k.div_ceil(group);
         let panels = n.div_ceil(PANEL);
         let widths: Vec<usize> = (0..panels)
             .map(|p| if n - p * PANEL > PANEL / 2 { 2 } else { 1 })
@@ -405,33 +425,34 @@ impl PackedB {
             .iter()
             .scan(0, |at, &w| {
                 let start = *at;
-                *at += pairs * w * 16;
+                *at += groups * w * 8 * group;
                 Some(start)
             })
             .collect();
-        let mut data = vec![0i16; widths.iter().sum::<usize>() * pairs * 16];
+        let mut data = vec![E::default(); widths.iter().sum::<usize>() * groups * 8 * group];
         for p in 0..panels {
             let lanes = widths[p] * 8;
-            for q in 0..pairs {
-                let base = starts[p] + q * lanes * 2;
+            for q in 0..groups {
+                let base = starts[p] + q * lanes * group;
                 for c in 0..lanes.min(n - p * PANEL) {
                     let ch = p * PANEL + c;
-                    for t in 0..2 {
-                        let step = 2 * q + t;
+                    for t in 0..group {
+                        let step = group * q + t;
                         if step < k {
-                            data[base + 2 * c + t] = b[ch * k + step] as i16;
+                            data[base + group * c + t] = E::from(b[ch * k + step]);
                         }
                     }
                 }
             }
         }
-        PackedB {
+        Packed {
             n,
             k,
-            pairs,
+            groups,
             widths,
             starts,
             data,
+            seven_bit: b.iter().all(|&w| (-64..=64).contains(&w)),
         }
     }
 
@@ -443,14 +464,41 @@ impl PackedB {
         self.k
     }
 
-    /// Pairs of reduction steps per row: `ceil(k / 2)`.
-    pub fn pairs(&self) -> usize {
-        self.pairs
-    }
-
     /// Panels of [`PANEL`] output channels: `ceil(n / 16)`.
     pub fn panels(&self) -> usize {
         self.widths.len()
+    }
+
+    /// Panel `p` as bytes (32 per register and group of steps).
+    fn panel_bytes(&self, p: usize) -> &[u8] {
+        let data = &self.data[self.starts[p]..];
+        // SAFETY: `E` is `i8` or `i16`, plain integers: any bytes of them are valid `u8`.
+        unsafe { std::slice::from_raw_parts(data.as_ptr().cast(), std::mem::size_of_val(data)) }
+    }
+}
+
+impl PackedB {
+    /// Packs `b` (`[n, k]` row-major).
+    pub fn new(n: usize, k: usize, b: &[i8]) -> PackedB {
+        Packed::pack(n, k, b, 2)
+    }
+
+    /// Pairs of reduction steps per row: `ceil(k / 2)`.
+    pub fn pairs(&self) -> usize {
+        self.groups
+    }
+}
+
+impl PackedQuads {
+    /// Packs `b` (`[n, k]` row-major); `None` unless every weight lies in [-64, 64].
+    pub fn new(n: usize, k: usize, b: &[i8]) -> Option<PackedQuads> {
+        let p: PackedQuads = Packed::pack(n, k, b, 4);
+        p.seven_bit.then_some(p)
+    }
+
+    /// Quads of reduction steps per row: `ceil(k / 4)`.
+    pub fn quads(&self) -> usize {
+        self.groups
     }
 }
 
@@ -541,7 +589,7 @@ impl Avx2Blocked {
     /// `c = a · bᵀ` with `b` packed.
     pub fn gemm_packed(&self, m: usize, b: &PackedB, a: &[u8], c: &mut [i32]) {
         assert_eq!(a.len(), m * b.k, "int8 gemm: a is not [m, k]");
-        self.gemm_pairs(m, b, &pairs_of(a, b.k, b.pairs), c);
+        self.gemm_pairs(m, b, &pairs_of(a, b.k, b.groups), c);
     }
 
     /// [`Avx2Blocked::gemm_packed`] with an epilogue: `out` holds `per_row` values per row.
@@ -555,7 +603,7 @@ impl Avx2Blocked {
         epilogue: Epilogue<T>,
     ) {
         assert_eq!(a.len(), m * b.k, "int8 gemm: a is not [m, k]");
-        let a2 = pairs_of(a, b.k, b.pairs);
+        let a2 = pairs_of(a, b.k, b.groups);
         self.gemm_pairs_with(m, b, &a2, out, per_row, epilogue);
     }
 
@@ -576,8 +624,8 @@ impl Avx2Blocked {
         per_row: usize,
         epilogue: Epilogue<T>,
     ) {
-        assert_eq!(a2.len(), m * b.pairs, "int8 gemm: a2 is not [m, pairs]");
-        let src = Contiguous { a2, pairs: b.pairs };
+        assert_eq!(a2.len(), m * b.groups, "int8 gemm: a2 is not [m, pairs]");
+        let src = Contiguous::pairs(a2, b.groups);
         self.run(m, b, &src, out, per_row, epilogue);
     }
 
@@ -609,7 +657,7 @@ impl Avx2Blocked {
         per_row: usize,
         epilogue: Epilogue<T>,
     ) {
-        assert_eq!(offsets.len(), b.pairs, "int8 gemm: one offset per pair");
+        assert_eq!(offsets.len(), b.groups, "int8 gemm: one offset per pair");
         let m = grid.rows();
         if m > 0 && !offsets.is_empty() {
             let reach = grid
@@ -621,8 +669,68 @@ impl Avx2Blocked {
                 "int8 gemm: a gathered pair lies outside a"
             );
         }
+        // SAFETY: any bytes of `u16`s are valid `u8`s.
+        let bytes = unsafe { std::slice::from_raw_parts(a.as_ptr().cast(), 2 * a.len()) };
         let src = Gathered {
-            a,
+            bytes,
+            elem: 2,
+            grid: *grid,
+            offsets,
+        };
+        self.run(m, b, &src, out, per_row, epilogue);
+    }
+
+    /// `c = a · bᵀ` on `vpmaddubsw` (see [`PackedQuads`]): `a` is `[m, 4 · b.quads()]`, each
+    /// row's `k` codes then zeros up to a whole quad.
+    pub fn gemm_quads_with<T: Send>(
+        &self,
+        m: usize,
+        b: &PackedQuads,
+        a: &[u8],
+        out: &mut [T],
+        per_row: usize,
+        epilogue: Epilogue<T>,
+    ) {
+        assert!(b.seven_bit, "int8 gemm: quads need weights in [-64, 64]");
+        let row_bytes = 4 * b.groups;
+        assert_eq!(a.len(), m * row_bytes, "int8 gemm: a is not [m, 4 quads]");
+        let src = Contiguous {
+            bytes: a,
+            row_bytes,
+        };
+        self.run(m, b, &src, out, per_row, epilogue);
+    }
+
+    /// [`Avx2Blocked::gemm_gathered_with`] on `vpmaddubsw`: row `r`'s quad `q` is the four u8
+    /// at `a[grid.base(r) + offsets[q]]` (the padded input as codes, channels last: no
+    /// widening).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_gathered_quads_with<T: Send>(
+        &self,
+        grid: &Grid,
+        offsets: &[usize],
+        a: &[u8],
+        b: &PackedQuads,
+        out: &mut [T],
+        per_row: usize,
+        epilogue: Epilogue<T>,
+    ) {
+        assert!(b.seven_bit, "int8 gemm: quads need weights in [-64, 64]");
+        assert_eq!(offsets.len(), b.groups, "int8 gemm: one offset per quad");
+        let m = grid.rows();
+        if m > 0 && !offsets.is_empty() {
+            let reach = grid
+                .last_base()
+                .and_then(|r| r.checked_add(*offsets.iter().max()?))
+                .and_then(|r| r.checked_add(4));
+            assert!(
+                reach.is_some_and(|r| r <= a.len()),
+                "int8 gemm: a gathered quad lies outside a"
+            );
+        }
+        let src = Gathered {
+            bytes: a,
+            elem: 1,
             grid: *grid,
             offsets,
         };
@@ -630,10 +738,10 @@ impl Avx2Blocked {
     }
 
     /// The driver: tasks of rows, tiles within a task panel by panel, then the epilogue.
-    fn run<P: Pairs, T: Send>(
+    fn run<P: Pairs, T: Send, E: Copy + Default + From<i8> + Sync>(
         &self,
         m: usize,
-        b: &PackedB,
+        b: &Packed<E>,
         src: &P,
         out: &mut [T],
         per_row: usize,
@@ -675,15 +783,19 @@ impl Avx2Blocked {
             unsafe { src.starts(first, &mut starts[..rows]) };
             #[cfg(target_arch = "x86_64")]
             for p in 0..b.panels() {
-                let panel = &b.data[b.starts[p]..];
+                let panel = b.panel_bytes(p);
                 let at = &mut sums[p * rows * PANEL..(p + 1) * rows * PANEL];
+                let (starts, g) = (&starts[..rows], b.groups);
                 // SAFETY: an `Avx2Blocked` exists only where the CPU has AVX2; the source
                 // holds rows `first .. first + rows` (checked by the entry points), the panel
-                // `pairs · width · 16` values, `at` `rows · 16`.
+                // `groups · width · 32` bytes, `at` `rows · 16`; quads are packed only from
+                // weights in [-64, 64].
                 unsafe {
-                    match b.widths[p] {
-                        1 => panel_tiles::<1, P>(src, &starts[..rows], panel, b.pairs, at),
-                        _ => panel_tiles::<2, P>(src, &starts[..rows], panel, b.pairs, at),
+                    match (b.widths[p], size_of::<E>() == 1) {
+                        (1, false) => panel_tiles::<1, false, P>(src, starts, panel, g, at),
+                        (_, false) => panel_tiles::<2, false, P>(src, starts, panel, g, at),
+                        (1, true) => panel_tiles::<1, true, P>(src, starts, panel, g, at),
+                        (_, true) => panel_tiles::<2, true, P>(src, starts, panel, g, at),
                     }
                 }
             }
@@ -720,26 +832,26 @@ thread_local! {
 /// As `avx2::tile`, for every row.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-unsafe fn panel_tiles<const W: usize, P: Pairs>(
+unsafe fn panel_tiles<const W: usize, const QUADS: bool, P: Pairs>(
     src: &P,
     starts: &[*const u8],
-    panel: &[i16],
-    pairs: usize,
+    panel: &[u8],
+    groups: usize,
     out: &mut [i32],
 ) {
     let rows = starts.len();
-    assert!(panel.len() >= pairs * W * 16 && out.len() >= rows * PANEL);
+    assert!(panel.len() >= groups * W * 32 && out.len() >= rows * PANEL);
     let (b, o) = (panel.as_ptr(), out.as_mut_ptr());
     let mut r = 0;
     // SAFETY: the caller's, and the asserts above.
     unsafe {
         while r + ROWS <= rows {
             let tile: &[*const u8; ROWS] = starts[r..r + ROWS].try_into().expect("a tile");
-            avx2::tile::<ROWS, W, P>(src, tile, b, pairs, o.add(r * PANEL));
+            avx2::tile::<ROWS, W, QUADS, P>(src, tile, b, groups, o.add(r * PANEL));
             r += ROWS;
         }
         while r < rows {
-            avx2::tile::<1, W, P>(src, &[starts[r]], b, pairs, o.add(r * PANEL));
+            avx2::tile::<1, W, QUADS, P>(src, &[starts[r]], b, groups, o.add(r * PANEL));
             r += 1;
         }
     }
@@ -776,17 +888,29 @@ trait Pairs: Sync {
     fn offset(&self, q: usize) -> usize;
 }
 
-/// Rows of pairs one after another, `pairs` each.
+/// Rows one after another, `row_bytes` apart; group `q` of a row is its `q`-th `i32`.
 struct Contiguous<'a> {
-    a2: &'a [i32],
-    pairs: usize,
+    bytes: &'a [u8],
+    row_bytes: usize,
+}
+
+impl<'a> Contiguous<'a> {
+    /// Rows of pairs (`pairs` `i32` each).
+    fn pairs(a2: &'a [i32], pairs: usize) -> Self {
+        // SAFETY: any bytes of `i32`s are valid `u8`s.
+        let bytes = unsafe { std::slice::from_raw_parts(a2.as_ptr().cast(), 4 * a2.len()) };
+        Contiguous {
+            bytes,
+            row_bytes: 4 * pairs,
+        }
+    }
 }
 
 impl Pairs for Contiguous<'_> {
     unsafe fn starts(&self, first: usize, out: &mut [*const u8]) {
         for (r, out) in out.iter_mut().enumerate() {
-            // SAFETY: the caller's: the rows lie inside `a2`.
-            *out = unsafe { self.a2.as_ptr().add((first + r) * self.pairs).cast() };
+            // SAFETY: the caller's: the rows lie inside `bytes`.
+            *out = unsafe { self.bytes.as_ptr().add((first + r) * self.row_bytes) };
         }
     }
 
@@ -796,9 +920,12 @@ impl Pairs for Contiguous<'_> {
     }
 }
 
-/// Pairs gathered from one buffer of `u16` (see [`Avx2Blocked::gemm_gathered`]).
+/// Groups gathered from one buffer of `elem`-byte values (u16 pairs, or u8 quads): row `r`
+/// starts at value `grid.base(r)`, its group `q` `offsets[q]` values on (see
+/// [`Avx2Blocked::gemm_gathered`]).
 struct Gathered<'a> {
-    a: &'a [u16],
+    bytes: &'a [u8],
+    elem: usize,
     grid: Grid,
     offsets: &'a [usize],
 }
@@ -811,8 +938,8 @@ impl Pairs for Gathered<'_> {
         let (mut y, mut x) = (p / ow, p % ow);
         for out in out.iter_mut() {
             let base = b * self.grid.image_len + y * self.grid.step[0] + x * self.grid.step[1];
-            // SAFETY: the caller's: `base(r) + offsets[q] + 2 <= a.len()` for every `q`.
-            *out = unsafe { self.a.as_ptr().add(base).cast() };
+            // SAFETY: the caller's: every group of the row lies inside `bytes`.
+            *out = unsafe { self.bytes.as_ptr().add(base * self.elem) };
             x += 1;
             if x == ow {
                 (x, y) = (0, y + 1);
@@ -825,8 +952,8 @@ impl Pairs for Gathered<'_> {
 
     #[inline(always)]
     fn offset(&self, q: usize) -> usize {
-        // SAFETY: `q < pairs == offsets.len()` in the tile loop.
-        2 * unsafe { *self.offsets.get_unchecked(q) }
+        // SAFETY: `q < groups == offsets.len()` in the tile loop.
+        self.elem * unsafe { *self.offsets.get_unchecked(q) }
     }
 }
 
@@ -839,6 +966,57 @@ impl Int8Gemm for Avx2Blocked {
         check_shapes(m, n, k, a, b, c);
         self.gemm_packed(m, &PackedB::new(n, k, b), a, c);
     }
+}
+
+/// The blocked kernel on `vpmaddubsw` for weights in [-64, 64] ([`PackedQuads`]), the
+/// widening one ([`Avx2Blocked`]) for any other: exact either way. What an int8 layer of 7-bit
+/// weights runs at batch sizes of 4 rows and more.
+#[derive(Debug, Clone, Copy)]
+pub struct Avx2Quads {
+    blocked: Avx2Blocked,
+}
+
+impl Avx2Quads {
+    /// The path, if this CPU has AVX2.
+    pub fn new() -> Option<Avx2Quads> {
+        Avx2Blocked::new().map(|blocked| Avx2Quads { blocked })
+    }
+
+    /// The blocked kernel it runs on.
+    pub fn blocked(&self) -> Avx2Blocked {
+        self.blocked
+    }
+}
+
+impl Int8Gemm for Avx2Quads {
+    fn name(&self) -> &'static str {
+        "avx2-quads"
+    }
+
+    fn gemm(&self, m: usize, n: usize, k: usize, a: &[u8], b: &[i8], c: &mut [i32]) {
+        check_shapes(m, n, k, a, b, c);
+        let Some(packed) = PackedQuads::new(n, k, b) else {
+            return self.blocked.gemm(m, n, k, a, b, c);
+        };
+        let a4 = quads_of(a, k, packed.quads());
+        self.blocked
+            .gemm_quads_with(m, &packed, &a4, c, n, &copy_sums);
+    }
+}
+
+/// Rows `[m, k]` of u8 padded with zeros to `[m, 4 · quads]`.
+pub fn quads_of(a: &[u8], k: usize, quads: usize) -> Vec<u8> {
+    if k == 4 * quads {
+        return a.to_vec();
+    }
+    let mut out = vec![0u8; a.len() / k.max(1) * 4 * quads];
+    for (src, dst) in a
+        .chunks_exact(k.max(1))
+        .zip(out.chunks_exact_mut(4 * quads))
+    {
+        dst[..k].copy_from_slice(src);
+    }
+    out
 }
 
 /// One value of [`quantize_u8`]: `trunc(min(max(x · inverse + offset, lo), hi))`, `inverse`
@@ -885,6 +1063,9 @@ pub fn available() -> Vec<Box<dyn Int8Gemm>> {
         out.push(Box::new(k));
     }
     if let Some(k) = Avx2Blocked::new() {
+        out.push(Box::new(k));
+    }
+    if let Some(k) = Avx2Quads::new() {
         out.push(Box::new(k));
     }
     out

@@ -34,10 +34,12 @@ enum Kernel {
     Fixed(&'static dyn Int8Gemm),
     /// The best row-by-row path for products of fewer than 4 rows (a matrix-vector product
     /// reads each weight once either way), the register-blocked AVX2 kernel on packed weights
-    /// above.
+    /// above: on `vpmaddubsw` quads where every weight lies in [-64, 64] (7-bit weights),
+    /// widened pairs otherwise.
     Auto {
         rows: &'static dyn Int8Gemm,
         blocked: Option<(int8::Avx2Blocked, int8::PackedB)>,
+        quads: Option<int8::PackedQuads>,
     },
 }
 
@@ -147,6 +149,9 @@ impl Product {
         scales.resize(padded, 0.0);
         offsets.resize(padded, 0.0);
         let blocked = int8::Avx2Blocked::new().map(|kb| (kb, int8::PackedB::new(n, k, &weight)));
+        let quads = blocked
+            .as_ref()
+            .and_then(|_| int8::PackedQuads::new(n, k, &weight));
         Ok(Product {
             n,
             k,
@@ -160,6 +165,7 @@ impl Product {
             kernel: Kernel::Auto {
                 rows: int8::best(),
                 blocked,
+                quads,
             },
             emit: None,
         })
@@ -215,6 +221,11 @@ impl Product {
         match &self.kernel {
             Kernel::Fixed(k) => k.name(),
             Kernel::Auto {
+                blocked: Some(_),
+                quads: Some(_),
+                ..
+            } if m >= 4 => "avx2-quads",
+            Kernel::Auto {
                 blocked: Some((k, _)),
                 ..
             } if m >= 4 => k.name(),
@@ -256,14 +267,24 @@ impl Product {
 
     /// `out` (`[m, n]`) from `m` rows of codes `a` (`[m, k]`).
     fn rows<T: Out>(&self, m: usize, a: &[u8], next: Option<Rounding>, out: &mut [T]) {
+        let epilogue = |_: usize, sums: &Sums, out: &mut [T]| self.finish(sums, next, out);
         match &self.kernel {
+            Kernel::Auto {
+                blocked: Some((kb, _)),
+                quads: Some(quads),
+                ..
+            } if m >= 4 => {
+                let a4 = match self.k % 4 {
+                    0 => Cow::Borrowed(a),
+                    _ => Cow::Owned(int8::quads_of(a, self.k, quads.quads())),
+                };
+                kb.gemm_quads_with(m, quads, &a4, out, self.n, &epilogue);
+            }
             Kernel::Auto {
                 blocked: Some((kb, packed)),
                 ..
             } if m >= 4 => {
-                kb.gemm_packed_with(m, packed, a, out, self.n, &|_, sums, out| {
-                    self.finish(sums, next, out)
-                });
+                kb.gemm_packed_with(m, packed, a, out, self.n, &epilogue);
             }
             _ => {
                 let acc = self.sums(m, a);
@@ -520,6 +541,9 @@ pub struct Int8Conv {
     /// laid out so that every pair of reduction steps is two neighbouring values, and the
     /// weights packed in that order. `None` without AVX2, or where neither layout fits.
     gather: Option<(Gather, int8::PackedB)>,
+    /// With channels a multiple of 4 and 7-bit weights: the weights in the channels-last
+    /// order as quads for `vpmaddubsw`, read against the padded input's codes (no widening).
+    quads: Option<int8::PackedQuads>,
 }
 
 impl Int8Conv {
@@ -591,12 +615,18 @@ impl Int8Conv {
                         padded[o * k2 + layout.step(g, ci, i, j)] = v;
                     }
                 }
-                Some((layout, int8::PackedB::new(p.n, k2, &padded)))
+                Some((layout, int8::PackedB::new(p.n, k2, &padded), padded))
             });
+        let quads = gather.as_ref().and_then(|(layout, _, padded)| {
+            (*layout == Gather::Channels && g.in_channels.is_multiple_of(4))
+                .then(|| int8::PackedQuads::new(p.n, padded.len() / p.n, padded))
+                .flatten()
+        });
         Int8Conv {
             geometry,
             p,
-            gather,
+            gather: gather.map(|(layout, packed, _)| (layout, packed)),
+            quads,
         }
     }
 
@@ -615,7 +645,10 @@ impl Int8Conv {
 
     /// The path that runs the product (im2col rows are many, so the blocked one where there).
     pub fn kernel_name(&self) -> &'static str {
-        self.p.kernel_name(usize::MAX)
+        match (&self.p.kernel, &self.quads) {
+            (Kernel::Auto { .. }, Some(_)) => "avx2-quads",
+            _ => self.p.kernel_name(usize::MAX),
+        }
     }
 
     /// The layer on a batch of `[C, H, W]` inputs (channels first as values, channels last as
@@ -655,6 +688,25 @@ impl Int8Conv {
         let mut out = vec![T::default(); m * self.p.n];
         let channels_last_in = matches!(x, Input::Codes(..));
         match (&self.p.kernel, &self.gather) {
+            (
+                Kernel::Auto {
+                    blocked: Some((kb, _)),
+                    ..
+                },
+                Some(_),
+            ) if m >= 4 && self.quads.is_some() => {
+                let quads = self.quads.as_ref().expect("checked");
+                let codes = self.p.input_codes(x);
+                let mut padded = PADDED.take();
+                self.pad_channels_last(&codes, channels_last_in, batch, hw, &mut padded);
+                let (grid, offsets) = self.grid_quads(batch, hw, out_hw);
+                let epilogue =
+                    |_: usize, sums: &Sums, out: &mut [T]| self.p.finish(sums, next, out);
+                kb.gemm_gathered_quads_with(
+                    &grid, &offsets, &padded, quads, &mut out, self.p.n, &epilogue,
+                );
+                PADDED.set(padded);
+            }
             (
                 Kernel::Auto {
                     blocked: Some((kb, _)),
@@ -798,6 +850,75 @@ impl Int8Conv {
                 .enumerate()
                 .for_each(fill);
         }
+    }
+
+    /// The input's codes channels last, padded with the zero point, into `padded` (reused):
+    /// `[batch, H + 2p, W + 2p, C]`, what the quads path reads.
+    fn pad_channels_last(
+        &self,
+        codes: &[u8],
+        channels_last: bool,
+        batch: usize,
+        [h, w]: [usize; 2],
+        padded: &mut Vec<u8>,
+    ) {
+        let g = &self.geometry;
+        let [ph, pw] = g.padding;
+        let (hp, wp, c) = (h + 2 * ph, w + 2 * pw, g.in_channels);
+        let image = hp * wp * c;
+        padded.clear();
+        padded.resize(batch * image, self.p.input.zero_point as u8);
+        let fill = |(b, dst): (usize, &mut [u8])| {
+            let src = &codes[b * c * h * w..(b + 1) * c * h * w];
+            if channels_last {
+                for (y, line) in src.chunks_exact(w * c).enumerate() {
+                    let at = ((y + ph) * wp + pw) * c;
+                    dst[at..at + w * c].copy_from_slice(line);
+                }
+            } else {
+                for (ci, plane) in src.chunks_exact(h * w).enumerate() {
+                    for (y, line) in plane.chunks_exact(w).enumerate() {
+                        let row = ((y + ph) * wp + pw) * c + ci;
+                        for (x, &v) in line.iter().enumerate() {
+                            dst[row + x * c] = v;
+                        }
+                    }
+                }
+            }
+        };
+        if batch * image >= PARALLEL_MIN && batch > 1 {
+            padded.par_chunks_mut(image).enumerate().for_each(fill);
+        } else {
+            padded.chunks_mut(image).enumerate().for_each(fill);
+        }
+    }
+
+    /// [`Int8Conv::grid`] for the quads path: each quad is four channels of one tap.
+    fn grid_quads(
+        &self,
+        batch: usize,
+        [h, w]: [usize; 2],
+        out_hw: [usize; 2],
+    ) -> (int8::Grid, Vec<usize>) {
+        let g = &self.geometry;
+        let [kh, kw] = g.kernel;
+        let [dh, dw] = g.dilation;
+        let (hp, wp, c) = (h + 2 * g.padding[0], w + 2 * g.padding[1], g.in_channels);
+        let mut offsets = Vec::with_capacity(kh * kw * c / 4);
+        for i in 0..kh {
+            for j in 0..kw {
+                for p in 0..c / 4 {
+                    offsets.push((i * dh * wp + j * dw) * c + 4 * p);
+                }
+            }
+        }
+        let grid = int8::Grid {
+            images: batch,
+            out_hw,
+            image_len: hp * wp * c,
+            step: [g.stride[0] * wp * c, g.stride[1] * c],
+        };
+        (grid, offsets)
     }
 
     /// Where the product's rows start in the widened input, and where each pair of a window
@@ -986,6 +1107,8 @@ impl Conv2dKernel for Int8Conv {
 thread_local! {
     /// The widened input of the last int8 convolution run on this thread, kept for the next.
     static WIDE: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+    /// The padded codes of the last convolution on the quads path, likewise.
+    static PADDED: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
 }
 
 /// `dst[i] = src[i]` widened to `u16`.

@@ -36,6 +36,10 @@ pub struct QatParams {
     /// Layers kept in float: `first`, `last` or layer paths and patterns, comma separated.
     #[arg(long, value_delimiter = ',')]
     pub float_layers: Vec<String>,
+    /// Bits of the weights, 2 to 8, where they differ from the activations' (`--bits`): 7 with
+    /// `--bits 8` runs on the faster `vpmaddubsw` kernel on AVX2.
+    #[arg(long)]
+    pub weight_bits: Option<u32>,
     /// Per-layer bit widths from a file (`convpress sensitivity --bits ... --max-drop D`
     /// writes one: `bits.json`); `float-layers` and per-layer keys override it.
     #[arg(long)]
@@ -88,6 +92,7 @@ impl Qat {
                 percentile: p.percentile,
                 float_layers: p.float_layers.clone(),
                 targets: p.targets.clone(),
+                weight_bits: p.weight_bits,
             },
             layers: self.layers.clone(),
             out: self.out.clone(),
@@ -152,14 +157,16 @@ impl Stage for Qat {
         let mut config = retrain_config(&start, p.epochs, p.lr, p.seed, cx)?;
         config.train_limit = p.train_limit;
         config.test_limit = p.test_limit;
-        let weight_bits = bits_of
+        let weight_bits_of = ptq::weight_bits_of(&bits_of, &settings);
+        let weight_bits = weight_bits_of
             .iter()
             .filter_map(|(l, b)| b.map(|b| (l.clone(), b)))
             .collect();
         let hook = QatHook::new(weight_bits, inputs.clone());
         let (outcome, _) = train_keeping(&config, &keep, vec![Box::new(hook)], cx)?;
         let trained = crate::checkpoint::read(&outcome.model_path)?;
-        let quantized = ptq::finish(trained, &bits_of, &inputs).map_err(anyhow::Error::msg)?;
+        let quantized =
+            ptq::finish(trained, &weight_bits_of, &inputs).map_err(anyhow::Error::msg)?;
         let mut out = super::quantize::write(&quantized, &renamed, &input, cx, &self.out)?;
         out.details["epochs"] = p.epochs.into();
         out.details["calibration_images"] = calibration.n.into();
