@@ -20,20 +20,22 @@ for ((r = 0; r < rounds; r++)); do
         model=$("$bin" info --checkpoint "$f" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["arch"]["name"])')
         input=$("$bin" info --checkpoint "$f" --json | python3 -c 'import json,sys; print(",".join(map(str, json.load(sys.stdin)["arch"]["input"])))')
         "$bin" --threads 2 bench quant --checkpoint "$q" --float "$f" --batch 1,64 --seconds "$seconds" --json |
-            sed 's/^{/{"framework":"convpress",/' >>"$out"
+            sed "s|^{|{\"framework\":\"convpress\",\"file\":\"$(basename "$q")\",|" >>"$out"
         python3 "$here/torch_quant.py" --model "$model" --input "$input" --batch 1,64 --threads 2 \
             --seconds "$seconds" 2>/dev/null >>"$out"
     done
 done
-python3 - "$out" <<'PY'
+python3 - "$out" "$rounds" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-keys = sorted({(r["model"], r["batch"]) for r in rows})
-print(f"{'model':<9} {'batch':>5} {'convpress f32':>14} {'convpress int8':>15} {'torch f32':>10} {'torch int8':>11} {'int8 vs own f32':>16} {'vs torch int8':>14}")
-for model, batch in keys:
-    med = lambda fw, k: statistics.median(r[k] for r in rows if r["framework"] == fw and r["model"] == model and r["batch"] == batch)
-    cf, ci, tf, ti = med("convpress", "f32_ms"), med("convpress", "int8_ms"), med("pytorch", "f32_ms"), med("pytorch", "int8_ms")
-    print(f"{model:<9} {batch:>5} {cf:>11.3f} ms {ci:>12.3f} ms {tf:>7.3f} ms {ti:>8.3f} ms {cf / ci:>15.2f}x {ti / ci:>13.2f}x")
-print(f"(ms per batch; medians over {len(rows) // max(len(keys), 1) // 2} rounds of each; 2 threads)")
+rounds = sys.argv[2]
+keys = sorted({(r["model"], r["file"], r["batch"]) for r in rows if r["framework"] == "convpress"})
+print(f"{'model':<9} {'file':<18} {'batch':>5} {'convpress f32':>14} {'convpress int8':>15} {'torch f32':>10} {'torch int8':>11} {'int8 vs own f32':>16} {'vs torch int8':>14}")
+for model, file, batch in keys:
+    mine = lambda k: statistics.median(r[k] for r in rows if r["framework"] == "convpress" and (r["model"], r["file"], r["batch"]) == (model, file, batch))
+    torch = lambda k: statistics.median(r[k] for r in rows if r["framework"] == "pytorch" and (r["model"], r["batch"]) == (model, batch))
+    cf, ci, tf, ti = mine("f32_ms"), mine("int8_ms"), torch("f32_ms"), torch("int8_ms")
+    print(f"{model:<9} {file:<18} {batch:>5} {cf:>11.3f} ms {ci:>12.3f} ms {tf:>7.3f} ms {ti:>8.3f} ms {cf / ci:>15.2f}x {ti / ci:>13.2f}x")
+print(f"(ms per batch; medians over {rounds} rounds of each file, PyTorch's over every round of its model; 2 threads)")
 PY
 rm -f "$out"

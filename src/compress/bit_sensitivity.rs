@@ -70,6 +70,7 @@ pub fn check_widths(bits: &[u32]) -> Result<Vec<u32>, String> {
 /// alone to each of `bits` with `calibration` (ranges calibrated on `calibration_set`), and
 /// evaluates the result on the int8 runtime on the preprocessed `test` set. `tick` is called
 /// after every evaluation (for a progress bar).
+#[allow(clippy::too_many_arguments)]
 pub fn analyse(
     float: &Loaded,
     layers: &[(String, String)],
@@ -153,7 +154,7 @@ pub fn derive_bits(s: &BitSensitivity, max_drop_points: f64) -> Vec<BitTarget> {
         .iter()
         .map(|c| {
             let mut points = c.points.clone();
-            points.sort_by(|a, b| b.bits.cmp(&a.bits));
+            points.sort_by_key(|p| std::cmp::Reverse(p.bits));
             let chosen = points
                 .iter()
                 .take_while(|p| drop(p.accuracy) <= max_drop_points + 1e-9)

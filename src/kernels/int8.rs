@@ -9,10 +9,15 @@
 //! ordinary and worst-case inputs:
 //! - [`Reference`]: three plain loops, obviously right;
 //! - [`Portable`]: row-by-row dot products the compiler vectorises, on any CPU;
-//! - [`Avx2`]: widens `a` and `b` to 16 bits and multiplies with `vpmaddwd` into 32-bit lanes.
-//!   The faster `vpmaddubsw` (u8 × i8 straight to 16 bits) adds pairs of products in 16 bits
-//!   with saturation, and 2 · 255 · 127 = 64,770 does not fit in 32,767: it is only exact for
-//!   7-bit weights. The widening path is exact for every int8 weight.
+//! - [`Avx2`]: widens `a` and `b` to 16 bits and multiplies with `vpmaddwd` into 32-bit lanes;
+//! - [`Avx2Blocked`]: the same instruction in register-blocked tiles of 6 rows × 16 output
+//!   channels on packed weights ([`PackedB`]), its rows read from u8 rows, pairs, or gathered
+//!   straight from a convolution's padded input, and an epilogue per task of rows;
+//! - [`Avx2Quads`]: the blocked kernel on `vpmaddubsw` (u8 × i8 straight to 16 bits, four
+//!   steps per broadcast instead of two), for weights in [-64, 64] ([`PackedQuads`]). It adds
+//!   pairs of products in 16 bits with saturation, and 2 · 255 · 127 = 64,770 does not fit in
+//!   32,767: it is exact for 7-bit weights (2 · 255 · 64 = 32,640), and for other weights the
+//!   path falls back to the widening one.
 //!
 //! AVX-512 VNNI (`vpdpbusd`) is not written yet: no machine this project runs on has it, so it
 //! could not be tested.
@@ -629,7 +634,7 @@ impl Avx2Blocked {
         self.run(m, b, &src, out, per_row, epilogue);
     }
 
-    /// `c = a · bᵀ` where row `r`'s pair `q` is the two `u16` at `a[grid.base(r) + offsets[q]]`
+    /// `c = a · bᵀ` where row `r`'s pair `q` is the two `u16` at `a[base + offsets[q]]`, `base` the row's start on `grid`
     /// (read as one `i32`, as in [`Avx2Blocked::gemm_pairs`]; `vpmaddwd` reads them as signed
     /// 16-bit values, so they must be codes of at most 255 for [`MAX_K`] to hold). An int8
     /// convolution reads its patches so straight from the widened, padded input (`offsets`
@@ -702,7 +707,7 @@ impl Avx2Blocked {
     }
 
     /// [`Avx2Blocked::gemm_gathered_with`] on `vpmaddubsw`: row `r`'s quad `q` is the four u8
-    /// at `a[grid.base(r) + offsets[q]]` (the padded input as codes, channels last: no
+    /// at `a[base + offsets[q]]`, `base` the row's start on `grid` (the padded input as codes, channels last: no
     /// widening).
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_gathered_quads_with<T: Send>(
@@ -921,7 +926,7 @@ impl Pairs for Contiguous<'_> {
 }
 
 /// Groups gathered from one buffer of `elem`-byte values (u16 pairs, or u8 quads): row `r`
-/// starts at value `grid.base(r)`, its group `q` `offsets[q]` values on (see
+/// starts at its value on `grid`, its group `q` `offsets[q]` values on (see
 /// [`Avx2Blocked::gemm_gathered`]).
 struct Gathered<'a> {
     bytes: &'a [u8],

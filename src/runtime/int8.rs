@@ -27,8 +27,9 @@ use std::cell::Cell;
 /// Element counts below this run on the calling thread.
 const PARALLEL_MIN: usize = 32 * 1024;
 
-/// Which int8 path runs the product.
+/// Which int8 path runs the product. (One per layer: the packed weights stay inline.)
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant)]
 enum Kernel {
     /// One path for every batch (tests force each one).
     Fixed(&'static dyn Int8Gemm),

@@ -34,7 +34,9 @@ pub const SPLIT_MIN: usize = 8;
 /// Element-wise work below this runs on the calling thread.
 const PARALLEL_MIN_ELEMENTS: usize = 32 * 1024;
 
+/// (A model holds a few dozen steps: its layers stay inline rather than boxed.)
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 enum Op {
     Conv(ConvLayer),
     Linear(CsrLinear),
@@ -64,6 +66,7 @@ enum Op {
 
 /// A convolution, sparse or dense by how much of it pruning kept.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 enum ConvLayer {
     Sparse(SparseIm2colConv),
     Dense(DenseConv),
