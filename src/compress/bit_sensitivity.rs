@@ -284,28 +284,14 @@ impl BitSensitivity {
 /// `convpress sensitivity --bits`: the analysis of one float checkpoint, its table, and its
 /// files in `args.out` (nothing is written if any argument is wrong).
 pub fn command(args: &super::sensitivity::SensitivityArgs) -> anyhow::Result<()> {
-    use crate::atomic_file::write_atomic;
+    use super::sensitivity::{check_common, progress, write_file};
     use crate::checkpoint;
-    use anyhow::{Context as _, bail};
-    use std::io::IsTerminal;
-    if args.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
-    if args.limit == Some(0) {
-        bail!("--limit must be at least 1");
-    }
+    use anyhow::bail;
+    check_common(args)?;
     if args.calibrate == 0 {
         bail!("--calibrate must be at least 1 image: calibration on an empty set has no range");
     }
     let bits = check_widths(&args.bits).map_err(|e| anyhow::anyhow!("--bits: {e}"))?;
-    if let Some(d) = args.max_drop
-        && !(d.is_finite() && d >= 0.0)
-    {
-        bail!("--max-drop must be a non-negative number of percentage points, got {d}");
-    }
-    if args.out.exists() && !args.out.is_dir() {
-        bail!("--out {} exists and is not a folder", args.out.display());
-    }
     let float = checkpoint::read(&args.checkpoint)?;
     if float.quant.is_some() {
         bail!(
@@ -362,19 +348,7 @@ pub fn command(args: &super::sensitivity::SensitivityArgs) -> anyhow::Result<()>
         test.n,
         calibration_set.n
     );
-    let bar = if std::io::stderr().is_terminal() && !args.no_progress {
-        let bar = indicatif::ProgressBar::new(evaluations as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "sensitivity [{bar:30}] {pos}/{len} evaluations  {elapsed} elapsed  eta {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = progress(evaluations, args.no_progress);
     let started = std::time::Instant::now();
     let result = analyse(
         &float,
@@ -407,9 +381,7 @@ pub fn command(args: &super::sensitivity::SensitivityArgs) -> anyhow::Result<()>
         checkpoint: args.checkpoint.display().to_string(),
         result: &result,
     };
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create {}", args.out.display()))?;
-    let write = |name: &str, bytes: &[u8]| write_atomic(&args.out.join(name), bytes);
+    let write = |name: &str, bytes: &[u8]| write_file(&args.out, name, bytes);
     write(
         "bit-sensitivity.json",
         serde_json::to_string_pretty(&json)?.as_bytes(),

@@ -391,26 +391,16 @@ pub struct SensitivityArgs {
     pub no_progress: bool,
 }
 
-/// `convpress sensitivity`: the analysis of one checkpoint, its table, and its files in
-/// `args.out` (nothing is written if any argument is wrong).
-pub fn command(args: &SensitivityArgs, device: Device) -> anyhow::Result<()> {
-    if !args.bits.is_empty() {
-        return super::bit_sensitivity::command(args);
-    }
-    use crate::atomic_file::write_atomic;
-    use crate::checkpoint;
-    use anyhow::{Context as _, bail};
-    use std::io::IsTerminal;
-    // Every argument is checked before the (long) evaluations, and nothing is written if any
-    // is wrong.
+/// The flags both analyses (pruning, and quantization with `--bits`) check alike, before any
+/// work.
+pub(super) fn check_common(args: &SensitivityArgs) -> anyhow::Result<()> {
+    use anyhow::bail;
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
     if args.limit == Some(0) {
         bail!("--limit must be at least 1");
     }
-    let sparsities =
-        check_sparsities(&args.sparsities).map_err(|e| anyhow::anyhow!("--sparsities: {e}"))?;
     if let Some(d) = args.max_drop
         && !(d.is_finite() && d >= 0.0)
     {
@@ -419,6 +409,45 @@ pub fn command(args: &SensitivityArgs, device: Device) -> anyhow::Result<()> {
     if args.out.exists() && !args.out.is_dir() {
         bail!("--out {} exists and is not a folder", args.out.display());
     }
+    Ok(())
+}
+
+/// A bar of `evaluations` steps on a terminal; hidden elsewhere or with `--no-progress`.
+pub(super) fn progress(evaluations: usize, no_progress: bool) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() || no_progress {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(evaluations as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "sensitivity [{bar:30}] {pos}/{len} evaluations  {elapsed} elapsed  eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Writes `bytes` to `name` in `dir` (created if need be), atomically.
+pub(super) fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(crate::atomic_file::write_atomic(&dir.join(name), bytes)?)
+}
+
+/// `convpress sensitivity`: the analysis of one checkpoint, its table, and its files in
+/// `args.out` (nothing is written if any argument is wrong).
+pub fn command(args: &SensitivityArgs, device: Device) -> anyhow::Result<()> {
+    if !args.bits.is_empty() {
+        return super::bit_sensitivity::command(args);
+    }
+    use crate::checkpoint;
+    // Every argument is checked before the (long) evaluations, and nothing is written if any
+    // is wrong.
+    check_common(args)?;
+    let sparsities =
+        check_sparsities(&args.sparsities).map_err(|e| anyhow::anyhow!("--sparsities: {e}"))?;
     let (model, meta) = checkpoint::load(&args.checkpoint, &device)?;
     let shapes: Vec<(String, Vec<usize>)> = checkpoint::named_tensors(&model)
         .into_iter()
@@ -451,19 +480,7 @@ pub fn command(args: &SensitivityArgs, device: Device) -> anyhow::Result<()> {
         sparsities.len(),
         test.n
     );
-    let bar = if std::io::stderr().is_terminal() && !args.no_progress {
-        let bar = indicatif::ProgressBar::new(evaluations as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "sensitivity [{bar:30}] {pos}/{len} evaluations  {elapsed} elapsed  eta {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = progress(evaluations, args.no_progress);
     bar.inc(1); // the unpruned model's evaluation comes first
     let started = std::time::Instant::now();
     let result = analyse(
@@ -498,12 +515,7 @@ pub fn command(args: &SensitivityArgs, device: Device) -> anyhow::Result<()> {
         checkpoint: args.checkpoint.display().to_string(),
         result: &result,
     };
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create {}", args.out.display()))?;
-    let write = |name: &str, bytes: &[u8]| {
-        let path = args.out.join(name);
-        write_atomic(&path, bytes)
-    };
+    let write = |name: &str, bytes: &[u8]| write_file(&args.out, name, bytes);
     write(
         "sensitivity.json",
         serde_json::to_string_pretty(&json)?.as_bytes(),

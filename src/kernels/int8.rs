@@ -558,6 +558,22 @@ impl Grid {
         self.images * self.out_hw[0] * self.out_hw[1]
     }
 
+    /// Panics unless every group of `width` values that `offsets` place after a row's start
+    /// lies in a buffer of `len` values.
+    fn check_reach(&self, offsets: &[usize], width: usize, len: usize) {
+        if self.rows() == 0 || offsets.is_empty() {
+            return;
+        }
+        let reach = self
+            .last_base()
+            .and_then(|r| r.checked_add(*offsets.iter().max()?))
+            .and_then(|r| r.checked_add(width));
+        assert!(
+            reach.is_some_and(|r| r <= len),
+            "int8 gemm: a gathered group lies outside a"
+        );
+    }
+
     /// The largest base, that of the last position (every term grows with its index); `None`
     /// on overflow.
     fn last_base(&self) -> Option<usize> {
@@ -664,16 +680,7 @@ impl Avx2Blocked {
     ) {
         assert_eq!(offsets.len(), b.groups, "int8 gemm: one offset per pair");
         let m = grid.rows();
-        if m > 0 && !offsets.is_empty() {
-            let reach = grid
-                .last_base()
-                .and_then(|r| r.checked_add(*offsets.iter().max()?))
-                .and_then(|r| r.checked_add(2));
-            assert!(
-                reach.is_some_and(|r| r <= a.len()),
-                "int8 gemm: a gathered pair lies outside a"
-            );
-        }
+        grid.check_reach(offsets, 2, a.len());
         // SAFETY: any bytes of `u16`s are valid `u8`s.
         let bytes = unsafe { std::slice::from_raw_parts(a.as_ptr().cast(), 2 * a.len()) };
         let src = Gathered {
@@ -723,16 +730,7 @@ impl Avx2Blocked {
         assert!(b.seven_bit, "int8 gemm: quads need weights in [-64, 64]");
         assert_eq!(offsets.len(), b.groups, "int8 gemm: one offset per quad");
         let m = grid.rows();
-        if m > 0 && !offsets.is_empty() {
-            let reach = grid
-                .last_base()
-                .and_then(|r| r.checked_add(*offsets.iter().max()?))
-                .and_then(|r| r.checked_add(4));
-            assert!(
-                reach.is_some_and(|r| r <= a.len()),
-                "int8 gemm: a gathered quad lies outside a"
-            );
-        }
+        grid.check_reach(offsets, 4, a.len());
         let src = Gathered {
             bytes: a,
             elem: 1,

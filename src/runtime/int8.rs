@@ -533,7 +533,8 @@ impl LinearKernel for Int8Linear {
 
 /// A 2-D convolution (one group) on int8 weights and u8 inputs: one [`Int8Gemm`] product for
 /// the whole batch over its patches (read from the padded input on AVX2, from im2col rows
-/// otherwise), the epilogue into `[batch, out, H', W']`.
+/// otherwise), the epilogue into values `[batch, out, H', W']` or the next layer's codes
+/// `[batch, H', W', out]`.
 #[derive(Clone)]
 pub struct Int8Conv {
     geometry: ConvGeometry,
