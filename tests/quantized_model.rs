@@ -363,6 +363,28 @@ fn layers_kept_in_float_stay_float() {
     assert_eq!((last.kernel, last.bits), ("int8", 6));
 }
 
+/// `weight_bits` narrows the weights of the layers that `layer_bits` does not name, and
+/// leaves their inputs at `bits`; a named layer keeps its own width for both.
+#[test]
+fn weight_bits_narrow_only_the_layers_not_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, path) = pruned_checkpoint(ModelKind::Lenet5, [1, 28, 28], 0.0, dir.path());
+    let float = checkpoint::read(&path).unwrap();
+    let mut s = settings(8);
+    s.weight_bits = Some(7);
+    s.layer_bits.insert("layers.7".into(), Some(8));
+    let q = quantize_model(&float, &s, &images(8, [1, 28, 28], 3)).unwrap();
+    let spec = q.model.quant.as_ref().unwrap();
+    for (path, l) in &spec.layers {
+        assert_eq!(l.input.hi, 255, "{path}: 8-bit inputs");
+        let want = if path == "layers.7" { 8 } else { 7 };
+        assert_eq!(l.bits, want, "{path}");
+    }
+    // The file keeps both widths.
+    let (bytes, _) = format::encode_quantized(&q.model).unwrap();
+    assert_eq!(format::decode(&bytes).unwrap().quant, q.model.quant);
+}
+
 /// What the method refuses, before any work: a model already quantized, an empty
 /// calibration set, bit widths outside 2..=8, a layer that is not a conv or linear one.
 #[test]

@@ -91,14 +91,27 @@ pub fn analyse(
     let runtime = SparseModel::from_loaded(float)?;
     let (baseline_loss, baseline_accuracy) = evaluate(&runtime, test, batch);
     tick();
+    // Every conv and linear layer of the model, analysed or not: all but one stay in float.
+    let weighted: Vec<String> = float
+        .arch
+        .layer_stats()
+        .into_iter()
+        .filter(|s| matches!(s.kind, "conv2d" | "linear"))
+        .map(|s| s.path)
+        .collect();
     let mut curves = Vec::with_capacity(layers.len());
     for (layer, kind) in layers {
+        if !weighted.contains(layer) {
+            return Err(format!(
+                "{layer} is not a conv or linear layer of the model"
+            ));
+        }
         let mut points = Vec::with_capacity(bits.len());
         for &b in &bits {
             // This layer at `b` bits, every other one in float.
-            let layer_bits: BTreeMap<String, Option<u32>> = layers
+            let layer_bits: BTreeMap<String, Option<u32>> = weighted
                 .iter()
-                .map(|(p, _)| (p.clone(), (p == layer).then_some(b)))
+                .map(|p| (p.clone(), (p == layer).then_some(b)))
                 .collect();
             let settings = PtqSettings {
                 bits: b,

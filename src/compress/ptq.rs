@@ -24,8 +24,8 @@ pub struct PtqSettings {
     /// Bits per layer (paths of the model as given, before folding); `None` keeps the layer
     /// in float.
     pub layer_bits: BTreeMap<String, Option<u32>>,
-    /// Bits of the weights of every layer at the default width `bits`, where they differ from
-    /// its inputs' (a layer given its own width keeps it for both): 7-bit
+    /// Bits of the weights of every layer that `layer_bits` does not name, where they differ
+    /// from its inputs' (a layer given its own width keeps it for both): 7-bit
     /// weights with 8-bit inputs run on the int8 runtime's faster `vpmaddubsw` kernel on
     /// AVX2, whose 16-bit pair sums overflow for 8-bit weights (`kernels::int8::PackedQuads`).
     pub weight_bits: Option<u32>,
@@ -58,7 +58,11 @@ pub fn quantize_model(
     let (folded, renamed) = fold_batch_norms(model)?;
     let bits_of = layer_bits(&folded, &renamed, settings)?;
     let inputs = calibrate(&folded, &bits_of, settings.calibration, calibration)?;
-    let quantized = finish(folded, &weight_bits_of(&bits_of, settings), &inputs)?;
+    let quantized = finish(
+        folded,
+        &weight_bits_of(&bits_of, settings, &renamed),
+        &inputs,
+    )?;
     Ok(Quantized {
         model: quantized,
         renamed,
@@ -96,19 +100,26 @@ pub fn layer_bits(
     Ok(bits_of)
 }
 
-/// The weights' bits of every layer of `bits_of` (the inputs' bits): `settings.weight_bits`
-/// for the layers at the default width, where given.
+/// The weights' bits of every layer of `bits_of` (the inputs' bits, on the folded model's
+/// paths): `settings.weight_bits` for the layers that `settings.layer_bits` does not name
+/// (`renamed` maps those names, the model's as given, to the folded ones), where given.
 pub fn weight_bits_of(
     bits_of: &BTreeMap<String, Option<u32>>,
     settings: &PtqSettings,
+    renamed: &BTreeMap<String, String>,
 ) -> BTreeMap<String, Option<u32>> {
+    let named: std::collections::BTreeSet<&String> = settings
+        .layer_bits
+        .keys()
+        .map(|old| renamed.get(old).unwrap_or(old))
+        .collect();
     bits_of
         .iter()
         .map(|(l, b)| {
-            let w = b.map(|b| match settings.weight_bits {
-                Some(w) if b == settings.bits => w,
-                _ => b,
-            });
+            let w = match (b, settings.weight_bits) {
+                (Some(_), Some(w)) if !named.contains(l) => Some(w),
+                _ => *b,
+            };
             (l.clone(), w)
         })
         .collect()

@@ -416,8 +416,10 @@ impl QuantSpec {
             };
             check_bits(&format!("{path}: bits"), l.bits)?;
             let q = l.input;
+            // The runtime rounds by `1 / scale`, which must be finite too.
             let ok = q.scale.is_finite()
                 && q.scale > 0.0
+                && (1.0 / q.scale).is_finite()
                 && q.lo == 0
                 && (3..=255).contains(&q.hi)
                 && (q.hi + 1).count_ones() == 1

@@ -200,7 +200,7 @@ mod avx2 {
     /// two i16 per channel (`vpmaddwd`), or with `QUADS` four u8 against four i8
     /// (`vpmaddubsw`, then `vpmaddwd` by ones to 32 bits). `R` and `W` are constants so that
     /// the `R · W` accumulators live in registers: 6 × 2 = 12, with the two weight registers
-    /// and the broadcast 15 of AVX2's 16.
+    /// and the broadcast 15 of AVX2's 16 (16 with the quads' constant of ones).
     ///
     /// # Safety
     /// AVX2; every group `src` places after those rows' starts must be readable, `panel` must

@@ -369,8 +369,12 @@ fn check_unsigned(q: &Quantizer) -> Result<(), String> {
             "the input quantizer must be unsigned 8-bit at most, its zero point in range".into(),
         );
     }
-    if !(q.scale.is_finite() && q.scale > 0.0) {
-        return Err(format!("input scale {} is not a positive number", q.scale));
+    // Inputs are rounded by `1 / scale`, which must be finite too.
+    if !(q.scale.is_finite() && q.scale > 0.0 && (1.0 / q.scale).is_finite()) {
+        return Err(format!(
+            "input scale {} is not a positive number with a finite inverse",
+            q.scale
+        ));
     }
     Ok(())
 }
@@ -391,7 +395,7 @@ macro_rules! shared_accessors {
             self
         }
 
-        #[doc = concat!("The weight codes (`", $layout, "`) and their per-channel quantizers.")]
+        #[doc = concat!("The weight codes (`", $layout, "`; a linear layer's inputs channels last after [`Int8Linear::channels_last_input`]) and their per-channel quantizers.")]
         pub fn weights(&self) -> (&[i8], &[Quantizer]) {
             (&self.p.weight, &self.p.weight_q)
         }
@@ -541,7 +545,8 @@ pub struct Int8Conv {
     p: Product,
     /// For the blocked AVX2 kernel reading patches straight from the input: how the input is
     /// laid out so that every pair of reduction steps is two neighbouring values, and the
-    /// weights packed in that order. `None` without AVX2, or where neither layout fits.
+    /// weights packed in that order. `None` without AVX2, where neither layout fits, or where
+    /// the padded steps would exceed `int8::MAX_K`.
     gather: Option<(Gather, int8::PackedB)>,
     /// With channels a multiple of 4 and 7-bit weights: the weights in the channels-last
     /// order as quads for `vpmaddubsw`, read against the padded input's codes (no widening).

@@ -258,8 +258,9 @@ impl SparseModel {
 
     /// Class scores `[batch, classes]` for images `[batch, C, H, W]` (row-major).
     ///
-    /// A batch of at least [`SPLIT_MIN`] images per thread is split into one part per thread,
-    /// each run through the whole network on its own (every image's computation is
+    /// A batch of at least [`SPLIT_MIN`] images per thread is split into parts of
+    /// `ceil(batch / threads)` images (one per thread, or fewer), each run through the whole
+    /// network on its own (every image's computation is
     /// independent): the threads then never wait for one another between layers, and each
     /// part's activations stay in its core's cache. Smaller batches run as one, each layer
     /// splitting its own work.
@@ -289,7 +290,9 @@ impl SparseModel {
     }
 
     /// [`forward`](Self::forward), showing `seen(path, input)` the input of every convolution
-    /// and linear layer (calibration observes them).
+    /// and linear layer (calibration observes them, on float models). The input of an int8
+    /// layer fed codes is shown dequantized, and after a flattened map in the channels-last
+    /// order the codes have.
     pub fn forward_observed(
         &self,
         images: &[f32],

@@ -157,7 +157,7 @@ impl Stage for Qat {
         let mut config = retrain_config(&start, p.epochs, p.lr, p.seed, cx)?;
         config.train_limit = p.train_limit;
         config.test_limit = p.test_limit;
-        let weight_bits_of = ptq::weight_bits_of(&bits_of, &settings);
+        let weight_bits_of = ptq::weight_bits_of(&bits_of, &settings, &renamed);
         let weight_bits = weight_bits_of
             .iter()
             .filter_map(|(l, b)| b.map(|b| (l.clone(), b)))
