@@ -85,16 +85,17 @@ pub fn info(path: &Path, json: bool) -> anyhow::Result<()> {
             "quantized layers (the others run in float; eval runs the file on the int8 kernels):"
         );
         println!(
-            "{:<22} {:>5} {:>24} {:>5} {:>11} {:>11}",
-            "layer", "bits", "input range", "zero", "weights", "weight B"
+            "{:<22} {:>5} {:>8} {:>24} {:>5} {:>11} {:>11}",
+            "layer", "bits", "in bits", "input range", "zero", "weights", "weight B"
         );
         for (layer, l) in &q.layers {
             let (lo, hi) = l.input.range();
             let w = stages.iter().find(|s| s.path == format!("{layer}.weight"));
             println!(
-                "{:<22} {:>5} {:>24} {:>5} {:>11} {:>11}",
+                "{:<22} {:>5} {:>8} {:>24} {:>5} {:>11} {:>11}",
                 layer,
                 l.bits,
+                l.input.bits(),
                 format!("[{lo:.4}, {hi:.4}]"),
                 l.input.zero_point,
                 w.map_or(0, |w| w.numel),

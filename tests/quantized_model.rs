@@ -376,7 +376,11 @@ fn weight_bits_narrow_only_the_layers_not_named() {
     let q = quantize_model(&float, &s, &images(8, [1, 28, 28], 3)).unwrap();
     let spec = q.model.quant.as_ref().unwrap();
     for (path, l) in &spec.layers {
-        assert_eq!(l.input.hi, 255, "{path}: 8-bit inputs");
+        assert_eq!(
+            (l.input.hi, l.input.bits()),
+            (255, 8),
+            "{path}: 8-bit inputs"
+        );
         let want = if path == "layers.7" { 8 } else { 7 };
         assert_eq!(l.bits, want, "{path}");
     }

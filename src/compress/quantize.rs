@@ -62,6 +62,11 @@ impl Quantizer {
         }
     }
 
+    /// Bits of the codes: `log2(hi − lo + 1)`, rounded down.
+    pub fn bits(&self) -> u32 {
+        ((self.hi - self.lo).max(0) as u32 + 1).ilog2()
+    }
+
     pub fn quantize(&self, x: f32) -> i32 {
         ((x / self.scale).round() as i32)
             .saturating_add(self.zero_point)

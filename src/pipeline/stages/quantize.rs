@@ -271,6 +271,7 @@ pub fn write(
                 "was": from.get(&path),
                 "kind": kind,
                 "bits": l.map_or(32, |l| l.bits),
+                "input_bits": l.map(|l| l.input.bits()),
                 "input_range": l.map(|l| l.input.range()),
                 "input_zero_point": l.map(|l| l.input.zero_point),
             })
@@ -346,8 +347,8 @@ pub fn print_outcome(
     cx: &Context,
 ) -> anyhow::Result<()> {
     println!(
-        "{:<18} {:<18} {:<7} {:>5} {:>24} {:>5}",
-        "layer", "was", "kind", "bits", "input range", "zero"
+        "{:<18} {:<18} {:<7} {:>5} {:>8} {:>24} {:>5}",
+        "layer", "was", "kind", "bits", "in bits", "input range", "zero"
     );
     for l in q.details["layers"].as_array().into_iter().flatten() {
         let range = match l["input_range"].as_array() {
@@ -359,11 +360,14 @@ pub fn print_outcome(
             None => "float".into(),
         };
         println!(
-            "{:<18} {:<18} {:<7} {:>5} {:>24} {:>5}",
+            "{:<18} {:<18} {:<7} {:>5} {:>8} {:>24} {:>5}",
             l["layer"].as_str().unwrap_or(""),
             l["was"].as_str().unwrap_or(""),
             l["kind"].as_str().unwrap_or(""),
             l["bits"],
+            l["input_bits"]
+                .as_u64()
+                .map_or("".into(), |b| b.to_string()),
             range,
             l["input_zero_point"]
                 .as_i64()
