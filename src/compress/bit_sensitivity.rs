@@ -297,7 +297,7 @@ impl BitSensitivity {
 /// `convpress sensitivity --bits`: the analysis of one float checkpoint, its table, and its
 /// files in `args.out` (nothing is written if any argument is wrong).
 pub fn command(args: &super::sensitivity::SensitivityArgs) -> anyhow::Result<()> {
-    use super::sensitivity::{check_common, progress, write_file};
+    use super::sensitivity::{check_common, progress, write_analysis, write_file};
     use crate::checkpoint;
     use anyhow::bail;
     check_common(args)?;
@@ -384,25 +384,13 @@ pub fn command(args: &super::sensitivity::SensitivityArgs) -> anyhow::Result<()>
             result.test_images
         )
     });
-    #[derive(serde::Serialize)]
-    struct Report<'a> {
-        checkpoint: String,
-        #[serde(flatten)]
-        result: &'a BitSensitivity,
-    }
-    let json = Report {
-        checkpoint: args.checkpoint.display().to_string(),
-        result: &result,
-    };
-    let write = |name: &str, bytes: &[u8]| write_file(&args.out, name, bytes);
-    write(
-        "bit-sensitivity.json",
-        serde_json::to_string_pretty(&json)?.as_bytes(),
-    )?;
-    write("bit-sensitivity.csv", result.to_csv().as_bytes())?;
-    write(
-        "bit-sensitivity.svg",
-        result.chart(&title).to_svg().as_bytes(),
+    write_analysis(
+        &args.out,
+        "bit-sensitivity",
+        &args.checkpoint,
+        &result,
+        &result.to_csv(),
+        &result.chart(&title).to_svg(),
     )?;
     println!(
         "{} on {}, {} test images, float {:.2}% (on the runtime); test accuracy (%) with one layer quantized to each width, the rest in float ({:.0} s):",
@@ -438,7 +426,11 @@ pub fn command(args: &super::sensitivity::SensitivityArgs) -> anyhow::Result<()>
             test_images: Some(result.test_images),
             layer_bits: targets.iter().map(|t| (t.layer.clone(), t.bits)).collect(),
         };
-        write("bits.json", serde_json::to_string_pretty(&file)?.as_bytes())?;
+        write_file(
+            &args.out,
+            "bits.json",
+            serde_json::to_string_pretty(&file)?.as_bytes(),
+        )?;
         println!(
             "convpress quantize --checkpoint {} --targets {}",
             args.checkpoint.display(),

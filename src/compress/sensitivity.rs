@@ -436,6 +436,35 @@ pub(super) fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result
     Ok(crate::atomic_file::write_atomic(&dir.join(name), bytes)?)
 }
 
+/// Writes an analysis into `dir`: `{stem}.json` (the file it analysed, then the result's
+/// fields), `{stem}.csv` and `{stem}.svg`.
+pub(super) fn write_analysis<T: Serialize>(
+    dir: &Path,
+    stem: &str,
+    checkpoint: &Path,
+    result: &T,
+    csv: &str,
+    svg: &str,
+) -> anyhow::Result<()> {
+    #[derive(Serialize)]
+    struct Report<'a, T> {
+        checkpoint: String,
+        #[serde(flatten)]
+        result: &'a T,
+    }
+    let json = Report {
+        checkpoint: checkpoint.display().to_string(),
+        result,
+    };
+    write_file(
+        dir,
+        &format!("{stem}.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )?;
+    write_file(dir, &format!("{stem}.csv"), csv.as_bytes())?;
+    write_file(dir, &format!("{stem}.svg"), svg.as_bytes())
+}
+
 /// `convpress sensitivity`: the analysis of one checkpoint, its table, and its files in
 /// `args.out` (nothing is written if any argument is wrong).
 pub fn command(args: &SensitivityArgs, device: Device) -> anyhow::Result<()> {
@@ -504,24 +533,15 @@ pub fn command(args: &SensitivityArgs, device: Device) -> anyhow::Result<()> {
             result.test_images
         )
     });
-    /// The analysis with the file it analysed, in field order.
-    #[derive(serde::Serialize)]
-    struct Report<'a> {
-        checkpoint: String,
-        #[serde(flatten)]
-        result: &'a Sensitivity,
-    }
-    let json = Report {
-        checkpoint: args.checkpoint.display().to_string(),
-        result: &result,
-    };
-    let write = |name: &str, bytes: &[u8]| write_file(&args.out, name, bytes);
-    write(
-        "sensitivity.json",
-        serde_json::to_string_pretty(&json)?.as_bytes(),
+    write_analysis(
+        &args.out,
+        "sensitivity",
+        &args.checkpoint,
+        &result,
+        &result.to_csv(),
+        &result.chart(&title).to_svg(),
     )?;
-    write("sensitivity.csv", result.to_csv().as_bytes())?;
-    write("sensitivity.svg", result.chart(&title).to_svg().as_bytes())?;
+    let write = |name: &str, bytes: &[u8]| write_file(&args.out, name, bytes);
 
     println!(
         "{} on {}, {} test images, unpruned {:.2}%; test accuracy (%) with one layer pruned to each sparsity, no retraining ({:.0} s):",
