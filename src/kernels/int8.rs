@@ -1117,9 +1117,12 @@ impl Dequant<'_> {
 
     /// The values of panel `p` of one row: `out` is its first `out.len()` (≤ 16) channels.
     pub fn values(&self, p: usize, lanes: &[i32; PANEL], out: &mut [f32]) {
-        let o0 = p * PANEL;
-        for (l, (out, &sum)) in out.iter_mut().zip(lanes).enumerate() {
-            *out = self.value(o0 + l, sum);
+        // Slices of one length, zipped: a loop the compiler vectorises.
+        let (o0, w) = (p * PANEL, out.len());
+        let (scales, offsets) = (&self.scales[o0..o0 + w], &self.offsets[o0..o0 + w]);
+        for (((out, &sum), &s), &o) in out.iter_mut().zip(&lanes[..w]).zip(scales).zip(offsets) {
+            let y = sum as f32 * s + o;
+            *out = if self.relu { y.max(0.0) } else { y };
         }
     }
 

@@ -761,11 +761,18 @@ impl Int8Conv {
         let n = self.p.n;
         let [oh, ow] = self.geometry.output_hw(hw).expect("checked by the product");
         let chunk = n * oh * ow;
+        // Blocks of 16 positions: their values are a few KB of `src`, and each channel's 16
+        // land in one cache line of `dst` (a store per value down a whole plane misses).
+        const BLOCK: usize = 16;
         let image = |(src, dst): (&[f32], &mut [f32])| {
             let positions = src.len() / n;
-            for (pos, values) in src.chunks_exact(n).enumerate() {
-                for (o, &v) in values.iter().enumerate() {
-                    dst[o * positions + pos] = v;
+            for p0 in (0..positions).step_by(BLOCK) {
+                let len = BLOCK.min(positions - p0);
+                let block = &src[p0 * n..(p0 + len) * n];
+                for (o, plane) in dst.chunks_exact_mut(positions).enumerate() {
+                    for (d, values) in plane[p0..p0 + len].iter_mut().zip(block.chunks_exact(n)) {
+                        *d = values[o];
+                    }
                 }
             }
         };
