@@ -32,6 +32,24 @@ fn fails_with(out: &Output, needle: &str) {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// A LeNet-300-100 trained `epochs` on the data in `data`, in `dir/run`: its checkpoint.
+fn lenet300(dir: &Path, data: &str, epochs: usize) -> std::path::PathBuf {
+    let run = dir.join("run");
+    let epochs = epochs.to_string();
+    ok(&convpress(&[
+        "train",
+        "--model",
+        "lenet300",
+        "--epochs",
+        &epochs,
+        "--data-dir",
+        data,
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]));
+    run.join("model.safetensors")
+}
+
 /// Fraction of zeros per conv/linear weight of a saved model.
 fn sparsities(path: &Path) -> Vec<(String, f64)> {
     let (model, _) = checkpoint::load(path, &burn::prelude::Device::flex()).unwrap();
@@ -47,19 +65,7 @@ fn sensitivity_files_agree_with_eval_and_targets_drive_prune() {
     let data = dir.path().join("data");
     common::write_synthetic_mnist(&data, 1000, 200, 28);
     let d = data.to_str().unwrap();
-    let run = dir.path().join("run");
-    ok(&convpress(&[
-        "train",
-        "--model",
-        "lenet300",
-        "--epochs",
-        "2",
-        "--data-dir",
-        d,
-        "--run-dir",
-        run.to_str().unwrap(),
-    ]));
-    let dense = run.join("model.safetensors");
+    let dense = lenet300(dir.path(), d, 2);
     let c = dense.to_str().unwrap();
 
     let out_dir = dir.path().join("sens");
@@ -190,19 +196,7 @@ fn bad_input_is_refused_before_any_work_and_nothing_is_written() {
     let data = dir.path().join("data");
     common::write_synthetic_mnist(&data, 64, 32, 28);
     let d = data.to_str().unwrap();
-    let run = dir.path().join("run");
-    ok(&convpress(&[
-        "train",
-        "--model",
-        "lenet300",
-        "--epochs",
-        "1",
-        "--data-dir",
-        d,
-        "--run-dir",
-        run.to_str().unwrap(),
-    ]));
-    let c = run.join("model.safetensors");
+    let c = lenet300(dir.path(), d, 1);
     let c = c.to_str().unwrap();
     let out = dir.path().join("out");
     let o = out.to_str().unwrap();
@@ -288,19 +282,7 @@ fn bit_sensitivity_writes_widths_that_quantize_applies() {
     let data = dir.path().join("data");
     common::write_synthetic_mnist(&data, 600, 200, 28);
     let d = data.to_str().unwrap();
-    let run = dir.path().join("run");
-    ok(&convpress(&[
-        "train",
-        "--model",
-        "lenet300",
-        "--epochs",
-        "2",
-        "--data-dir",
-        d,
-        "--run-dir",
-        run.to_str().unwrap(),
-    ]));
-    let c = run.join("model.safetensors");
+    let c = lenet300(dir.path(), d, 2);
     let c = c.to_str().unwrap();
     let out_dir = dir.path().join("bits");
     let text = ok(&convpress(&[

@@ -1115,6 +1115,19 @@ impl Dequant<'_> {
         if self.relu { y.max(0.0) } else { y }
     }
 
+    /// What the vector path of [`Dequant::codes`] relies on: scales and offsets for `panels`
+    /// whole panels, and a rounding into u8.
+    fn check(&self, panels: usize, next: Rounding) {
+        assert!(
+            self.scales.len() >= panels * PANEL && self.offsets.len() >= panels * PANEL,
+            "int8 epilogue: scales and offsets are not padded to whole panels"
+        );
+        assert!(
+            next.lo >= 0.0 && next.hi < 256.0,
+            "int8 epilogue: range outside u8"
+        );
+    }
+
     /// The values of panel `p` of one row: `out` is its first `out.len()` (≤ 16) channels.
     pub fn values(&self, p: usize, lanes: &[i32; PANEL], out: &mut [f32]) {
         // Slices of one length, zipped: a loop the compiler vectorises.
@@ -1129,14 +1142,7 @@ impl Dequant<'_> {
     /// The codes of panel `p` of one row under `next`'s rounding: `out` is its first
     /// `out.len()` (≤ 16) channels.
     pub fn codes(&self, p: usize, lanes: &[i32; PANEL], next: Rounding, out: &mut [u8]) {
-        assert!(
-            self.scales.len() >= (p + 1) * PANEL && self.offsets.len() >= (p + 1) * PANEL,
-            "int8 epilogue: scales and offsets are not padded to whole panels"
-        );
-        assert!(
-            next.lo >= 0.0 && next.hi < 256.0,
-            "int8 epilogue: range outside u8"
-        );
+        self.check(p + 1, next);
         #[cfg(target_arch = "x86_64")]
         if Avx2::new().is_some() {
             let mut bytes = [0u8; PANEL];
@@ -1170,15 +1176,7 @@ impl Dequant<'_> {
             sums.rows * n,
             "int8 epilogue: out is not [rows, n]"
         );
-        assert!(
-            self.scales.len() >= n.div_ceil(PANEL) * PANEL
-                && self.offsets.len() >= n.div_ceil(PANEL) * PANEL,
-            "int8 epilogue: scales and offsets are not padded to whole panels"
-        );
-        assert!(
-            next.lo >= 0.0 && next.hi < 256.0,
-            "int8 epilogue: range outside u8"
-        );
+        self.check(n.div_ceil(PANEL), next);
         #[cfg(target_arch = "x86_64")]
         if Avx2::new().is_some() {
             // SAFETY: AVX2 is present; the lengths are asserted above.

@@ -694,19 +694,26 @@ impl Int8Conv {
         assert_eq!(x.len(), batch * image, "input size");
         let mut out = vec![T::default(); m * self.p.n];
         let channels_last_in = matches!(x, Input::Codes(..));
-        match (&self.p.kernel, &self.gather) {
+        match (&self.p.kernel, &self.gather, &self.quads) {
             (
                 Kernel::Auto {
                     blocked: Some((kb, _)),
                     ..
                 },
                 Some(_),
-            ) if m >= 4 && self.quads.is_some() => {
-                let quads = self.quads.as_ref().expect("checked");
+                Some(quads),
+            ) if m >= 4 => {
                 let codes = self.p.input_codes(x);
                 let mut padded = PADDED.take();
-                self.pad_channels_last(&codes, channels_last_in, batch, hw, &mut padded);
-                let (grid, offsets) = self.grid_quads(batch, hw, out_hw);
+                self.widen(
+                    Gather::Channels,
+                    &codes,
+                    channels_last_in,
+                    batch,
+                    hw,
+                    &mut padded,
+                );
+                let (grid, offsets) = self.grid(Gather::Channels, 4, batch, hw, out_hw);
                 let epilogue =
                     |_: usize, sums: &Sums, out: &mut [T]| self.p.finish(sums, next, out);
                 kb.gemm_gathered_quads_with(
@@ -720,12 +727,13 @@ impl Int8Conv {
                     ..
                 },
                 Some((layout, packed)),
+                _,
             ) if m >= 4 => {
                 let codes = self.p.input_codes(x);
                 // The widened input is the largest buffer of a call: one per thread, reused.
                 let mut wide = WIDE.take();
                 self.widen(*layout, &codes, channels_last_in, batch, hw, &mut wide);
-                let (grid, offsets) = self.grid(*layout, batch, hw, out_hw);
+                let (grid, offsets) = self.grid(*layout, 2, batch, hw, out_hw);
                 let epilogue =
                     |_: usize, sums: &Sums, out: &mut [T]| self.p.finish(sums, next, out);
                 kb.gemm_gathered_with(
@@ -785,17 +793,18 @@ impl Int8Conv {
         }
     }
 
-    /// The input's codes widened to u16 in `layout`, padded with the zero point, into `wide`
-    /// (reused: cleared and refilled). `codes` are channels last or first as given.
+    /// The input's codes in `layout`, padded with the zero point, into `wide` (reused:
+    /// cleared and refilled): widened to u16 for the pairs path, as u8 for the quads path
+    /// (channels last, `C' = C`). `codes` are channels last or first as given.
     #[allow(clippy::too_many_arguments)]
-    fn widen(
+    fn widen<T: Copy + From<u8> + Send + Sync>(
         &self,
         layout: Gather,
         codes: &[u8],
         channels_last: bool,
         batch: usize,
         [h, w]: [usize; 2],
-        wide: &mut Vec<u16>,
+        wide: &mut Vec<T>,
     ) {
         let g = &self.geometry;
         let [ph, pw] = g.padding;
@@ -806,8 +815,8 @@ impl Int8Conv {
         // Two values of slack: the last pair of a window row with an odd width reads one value
         // past it (times a zero weight).
         wide.clear();
-        wide.resize(batch * image + 2, self.p.input.zero_point as u16);
-        let fill = |(b, dst): (usize, &mut [u16])| {
+        wide.resize(batch * image + 2, T::from(self.p.input.zero_point as u8));
+        let fill = |(b, dst): (usize, &mut [T])| {
             let src = &codes[b * c * h * w..(b + 1) * c * h * w];
             match (layout, channels_last) {
                 // One channel: channels first and last are the same.
@@ -823,7 +832,7 @@ impl Int8Conv {
                     for (pos, px) in src.chunks_exact(c).enumerate() {
                         let (y, x) = (pos / w, pos % w);
                         for (ci, &v) in px.iter().enumerate() {
-                            dst[ci * hp * wp + (y + ph) * wp + pw + x] = v as u16;
+                            dst[ci * hp * wp + (y + ph) * wp + pw + x] = T::from(v);
                         }
                     }
                 }
@@ -833,7 +842,7 @@ impl Int8Conv {
                         for (y, line) in plane.chunks_exact(w).enumerate() {
                             let row = ((y + ph) * wp + pw) * cp + ci;
                             for (x, &v) in line.iter().enumerate() {
-                                dst[row + x * cp] = v as u16;
+                                dst[row + x * cp] = T::from(v);
                             }
                         }
                     }
@@ -866,80 +875,13 @@ impl Int8Conv {
         }
     }
 
-    /// The input's codes channels last, padded with the zero point, into `padded` (reused):
-    /// `[batch, H + 2p, W + 2p, C]`, what the quads path reads.
-    fn pad_channels_last(
-        &self,
-        codes: &[u8],
-        channels_last: bool,
-        batch: usize,
-        [h, w]: [usize; 2],
-        padded: &mut Vec<u8>,
-    ) {
-        let g = &self.geometry;
-        let [ph, pw] = g.padding;
-        let (hp, wp, c) = (h + 2 * ph, w + 2 * pw, g.in_channels);
-        let image = hp * wp * c;
-        padded.clear();
-        padded.resize(batch * image, self.p.input.zero_point as u8);
-        let fill = |(b, dst): (usize, &mut [u8])| {
-            let src = &codes[b * c * h * w..(b + 1) * c * h * w];
-            if channels_last {
-                for (y, line) in src.chunks_exact(w * c).enumerate() {
-                    let at = ((y + ph) * wp + pw) * c;
-                    dst[at..at + w * c].copy_from_slice(line);
-                }
-            } else {
-                for (ci, plane) in src.chunks_exact(h * w).enumerate() {
-                    for (y, line) in plane.chunks_exact(w).enumerate() {
-                        let row = ((y + ph) * wp + pw) * c + ci;
-                        for (x, &v) in line.iter().enumerate() {
-                            dst[row + x * c] = v;
-                        }
-                    }
-                }
-            }
-        };
-        if batch * image >= PARALLEL_MIN && batch > 1 {
-            padded.par_chunks_mut(image).enumerate().for_each(fill);
-        } else {
-            padded.chunks_mut(image).enumerate().for_each(fill);
-        }
-    }
-
-    /// [`Int8Conv::grid`] for the quads path: each quad is four channels of one tap.
-    fn grid_quads(
-        &self,
-        batch: usize,
-        [h, w]: [usize; 2],
-        out_hw: [usize; 2],
-    ) -> (int8::Grid, Vec<usize>) {
-        let g = &self.geometry;
-        let [kh, kw] = g.kernel;
-        let [dh, dw] = g.dilation;
-        let (hp, wp, c) = (h + 2 * g.padding[0], w + 2 * g.padding[1], g.in_channels);
-        let mut offsets = Vec::with_capacity(kh * kw * c / 4);
-        for i in 0..kh {
-            for j in 0..kw {
-                for p in 0..c / 4 {
-                    offsets.push((i * dh * wp + j * dw) * c + 4 * p);
-                }
-            }
-        }
-        let grid = int8::Grid {
-            images: batch,
-            out_hw,
-            image_len: hp * wp * c,
-            step: [g.stride[0] * wp * c, g.stride[1] * c],
-        };
-        (grid, offsets)
-    }
-
-    /// Where the product's rows start in the widened input, and where each pair of a window
-    /// lies from there.
+    /// Where the product's rows start in the laid-out input, and where each group of `group`
+    /// reduction steps of a window lies from there: pairs (2) in either layout, quads (4) of
+    /// channels in the channels-last one.
     fn grid(
         &self,
         layout: Gather,
+        group: usize,
         batch: usize,
         [h, w]: [usize; 2],
         out_hw: [usize; 2],
@@ -950,9 +892,10 @@ impl Int8Conv {
         let (hp, wp) = (h + 2 * g.padding[0], w + 2 * g.padding[1]);
         let c = g.in_channels;
         let cp = 2 * c.div_ceil(2);
-        let mut offsets = Vec::with_capacity(layout.steps(g) / 2);
+        let mut offsets = Vec::with_capacity(layout.steps(g) / group);
         let pixel = match layout {
             Gather::Rows => {
+                assert_eq!(group, 2, "window rows pair up only");
                 for ci in 0..c {
                     for i in 0..kh {
                         for p in 0..kw.div_ceil(2) {
@@ -965,8 +908,8 @@ impl Int8Conv {
             Gather::Channels => {
                 for i in 0..kh {
                     for j in 0..kw {
-                        for p in 0..cp / 2 {
-                            offsets.push((i * dh * wp + j * dw) * cp + 2 * p);
+                        for p in 0..cp / group {
+                            offsets.push((i * dh * wp + j * dw) * cp + group * p);
                         }
                     }
                 }
@@ -1125,10 +1068,10 @@ thread_local! {
     static PADDED: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
 }
 
-/// `dst[i] = src[i]` widened to `u16`.
-fn widen_into(dst: &mut [u16], src: &[u8]) {
+/// `dst[i] = src[i]`, widened where `T` is wider.
+fn widen_into<T: From<u8>>(dst: &mut [T], src: &[u8]) {
     for (d, &v) in dst.iter_mut().zip(src) {
-        *d = v as u16;
+        *d = T::from(v);
     }
 }
 
