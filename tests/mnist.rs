@@ -150,8 +150,8 @@ fn convpress_kernels_train_to_the_same_accuracy_as_burns_ops() {
 
 /// Quantization on the real data: a LeNet-5 after one short epoch, quantized to int8 after
 /// training (`convpress quantize`), loses at most half a point on the int8 kernels; trained
-/// at 4 bits for a short epoch more (`convpress qat`) it stays above 90%; `eval` runs both
-/// files on the int8 kernels and agrees.
+/// at 4 bits for a short epoch more (`convpress qat`) it stays above 90%, with the quantizers'
+/// steps as calibrated and learned; `eval` runs the files on the int8 kernels and agrees.
 #[test]
 fn post_training_and_quantization_aware_training_on_real_mnist() {
     let dir = common::real_mnist();
@@ -210,6 +210,35 @@ fn post_training_and_quantization_aware_training_on_real_mnist() {
     ]);
     let acc4 = accuracy(&q4);
     assert!(acc4 >= 0.90, "4-bit QAT: {acc4}");
+    // With learned step sizes (LSQ) the file is quantized on the steps the run learned.
+    let l4 = run.path().join("lsq4.cpz");
+    convpress(&[
+        "qat",
+        "--bits",
+        "4",
+        "--step-sizes",
+        "learned",
+        "--epochs",
+        "1",
+        "--train-limit",
+        "3000",
+        "--test-limit",
+        "1000",
+        "--out",
+        l4.to_str().unwrap(),
+    ]);
+    let lsq4 = accuracy(&l4);
+    assert!(lsq4 >= 0.90, "4-bit QAT with learned steps: {lsq4}");
+    let steps: convpress::compress::lsq::Steps = serde_json::from_str(
+        &std::fs::read_to_string(run.path().join("lsq4.run/learned-steps.json")).unwrap(),
+    )
+    .unwrap();
+    let spec = convpress::checkpoint::read(&l4).unwrap().quant.unwrap();
+    assert_eq!(steps.len(), spec.layers.len());
+    for (path, layer) in &spec.layers {
+        assert_eq!(layer.input, steps[path].input, "{path}");
+        assert_eq!(layer.weight_scales, steps[path].weights, "{path}");
+    }
     // `eval` runs the file on the int8 kernels.
     let o = Command::new(env!("CARGO_BIN_EXE_convpress"))
         .args(["eval", "--checkpoint"])

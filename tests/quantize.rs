@@ -181,3 +181,103 @@ fn straight_through_gradients_are_the_identity_inside_the_range_and_zero_outside
     let lq: Vec<f32> = fake_quant_linear(lw, 2).into_data().try_to_vec().unwrap();
     assert_eq!(lq, vec![1.0, 10.0, -1.0, 0.0]);
 }
+
+/// Learned step sizes (`compress::lsq`, Esser et al. 2020): the forward pass is the
+/// quantizer's round trip on the step; the gradient reaches an input as the clipped identity
+/// and the step as eq. 3 (`round(v/s) − v/s` inside the range, the range's bound outside),
+/// times the gradient scale.
+#[test]
+fn learned_step_gradients_follow_eq_3() {
+    use burn::prelude::*;
+    use convpress::compress::lsq::{gradient_scale, lsq, lsq_input, scale_gradient};
+    let d = Device::flex().autodiff();
+    let q = Quantizer {
+        scale: 0.25,
+        zero_point: 3,
+        lo: 0,
+        hi: 15,
+    };
+    let (lo, hi) = q.range();
+    let xs = vec![-2.0, lo - 0.01, -0.6, 0.0, 0.3, 1.1, 2.9, hi + 0.01, 7.0];
+    let x = Tensor::<1>::from_data(TensorData::new(xs.clone(), [xs.len()]), &d).require_grad();
+    let s = Tensor::<1>::from_data(TensorData::new(vec![q.scale], [1]), &d).require_grad();
+    let g = 0.5;
+    let y = lsq(
+        x.clone(),
+        scale_gradient(s.clone(), g),
+        q.zero_point,
+        q.lo,
+        q.hi,
+    );
+    let got: Vec<f32> = y.clone().into_data().try_to_vec().unwrap();
+    for (v, y) in xs.iter().zip(&got) {
+        assert!((q.round_trip(*v) - y).abs() <= 1e-6, "{v}: {y}");
+    }
+    let grads = y.sum().backward();
+    let gx: Vec<f32> = x.grad(&grads).unwrap().into_data().try_to_vec().unwrap();
+    let inside = |v: f32| (lo..=hi).contains(&v);
+    let want: Vec<f32> = xs
+        .iter()
+        .map(|&v| if inside(v) { 1.0 } else { 0.0 })
+        .collect();
+    assert_eq!(gx, want);
+    let gs: Vec<f32> = s.grad(&grads).unwrap().into_data().try_to_vec().unwrap();
+    let eq3: f32 = xs
+        .iter()
+        .map(|&v| {
+            let r = v / q.scale;
+            if v < lo {
+                (q.lo - q.zero_point) as f32
+            } else if v > hi {
+                (q.hi - q.zero_point) as f32
+            } else {
+                r.round() - r
+            }
+        })
+        .sum();
+    assert!((gs[0] - g * eq3).abs() <= 1e-5, "{} vs {}", gs[0], g * eq3);
+
+    // An input's step is shared by an image's values: g = 1/sqrt(N Qp).
+    assert_eq!(gradient_scale(16, 4), 0.125);
+    let x = Tensor::<2>::from_data(TensorData::new(vec![0.5f32; 8], [2, 4]), &d);
+    let s = Tensor::<1>::from_data(TensorData::new(vec![q.scale], [1]), &d).require_grad();
+    let grads = lsq_input(x, s.clone(), &q).sum().backward();
+    let gs: f32 = s
+        .grad(&grads)
+        .unwrap()
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap()[0];
+    // 0.5 / 0.25 = 2 exactly: round(2) − 2 = 0 for every value.
+    assert_eq!(gs, 0.0);
+}
+
+/// The learned steps' starting point and the file's: the step with the least squared error
+/// clips an outlier rather than spread the grid over it, and a weight quantized on given steps
+/// is clipped to their range.
+#[test]
+fn least_error_steps_clip_outliers_and_given_steps_clip_weights() {
+    use convpress::compress::lsq::least_error_step;
+    use convpress::compress::ptq::quantize_in_place;
+    let mut values = common::uniform(1000, 9, -1.0, 1.0);
+    values[0] = 20.0;
+    let step = least_error_step(&values, 4);
+    assert!(step < 20.0 / 7.0 / 2.0, "{step}");
+    // Without outliers at 8 bits the largest magnitude is (nearly) the best.
+    let flat = common::uniform(1000, 9, -1.0, 1.0);
+    let max = flat.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(least_error_step(&flat, 8) >= 0.9 * max / 127.0);
+
+    // `[out = 2, in = 3]` conv-like rows; steps 0.1 and 1.0 at 3 bits (codes ±3).
+    let mut w = vec![0.06, 0.26, -1.0, 0.4, -2.6, 9.0];
+    let steps = quantize_in_place(&mut w, &[2, 3], false, 3, Some(&[0.1, 1.0])).unwrap();
+    assert_eq!(steps, vec![0.1, 1.0]);
+    let want = [0.1, 0.3, -0.3, 0.0, -3.0, 3.0];
+    for (a, b) in w.iter().zip(want) {
+        assert!((a - b).abs() < 1e-6, "{w:?}");
+    }
+    let e = quantize_in_place(&mut w, &[2, 3], false, 3, Some(&[0.1])).unwrap_err();
+    assert!(e.contains("1 weight steps for 2 output channels"), "{e}");
+    let e = quantize_in_place(&mut w, &[2, 3], false, 3, Some(&[0.1, 0.0])).unwrap_err();
+    assert!(e.contains("not a positive number"), "{e}");
+}

@@ -6,6 +6,7 @@ pub mod bit_sensitivity;
 pub mod fold;
 pub mod format;
 pub mod huffman;
+pub mod lsq;
 pub mod prune;
 pub mod ptq;
 pub mod qat;

@@ -62,6 +62,7 @@ pub fn quantize_model(
         folded,
         &weight_bits_of(&bits_of, settings, &renamed),
         &inputs,
+        &BTreeMap::new(),
     )?;
     Ok(Quantized {
         model: quantized,
@@ -168,11 +169,13 @@ pub fn calibrate(
 
 /// `folded` (a float model without foldable batch norms) with the weights of every layer of
 /// `bits_of` on their per-channel grid, its inputs quantized by `inputs`: the quantized model
-/// with its spec, checked.
+/// with its spec, checked. A layer's weight steps are its entry in `weight_steps` (one per
+/// output channel: learned steps, which clip) or else from each channel's largest magnitude.
 pub fn finish(
     folded: Loaded,
     bits_of: &BTreeMap<String, Option<u32>>,
     inputs: &BTreeMap<String, Quantizer>,
+    weight_steps: &BTreeMap<String, Vec<f32>>,
 ) -> Result<Loaded, String> {
     let mut tensors = folded.tensors.clone();
     let mut spec = QuantSpec::default();
@@ -192,7 +195,9 @@ pub fn finish(
         let channel_last = *linear
             .get(path)
             .ok_or_else(|| format!("{path} is not a layer of the model"))?;
-        let scales = quantize_in_place(&mut w, &shape, channel_last, bits);
+        let steps = weight_steps.get(path).map(Vec::as_slice);
+        let scales = quantize_in_place(&mut w, &shape, channel_last, bits, steps)
+            .map_err(|e| format!("{path}: {e}"))?;
         tensors.insert(name, (burn::tensor::TensorData::new(w, shape), None));
         spec.layers.insert(
             path.clone(),
@@ -218,13 +223,16 @@ pub fn finish(
 }
 
 /// Puts weight `w` (output channel first, or last for Burn's linear `[in, out]`) on its
-/// symmetric per-channel grid of `bits` bits, `w = code · step`; returns the steps.
+/// symmetric per-channel grid of `bits` bits, `w = code · step`; returns the steps. They are
+/// `steps` where given (one per channel, positive; values beyond the range are clipped), else
+/// each channel's largest magnitude over the largest code.
 pub fn quantize_in_place(
     w: &mut [f32],
     shape: &[usize],
     channel_last: bool,
     bits: u32,
-) -> Vec<f32> {
+    steps: Option<&[f32]>,
+) -> Result<Vec<f32>, String> {
     let channels = if channel_last {
         shape[shape.len() - 1]
     } else {
@@ -236,16 +244,41 @@ pub fn quantize_in_place(
         w.len() / channels.max(1)
     };
     let channel = |i: usize| (i / inner) % channels;
-    let mut max_abs = vec![0f32; channels];
-    for (i, v) in w.iter().enumerate() {
-        max_abs[channel(i)] = max_abs[channel(i)].max(v.abs());
-    }
-    let quantizers: Vec<Quantizer> = max_abs
-        .iter()
-        .map(|&m| Quantizer::symmetric(m, bits))
-        .collect();
+    let quantizers: Vec<Quantizer> = match steps {
+        Some(steps) => {
+            if steps.len() != channels {
+                return Err(format!(
+                    "{} weight steps for {channels} output channels",
+                    steps.len()
+                ));
+            }
+            if let Some(bad) = steps.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+                return Err(format!("weight step {bad} is not a positive number"));
+            }
+            let hi = (1i32 << (bits - 1)) - 1;
+            steps
+                .iter()
+                .map(|&scale| Quantizer {
+                    scale,
+                    zero_point: 0,
+                    lo: -hi,
+                    hi,
+                })
+                .collect()
+        }
+        None => {
+            let mut max_abs = vec![0f32; channels];
+            for (i, v) in w.iter().enumerate() {
+                max_abs[channel(i)] = max_abs[channel(i)].max(v.abs());
+            }
+            max_abs
+                .iter()
+                .map(|&m| Quantizer::symmetric(m, bits))
+                .collect()
+        }
+    };
     for (i, v) in w.iter_mut().enumerate() {
         *v = quantizers[channel(i)].round_trip(*v);
     }
-    quantizers.iter().map(|q| q.scale).collect()
+    Ok(quantizers.iter().map(|q| q.scale).collect())
 }

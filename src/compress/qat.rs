@@ -9,35 +9,63 @@
 //! zero). The per-epoch test accuracy of the run is that of the float weights with fake-
 //! quantized inputs; the written file's accuracy is measured on the int8 kernels. Batch norms are folded before training (`compress::fold`).
 //!
-//! Learned step sizes (LSQ, Esser et al. 2020) are not implemented: the input ranges stay as
-//! calibrated.
+//! With learned step sizes ([`super::lsq`], Esser et al. 2020) every quantizer's step trains
+//! too, and the written file is quantized on the learned steps.
 
+use super::lsq::{self, LearnedSteps, Steps};
 use super::quantize::Quantizer;
 use crate::models::Network;
 use crate::models::network::{Activation, Layer};
-use crate::train::{Progress, TrainHook};
+use crate::train::{EpochMetrics, Progress, TrainHook};
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
 use burn::prelude::*;
+use burn::tensor::Gradients;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// How a layer's input is fake-quantized: on `quantizer`, or, with a learned `step` (`[1]`,
+/// tracked), on that step with the quantizer's zero point and bounds.
+#[derive(Debug, Clone)]
+struct InputGrid {
+    quantizer: Quantizer,
+    step: Option<Tensor<1>>,
+}
 
 /// The input quantizer of each fake-quantized layer, by layer path; the network applies it in
 /// its forward pass (`Network::fake_quant`).
 #[derive(Debug, Clone, Default)]
 pub struct FakeQuantInputs {
-    by_path: BTreeMap<String, Quantizer>,
+    by_path: BTreeMap<String, InputGrid>,
 }
 
 impl FakeQuantInputs {
     pub fn new(by_path: BTreeMap<String, Quantizer>) -> Self {
-        FakeQuantInputs { by_path }
+        FakeQuantInputs {
+            by_path: by_path
+                .into_iter()
+                .map(|(p, quantizer)| {
+                    let grid = InputGrid {
+                        quantizer,
+                        step: None,
+                    };
+                    (p, grid)
+                })
+                .collect(),
+        }
     }
 
     /// `x`, the input of layer `path`, fake-quantized if the layer is one of them.
     pub fn apply(&self, path: &str, x: Activation) -> Activation {
-        match (self.by_path.get(path), x) {
-            (None, x) => x,
-            (Some(q), Activation::Map(t)) => Activation::Map(fake_quant(t, q)),
-            (Some(q), Activation::Flat(t)) => Activation::Flat(fake_quant(t, q)),
+        let Some(grid) = self.by_path.get(path) else {
+            return x;
+        };
+        let q = &grid.quantizer;
+        match (&grid.step, x) {
+            (None, Activation::Map(t)) => Activation::Map(fake_quant(t, q)),
+            (None, Activation::Flat(t)) => Activation::Flat(fake_quant(t, q)),
+            (Some(s), Activation::Map(t)) => Activation::Map(lsq::lsq_input(t, s.clone(), q)),
+            (Some(s), Activation::Flat(t)) => Activation::Flat(lsq::lsq_input(t, s.clone(), q)),
         }
     }
 }
@@ -74,19 +102,43 @@ pub fn fake_quant_linear(w: Tensor<2>, bits: u32) -> Tensor<2> {
 
 /// The training hook: sets the network's input fake quantization at every epoch, and gives
 /// every step's forward pass weights on their grids (gradients reach the trained weights
-/// through the straight-through estimator).
+/// through the straight-through estimator). With learned steps it also trains every step.
 pub struct QatHook {
     /// Bits of each quantized layer's weights, by layer path.
     bits: BTreeMap<String, u32>,
     inputs: Arc<FakeQuantInputs>,
+    learned: Option<LearnedSteps>,
+    /// The learned steps at the end of the last epoch trained.
+    result: Arc<Mutex<Option<Steps>>>,
 }
 
 impl QatHook {
+    /// Steps fixed: weights' from their largest magnitude, inputs' as calibrated.
     pub fn new(bits: BTreeMap<String, u32>, inputs: BTreeMap<String, Quantizer>) -> Self {
         QatHook {
             bits,
             inputs: Arc::new(FakeQuantInputs::new(inputs)),
+            learned: None,
+            result: Arc::default(),
         }
+    }
+
+    /// Steps learned (LSQ) from `start`, updated by `optim` at the run's learning rate.
+    pub fn learning(start: Steps, optim: ModuleOptimizer) -> Self {
+        let bits = start
+            .iter()
+            .map(|(p, l)| (p.clone(), l.weight_bits))
+            .collect();
+        let inputs = start.iter().map(|(p, l)| (p.clone(), l.input)).collect();
+        QatHook {
+            learned: Some(LearnedSteps::new(start, optim)),
+            ..QatHook::new(bits, inputs)
+        }
+    }
+
+    /// Where the learned steps are left after every epoch (`None` with fixed steps).
+    pub fn learned_steps(&self) -> Arc<Mutex<Option<Steps>>> {
+        self.result.clone()
     }
 
     fn map(&self, layers: Vec<Layer>, prefix: &str) -> Vec<Layer> {
@@ -96,24 +148,43 @@ impl QatHook {
             .map(|(i, layer)| {
                 let path = format!("{prefix}.{i}");
                 let bits = self.bits.get(&path).copied();
-                match (layer, bits) {
-                    (Layer::Conv2d(mut c), Some(b)) => {
+                let learned = self.learned.as_ref().and_then(|l| l.weight(&path));
+                match (layer, bits, learned) {
+                    (Layer::Conv2d(mut c), _, Some((steps, b))) => {
+                        c.weight = c.weight.map(|w| lsq::lsq_conv(w, steps, b));
+                        Layer::Conv2d(c)
+                    }
+                    (Layer::Linear(mut l), _, Some((steps, b))) => {
+                        l.weight = l.weight.map(|w| lsq::lsq_linear(w, steps, b));
+                        Layer::Linear(l)
+                    }
+                    (Layer::Conv2d(mut c), Some(b), None) => {
                         c.weight = c.weight.map(|w| fake_quant_conv(w, b));
                         Layer::Conv2d(c)
                     }
-                    (Layer::Linear(mut l), Some(b)) => {
+                    (Layer::Linear(mut l), Some(b), None) => {
                         l.weight = l.weight.map(|w| fake_quant_linear(w, b));
                         Layer::Linear(l)
                     }
-                    (Layer::Residual(mut r), _) => {
+                    (Layer::Residual(mut r), _, _) => {
                         r.body = self.map(r.body, &format!("{path}.body"));
                         r.shortcut = self.map(r.shortcut, &format!("{path}.shortcut"));
                         Layer::Residual(r)
                     }
-                    (layer, _) => layer,
+                    (layer, _, _) => layer,
                 }
             })
             .collect()
+    }
+
+    /// The inputs' quantizers on the steps as they are now (fixed, for evaluation).
+    fn current_inputs(&self) -> Arc<FakeQuantInputs> {
+        match &self.learned {
+            None => self.inputs.clone(),
+            Some(l) => Arc::new(FakeQuantInputs::new(
+                l.values().into_iter().map(|(p, s)| (p, s.input)).collect(),
+            )),
+        }
     }
 }
 
@@ -123,12 +194,50 @@ impl TrainHook for QatHook {
     }
 
     fn on_epoch_begin(&mut self, _progress: &Progress, mut model: Network) -> Network {
-        model.fake_quant = Some(self.inputs.clone());
+        if let (Some(l), Some(device)) = (&mut self.learned, model.devices().first()) {
+            l.place(device);
+        }
+        model.fake_quant = Some(self.current_inputs());
         model
     }
 
     fn forward_model(&mut self, _progress: &Progress, mut model: Network) -> Network {
         model.layers = self.map(std::mem::take(&mut model.layers), "layers");
+        if let Some(l) = &self.learned {
+            let by_path = self
+                .bits
+                .keys()
+                .filter_map(|p| {
+                    let (step, quantizer) = l.input(p)?;
+                    let grid = InputGrid {
+                        quantizer,
+                        step: Some(step),
+                    };
+                    Some((p.clone(), grid))
+                })
+                .collect();
+            model.fake_quant = Some(Arc::new(FakeQuantInputs { by_path }));
+        }
         model
+    }
+
+    fn own_gradients(&mut self, progress: &Progress, grads: &mut Gradients) {
+        if let Some(l) = &mut self.learned {
+            l.update(progress.lr, grads);
+        }
+    }
+
+    fn after_step(&mut self, progress: &Progress, mut model: Network) -> Network {
+        // The epoch's evaluation sees the inputs' steps as the epoch leaves them.
+        if self.learned.is_some() && progress.batch + 1 == progress.batches {
+            model.fake_quant = Some(self.current_inputs());
+        }
+        model
+    }
+
+    fn on_epoch_end(&mut self, _metrics: &EpochMetrics, _model: &Network) {
+        if let Some(l) = &self.learned {
+            *self.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(l.values());
+        }
     }
 }

@@ -7,11 +7,12 @@
 //!
 //! Order within one step, for hooks `h1, h2, ...` in the order they were added:
 //! `on_batch_begin` → `forward_model` (chained) → forward → `extra_loss` (summed) → backward
-//! → `before_step` → optimizer step → `after_step` (chained) → `on_batch_end`.
+//! → `own_gradients` → `before_step` → optimizer step → `after_step` (chained) → `on_batch_end`.
 
 use crate::models::Network;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
+use burn::tensor::Gradients;
 
 /// Where training is, handed to every hook call.
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +77,11 @@ pub trait TrainHook {
     ) -> Option<Tensor<1>> {
         None
     }
+
+    /// After backward, before the model's gradients are taken from `grads`: a hook that trains
+    /// parameters of its own, outside the model (learned quantizer step sizes), takes theirs
+    /// here and updates them.
+    fn own_gradients(&mut self, _progress: &Progress, _grads: &mut Gradients) {}
 
     /// After backward, before the optimizer step: gradients may be changed (zeroed for pruned
     /// weights, summed per centroid for weight sharing, preconditioned).

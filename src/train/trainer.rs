@@ -332,7 +332,11 @@ pub fn train(
                     epoch + 1
                 );
             }
-            let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+            let mut raw = loss.backward();
+            for h in hooks.iter_mut() {
+                h.own_gradients(&progress, &mut raw);
+            }
+            let mut grads = GradientsParams::from_grads(raw, &model);
             for h in hooks.iter_mut() {
                 h.before_step(&progress, &model, &mut grads);
             }

@@ -2,11 +2,13 @@
 //! batch norms folded, input ranges calibrated as `quantize` does, then `epochs` of training
 //! with weights and inputs fake-quantized at `bits` (straight-through gradients; a pruned
 //! model keeps its masks), and the trained model written as `quantize` writes it: a
-//! version-2 `.cpz` that `eval` runs on the int8 kernels.
+//! version-2 `.cpz` that `eval` runs on the int8 kernels. With `step-sizes = "learned"` the
+//! quantizers' steps train too (`compress::lsq`) and the file is quantized on them.
 
 use super::quantize::{CalibrationKind, LayerQuant, Quantize, QuantizeParams};
 use super::{check_retrain, retrain_config, train_keeping};
 use crate::compress::fold::fold_batch_norms;
+use crate::compress::lsq;
 use crate::compress::ptq;
 use crate::compress::qat::QatHook;
 use crate::pipeline::layers::LayerRules;
@@ -44,6 +46,11 @@ pub struct QatParams {
     /// writes one: `bits.json`); `float-layers` and per-layer keys override it.
     #[arg(long)]
     pub targets: Option<PathBuf>,
+    /// The quantizers' steps: `calibrated` keeps them as calibrated (inputs) and from each
+    /// channel's largest magnitude (weights); `learned` trains them with the weights (LSQ,
+    /// Esser et al. 2020), and the file is quantized on the learned steps.
+    #[arg(long, value_enum, default_value_t = StepSizes::Calibrated)]
+    pub step_sizes: StepSizes,
     /// Epochs of quantization-aware training.
     #[arg(long, default_value_t = 2)]
     pub epochs: usize,
@@ -59,11 +66,25 @@ pub struct QatParams {
     pub test_limit: Option<usize>,
 }
 
+/// Where the quantizers' steps come from during QAT.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepSizes {
+    /// Fixed: inputs' as calibrated, weights' from each channel's largest magnitude.
+    Calibrated,
+    /// Trained with the weights (`compress::lsq`).
+    Learned,
+}
+
 impl Default for QatParams {
     fn default() -> Self {
         table::clap_defaults()
     }
 }
+
+/// The learned steps of a run with `step-sizes = "learned"`, in its folder (by the folded
+/// model's layer paths).
+pub const LEARNED_STEPS: &str = "learned-steps.json";
 
 pub struct Qat {
     pub params: QatParams,
@@ -162,12 +183,34 @@ impl Stage for Qat {
             .iter()
             .filter_map(|(l, b)| b.map(|b| (l.clone(), b)))
             .collect();
-        let hook = QatHook::new(weight_bits, inputs.clone());
+        let hook = match p.step_sizes {
+            StepSizes::Calibrated => QatHook::new(weight_bits, inputs.clone()),
+            StepSizes::Learned => {
+                let start = lsq::initial_steps(&folded, &weight_bits, &inputs)
+                    .map_err(anyhow::Error::msg)?;
+                QatHook::learning(start, config.optimizer.build())
+            }
+        };
+        let learned = hook.learned_steps();
         let (outcome, _) = train_keeping(&config, &keep, vec![Box::new(hook)], cx)?;
         let trained = crate::checkpoint::read(&outcome.model_path)?;
-        let quantized =
-            ptq::finish(trained, &weight_bits_of, &inputs).map_err(anyhow::Error::msg)?;
+        let learned = learned.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (inputs, weight_steps) = match learned {
+            None => (inputs, BTreeMap::new()),
+            Some(steps) => {
+                crate::atomic_file::write_atomic(
+                    &cx.dir.join(LEARNED_STEPS),
+                    serde_json::to_string_pretty(&steps)?.as_bytes(),
+                )?;
+                let inputs = steps.iter().map(|(l, s)| (l.clone(), s.input)).collect();
+                let weights = steps.into_iter().map(|(l, s)| (l, s.weights)).collect();
+                (inputs, weights)
+            }
+        };
+        let quantized = ptq::finish(trained, &weight_bits_of, &inputs, &weight_steps)
+            .map_err(anyhow::Error::msg)?;
         let mut out = super::quantize::write(&quantized, &renamed, &input, cx, &self.out)?;
+        out.details["step_sizes"] = serde_json::to_value(p.step_sizes)?;
         out.details["epochs"] = p.epochs.into();
         out.details["calibration_images"] = calibration.n.into();
         out.curve = outcome.metrics;
