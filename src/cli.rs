@@ -200,6 +200,17 @@ pub enum BenchCommand {
         #[arg(long, requires = "checkpoint")]
         float: Option<PathBuf>,
     },
+    /// The XNOR-popcount binary convolution against convpress's f32 convolution at XNOR-Net's
+    /// benchmark shape (256 channels, 3x3, 14x14) and ResNet-20's, interleaved, as medians.
+    Binary {
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 64])]
+        batch: Vec<usize>,
+        /// Seconds per shape and batch (all three timings together).
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Training and inference images per second on synthetic data.
     Train {
         #[arg(long, value_enum, default_value = "lenet5")]
@@ -549,6 +560,11 @@ fn run_bench(
             Some(q) => bench::compare_quantized_model(&q, float.as_deref(), &batch, seconds, json),
             None => bench::compare_int8_layers(&batch, seconds, json),
         },
+        BenchCommand::Binary {
+            batch,
+            seconds,
+            json,
+        } => bench::compare_binary_convs(&batch, seconds, json),
         BenchCommand::Ops { seconds, json } => {
             crate::bench::check_bench_args(&[1], seconds)?;
             bench::print_ops(&device()?, seconds, json)

@@ -482,3 +482,67 @@ pub fn compare_quantized_model(
     }
     Ok(())
 }
+
+/// `convpress bench binary`: the binary convolution against convpress's f32 convolution at
+/// XNOR-Net's benchmark shape (256 channels in and out, 3x3, 14x14) and at ResNet-20's three
+/// shapes, at each batch size.
+pub fn compare_binary_convs(batch: &[usize], seconds: f64, json: bool) -> anyhow::Result<()> {
+    check_bench_args(batch, seconds)?;
+    let shapes = [
+        ("xnor-net", [256, 256], [14, 14]),
+        ("resnet20.stage1", [16, 16], [32, 32]),
+        ("resnet20.stage2", [32, 32], [16, 16]),
+        ("resnet20.stage3", [64, 64], [8, 8]),
+    ];
+    if !json {
+        println!(
+            "{:<16} {:>9} {:>6} {:>5} {:>7} {:>6} {:>10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9}",
+            "layer",
+            "channels",
+            "hw",
+            "batch",
+            "threads",
+            "path",
+            "f32 us",
+            "binary us",
+            "packed us",
+            "speedup",
+            "packed",
+            "f32 B",
+            "binary B"
+        );
+    }
+    for &(name, channels, hw) in &shapes {
+        for &b in batch {
+            let r =
+                super::measure_binary_conv(name, channels, hw, b, Duration::from_secs_f64(seconds))
+                    .map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{:<16} {:>9} {:>6} {:>5} {:>7} {:>6} {:>10.1} {:>10.1} {:>10.1} {:>7.2}x {:>7.2}x {:>9} {:>9}",
+                    r.layer,
+                    format!("{}>{}", channels[0], channels[1]),
+                    format!("{}x{}", hw[0], hw[1]),
+                    r.batch,
+                    r.threads,
+                    r.path,
+                    r.f32_us,
+                    r.binary_us,
+                    r.packed_us,
+                    r.speedup,
+                    r.packed_speedup,
+                    r.f32_weight_bytes,
+                    r.binary_weight_bytes
+                );
+            }
+        }
+    }
+    if !json {
+        println!(
+            "(3x3, stride 1, padding 1; medians of 5 interleaved rounds; speedup: f32 time over the binary layer's, f32 in to f32 out with the input's binarization and packing; packed: over the packed-input-to-sums time)"
+        );
+    }
+    Ok(())
+}

@@ -764,3 +764,108 @@ pub fn measure_quantized_model(
         speedup: f32_ms / int8_ms,
     }
 }
+
+/// One binary convolution against convpress's f32 convolution of the same shape
+/// (`convpress bench binary`): both from f32 input to f32 output, the binary one including the
+/// binarization and packing of its input and its per-filter scale; and the binary one from
+/// packed input to i32 sums alone.
+#[derive(Debug, Clone, Serialize)]
+pub struct BinaryMeasurement {
+    pub layer: String,
+    pub channels: [usize; 2],
+    pub hw: [usize; 2],
+    pub batch: usize,
+    pub threads: usize,
+    pub path: String,
+    /// Medians over interleaved rounds, microseconds per call.
+    pub f32_us: f64,
+    pub binary_us: f64,
+    pub packed_us: f64,
+    pub speedup: f64,
+    pub packed_speedup: f64,
+    pub f32_weight_bytes: usize,
+    pub binary_weight_bytes: usize,
+}
+
+/// Times the 3x3 convolution (stride 1, padding 1) of `c_in` to `c_out` channels on `hw`
+/// images at `batch`: convpress's f32 convolution, the binary layer from f32 to f32, and the
+/// binary convolution on packed input, alternately in `rounds` rounds.
+pub fn measure_binary_conv(
+    layer: &str,
+    [c_in, c_out]: [usize; 2],
+    hw: [usize; 2],
+    batch: usize,
+    budget: Duration,
+) -> Result<BinaryMeasurement, String> {
+    use crate::kernels::binary::{self, PackedFilters, PackedImages, Path};
+    use crate::kernels::conv::{self, Conv2dProblem};
+    use rand::{Rng, SeedableRng};
+    let p = Conv2dProblem {
+        batch,
+        in_channels: c_in,
+        out_channels: c_out,
+        in_hw: hw,
+        kernel: [3, 3],
+        stride: [1, 1],
+        pad_begin: [1, 1],
+        pad_end: [1, 1],
+        dilation: [1, 1],
+        groups: 1,
+    };
+    p.validate()?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let x: Vec<f32> = (0..p.x_len())
+        .map(|_| rng.random_range(-1f32..1.0))
+        .collect();
+    let w: Vec<f32> = (0..p.weight_len())
+        .map(|_| rng.random_range(-0.1f32..0.1))
+        .collect();
+    let bias: Vec<f32> = (0..c_out).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+    // BWN's per-filter scale, mean |w|.
+    let taps = c_in * 9;
+    let alpha: Vec<f32> = w
+        .chunks(taps)
+        .map(|f| f.iter().map(|v| v.abs()).sum::<f32>() / taps as f32)
+        .collect();
+    let filters = PackedFilters::pack(&w, c_out, c_in, [3, 3]);
+    let path = Path::best();
+    let mut y = vec![0f32; p.y_len()];
+    let mut sums = vec![0i32; p.y_len()];
+    let packed = PackedImages::pack(&x, batch, c_in, hw);
+    let rounds = 5;
+    let slice = budget / (3 * rounds);
+    let (mut f32_us, mut binary_us, mut packed_us) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let (iters, secs) = time_loop(slice, || conv::forward(&p, &x, &w, Some(&bias), &mut y));
+        f32_us.push(1e6 * secs / iters as f64);
+        let (iters, secs) = time_loop(slice, || {
+            let input = PackedImages::pack(&x, batch, c_in, hw);
+            binary::conv_scaled(path, &p, &input, &filters, &alpha, Some(&bias), &mut y);
+        });
+        binary_us.push(1e6 * secs / iters as f64);
+        let (iters, secs) = time_loop(slice, || {
+            binary::conv(path, &p, &packed, &filters, &mut sums)
+        });
+        packed_us.push(1e6 * secs / iters as f64);
+    }
+    let (f32_us, binary_us, packed_us) = (
+        median(&mut f32_us),
+        median(&mut binary_us),
+        median(&mut packed_us),
+    );
+    Ok(BinaryMeasurement {
+        layer: layer.into(),
+        channels: [c_in, c_out],
+        hw,
+        batch,
+        threads: rayon::current_num_threads(),
+        path: path.name().into(),
+        f32_us,
+        binary_us,
+        packed_us,
+        speedup: f32_us / binary_us,
+        packed_speedup: f32_us / packed_us,
+        f32_weight_bytes: 4 * p.weight_len(),
+        binary_weight_bytes: filters.bytes() + 4 * c_out,
+    })
+}

@@ -99,7 +99,7 @@ impl Conv2dProblem {
         self.in_hw[0] * self.in_hw[1]
     }
 
-    fn out_plane(&self) -> usize {
+    pub fn out_plane(&self) -> usize {
         let [oh, ow] = self.out_hw();
         oh * ow
     }

@@ -7,6 +7,7 @@
 //! [`extension`] plugs the kernels into Burn (custom ops on the `Flex` backend with their own
 //! backward under `Autodiff`), and [`gemm`] is the single matrix-product entry point.
 
+pub mod binary;
 pub mod conv;
 pub mod extension;
 pub mod gemm;
