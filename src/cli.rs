@@ -106,6 +106,10 @@ pub enum Command {
     /// inputs calibrated, weights and inputs fake-quantized with straight-through gradients);
     /// writes a .cpz like quantize does.
     Qat(QatArgs),
+    /// Binary or ternary weights trained from a float checkpoint (--method binary-connect,
+    /// stochastic, bwn, twn or loss-aware); writes a .cpz like quantize does (weights as 2-bit
+    /// codes times one scale per channel, 8-bit inputs).
+    Binarize(BinarizeArgs),
     /// Throughput benchmarks.
     Bench {
         #[command(subcommand)]
@@ -386,12 +390,14 @@ pub struct QuantizeArgs {
     pub test_limit: Option<usize>,
 }
 
+/// The files of a command that trains from one float checkpoint and writes a `.cpz`.
 #[derive(clap::Args, Debug)]
-pub struct QatArgs {
-    /// The trained float model (a checkpoint, or a pruned one: its masks are kept).
+pub struct TrainedFileArgs {
+    /// The trained float model (for qat it may be pruned: its masks are kept).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Output file (default: the checkpoint's name with .qat<bits>.cpz). Never the checkpoint.
+    /// Output file (default: beside the checkpoint, `.qat<bits>.cpz` or `.<method>.cpz`).
+    /// Never the checkpoint.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Run folder of the training (default: next to --out).
@@ -400,14 +406,38 @@ pub struct QatArgs {
     /// Replace --out and the run folder if they exist.
     #[arg(long)]
     pub force: bool,
-    #[command(flatten)]
-    pub params: crate::pipeline::stages::qat::QatParams,
     /// Dataset folder (default: the one the checkpoint was trained on).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+}
+
+impl TrainedFileArgs {
+    fn outputs(&self) -> encode::Outputs {
+        encode::Outputs {
+            out: self.out.clone(),
+            run_dir: self.run_dir.clone(),
+            force: self.force,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct QatArgs {
+    #[command(flatten)]
+    pub files: TrainedFileArgs,
+    #[command(flatten)]
+    pub params: crate::pipeline::stages::qat::QatParams,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BinarizeArgs {
+    #[command(flatten)]
+    pub files: TrainedFileArgs,
+    #[command(flatten)]
+    pub params: crate::pipeline::stages::binarize::BinarizeParams,
 }
 
 /// `layers.2=0.9` as a layer path and a sparsity (range checked later, with the layers).
@@ -494,15 +524,27 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sensitivity(args) => crate::compress::sensitivity::command(&args, device()?),
         Command::RescaleCompare(args) => crate::rescale::compare::command(&args, device()?),
         Command::Encode(args) => run_encode(args, device()?),
-        Command::Qat(args) => crate::pipeline::stages::qat::command(
-            &args.checkpoint,
-            encode::Outputs {
-                out: args.out,
-                run_dir: args.run_dir,
-                force: args.force,
-            },
+        Command::Binarize(args) => crate::pipeline::stages::binarize::command(
+            &args.files.checkpoint,
+            args.files.outputs(),
             args.params,
-            context(PathBuf::new(), device()?, args.data_dir, args.no_progress),
+            context(
+                PathBuf::new(),
+                device()?,
+                args.files.data_dir,
+                args.files.no_progress,
+            ),
+        ),
+        Command::Qat(args) => crate::pipeline::stages::qat::command(
+            &args.files.checkpoint,
+            args.files.outputs(),
+            args.params,
+            context(
+                PathBuf::new(),
+                device()?,
+                args.files.data_dir,
+                args.files.no_progress,
+            ),
         ),
         Command::Quantize(args) => crate::pipeline::stages::quantize::command(
             &args.checkpoint,

@@ -171,6 +171,9 @@ macro_rules! binary_conformance {
                     problem(1, 130, 7, [7, 7], 5, 1, 2),
                     problem(1, 16, 8, [8, 8], 1, 1, 0),
                     problem(1, 32, 4, [9, 9], 3, 2, 0),
+                    // A window of 8 words × 25 taps = 50 vectors: the byte counts are
+                    // flushed after 31 of them.
+                    problem(1, 512, 3, [5, 5], 5, 1, 2),
                     // More padding than the window reaches: border outputs see no pixel.
                     problem(1, 3, 2, [2, 2], 3, 1, 3),
                 ]

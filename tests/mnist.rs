@@ -235,6 +235,20 @@ fn post_training_and_quantization_aware_training_on_real_mnist() {
     .unwrap();
     let spec = convpress::checkpoint::read(&l4).unwrap().quant.unwrap();
     assert_eq!(steps.len(), spec.layers.len());
+    // The steps trained: the first conv's weight steps moved from their least-error start.
+    let float = convpress::checkpoint::read(&out.model_path).unwrap();
+    let (w, _) = convpress::checkpoint::floats(&float.tensors, "layers.0.weight").unwrap();
+    let per = w.len() / steps["layers.0"].weights.len();
+    let moved = steps["layers.0"]
+        .weights
+        .iter()
+        .enumerate()
+        .filter(|(c, s)| {
+            let start = convpress::compress::lsq::least_error_step(&w[c * per..(c + 1) * per], 4);
+            (**s - start).abs() > 1e-6 * start
+        })
+        .count();
+    assert!(moved > 0, "no weight step of layers.0 moved");
     for (path, layer) in &spec.layers {
         assert_eq!(layer.input, steps[path].input, "{path}");
         assert_eq!(layer.weight_scales, steps[path].weights, "{path}");
@@ -252,4 +266,53 @@ fn post_training_and_quantization_aware_training_on_real_mnist() {
         text.contains(&format!("accuracy {:.2}%", 100.0 * acc4)),
         "{text}"
     );
+}
+
+/// Binarization on the real data: from a LeNet-5 after one short epoch, each method trained
+/// for a short epoch more (`convpress binarize`, first and last layers in float) stays above
+/// 90% on the int8 kernels; stochastic BinaryConnect, whose forward passes draw new signs at
+/// every step and whose file takes the deterministic sign, above 80%.
+#[test]
+fn each_binarization_method_trains_on_real_mnist() {
+    let dir = common::real_mnist();
+    let run = tempfile::tempdir().unwrap();
+    let out = lenet5_short_epoch(&dir, run.path());
+    for method in ["binary-connect", "stochastic", "bwn", "twn", "loss-aware"] {
+        let file = run.path().join(format!("{method}.cpz"));
+        let o = Command::new(env!("CARGO_BIN_EXE_convpress"))
+            .args(["binarize", "--method", method, "--epochs", "1"])
+            .args([
+                "--train-limit",
+                "3000",
+                "--test-limit",
+                "1000",
+                "--no-progress",
+            ])
+            .arg("--checkpoint")
+            .arg(&out.model_path)
+            .arg("--data-dir")
+            .arg(&dir)
+            .arg("--out")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{method}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let loaded = convpress::checkpoint::read(&file).unwrap();
+        let spec = loaded.quant.clone().unwrap();
+        assert_eq!(spec.layers.len(), 2, "{method}: the two middle layers");
+        assert!(spec.layers.values().all(|l| l.bits == 2));
+        let model = convpress::runtime::model::SparseModel::from_loaded(&loaded).unwrap();
+        let test = data::load(DatasetKind::Mnist, &dir)
+            .unwrap()
+            .test
+            .take(1000);
+        let test = loaded.meta.preprocess.try_apply(&test).unwrap();
+        let acc = convpress::runtime::model::evaluate(&model, &test, 500).1;
+        let floor = if method == "stochastic" { 0.80 } else { 0.90 };
+        assert!(acc >= floor, "{method}: {acc}");
+    }
 }

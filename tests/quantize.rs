@@ -237,9 +237,11 @@ fn learned_step_gradients_follow_eq_3() {
         .sum();
     assert!((gs[0] - g * eq3).abs() <= 1e-5, "{} vs {}", gs[0], g * eq3);
 
-    // An input's step is shared by an image's values: g = 1/sqrt(N Qp).
+    // An input's step is shared by an image's values, N of them: g = 1/sqrt(N Qp), Qp the
+    // codes above the zero point (15 - 3 = 12 here). 0.3 / 0.25 = 1.2 on the grid (+3): its
+    // eq. 3 term is round(1.2) - 1.2 = -0.2, for each of the 8 values.
     assert_eq!(gradient_scale(16, 4), 0.125);
-    let x = Tensor::<2>::from_data(TensorData::new(vec![0.5f32; 8], [2, 4]), &d);
+    let x = Tensor::<2>::from_data(TensorData::new(vec![0.3f32; 8], [2, 4]), &d);
     let s = Tensor::<1>::from_data(TensorData::new(vec![q.scale], [1]), &d).require_grad();
     let grads = lsq_input(x, s.clone(), &q).sum().backward();
     let gs: f32 = s
@@ -248,8 +250,31 @@ fn learned_step_gradients_follow_eq_3() {
         .into_data()
         .try_to_vec::<f32>()
         .unwrap()[0];
-    // 0.5 / 0.25 = 2 exactly: round(2) − 2 = 0 for every value.
-    assert_eq!(gs, 0.0);
+    let want = 8.0 * -0.2 / (4.0f32 * 12.0).sqrt();
+    assert!((gs - want).abs() < 1e-5, "{gs} vs {want}");
+
+    // A conv weight's steps, one per output channel, each shared by in·kh·kw = 2 weights at 3
+    // bits (Qp = 3): channel 0 holds 0.3 and 0.6 on step 0.25, channel 1 holds 5.0 (clipped at
+    // 3 codes) and -0.1 on step 1.0.
+    let w = Tensor::<4>::from_data(
+        TensorData::new(vec![0.3f32, 0.6, 5.0, -0.1], [2, 2, 1, 1]),
+        &d,
+    )
+    .require_grad();
+    let s = Tensor::<1>::from_data(TensorData::new(vec![0.25f32, 1.0], [2]), &d).require_grad();
+    let y = convpress::compress::lsq::lsq_conv(w.clone(), s.clone(), 3);
+    let got: Vec<f32> = y.clone().into_data().try_to_vec().unwrap();
+    assert_eq!(got, vec![0.25, 0.5, 3.0, 0.0]);
+    let grads = y.sum().backward();
+    let gs: Vec<f32> = s.grad(&grads).unwrap().into_data().try_to_vec().unwrap();
+    let g = 1.0 / (2.0f32 * 3.0).sqrt();
+    // round(1.2) - 1.2 + round(2.4) - 2.4; the clipped bound 3 + round(-0.1) + 0.1.
+    let want = [g * (-0.2 - 0.4), g * (3.0 + 0.1)];
+    for (a, b) in gs.iter().zip(want) {
+        assert!((a - b).abs() < 1e-5, "{gs:?} vs {want:?}");
+    }
+    let gw: Vec<f32> = w.grad(&grads).unwrap().into_data().try_to_vec().unwrap();
+    assert_eq!(gw, vec![1.0, 1.0, 0.0, 1.0]);
 }
 
 /// The learned steps' starting point and the file's: the step with the least squared error

@@ -1,7 +1,7 @@
 //! Learned step sizes for quantization-aware training (LSQ: Esser et al. 2020, "Learned Step
 //! Size Quantization", ICLR 2020). The step of every quantizer is a trained parameter: each
 //! output channel's weight step and each quantized layer's input step. The forward pass is
-//! eq. 1, `v̂ = (⌊clip(v/s + z, lo, hi)⌉ − z) · s`; the gradient reaches `v` as the clipped
+//! eqs. 1 and 2, `v̂ = (⌊clip(v/s + z, lo, hi)⌉ − z) · s`; the gradient reaches `v` as the clipped
 //! identity and `s` as eq. 3, `⌊v/s⌉ − v/s` inside the range and the range's bound outside,
 //! scaled by `g = 1/√(N·Qp)` (section 2.2, `N` the values that share the step) so that a step
 //! moves at the rate of the values it quantizes.
@@ -9,9 +9,13 @@
 //! The steps live outside the network (it keeps its structure and its saved form): the QAT
 //! hook owns them, gives them to each forward pass, takes their gradients after backward
 //! (`TrainHook::own_gradients`) and updates them with an optimizer of its own, built like the
-//! run's. Weight steps start where the weights' quantization error is least (the paper starts
-//! from `2⟨|v|⟩/√Qp`, which clips most of a trained layer at 8 bits); input steps start from
+//! run's but without weight decay. Weight steps start where the weights' quantization error is
+//! least (the paper starts from `2⟨|v|⟩/√Qp`, a range of about 22⟨|v|⟩ at 8 bits: far beyond
+//! a trained layer's largest weight, a coarser grid than needed); input steps start from
 //! calibration. Zero points stay as calibrated: after a ReLU they are 0, as in the paper.
+//! Unlike the paper (one step a layer, codes down to `−2^(b−1)`), weights have a step per
+//! output channel, with `N` the channel's weights, and the symmetric codes `±(2^(b−1) − 1)`
+//! of the int8 runtime.
 
 use super::quantize::Quantizer;
 use crate::checkpoint::{Loaded, floats};
@@ -26,7 +30,7 @@ use std::collections::BTreeMap;
 const MIN_STEP: f32 = 1e-8;
 
 /// `x` quantized on the grid of `step` (broadcast over `x`), zero point `zero_point`, codes in
-/// `lo ..= hi`: eq. 1 forward, eq. 3 backward (see the module's documentation).
+/// `lo ..= hi`: eqs. 1-2 forward, eq. 3 backward (see the module's documentation).
 pub fn lsq<const D: usize>(
     x: Tensor<D>,
     step: Tensor<D>,
@@ -114,23 +118,14 @@ pub fn initial_steps(
     weight_bits: &BTreeMap<String, u32>,
     inputs: &BTreeMap<String, Quantizer>,
 ) -> Result<Steps, String> {
-    let linear: BTreeMap<String, bool> = folded
-        .arch
-        .layer_stats()
-        .into_iter()
-        .map(|s| (s.path, s.kind == "linear"))
-        .collect();
+    let linear = super::ptq::channels_last_layers(&folded.arch);
     let mut steps = Steps::new();
     for (path, &bits) in weight_bits {
         let (w, shape) = floats(&folded.tensors, &format!("{path}.weight"))?;
         let channels_last = *linear
             .get(path)
             .ok_or_else(|| format!("{path} is not a layer of the model"))?;
-        let channels = if channels_last {
-            shape[shape.len() - 1]
-        } else {
-            shape[0]
-        };
+        let channels = super::ptq::output_channels(&shape, channels_last);
         let per_channel = w.len() / channels.max(1);
         let weights = (0..channels)
             .map(|c| {

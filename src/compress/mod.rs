@@ -2,6 +2,7 @@
 //! it happens during training is decided by a schedule driving a [`crate::train::TrainHook`]
 //! (the split of Intel Distiller's pruners and policies).
 
+pub mod binarize;
 pub mod bit_sensitivity;
 pub mod fold;
 pub mod format;

@@ -179,12 +179,7 @@ pub fn finish(
 ) -> Result<Loaded, String> {
     let mut tensors = folded.tensors.clone();
     let mut spec = QuantSpec::default();
-    let linear: BTreeMap<String, bool> = folded
-        .arch
-        .layer_stats()
-        .into_iter()
-        .map(|s| (s.path, s.kind == "linear"))
-        .collect();
+    let linear = channels_last_layers(&folded.arch);
     for (path, bits) in bits_of {
         let Some(bits) = *bits else { continue };
         let input = *inputs
@@ -222,6 +217,24 @@ pub fn finish(
     Ok(quantized)
 }
 
+/// Every layer's path, and whether its weight has its output channels last (Burn's linear
+/// `[in, out]`) rather than first (conv `[out, in, kh, kw]`).
+pub fn channels_last_layers(arch: &crate::models::Arch) -> BTreeMap<String, bool> {
+    arch.layer_stats()
+        .into_iter()
+        .map(|s| (s.path, s.kind == "linear"))
+        .collect()
+}
+
+/// The output channels of a weight of `shape`, last or first.
+pub fn output_channels(shape: &[usize], channels_last: bool) -> usize {
+    if channels_last {
+        shape[shape.len() - 1]
+    } else {
+        shape[0]
+    }
+}
+
 /// Puts weight `w` (output channel first, or last for Burn's linear `[in, out]`) on its
 /// symmetric per-channel grid of `bits` bits, `w = code · step`; returns the steps. They are
 /// `steps` where given (one per channel, positive; values beyond the range are clipped), else
@@ -233,11 +246,7 @@ pub fn quantize_in_place(
     bits: u32,
     steps: Option<&[f32]>,
 ) -> Result<Vec<f32>, String> {
-    let channels = if channel_last {
-        shape[shape.len() - 1]
-    } else {
-        shape[0]
-    };
+    let channels = output_channels(shape, channel_last);
     let inner = if channel_last {
         1
     } else {

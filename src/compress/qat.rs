@@ -7,7 +7,8 @@
 //! ranges calibrated before training, kept fixed, so that the trained network sees the grids
 //! the int8 runtime runs on (up to ties: Burn rounds them to even, the quantizers away from
 //! zero). The per-epoch test accuracy of the run is that of the float weights with fake-
-//! quantized inputs; the written file's accuracy is measured on the int8 kernels. Batch norms are folded before training (`compress::fold`).
+//! quantized inputs; the written file's accuracy is measured on the int8 kernels. Batch norms
+//! are folded before training (`compress::fold`).
 //!
 //! With learned step sizes ([`super::lsq`], Esser et al. 2020) every quantizer's step trains
 //! too, and the written file is quantized on the learned steps.

@@ -7,12 +7,13 @@
 //! is padded to whole words with 0 bits in every operand, so padding bits agree and ⊕ leaves
 //! them out of the count; the dot product uses the true length. A convolution's input is
 //! packed channels last (`[N, H, W, words]`) and its filters as `[out, kh, kw, words]`, so one
-//! window row is `kw · words` consecutive words in both; taps in the zero padding at the
-//! image border (which is neither +1 nor −1) are skipped, so they add 0, as zero padding does.
+//! window row is `kw · words` consecutive words in both. Taps in the zero padding at the image
+//! border (which is neither +1 nor −1) are gathered as 0 words, that is −1, and their
+//! contribution is taken back out afterwards (`sum_bases`), so they add 0, as zero padding does.
 //!
-//! The count runs on one of three paths, chosen at run time ([`Path::best`]) and each held to
-//! the plain [`Path::Reference`] (which multiplies unpacked ±1 values) by one conformance
-//! suite: `count_ones` as compiled for the baseline target (`Portable`), the `popcnt`
+//! The count runs on one of three paths, chosen at run time ([`Path::best`]), each beside the
+//! plain [`Path::Reference`] (which multiplies unpacked ±1 values) and held by one conformance
+//! suite to the float computation on ±1 values: `count_ones` as compiled for the baseline target (`Portable`), the `popcnt`
 //! instruction (`Popcnt`), and AVX2's nibble-table count (`Avx2`: `vpshufb` on the low and
 //! high nibbles, summed per 64-bit lane by `vpsadbw`; Muła, Kurz and Lemire 2018, "Faster
 //! population counts using AVX2 instructions"). AVX-512's `vpopcntq` is not built: no machine
@@ -255,6 +256,7 @@ impl XorCount for Avx2Count {
     fn tile(a: [&[u64]; 2], b: [&[u64]; 4]) -> [[u32; 4]; 2] {
         use std::arch::x86_64::*;
         let n = a[0].len();
+        debug_assert!(a[1].len() == n && b.iter().all(|r| r.len() == n));
         let vectors = n / 4;
         let mut out = [[0u32; 4]; 2];
         // SAFETY: as in `count`; every row holds `n` words, loads stay below `4 · vectors`.

@@ -1,7 +1,9 @@
 //! The one list of stages a recipe can name. Adding a method adds one line here.
 
 use super::Stage;
-use super::stages::{encode, eval, finetune, prune, prune_filters, qat, quantize, share, train};
+use super::stages::{
+    binarize, encode, eval, finetune, prune, prune_filters, qat, quantize, share, train,
+};
 use super::table::{Error, StageTable};
 
 /// A stage's recipe name, what it does, and how its table is read.
@@ -56,6 +58,11 @@ pub const STAGES: &[StageKind] = &[
         name: "qat",
         about: "quantization-aware training at 2 to 8 bits, written as a .cpz",
         parse: qat::parse,
+    },
+    StageKind {
+        name: "binarize",
+        about: "binary or ternary weights (BinaryConnect, BWN, TWN, loss-aware), written as a .cpz",
+        parse: binarize::parse,
     },
     StageKind {
         name: "eval",

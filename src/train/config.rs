@@ -27,6 +27,17 @@ impl OptimizerConfig {
         }
     }
 
+    /// The same optimizer without weight decay (for parameters that must not shrink, such as
+    /// learned quantizer steps).
+    pub fn without_weight_decay(&self) -> OptimizerConfig {
+        let mut o = self.clone();
+        match &mut o {
+            OptimizerConfig::Sgd { weight_decay, .. }
+            | OptimizerConfig::Adam { weight_decay, .. } => *weight_decay = 0.0,
+        }
+        o
+    }
+
     pub fn build(&self) -> burn::optim::ModuleOptimizer {
         use burn::optim::decay::WeightDecayConfig;
         use burn::optim::momentum::MomentumConfig;

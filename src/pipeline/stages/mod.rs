@@ -2,6 +2,7 @@
 //! its recipe table: one struct for both), its `plan` checks, and its `run`, which calls the
 //! method in `compress` or `rescale`.
 
+pub mod binarize;
 pub mod encode;
 pub mod eval;
 pub mod finetune;

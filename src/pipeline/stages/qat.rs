@@ -188,7 +188,7 @@ impl Stage for Qat {
             StepSizes::Learned => {
                 let start = lsq::initial_steps(&folded, &weight_bits, &inputs)
                     .map_err(anyhow::Error::msg)?;
-                QatHook::learning(start, config.optimizer.build())
+                QatHook::learning(start, config.optimizer.without_weight_decay().build())
             }
         };
         let learned = hook.learned_steps();
@@ -226,13 +226,38 @@ pub fn command(
     params: QatParams,
     cx: Context,
 ) -> anyhow::Result<()> {
+    let out = outputs
+        .out
+        .clone()
+        .unwrap_or_else(|| checkpoint.with_extension(format!("qat{}.cpz", params.bits)));
+    let banner = format!(
+        "quantization-aware training for {} epochs at {} bits",
+        params.epochs, params.bits
+    );
+    let test_limit = params.test_limit;
+    let stage = |staged| Qat {
+        params,
+        layers: Default::default(),
+        out: Some(staged),
+    };
+    train_and_write(checkpoint, out, outputs, test_limit, &banner, stage, cx)
+}
+
+/// A stage that trains a float model and writes a `.cpz` (`qat`, `binarize`), run as a
+/// command on one checkpoint: the stage (made by `stage` to write to a staged file) is
+/// planned before any work, trains in the run folder (default: next to `out`), and its file
+/// is published to `out`; prints what `convpress quantize` prints.
+pub fn train_and_write<S: Stage>(
+    checkpoint: &std::path::Path,
+    out: PathBuf,
+    outputs: super::encode::Outputs,
+    test_limit: Option<usize>,
+    banner: &str,
+    stage: impl FnOnce(PathBuf) -> S,
+    cx: Context,
+) -> anyhow::Result<()> {
     use crate::run_folder::{Reuse, RunFolder, claim_output};
-    let super::encode::Outputs {
-        out,
-        run_dir,
-        force,
-    } = outputs;
-    let out = out.unwrap_or_else(|| checkpoint.with_extension(format!("qat{}.cpz", params.bits)));
+    let force = outputs.force;
     claim_output(&out, &[checkpoint], force, "--out")?;
     let source = Model::open(checkpoint)?;
     if source.loaded.quant.is_some() {
@@ -242,18 +267,13 @@ pub fn command(
         );
     }
     let staged = crate::atomic_file::tmp_sibling(&out);
-    let test_limit = params.test_limit;
-    let stage = Qat {
-        params,
-        layers: Default::default(),
-        out: Some(staged.clone()),
-    };
+    let stage = stage(staged.clone());
     stage
         .plan(&Plan::of(&source), &cx)
         .map_err(|e| anyhow::anyhow!("{}: {e}", checkpoint.display()))?;
     let test =
         crate::pipeline::measure::test_set(&source, &cx.data_dir_for(source.meta()), test_limit)?;
-    let work = run_dir.unwrap_or_else(|| out.with_extension("run"));
+    let work = outputs.run_dir.unwrap_or_else(|| out.with_extension("run"));
     let _work = RunFolder::open(
         &work,
         Reuse::from_flags(false, force),
@@ -265,12 +285,7 @@ pub fn command(
         dir: work.clone(),
         ..cx
     };
-    eprintln!(
-        "quantization-aware training for {} epochs at {} bits, run folder {}",
-        stage.params.epochs,
-        stage.params.bits,
-        work.display()
-    );
+    eprintln!("{banner}, run folder {}", work.display());
     let result = stage.run(Some(source.clone()), &cx).and_then(|q| {
         crate::atomic_file::publish(&staged, &out, force)?;
         Ok(q)

@@ -1,0 +1,213 @@
+//! The `binarize` stage: binary or ternary weights (`compress::binarize`) trained from a float
+//! model with Adam (every method alike, as loss-aware binarization needs its second moment),
+//! the latent weights then binarized for good, and the model written as `quantize` writes
+//! it: layer inputs calibrated at 8 bits, weights as 2-bit codes in {−1, 0, +1} times one scale
+//! per output channel (batch norms folded into those scales), a version-2 `.cpz` that `eval`
+//! runs on the int8 kernels. The layers named in `float-layers` stay in float (by default the
+//! first and the last, as BWN and XNOR-Net keep them); binarizing a layer with one input
+//! channel is refused (a binary filter over one channel keeps only single pixels' signs).
+
+use super::quantize::{CalibrationKind, Quantize, QuantizeParams};
+use super::{check_retrain, retrain_config, train_keeping};
+use crate::checkpoint::floats;
+use crate::compress::binarize::{BinarizeHook, Method, binarize_weight};
+use crate::compress::ptq;
+use crate::models::arch::Shape;
+use crate::pipeline::table::{self, StageTable};
+use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, required};
+use crate::train::OptimizerConfig;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+/// `convpress binarize`'s flags and the `binarize` stage's keys.
+#[derive(clap::Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct BinarizeParams {
+    #[arg(long, value_enum, default_value_t = Method::Bwn)]
+    pub method: Method,
+    /// Layers kept in float: `first`, `last` or layer paths and patterns, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = ["first".to_string(), "last".to_string()])]
+    pub float_layers: Vec<String>,
+    /// Epochs of training with binarized weights.
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    /// Adam's learning rate.
+    #[arg(long, default_value_t = 0.001, allow_negative_numbers = true)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Training images the 8-bit input ranges are calibrated on, after training (the first N).
+    #[arg(long, default_value_t = 1024)]
+    pub calibrate: usize,
+    /// Train on the first N training images only.
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    pub test_limit: Option<usize>,
+}
+
+impl Default for BinarizeParams {
+    fn default() -> Self {
+        table::clap_defaults()
+    }
+}
+
+pub struct Binarize {
+    pub params: BinarizeParams,
+    /// Where the file goes (default: `model.cpz` in the stage's folder).
+    pub out: Option<PathBuf>,
+}
+
+pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, table::Error> {
+    Ok(Box::new(Binarize {
+        params: t.params()?,
+        out: None,
+    }))
+}
+
+impl Binarize {
+    /// How the binarized model is written: 8-bit inputs, 2-bit weights, float layers kept.
+    fn quantize(&self) -> Quantize {
+        let p = &self.params;
+        Quantize {
+            params: QuantizeParams {
+                bits: 8,
+                calibrate: p.calibrate,
+                calibration: CalibrationKind::MinMax,
+                percentile: 99.99,
+                float_layers: p.float_layers.clone(),
+                targets: None,
+                weight_bits: Some(2),
+            },
+            layers: Default::default(),
+            out: self.out.clone(),
+        }
+    }
+
+    /// The layers to binarize (conv and linear, not kept in float), refused where one has a
+    /// single input channel (and, by `settings_for`, where none is left).
+    fn binarized(&self, arch: &crate::models::Arch) -> Result<BTreeSet<String>, String> {
+        let settings = self.quantize().settings_for(arch)?;
+        let mut out = BTreeSet::new();
+        for s in arch.layer_stats() {
+            let path = s.path;
+            if !matches!(s.kind, "conv2d" | "linear")
+                || matches!(settings.layer_bits.get(&path), Some(None))
+            {
+                continue;
+            }
+            if s.kind == "conv2d" && matches!(s.input, Shape::Map([1, _, _])) {
+                return Err(format!(
+                    "{path} has one input channel: binarizing it keeps only the signs of single pixels; keep it in float (float-layers = first, or its path)"
+                ));
+            }
+            out.insert(path);
+        }
+        Ok(out)
+    }
+}
+
+impl Stage for Binarize {
+    fn kind(&self) -> &'static str {
+        "binarize"
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::json!({ "params": self.params })
+    }
+
+    fn plan(&self, before: &Plan, cx: &Context) -> Result<Plan, String> {
+        if before.state.contains(&State::Masks) {
+            return Err(
+                "the model is pruned: binarization sets every weight to ±α, so its zeros would not survive; binarize the unpruned model".into(),
+            );
+        }
+        let p = &self.params;
+        let arch = before.arch()?;
+        check_retrain(arch, p.epochs, p.lr, [p.train_limit, p.test_limit])?;
+        self.binarized(arch)?;
+        let after = self.quantize().plan(before, cx)?;
+        Ok(after.with(State::Encoded))
+    }
+
+    fn run(&self, input: Option<Model>, cx: &Context) -> anyhow::Result<Outcome> {
+        let input = required(input, self.kind())?;
+        let p = &self.params;
+        let layers = self.binarized(input.arch()).map_err(anyhow::Error::msg)?;
+        let mut config = retrain_config(&input, p.epochs, p.lr, p.seed, cx)?;
+        config.optimizer = OptimizerConfig::Adam {
+            lr: p.lr,
+            weight_decay: 0.0,
+        };
+        config.train_limit = p.train_limit;
+        config.test_limit = p.test_limit;
+        let hook = BinarizeHook::new(p.method, layers.clone());
+        let scales = hook.scales();
+        let keep = crate::pipeline::Constraints::default();
+        let (outcome, _) = train_keeping(&config, &keep, vec![Box::new(hook)], cx)?;
+        // The latent weights binarized for good.
+        let mut trained = crate::checkpoint::read(&outcome.model_path)?;
+        let scales = scales.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let linear = ptq::channels_last_layers(&trained.arch);
+        for layer in &layers {
+            let name = format!("{layer}.weight");
+            let (w, shape) = floats(&trained.tensors, &name).map_err(anyhow::Error::msg)?;
+            let channels_last = linear.get(layer).copied().unwrap_or(false);
+            let b = binarize_weight(
+                p.method,
+                &w,
+                &shape,
+                channels_last,
+                scales.get(layer).copied(),
+            );
+            let id = trained.tensors.get(&name).and_then(|(_, id)| *id);
+            trained
+                .tensors
+                .insert(name, (burn::tensor::TensorData::new(b, shape), id));
+        }
+        let settings = self
+            .quantize()
+            .settings_for(&trained.arch)
+            .map_err(anyhow::Error::msg)?;
+        let meta = input.meta();
+        let splits = crate::data::load(meta.dataset, &cx.data_dir_for(meta))?;
+        let calibration = meta.preprocess.try_apply(&splits.train.take(p.calibrate))?;
+        let quantized = ptq::quantize_model(&trained, &settings, &calibration)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", input.file.display()))?;
+        let mut out =
+            super::quantize::write(&quantized.model, &quantized.renamed, &input, cx, &self.out)?;
+        out.details["calibration_images"] = quantized.calibration_images.into();
+        out.details["method"] = p.method.name().into();
+        out.details["binarized_layers"] = layers.len().into();
+        out.details["epochs"] = p.epochs.into();
+        out.curve = outcome.metrics;
+        Ok(out)
+    }
+}
+
+/// `convpress binarize`: the stage on one checkpoint, its training in `run_dir` (default:
+/// next to `out`), written to `out`; prints what `convpress quantize` prints.
+pub fn command(
+    checkpoint: &std::path::Path,
+    outputs: super::encode::Outputs,
+    params: BinarizeParams,
+    cx: Context,
+) -> anyhow::Result<()> {
+    let out = outputs
+        .out
+        .clone()
+        .unwrap_or_else(|| checkpoint.with_extension(format!("{}.cpz", params.method.name())));
+    let banner = format!(
+        "training with {} weights for {} epochs",
+        params.method.name(),
+        params.epochs
+    );
+    let test_limit = params.test_limit;
+    let stage = |staged| Binarize {
+        params,
+        out: Some(staged),
+    };
+    super::qat::train_and_write(checkpoint, out, outputs, test_limit, &banner, stage, cx)
+}
