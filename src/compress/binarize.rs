@@ -236,8 +236,19 @@ pub struct BinarizeHook {
     steps: i32,
     /// LAB: the scale of each layer at the last forward pass.
     scales: Arc<Mutex<BTreeMap<String, f32>>>,
-    /// Each binarized weight's clipping bound, by parameter path (filled at the first step).
-    bounds: BTreeMap<String, f32>,
+    /// The binarized weights, read once from the model (parameter ids survive the steps).
+    weights: Vec<Weight>,
+}
+
+/// One binarized layer's weight parameter.
+struct Weight {
+    /// The layer's path (`layers.2`) and the parameter's (`layers.2.weight`).
+    layer: String,
+    param: String,
+    id: burn::module::ParamId,
+    rank: usize,
+    /// What the latent weights are clipped to.
+    bound: f32,
 }
 
 impl BinarizeHook {
@@ -248,7 +259,7 @@ impl BinarizeHook {
             second_moment: BTreeMap::new(),
             steps: 0,
             scales: Arc::default(),
-            bounds: BTreeMap::new(),
+            weights: Vec::new(),
         }
     }
 
@@ -264,6 +275,11 @@ impl BinarizeHook {
             return None;
         }
         let values: Vec<f32> = w.clone().detach().into_data().try_to_vec().ok()?;
+        Some(self.lab_scale_of(path, &values))
+    }
+
+    /// [`Self::lab_scale`] on the weight's values; recorded as the layer's scale.
+    fn lab_scale_of(&self, path: &str, values: &[f32]) -> f32 {
         let correction = 1.0 - BETA2.powi(self.steps.max(1)) as f32;
         let d: Vec<f32> = match self.second_moment.get(path) {
             Some(v) => v
@@ -272,12 +288,38 @@ impl BinarizeHook {
                 .collect(),
             None => vec![1.0; values.len()],
         };
-        let a = loss_aware_scale(&values, &d);
+        let a = loss_aware_scale(values, &d);
         self.scales
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(path.to_string(), a);
-        Some(a)
+        a
+    }
+
+    /// The binarized weights of `model`, read once.
+    fn weights(&mut self, model: &Network) -> &[Weight] {
+        if self.weights.is_empty() {
+            let (method, layers) = (self.method, &self.layers);
+            self.weights = crate::checkpoint::named_tensors(model)
+                .into_iter()
+                .filter_map(|(param, id, data)| {
+                    let layer = param.strip_suffix(".weight")?.to_string();
+                    if !layers.contains(&layer) {
+                        return None;
+                    }
+                    let shape = data.shape().to_vec();
+                    let bound = clip_bound(method, &shape, shape.len() == 2);
+                    Some(Weight {
+                        layer,
+                        param,
+                        id,
+                        rank: shape.len(),
+                        bound,
+                    })
+                })
+                .collect();
+        }
+        &self.weights
     }
 
     fn map(&self, layers: Vec<Layer>, prefix: &str) -> Vec<Layer> {
@@ -310,60 +352,23 @@ impl BinarizeHook {
     }
 
     /// LAB: folds this step's gradients of the binarized weights into the estimate.
-    fn observe<const D: usize>(
-        &mut self,
-        path: &str,
-        id: burn::module::ParamId,
-        grads: &GradientsParams,
-    ) {
-        let Some(g) = grads.get::<D>(id) else { return };
-        let Ok(g) = g.into_data().try_to_vec::<f32>() else {
-            return;
-        };
-        let v = self
-            .second_moment
-            .entry(path.to_string())
-            .or_insert_with(|| vec![0.0; g.len()]);
+    fn observe(&mut self, model: &Network, grads: &GradientsParams) {
+        self.weights(model);
         let b = BETA2 as f32;
-        for (v, g) in v.iter_mut().zip(g) {
-            *v = b * *v + (1.0 - b) * g * g;
-        }
-    }
-
-    fn scale_all(&self, layers: &[Layer], prefix: &str) {
-        for (i, layer) in layers.iter().enumerate() {
-            let path = format!("{prefix}.{i}");
-            match layer {
-                Layer::Conv2d(c) if self.layers.contains(&path) => {
-                    self.lab_scale(&path, &c.weight.val());
-                }
-                Layer::Linear(l) if self.layers.contains(&path) => {
-                    self.lab_scale(&path, &l.weight.val());
-                }
-                Layer::Residual(r) => {
-                    self.scale_all(&r.body, &format!("{path}.body"));
-                    self.scale_all(&r.shortcut, &format!("{path}.shortcut"));
-                }
-                _ => {}
-            }
-        }
-    }
-
-    fn observe_all(&mut self, layers: &[Layer], prefix: &str, grads: &GradientsParams) {
-        for (i, layer) in layers.iter().enumerate() {
-            let path = format!("{prefix}.{i}");
-            match layer {
-                Layer::Conv2d(c) if self.layers.contains(&path) => {
-                    self.observe::<4>(&path, c.weight.id, grads)
-                }
-                Layer::Linear(l) if self.layers.contains(&path) => {
-                    self.observe::<2>(&path, l.weight.id, grads)
-                }
-                Layer::Residual(r) => {
-                    self.observe_all(&r.body, &format!("{path}.body"), grads);
-                    self.observe_all(&r.shortcut, &format!("{path}.shortcut"), grads);
-                }
-                _ => {}
+        for w in &self.weights {
+            let g = match w.rank {
+                4 => grads.get::<4>(w.id).map(|g| g.into_data()),
+                _ => grads.get::<2>(w.id).map(|g| g.into_data()),
+            };
+            let Some(Ok(g)) = g.map(|g| g.try_to_vec::<f32>()) else {
+                continue;
+            };
+            let v = self
+                .second_moment
+                .entry(w.layer.clone())
+                .or_insert_with(|| vec![0.0; g.len()]);
+            for (v, g) in v.iter_mut().zip(g) {
+                *v = b * *v + (1.0 - b) * g * g;
             }
         }
     }
@@ -382,34 +387,32 @@ impl TrainHook for BinarizeHook {
     /// LAB: the scales from the weights the epoch leaves, which the written model takes.
     fn on_epoch_end(&mut self, _metrics: &EpochMetrics, model: &Network) {
         if self.method == Method::LossAware {
-            self.scale_all(&model.layers, "layers");
+            self.weights(model);
+            for (param, _, data) in crate::checkpoint::named_tensors(model) {
+                let Some(w) = self.weights.iter().find(|w| w.param == param) else {
+                    continue;
+                };
+                if let Ok(values) = data.try_to_vec::<f32>() {
+                    self.lab_scale_of(&w.layer, &values);
+                }
+            }
         }
     }
 
     fn before_step(&mut self, _progress: &Progress, model: &Network, grads: &mut GradientsParams) {
         if self.method == Method::LossAware {
             self.steps += 1;
-            self.observe_all(&model.layers, "layers", grads);
+            self.observe(model, grads);
         }
     }
 
     fn after_step(&mut self, _progress: &Progress, model: Network) -> Network {
-        // Each binarized weight's bound (conv weights have rank 4, linear ones rank 2), once.
-        if self.bounds.is_empty() {
-            let (method, layers) = (self.method, &self.layers);
-            self.bounds = crate::checkpoint::named_tensors(&model)
-                .into_iter()
-                .filter_map(|(path, _, data)| {
-                    let layer = path.strip_suffix(".weight")?;
-                    if !layers.contains(layer) {
-                        return None;
-                    }
-                    let shape = data.shape().to_vec();
-                    Some((path, clip_bound(method, &shape, shape.len() == 2)))
-                })
-                .collect();
-        }
-        let bounds = &self.bounds;
+        self.weights(&model);
+        let bounds: BTreeMap<&str, f32> = self
+            .weights
+            .iter()
+            .map(|w| (w.param.as_str(), w.bound))
+            .collect();
         crate::checkpoint::map_params_by_path(model, |path, w| {
             bounds.get(path).map(|&b| w.clamp(-b, b))
         })

@@ -264,15 +264,9 @@ pub fn quantize_in_place(
             if let Some(bad) = steps.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
                 return Err(format!("weight step {bad} is not a positive number"));
             }
-            let hi = (1i32 << (bits - 1)) - 1;
             steps
                 .iter()
-                .map(|&scale| Quantizer {
-                    scale,
-                    zero_point: 0,
-                    lo: -hi,
-                    hi,
-                })
+                .map(|&scale| Quantizer::symmetric_step(scale, bits))
                 .collect()
         }
         None => {

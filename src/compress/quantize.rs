@@ -47,6 +47,17 @@ impl Quantizer {
         }
     }
 
+    /// Symmetric signed quantization on a given step: codes `±(2^(bits−1) − 1)`.
+    pub fn symmetric_step(scale: f32, bits: u32) -> Quantizer {
+        let hi = (1i32 << (bits - 1)) - 1;
+        Quantizer {
+            scale,
+            zero_point: 0,
+            lo: -hi,
+            hi,
+        }
+    }
+
     /// Asymmetric unsigned quantization of values in `[min, max]` (widened to contain 0) to
     /// `bits` bits; 0 is exactly representable.
     pub fn asymmetric(min: f32, max: f32, bits: u32) -> Quantizer {
