@@ -107,8 +107,9 @@ pub enum Command {
     /// writes a .cpz like quantize does.
     Qat(QatArgs),
     /// Binary or ternary weights trained from a float checkpoint (--method binary-connect,
-    /// stochastic, bwn, twn or loss-aware); writes a .cpz like quantize does (weights as 2-bit
-    /// codes times one scale per channel, 8-bit inputs).
+    /// stochastic, bwn, xnor, twn or loss-aware); writes a .cpz with binary weights at 1 bit
+    /// and ternary ones at 2, times one scale per channel (inputs at 8 bits; xnor: their signs,
+    /// run on the XNOR-popcount kernels).
     Binarize(BinarizeArgs),
     /// Throughput benchmarks.
     Bench {

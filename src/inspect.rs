@@ -82,7 +82,8 @@ pub fn info(path: &Path, json: bool) -> anyhow::Result<()> {
         let stages = crate::compress::format::stages(&bytes)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         println!(
-            "quantized layers (the others run in float; eval runs the file on the int8 kernels):"
+            "quantized layers (the others run in float; eval runs the file on the {}):",
+            q.kernels()
         );
         println!(
             "{:<22} {:>5} {:>8} {:>24} {:>5} {:>11} {:>11}",
@@ -90,13 +91,18 @@ pub fn info(path: &Path, json: bool) -> anyhow::Result<()> {
         );
         for (layer, l) in &q.layers {
             let (lo, hi) = l.input.range();
+            let range = if l.sign_input {
+                "signs".to_string()
+            } else {
+                format!("[{lo:.4}, {hi:.4}]")
+            };
             let w = stages.iter().find(|s| s.path == format!("{layer}.weight"));
             println!(
                 "{:<22} {:>5} {:>8} {:>24} {:>5} {:>11} {:>11}",
                 layer,
                 l.bits,
                 l.input.bits(),
-                format!("[{lo:.4}, {hi:.4}]"),
+                range,
                 l.input.zero_point,
                 w.map_or(0, |w| w.numel),
                 w.map_or(0, |w| w.huffman)

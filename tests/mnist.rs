@@ -270,14 +270,14 @@ fn post_training_and_quantization_aware_training_on_real_mnist() {
 
 /// Binarization on the real data: from a LeNet-5 after one short epoch, each method trained
 /// for a short epoch more (`convpress binarize`, first and last layers in float) stays above
-/// 90% on the int8 kernels; stochastic BinaryConnect, whose forward passes draw new signs at
+/// 90% on the int8 kernels (XNOR-Net: the XNOR-popcount kernels); stochastic BinaryConnect, whose forward passes draw new signs at
 /// every step and whose file takes the deterministic sign, above 80%.
 #[test]
 fn each_binarization_method_trains_on_real_mnist() {
     let dir = common::real_mnist();
     let run = tempfile::tempdir().unwrap();
     let out = lenet5_short_epoch(&dir, run.path());
-    for method in ["binary-connect", "stochastic", "bwn", "twn", "loss-aware"] {
+    for method in ["binary-connect", "stochastic", "bwn", "xnor", "twn", "loss-aware"] {
         let file = run.path().join(format!("{method}.cpz"));
         let o = Command::new(env!("CARGO_BIN_EXE_convpress"))
             .args(["binarize", "--method", method, "--epochs", "1"])
@@ -304,7 +304,19 @@ fn each_binarization_method_trains_on_real_mnist() {
         let loaded = convpress::checkpoint::read(&file).unwrap();
         let spec = loaded.quant.clone().unwrap();
         assert_eq!(spec.layers.len(), 2, "{method}: the two middle layers");
-        assert!(spec.layers.values().all(|l| l.bits == 2));
+        // Binary weights at 1 bit, ternary ones at 2; XNOR-Net's inputs binary too, after the
+        // batch norm put in front of each of its layers.
+        let bits = if method == "twn" { 2 } else { 1 };
+        assert!(spec.layers.values().all(|l| l.bits == bits), "{method}");
+        let xnor = method == "xnor";
+        assert!(spec.layers.values().all(|l| l.sign_input == xnor), "{method}");
+        let batch_norms = loaded
+            .arch
+            .layers
+            .iter()
+            .filter(|l| matches!(l, convpress::models::LayerSpec::BatchNorm { .. }))
+            .count();
+        assert_eq!(batch_norms, if xnor { 2 } else { 0 }, "{method}");
         let model = convpress::runtime::model::SparseModel::from_loaded(&loaded).unwrap();
         let test = data::load(DatasetKind::Mnist, &dir)
             .unwrap()

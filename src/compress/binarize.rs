@@ -19,6 +19,8 @@
 //!   the deterministic sign;
 //! - binary-weight networks (BWN): `b = α·sign(w)`, `α = mean |w|` (Rastegari et al. 2016,
 //!   section 3.1);
+//! - XNOR-Net: BWN's weights, and each binarized layer's input taken by its sign after a batch
+//!   norm (Rastegari et al. 2016, section 3.2; [`super::xnor`]);
 //! - ternary weight networks (TWN): `Δ = 0.7·mean |w|`, `b = α·sign(w)` where `|w| > Δ` and 0
 //!   elsewhere, `α` the mean of `|w|` over `|w| > Δ` (Li et al. 2016's approximate solution;
 //!   the paper states it per layer, here it is per filter, as the authors' later code does);
@@ -50,6 +52,8 @@ pub enum Method {
     Stochastic,
     /// Binary-weight networks: mean |w| · sign(w) per filter.
     Bwn,
+    /// XNOR-Net: BWN's weights, and binary inputs (sign after a batch norm).
+    Xnor,
     /// Ternary weight networks: α · sign(w) where |w| > 0.7 mean |w|, else 0, per filter.
     Twn,
     /// Loss-aware binarization: ‖d ⊙ w‖₁ / ‖d‖₁ · sign(w) per layer, d from Adam's second moment.
@@ -62,6 +66,7 @@ impl Method {
             Method::BinaryConnect => "binary-connect",
             Method::Stochastic => "stochastic",
             Method::Bwn => "bwn",
+            Method::Xnor => "xnor",
             Method::Twn => "twn",
             Method::LossAware => "loss-aware",
         }
@@ -70,6 +75,11 @@ impl Method {
     /// Whether a weight may become 0 (ternary) rather than only ±α.
     pub fn ternary(self) -> bool {
         self == Method::Twn
+    }
+
+    /// Whether the binarized layers' inputs are binarized too (XNOR-Net).
+    pub fn binary_inputs(self) -> bool {
+        self == Method::Xnor
     }
 }
 
@@ -84,7 +94,7 @@ fn binarize_row(method: Method, row: &[f32], alpha: Option<f32>, h: f32) -> Vec<
     let mean_abs = row.iter().map(|v| v.abs()).sum::<f32>() / row.len().max(1) as f32;
     match method {
         Method::BinaryConnect | Method::Stochastic => row.iter().map(|&v| h * sign(v)).collect(),
-        Method::Bwn => row.iter().map(|&v| mean_abs * sign(v)).collect(),
+        Method::Bwn | Method::Xnor => row.iter().map(|&v| mean_abs * sign(v)).collect(),
         Method::LossAware => {
             let a = alpha.expect("loss-aware binarization has a scale per layer");
             row.iter().map(|&v| a * sign(v)).collect()
@@ -187,7 +197,7 @@ fn binarize_rows(method: Method, w: Tensor<2>, alpha: Option<f32>, h: f32) -> Te
                 .sub_scalar(1.0)
                 .mul_scalar(h)
         }
-        Method::Bwn => sign(w) * mean_abs,
+        Method::Bwn | Method::Xnor => sign(w) * mean_abs,
         Method::LossAware => match alpha {
             Some(a) => sign(w).mul_scalar(a),
             // No estimate yet (uniform `d`): the layer's mean |w|.
@@ -377,6 +387,16 @@ impl BinarizeHook {
 impl TrainHook for BinarizeHook {
     fn name(&self) -> &str {
         "binarize"
+    }
+
+    /// XNOR-Net: the binarized layers' inputs are taken by their signs, in training and in
+    /// the epoch's evaluation alike.
+    fn on_epoch_begin(&mut self, _progress: &Progress, mut model: Network) -> Network {
+        if self.method.binary_inputs() {
+            let signs = crate::compress::qat::FakeQuantInputs::signs(&self.layers);
+            model.fake_quant = Some(Arc::new(signs));
+        }
+        model
     }
 
     fn forward_model(&mut self, _progress: &Progress, mut model: Network) -> Network {

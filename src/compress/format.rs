@@ -31,7 +31,13 @@
 //!   entry's code; or, with `gaps`, only the non-zero codes, after the code lengths and the
 //!   Huffman-coded stream of their position gaps as in `shared` (a pruned model stays sparse).
 //!
-//! A file with no quantized tensor is written as version 1, byte for byte as before.
+//! Version 3 adds binarized models (issue #13): a quantized tensor of `bits` 1 holds binary
+//! weights, one bit each, a set bit for −1 and a clear one for +1 (there is no 0, so no
+//! `gaps`), and a layer may take its input as its signs (`sign_input`, XNOR-Net). Ternary
+//! weights are 2-bit codes in {−1, 0, +1}, with `gaps` where that is smaller.
+//!
+//! A file is written at the oldest version that holds it: with no quantized tensor as version
+//! 1, byte for byte as before; with no 1-bit tensor and no binary input as version 2.
 //!
 //! The reader checks the magic, version, length and checksum before it parses anything, and
 //! bounds every count by the architecture and the bytes present (the values of all tensors
@@ -39,7 +45,7 @@
 //! refused with a message, never a panic or a huge allocation. `fuzz/` fuzzes it.
 
 use super::huffman;
-use super::quantize::{QuantSpec, check_bits};
+use super::quantize::{QuantSpec, check_weight_bits, max_code};
 use crate::checkpoint::{Loaded, ModelMeta};
 use crate::models::Arch;
 use burn::tensor::{DType, TensorData};
@@ -48,7 +54,7 @@ use std::collections::HashMap;
 
 pub const MAGIC: &[u8; 4] = b"CVPZ";
 /// The newest version this convpress writes and reads; it reads version 1 too.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Largest model the reader accepts: 1 GiB of f32 values (parameters plus batch-norm
 /// statistics).
 pub const MAX_PARAMS: usize = 1 << 28;
@@ -213,12 +219,18 @@ impl TensorEntry {
     }
 }
 
-/// Packs `codes` as two's complement `bits`-bit fields, lowest bit first.
+/// Packs `codes` as two's complement `bits`-bit fields, lowest bit first; 1-bit codes (±1) as
+/// their sign bit.
 fn pack_codes(codes: impl Iterator<Item = i8>, bits: u32, out: &mut Vec<u8>) {
     let (mut acc, mut held) = (0u64, 0u32);
     let mask = (1u64 << bits) - 1;
     for c in codes {
-        acc |= (c as i64 as u64 & mask) << held;
+        let field = if bits == 1 {
+            (c < 0) as u64
+        } else {
+            c as i64 as u64 & mask
+        };
+        acc |= field << held;
         held += bits;
         while held >= 8 {
             out.push(acc as u8);
@@ -231,7 +243,7 @@ fn pack_codes(codes: impl Iterator<Item = i8>, bits: u32, out: &mut Vec<u8>) {
     }
 }
 
-/// The `n` codes of [`pack_codes`], sign-extended.
+/// The `n` codes of [`pack_codes`], sign-extended (1-bit fields: 1 is −1, 0 is +1).
 fn unpack_codes(bytes: &[u8], n: usize, bits: u32) -> Vec<i32> {
     let mut out = Vec::with_capacity(n);
     let (mut acc, mut held, mut next) = (0u64, 0u32, 0usize);
@@ -242,7 +254,8 @@ fn unpack_codes(bytes: &[u8], n: usize, bits: u32) -> Vec<i32> {
             next += 1;
             held += 8;
         }
-        out.push((((acc << shift) as i64) >> shift) as i32);
+        let code = (((acc << shift) as i64) >> shift) as i32;
+        out.push(if bits == 1 { 1 + 2 * code } else { code });
         acc >>= bits;
         held -= bits;
     }
@@ -441,16 +454,19 @@ pub fn encode(
                 axis,
                 bits,
             } => {
-                check_bits(&path, bits)?;
+                check_weight_bits(&path, bits)?;
                 let channels = *shape
                     .get(axis)
                     .ok_or_else(|| format!("{path}: no axis {axis} in shape {shape:?}"))?;
                 if codes.len() != numel || scales.len() != channels {
                     return Err(format!("{path}: codes or steps do not fit shape {shape:?}"));
                 }
-                let hi = (1i32 << (bits - 1)) - 1;
+                let hi = max_code(bits);
                 if codes.iter().any(|&c| (c as i32).abs() > hi) {
                     return Err(format!("{path}: a code outside ±{hi}"));
+                }
+                if bits == 1 && codes.contains(&0) {
+                    return Err(format!("{path}: a 1-bit (binary) weight code of 0"));
                 }
                 for s in &scales {
                     sec.extend_from_slice(&s.to_le_bytes());
@@ -514,7 +530,15 @@ pub fn encode(
     if quantized != quant.is_some() {
         return Err("quantized tensors need the quantization spec, and it needs them".into());
     }
-    let version: u16 = if quantized { 2 } else { 1 };
+    let binary = entries
+        .iter()
+        .any(|e| matches!(e.encoding, Encoding::Quantized { bits: 1, .. }))
+        || quant.is_some_and(|q| q.layers.values().any(|l| l.sign_input));
+    let version: u16 = match (quantized, binary) {
+        (_, true) => 3,
+        (true, false) => 2,
+        (false, false) => 1,
+    };
     let header = serde_json::to_vec(&Header {
         arch: arch.clone(),
         meta: meta.clone(),
@@ -633,6 +657,16 @@ pub fn decode(bytes: &[u8]) -> Result<Loaded, String> {
     if version < 2 && header.quant.is_some() {
         return Err("a version-1 file cannot hold a quantized model".into());
     }
+    if version < 3
+        && header
+            .quant
+            .as_ref()
+            .is_some_and(|q| q.layers.values().any(|l| l.sign_input))
+    {
+        return Err(format!(
+            "a version-{version} file cannot hold binary activations"
+        ));
+    }
     let mut steps_of: HashMap<String, (u32, Vec<f32>)> = HashMap::new();
     header
         .arch
@@ -730,7 +764,13 @@ pub fn decode(bytes: &[u8]) -> Result<Loaded, String> {
                 if version < 2 {
                     return Err(format!("{}: quantized tensor in a version-1 file", t.path));
                 }
-                check_bits(&t.path, bits)?;
+                check_weight_bits(&t.path, bits)?;
+                if bits == 1 && (version < 3 || gaps.is_some()) {
+                    return Err(format!(
+                        "{}: 1-bit weights need version 3 and have no zeros to skip",
+                        t.path
+                    ));
+                }
                 // The output channel is the first axis of a conv weight and the last of a
                 // linear one (Burn's `[in, out]`); an empty tensor is no layer's weight.
                 let want_axis = usize::from(t.shape.len() == 2);
@@ -766,7 +806,7 @@ pub fn decode(bytes: &[u8]) -> Result<Loaded, String> {
                 };
                 let packed = c.take((nnz * bits as usize).div_ceil(8), &t.path)?;
                 let codes = unpack_codes(packed, nnz, bits);
-                let hi = (1i32 << (bits - 1)) - 1;
+                let hi = max_code(bits);
                 if codes.iter().any(|c| c.abs() > hi) {
                     return Err(format!("{}: a code outside ±{hi}", t.path));
                 }

@@ -15,3 +15,4 @@ pub mod quantize;
 pub mod sensitivity;
 pub mod share;
 pub mod structured;
+pub mod xnor;

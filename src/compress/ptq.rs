@@ -169,7 +169,8 @@ pub fn calibrate(
 
 /// `folded` (a float model without foldable batch norms) with the weights of every layer of
 /// `bits_of` on their per-channel grid, its inputs quantized by `inputs`: the quantized model
-/// with its spec, checked. A layer's weight steps are its entry in `weight_steps` (one per
+/// with its spec, checked. An input quantizer of [`Quantizer::signs`] (which calibration never
+/// gives: it is signed) makes the layer's input binary (XNOR-Net). A layer's weight steps are its entry in `weight_steps` (one per
 /// output channel: learned steps, which clip) or else from each channel's largest magnitude.
 pub fn finish(
     folded: Loaded,
@@ -199,6 +200,7 @@ pub fn finish(
             QuantLayer {
                 bits,
                 input,
+                sign_input: input == Quantizer::signs(),
                 weight_scales: scales,
             },
         );

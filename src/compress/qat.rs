@@ -26,11 +26,13 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 /// How a layer's input is fake-quantized: on `quantizer`, or, with a learned `step` (`[1]`,
-/// tracked), on that step with the quantizer's zero point and bounds.
+/// tracked), on that step with the quantizer's zero point and bounds; or, for XNOR-Net, taken
+/// by its sign (`signs`, [`super::xnor::sign_activation`]).
 #[derive(Debug, Clone)]
 struct InputGrid {
     quantizer: Quantizer,
     step: Option<Tensor<1>>,
+    signs: bool,
 }
 
 /// The input quantizer of each fake-quantized layer, by layer path; the network applies it in
@@ -49,10 +51,23 @@ impl FakeQuantInputs {
                     let grid = InputGrid {
                         quantizer,
                         step: None,
+                        signs: false,
                     };
                     (p, grid)
                 })
                 .collect(),
+        }
+    }
+
+    /// The inputs of `layers` binarized by sign (XNOR-Net).
+    pub fn signs(layers: &std::collections::BTreeSet<String>) -> Self {
+        let grid = InputGrid {
+            quantizer: Quantizer::signs(),
+            step: None,
+            signs: true,
+        };
+        FakeQuantInputs {
+            by_path: layers.iter().map(|p| (p.clone(), grid.clone())).collect(),
         }
     }
 
@@ -62,6 +77,12 @@ impl FakeQuantInputs {
             return x;
         };
         let q = &grid.quantizer;
+        if grid.signs {
+            return match x {
+                Activation::Map(t) => Activation::Map(super::xnor::sign_activation(t)),
+                Activation::Flat(t) => Activation::Flat(super::xnor::sign_activation(t)),
+            };
+        }
         match (&grid.step, x) {
             (None, Activation::Map(t)) => Activation::Map(fake_quant(t, q)),
             (None, Activation::Flat(t)) => Activation::Flat(fake_quant(t, q)),
@@ -213,6 +234,7 @@ impl TrainHook for QatHook {
                     let grid = InputGrid {
                         quantizer,
                         step: Some(step),
+                        signs: false,
                     };
                     Some((p.clone(), grid))
                 })

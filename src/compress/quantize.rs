@@ -13,6 +13,26 @@
 /// and run on the 8-bit kernels).
 pub const BITS: std::ops::RangeInclusive<u32> = 2..=8;
 
+/// Weight widths a quantized layer may have: [`BITS`], and 1 for binary weights (codes ±1 and
+/// no 0: BWN's and XNOR-Net's `α·sign(w)`, issue #13), which the calibrated quantizers of
+/// `quantize` and `qat` do not produce but `binarize` does.
+pub const WEIGHT_BITS: std::ops::RangeInclusive<u32> = 1..=8;
+
+/// Refuses a weight width outside [`WEIGHT_BITS`].
+pub fn check_weight_bits(what: &str, bits: u32) -> Result<(), String> {
+    if WEIGHT_BITS.contains(&bits) {
+        Ok(())
+    } else {
+        Err(format!("{what} must be between 1 and 8 bits, got {bits}"))
+    }
+}
+
+/// The largest code of a symmetric grid of `bits` bits, `2^(bits−1) − 1`; 1 for one bit,
+/// whose two codes are ±1.
+pub fn max_code(bits: u32) -> i32 {
+    if bits == 1 { 1 } else { (1i32 << (bits - 1)) - 1 }
+}
+
 /// Refuses a bit width outside [`BITS`]; `what` names the flag or key.
 pub fn check_bits(what: &str, bits: u32) -> Result<(), String> {
     if BITS.contains(&bits) {
@@ -36,9 +56,11 @@ pub struct Quantizer {
 }
 
 impl Quantizer {
-    /// Symmetric signed quantization of values in `[-max_abs, max_abs]` to `bits` bits.
+    /// Symmetric signed quantization of values in `[-max_abs, max_abs]` to `bits` bits (at
+    /// 1 bit, values of magnitude `max_abs` keep their sign and 0 has no code: see
+    /// [`max_code`]).
     pub fn symmetric(max_abs: f32, bits: u32) -> Quantizer {
-        let hi = (1i32 << (bits - 1)) - 1;
+        let hi = max_code(bits);
         Quantizer {
             scale: step(max_abs / hi as f32),
             zero_point: 0,
@@ -47,14 +69,25 @@ impl Quantizer {
         }
     }
 
-    /// Symmetric signed quantization on a given step: codes `±(2^(bits−1) − 1)`.
+    /// Symmetric signed quantization on a given step: codes up to `±max_code(bits)`.
     pub fn symmetric_step(scale: f32, bits: u32) -> Quantizer {
-        let hi = (1i32 << (bits - 1)) - 1;
+        let hi = max_code(bits);
         Quantizer {
             scale,
             zero_point: 0,
             lo: -hi,
             hi,
+        }
+    }
+
+    /// The grid of an XNOR-Net layer's input, which is taken as its signs: ±1 (and 0 only in a
+    /// convolution's zero padding).
+    pub fn signs() -> Quantizer {
+        Quantizer {
+            scale: 1.0,
+            zero_point: 0,
+            lo: -1,
+            hi: 1,
         }
     }
 
@@ -354,11 +387,17 @@ pub struct QuantSpec {
 }
 
 /// One quantized layer: its weights are `code · weight_scales[o]` with `code` in
-/// `±(2^(bits-1) - 1)`, and its input is quantized by `input`.
+/// `±max_code(bits)` (at 1 bit exactly ±1), and its input is quantized by `input`, or, with
+/// `sign_input`, taken as its signs (XNOR-Net, issue #13; `input` is then
+/// [`Quantizer::signs`]).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct QuantLayer {
     pub bits: u32,
     pub input: Quantizer,
+    /// Binary activations: the layer sees `sign(x)`, +1 for `x >= 0`, and runs on the
+    /// XNOR-popcount kernels (`kernels::binary`). Absent in files before version 3.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sign_input: bool,
     /// One step per output channel. Kept in the tensor's section of the file (4 bytes each),
     /// not in its JSON header.
     #[serde(skip)]
@@ -368,7 +407,7 @@ pub struct QuantLayer {
 impl QuantLayer {
     /// The largest weight code.
     pub fn max_code(&self) -> i32 {
-        (1i32 << (self.bits - 1)) - 1
+        max_code(self.bits)
     }
 
     /// The codes of the layer's dequantized weights `w`, whose output channel is the first
@@ -409,6 +448,17 @@ pub fn code_of(w: f32, scale: f32) -> i32 {
 }
 
 impl QuantSpec {
+    /// Which of the runtime's kernels run the quantized layers: the int8 ones, the
+    /// XNOR-popcount ones (layers with binary inputs), or both.
+    pub fn kernels(&self) -> &'static str {
+        let signs = self.layers.values().filter(|l| l.sign_input).count();
+        match (signs, self.layers.len() - signs) {
+            (0, _) => "int8 kernels",
+            (_, 0) => "XNOR-popcount kernels",
+            _ => "int8 and XNOR-popcount kernels",
+        }
+    }
+
     /// Checks the spec against the model: every path a conv or linear layer, bits in
     /// [`BITS`], a valid unsigned input quantizer, one positive step per output channel, and
     /// every weight a whole number of steps within the layer's codes. `weight` gives a layer's
@@ -430,10 +480,16 @@ impl QuantSpec {
                 "linear" => 1,
                 other => return Err(format!("quantized layer {path} is a {other} layer")),
             };
-            check_bits(&format!("{path}: bits"), l.bits)?;
+            check_weight_bits(&format!("{path}: bits"), l.bits)?;
             let q = l.input;
+            if l.sign_input && (q != Quantizer::signs() || l.bits != 1) {
+                return Err(format!(
+                    "{path}: a layer with binary inputs needs 1-bit weights and the sign grid as its input quantizer"
+                ));
+            }
             // The runtime rounds by `1 / scale`, which must be finite too.
-            let ok = q.scale.is_finite()
+            let ok = l.sign_input
+                || q.scale.is_finite()
                 && q.scale > 0.0
                 && (1.0 / q.scale).is_finite()
                 && q.lo == 0
@@ -461,7 +517,8 @@ impl QuantSpec {
             for (i, &v) in w.iter().enumerate() {
                 let s = l.weight_scales[(i / inner) % channels];
                 let c = v / s;
-                if (c - c.round()).abs() > 1e-3 || c.round().abs() > hi as f32 {
+                let off_grid = (c - c.round()).abs() > 1e-3 || c.round().abs() > hi as f32;
+                if off_grid || (l.bits == 1 && c.round() == 0.0) {
                     return Err(format!(
                         "{path}: weight {i} ({v}) is not a code of {} bits on step {s}",
                         l.bits

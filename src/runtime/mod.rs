@@ -4,6 +4,7 @@
 //! a plain reference implementation by one conformance suite (`tests/kernels.rs`), after
 //! tract's kernel tests and candle's reference-beside-fast layout.
 
+pub mod binary;
 pub mod conv;
 pub mod int8;
 pub mod model;

@@ -11,8 +11,11 @@
 //!
 //! Quantized networks (a [`QuantSpec`] on the checkpoint, issue #12): each quantized
 //! convolution runs as [`Int8Conv`] and each quantized linear layer as [`Int8Linear`], with a
-//! ReLU that follows folded into their epilogue; layers kept in float run as above.
+//! ReLU that follows folded into their epilogue; layers kept in float run as above. A
+//! quantized layer with binary inputs (XNOR-Net, issue #13) runs as [`BinaryConv`] or
+//! [`BinaryLinear`] on the XNOR-popcount kernels.
 
+use super::binary::{BinaryConv, BinaryLinear};
 use super::conv::{Conv2dKernel, ConvGeometry, DenseConv, DirectConv, SparseIm2colConv};
 use super::int8::{Int8Conv, Int8Linear};
 use super::sparse::CsrLinear;
@@ -41,6 +44,7 @@ enum Op {
     Conv(ConvLayer),
     Linear(CsrLinear),
     Int8Linear(Int8Linear),
+    BinaryLinear(BinaryLinear),
     /// Batch-norm in evaluation form, `x * scale[c] + shift[c]` (when no convolution precedes
     /// it to fold it into).
     Affine {
@@ -71,6 +75,7 @@ enum ConvLayer {
     Sparse(SparseIm2colConv),
     Dense(DenseConv),
     Int8(Int8Conv),
+    Binary(BinaryConv),
 }
 
 impl ConvLayer {
@@ -88,6 +93,7 @@ impl ConvLayer {
             ConvLayer::Sparse(k) => k,
             ConvLayer::Dense(k) => k,
             ConvLayer::Int8(k) => k,
+            ConvLayer::Binary(k) => k,
         }
     }
 
@@ -97,6 +103,7 @@ impl ConvLayer {
             ConvLayer::Sparse(k) => k.nnz(),
             ConvLayer::Dense(k) => k.layer.weight.len(),
             ConvLayer::Int8(k) => k.weights().0.len(),
+            ConvLayer::Binary(k) => k.weights(),
         }
     }
 
@@ -105,6 +112,7 @@ impl ConvLayer {
             ConvLayer::Sparse(_) => "sparse im2col",
             ConvLayer::Dense(_) => "dense",
             ConvLayer::Int8(_) => "int8",
+            ConvLayer::Binary(_) => "xnor",
         }
     }
 }
@@ -350,6 +358,7 @@ impl SparseModel {
                     Op::Conv(k) => k.kernel().weight_bytes(),
                     Op::Linear(k) => k.weight_bytes(),
                     Op::Int8Linear(k) => k.weight_bytes(),
+                    Op::BinaryLinear(k) => k.weight_bytes(),
                     Op::Affine { scale, shift } => 4 * (scale.len() + shift.len()),
                     Op::Residual { body, shortcut } => sum(body) + sum(shortcut),
                     _ => 0,
@@ -419,6 +428,13 @@ impl SparseModel {
                         k.weights().0.len(),
                         k.weight_bytes(),
                         "int8",
+                        s.bits,
+                    ),
+                    Op::BinaryLinear(k) => (
+                        k.in_features() * k.out_features(),
+                        k.in_features() * k.out_features(),
+                        k.weight_bytes(),
+                        "xnor",
                         s.bits,
                     ),
                     Op::Residual { body, shortcut } => {
@@ -518,7 +534,21 @@ fn build(
                     kind = "conv2d+batch_norm";
                     i += 1;
                 }
+                let relu_next = matches!(layers.get(i + 1), Some(LayerSpec::Relu));
                 match &quant {
+                    Some(q) if q.sign_input => {
+                        bits = q.bits;
+                        let conv =
+                            BinaryConv::new(geometry, &weight, q.weight_scales.clone(), bias)
+                                .map_err(|e| format!("{path}: {e}"))?;
+                        if relu_next {
+                            kind = "conv2d+relu";
+                            i += 1;
+                            Op::Conv(ConvLayer::Binary(conv.with_relu()))
+                        } else {
+                            Op::Conv(ConvLayer::Binary(conv))
+                        }
+                    }
                     Some(q) => {
                         bits = q.bits;
                         let codes = q.codes(&weight, false);
@@ -556,7 +586,26 @@ fn build(
                 } else {
                     None
                 };
+                let relu_next = matches!(layers.get(i + 1), Some(LayerSpec::Relu));
                 match &quant {
+                    Some(q) if q.sign_input => {
+                        bits = q.bits;
+                        let linear = BinaryLinear::from_burn_layout(
+                            in_features,
+                            out_features,
+                            &w,
+                            q.weight_scales.clone(),
+                            b,
+                        )
+                        .map_err(|e| format!("{path}: {e}"))?;
+                        if relu_next {
+                            kind = "linear+relu";
+                            i += 1;
+                            Op::BinaryLinear(linear.with_relu())
+                        } else {
+                            Op::BinaryLinear(linear)
+                        }
+                    }
                     Some(q) => {
                         bits = q.bits;
                         // Burn's `[in, out]` to the kernels' `[out, in]`.
@@ -612,7 +661,7 @@ fn build(
                 shortcut: build(shortcut, &format!("{path}.shortcut"), shape, tensors)?,
             },
         };
-        if quant.is_some() && !matches!(op, Op::Conv(_) | Op::Int8Linear(_)) {
+        if quant.is_some() && !matches!(op, Op::Conv(_) | Op::Int8Linear(_) | Op::BinaryLinear(_)) {
             return Err(format!(
                 "{path} is quantized but is not a conv or linear layer"
             ));
@@ -701,7 +750,10 @@ struct Probe<'a> {
 fn run(steps: &[Step], mut x: Activations, batch: usize, probe: &mut Probe) -> Activations {
     for step in steps {
         if let Some(seen) = probe.inputs.as_deref_mut()
-            && matches!(step.op, Op::Conv(_) | Op::Linear(_) | Op::Int8Linear(_))
+            && matches!(
+                step.op,
+                Op::Conv(_) | Op::Linear(_) | Op::Int8Linear(_) | Op::BinaryLinear(_)
+            )
         {
             match &x {
                 Activations::Values(v) => seen(&step.path, v),
@@ -786,6 +838,11 @@ impl Step {
                 y
             }
             Op::Int8Linear(k) => {
+                let mut y = vec![0f32; out_len];
+                k.forward(&x, batch, &mut y);
+                y
+            }
+            Op::BinaryLinear(k) => {
                 let mut y = vec![0f32; out_len];
                 k.forward(&x, batch, &mut y);
                 y

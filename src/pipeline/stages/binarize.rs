@@ -1,23 +1,29 @@
 //! The `binarize` stage: binary or ternary weights (`compress::binarize`) trained from a float
 //! model with Adam (every method alike, as loss-aware binarization needs its second moment),
-//! the latent weights then binarized for good, and the model written as `quantize` writes
-//! it: layer inputs calibrated at 8 bits, weights as 2-bit codes in {−1, 0, +1} times one scale
-//! per output channel (batch norms folded into those scales), a version-2 `.cpz` that `eval`
-//! runs on the int8 kernels. The layers named in `float-layers` stay in float (by default the
-//! first and the last, as BWN and XNOR-Net keep them); binarizing a layer with one input
-//! channel is refused (a binary filter over one channel keeps only single pixels' signs).
+//! the latent weights then binarized for good, and the model written as a `.cpz` at its real
+//! size: binary weights at 1 bit and ternary ones as 2-bit codes, each times one scale per
+//! output channel (batch norms folded into those scales). Layers with real-valued inputs have
+//! them calibrated at 8 bits and run on the int8 kernels; XNOR-Net's layers take their inputs'
+//! signs (after the batch norm that `compress::xnor` puts in front of each, listed in the
+//! report) and run on the XNOR-popcount kernels. The layers named in `float-layers` stay in
+//! float (by default the first and the last, as BWN and XNOR-Net keep them); binarizing a
+//! layer with one input channel is refused (a binary filter over one channel keeps only
+//! single pixels' signs).
 
 use super::quantize::{CalibrationKind, Quantize, QuantizeParams};
 use super::{check_retrain, retrain_config, train_keeping};
-use crate::checkpoint::floats;
+use crate::checkpoint::{Loaded, floats};
 use crate::compress::binarize::{BinarizeHook, Method, binarize_weight};
+use crate::compress::fold::fold_batch_norms;
 use crate::compress::ptq;
+use crate::compress::quantize::Quantizer;
+use crate::compress::xnor::insert_batch_norms;
 use crate::models::arch::Shape;
 use crate::pipeline::table::{self, StageTable};
 use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, required};
 use crate::train::OptimizerConfig;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 /// `convpress binarize`'s flags and the `binarize` stage's keys.
@@ -68,7 +74,8 @@ pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, table::Error> {
 }
 
 impl Binarize {
-    /// How the binarized model is written: 8-bit inputs, 2-bit weights, float layers kept.
+    /// Which layers stay in float, and how real-valued inputs are calibrated (8 bits,
+    /// min-max); the weights' widths are the method's (`write_form`).
     fn quantize(&self) -> Quantize {
         let p = &self.params;
         Quantize {
@@ -79,7 +86,7 @@ impl Binarize {
                 percentile: 99.99,
                 float_layers: p.float_layers.clone(),
                 targets: None,
-                weight_bits: Some(2),
+                weight_bits: None,
             },
             layers: Default::default(),
             out: self.out.clone(),
@@ -135,8 +142,27 @@ impl Stage for Binarize {
     fn run(&self, input: Option<Model>, cx: &Context) -> anyhow::Result<Outcome> {
         let input = required(input, self.kind())?;
         let p = &self.params;
-        let layers = self.binarized(input.arch()).map_err(anyhow::Error::msg)?;
-        let mut config = retrain_config(&input, p.epochs, p.lr, p.seed, cx)?;
+        let mut layers = self.binarized(input.arch()).map_err(anyhow::Error::msg)?;
+        // XNOR-Net: a batch norm in front of every binarized layer that lacks one, trained
+        // from the start of the run.
+        let (xnor_start, inserted, mut renamed) = if p.method.binary_inputs() {
+            let (with, renamed, inserted) = insert_batch_norms(&input.loaded, &layers)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", input.file.display()))?;
+            let start = Model::save_tensors(
+                &cx.dir.join("xnor-blocks.safetensors"),
+                &with.arch,
+                with.tensors,
+                &with.meta,
+                &Default::default(),
+                &cx.device,
+            )?;
+            layers = layers.iter().map(|l| renamed[l].clone()).collect();
+            (Some(start), inserted, renamed)
+        } else {
+            (None, Vec::new(), BTreeMap::new())
+        };
+        let start = xnor_start.as_ref().unwrap_or(&input);
+        let mut config = retrain_config(start, p.epochs, p.lr, p.seed, cx)?;
         config.optimizer = OptimizerConfig::Adam {
             lr: p.lr,
             weight_decay: 0.0,
@@ -167,23 +193,68 @@ impl Stage for Binarize {
                 .tensors
                 .insert(name, (burn::tensor::TensorData::new(b, shape), id));
         }
-        let settings = self
-            .quantize()
-            .settings_for(&trained.arch)
-            .map_err(anyhow::Error::msg)?;
         let meta = input.meta();
         let splits = crate::data::load(meta.dataset, &cx.data_dir_for(meta))?;
         let calibration = meta.preprocess.try_apply(&splits.train.take(p.calibrate))?;
-        let quantized = ptq::quantize_model(&trained, &settings, &calibration)
+        let (quantized, folded_paths) = self
+            .write_form(&trained, &layers, &calibration)
             .map_err(|e| anyhow::anyhow!("{}: {e}", input.file.display()))?;
-        let mut out =
-            super::quantize::write(&quantized.model, &quantized.renamed, &input, cx, &self.out)?;
-        out.details["calibration_images"] = quantized.calibration_images.into();
+        // Each layer path of the model as given, and its path in the written one.
+        if renamed.is_empty() {
+            renamed = folded_paths;
+        } else {
+            for new in renamed.values_mut() {
+                *new = folded_paths.get(new).cloned().unwrap_or_else(|| new.clone());
+            }
+        }
+        let mut out = super::quantize::write(&quantized, &renamed, &input, cx, &self.out)?;
+        out.details["calibration_images"] = calibration.n.into();
         out.details["method"] = p.method.name().into();
         out.details["binarized_layers"] = layers.len().into();
+        out.details["inserted_batch_norms"] = inserted.into();
         out.details["epochs"] = p.epochs.into();
         out.curve = outcome.metrics;
         Ok(out)
+    }
+}
+
+impl Binarize {
+    /// The trained model with its binarized `layers`, as it is written: batch norms folded,
+    /// the inputs of layers with real-valued inputs calibrated at 8 bits, binary weights at 1
+    /// bit and ternary ones at 2, XNOR-Net's layers on their inputs' signs. Also returns every
+    /// layer's path after folding.
+    fn write_form(
+        &self,
+        trained: &Loaded,
+        layers: &BTreeSet<String>,
+        calibration: &crate::data::ImageSet,
+    ) -> Result<(Loaded, BTreeMap<String, String>), String> {
+        let method = self.params.method;
+        let settings = self.quantize().settings_for(&trained.arch)?;
+        let (folded, renamed) = fold_batch_norms(trained)?;
+        let mut bits_of = ptq::layer_bits(&folded, &renamed, &settings)?;
+        let binarized: BTreeSet<&String> = layers.iter().map(|l| &renamed[l]).collect();
+        let mut calibrated = bits_of.clone();
+        for (layer, bits) in bits_of.iter_mut() {
+            if binarized.contains(layer) {
+                *bits = Some(if method.ternary() { 2 } else { 1 });
+                if method.binary_inputs() {
+                    calibrated.insert(layer.clone(), None);
+                }
+            } else if bits.is_some() {
+                return Err(format!(
+                    "internal error: {layer} would be quantized but is not binarized"
+                ));
+            }
+        }
+        let mut inputs = ptq::calibrate(&folded, &calibrated, settings.calibration, calibration)?;
+        if method.binary_inputs() {
+            for layer in &binarized {
+                inputs.insert((*layer).clone(), Quantizer::signs());
+            }
+        }
+        let quantized = ptq::finish(folded, &bits_of, &inputs, &BTreeMap::new())?;
+        Ok((quantized, renamed))
     }
 }
 

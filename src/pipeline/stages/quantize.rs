@@ -274,6 +274,7 @@ pub fn write(
                 "input_bits": l.map(|l| l.input.bits()),
                 "input_range": l.map(|l| l.input.range()),
                 "input_zero_point": l.map(|l| l.input.zero_point),
+                "sign_input": l.is_some_and(|l| l.sign_input),
             })
         })
         .collect();
@@ -337,8 +338,8 @@ pub fn command(
 }
 
 /// What `convpress quantize` and `convpress qat` print: each layer's bits and input range, the
-/// file's bytes, and the test accuracy of the float model and of the quantized file on the int8
-/// kernels.
+/// file's bytes, and the test accuracy of the float model and of the quantized file on the
+/// runtime's int8 (and XNOR-popcount) kernels.
 pub fn print_outcome(
     checkpoint: &std::path::Path,
     out: &std::path::Path,
@@ -352,6 +353,7 @@ pub fn print_outcome(
     );
     for l in q.details["layers"].as_array().into_iter().flatten() {
         let range = match l["input_range"].as_array() {
+            _ if l["sign_input"] == true => "signs".into(),
             Some(r) => format!(
                 "[{:.4}, {:.4}]",
                 r[0].as_f64().unwrap_or(f64::NAN),
@@ -386,14 +388,16 @@ pub fn print_outcome(
     );
     let (network, _) = crate::checkpoint::load(checkpoint, &cx.device)?;
     let (_, float_acc) = crate::train::evaluate(&network, test, 256, &cx.device);
-    let runtime = crate::runtime::model::SparseModel::from_loaded(&Model::open(out)?.loaded)
-        .map_err(anyhow::Error::msg)?;
+    let written = Model::open(out)?.loaded;
+    let runtime =
+        crate::runtime::model::SparseModel::from_loaded(&written).map_err(anyhow::Error::msg)?;
     let (_, int8_acc) = crate::runtime::model::evaluate(&runtime, test, 256);
     println!(
-        "test accuracy ({} images): {:.2}% float, {:.2}% quantized on the int8 kernels ({:+.2} points)",
+        "test accuracy ({} images): {:.2}% float, {:.2}% quantized on the {} ({:+.2} points)",
         test.n,
         100.0 * float_acc,
         100.0 * int8_acc,
+        written.quant.as_ref().map_or("int8 kernels", |q| q.kernels()),
         100.0 * (int8_acc - float_acc)
     );
     Ok(())
