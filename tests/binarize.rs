@@ -149,7 +149,7 @@ fn bad_binarizations_are_refused_before_any_work() {
             vec!["--float-layers", "layers.*"],
             "every conv and linear layer is kept in float",
         ),
-        (vec!["--method", "xnor"], "invalid value 'xnor'"),
+        (vec!["--method", "dorefa"], "invalid value 'dorefa'"),
         (vec!["--epochs", "0"], "epochs must be at least 1"),
     ];
     for (extra, want) in cases {

@@ -134,9 +134,9 @@ fn damaged_files_are_refused_with_a_reason() {
     assert!(e.contains("truncated"), "{e}");
     let e = format::decode(&bytes[..10]).unwrap_err();
     assert!(e.contains("too short"), "{e}");
-    let mut v3 = bytes.clone();
-    v3[4] = 3;
-    assert!(format::decode(&v3).unwrap_err().contains("version 3"));
+    let mut v4 = bytes.clone();
+    v4[4] = 4;
+    assert!(format::decode(&v4).unwrap_err().contains("version 4"));
     let mut bad = bytes.clone();
     bad[0] = b'X';
     assert!(format::decode(&bad).unwrap_err().contains("magic"));
