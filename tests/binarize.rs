@@ -62,6 +62,9 @@ fn each_method_gives_the_papers_values() {
             "{m:?} linear: {trained:?} {written:?}"
         );
     }
+    // Few multiplications: written rounded to the nearest of {−H, 0, H}.
+    let few = binarize_weight(Method::FewMultiplications, &W, &[2, 1, 2, 2], false, None);
+    assert_eq!(few, [h, 0.0, 0.0, -h, h, -h, 0.0, 0.0].to_vec());
     // Stochastic binarization is written with the deterministic sign.
     assert_eq!(
         binarize_weight(Method::Stochastic, &W, &[2, 1, 2, 2], false, None),
@@ -79,6 +82,7 @@ fn straight_through_gradients_are_the_identity_inside_the_clip_and_zero_outside(
         Method::Bwn,
         Method::Twn,
         Method::LossAware,
+        Method::FewMultiplications,
     ] {
         let w =
             Tensor::<4>::from_data(TensorData::new(W.to_vec(), [2, 1, 2, 2]), &d).require_grad();
@@ -86,7 +90,9 @@ fn straight_through_gradients_are_the_identity_inside_the_clip_and_zero_outside(
         let g = values(w.grad(&y.sum().backward()).unwrap());
         // BinaryConnect's bound is its scale H (0.354 here), the others' 1.
         let bound = match m {
-            Method::BinaryConnect | Method::Stochastic => (1.5f32 / 12.0).sqrt(),
+            Method::BinaryConnect | Method::Stochastic | Method::FewMultiplications => {
+                (1.5f32 / 12.0).sqrt()
+            }
             _ => 1.0,
         };
         let want: Vec<f32> = W
@@ -97,8 +103,10 @@ fn straight_through_gradients_are_the_identity_inside_the_clip_and_zero_outside(
     }
 }
 
-/// E[b] = H·(2·σ(w/H) − 1) = clip(w, −H, H) for stochastic binarization: over n draws the
-/// mean of b/H is within 5 standard deviations (`√(1 − (w/H)²) / √n ≤ 1/√n`) of clip(w/H).
+/// E[b] = H·(2·σ(w/H) − 1) = clip(w, −H, H) for stochastic binarization, and
+/// H·sign(w)·min(|w|/H, 1) = clip(w, −H, H) for TernaryConnect's (few multiplications): over n
+/// draws the mean of b/H is within 5 standard deviations of clip(w/H) (a draw's deviation,
+/// `√(1 − (w/H)²)` binary and `√(|w/H| − (w/H)²)` ternary, is at most 1: `1/√n` each).
 #[test]
 fn stochastic_binarization_is_unbiased_for_the_clipped_weight() {
     let d = Device::flex();
@@ -106,16 +114,22 @@ fn stochastic_binarization_is_unbiased_for_the_clipped_weight() {
     let n = 20_000;
     // A `[1, n]` linear weight: H = √(1.5 / (1 + n)).
     let h = convpress::compress::binarize::glorot_scale(&[1, n], true);
-    for f in [-1.5f32, -0.6, -0.1, 0.0, 0.35, 0.9, 2.0] {
-        let t = Tensor::<2>::from_data(TensorData::new(vec![f * h; n], [1, n]), &d);
-        let b = values(binarize_linear(Method::Stochastic, t, None));
-        assert!(b.iter().all(|v| (v.abs() - h).abs() < 1e-9));
-        let mean = b.iter().sum::<f32>() / n as f32 / h;
-        let tolerance = 5.0 / (n as f32).sqrt();
-        assert!(
-            (mean - f.clamp(-1.0, 1.0)).abs() <= tolerance,
-            "w/H {f}: mean {mean}"
-        );
+    for method in [Method::Stochastic, Method::FewMultiplications] {
+        for f in [-1.5f32, -0.6, -0.1, 0.0, 0.35, 0.9, 2.0] {
+            let t = Tensor::<2>::from_data(TensorData::new(vec![f * h; n], [1, n]), &d);
+            let b = values(binarize_linear(method, t, None));
+            // Binary: ±H; ternary (few multiplications): 0 or H·sign(w).
+            assert!(
+                b.iter()
+                    .all(|v| (v.abs() - h).abs() < 1e-9 || (method.ternary() && *v == 0.0))
+            );
+            let mean = b.iter().sum::<f32>() / n as f32 / h;
+            let tolerance = 5.0 / (n as f32).sqrt();
+            assert!(
+                (mean - f.clamp(-1.0, 1.0)).abs() <= tolerance,
+                "{method:?} w/H {f}: mean {mean}"
+            );
+        }
     }
 }
 
@@ -186,4 +200,112 @@ fn bad_binarizations_are_refused_before_any_work() {
         !r.status.success() && err.contains("the model is pruned"),
         "{err}"
     );
+}
+
+/// Power-of-two quantization on a hand-checked example: `sign(x) · 2^round(log2 |x|)`, the
+/// exponents within `2^bits` values ending at the largest magnitude's, 0 below.
+#[test]
+fn inputs_quantize_to_signed_powers_of_two() {
+    use convpress::compress::few_multiplications::power_of_two;
+    let x = [3.0, -0.7, 0.05, 0.0, 1.5, 0.4];
+    // The largest, 3, rounds to 2^2; with 1 bit the exponents are 1 and 2.
+    assert_eq!(power_of_two(&x, 1), vec![4.0, 0.0, 0.0, 0.0, 2.0, 0.0]);
+    assert_eq!(power_of_two(&x, 3), vec![4.0, -0.5, 0.0625, 0.0, 2.0, 0.5]);
+    assert_eq!(power_of_two(&[0.0, 0.0], 3), vec![0.0, 0.0]);
+}
+
+/// Few multiplications (Lin et al. 2016): the forward value of a layer is its product on the
+/// real input, and in back-propagation the weight gradient is `δ ⊗ x_q` with `x_q` signed powers
+/// of two (each product a shift of `δ`'s exponent), the input gradient `δ · W_bᵀ` with `W_b` in
+/// {0, ±H} (sign changes, times one factor `H`).
+#[test]
+fn few_multiplications_back_propagate_with_shifts_and_sign_changes_only() {
+    use burn::module::{Param, ParamId};
+    use burn::nn::LinearConfig;
+    use convpress::compress::few_multiplications::{EXPONENT_BITS, forward, power_of_two};
+    use convpress::models::network::{Activation, Layer};
+    let d = Device::flex().autodiff();
+    d.seed(3);
+    let (n_in, n_out, batch) = (6, 3, 4);
+    let h = convpress::compress::binarize::glorot_scale(&[n_in, n_out], true);
+    let xs = common::uniform(batch * n_in, 1, -3.0, 3.0);
+    // Latent weights inside the clip (|w| <= H), where the straight-through gradient is 1.
+    let ws = common::uniform(n_in * n_out, 2, -0.95 * h, 0.95 * h);
+    let upstream = common::uniform(batch * n_out, 3, -1.0, 1.0);
+    let latent = Tensor::<2>::from_data(TensorData::new(ws, [n_in, n_out]), &d).require_grad();
+    let mut linear = LinearConfig::new(n_in, n_out).init(&d);
+    let ternary = binarize_linear(Method::FewMultiplications, latent.clone(), None);
+    linear.weight = Param::initialized(ParamId::new(), ternary.clone());
+    let bias: Vec<f32> = values(linear.bias.as_ref().unwrap().val());
+    let wb: Vec<f32> = values(ternary);
+    assert!(
+        wb.iter().all(|&v| v == 0.0 || (v.abs() - h).abs() < 1e-6),
+        "{wb:?}"
+    );
+    assert!(wb.iter().any(|&v| v == 0.0) && wb.iter().any(|&v| v != 0.0));
+    let x = Tensor::<2>::from_data(TensorData::new(xs.clone(), [batch, n_in]), &d).require_grad();
+    let Activation::Flat(y) = forward(
+        &Layer::Linear(linear),
+        Activation::Flat(x.clone()),
+        EXPONENT_BITS,
+    ) else {
+        panic!("a linear layer gives a flat output")
+    };
+    let c = Tensor::<2>::from_data(TensorData::new(upstream.clone(), [batch, n_out]), &d);
+    let grads = (y.clone() * c).sum().backward();
+    let (gx, gw) = (
+        values(x.grad(&grads).unwrap()),
+        values(latent.grad(&grads).unwrap()),
+    );
+    // The forward value: x · W_b + b, on the real x.
+    let y = values(y);
+    for b in 0..batch {
+        for o in 0..n_out {
+            let want: f64 = bias[o] as f64
+                + (0..n_in)
+                    .map(|i| xs[b * n_in + i] as f64 * wb[i * n_out + o] as f64)
+                    .sum::<f64>();
+            assert!((y[b * n_out + o] as f64 - want).abs() < 1e-5);
+        }
+    }
+    // The weight gradient on x_q: every x_q is 0 or ±2^k (no mantissa bits), so each product
+    // with δ is exact, a shift of δ's exponent.
+    let xq = power_of_two(&xs, EXPONENT_BITS);
+    assert!(
+        xq.iter()
+            .all(|v| *v == 0.0 || v.to_bits() & 0x007f_ffff == 0),
+        "{xq:?}"
+    );
+    assert!(xq.iter().zip(&xs).any(|(q, x)| q != x));
+    let (mut off_real, mut off_shifted) = (0f64, 0f64);
+    for i in 0..n_in {
+        for o in 0..n_out {
+            let dot = |v: &[f32]| -> f64 {
+                (0..batch)
+                    .map(|b| v[b * n_in + i] as f64 * upstream[b * n_out + o] as f64)
+                    .sum()
+            };
+            let g = gw[i * n_out + o] as f64;
+            off_shifted = off_shifted.max((g - dot(&xq)).abs());
+            off_real = off_real.max((g - dot(&xs)).abs());
+        }
+    }
+    assert!(
+        off_shifted < 1e-5,
+        "weight gradient is not δ ⊗ x_q: {off_shifted}"
+    );
+    assert!(off_real > 1e-2, "the weight gradient used the real input");
+    // The input gradient: δ · W_bᵀ = H · (signed sums of δ).
+    for b in 0..batch {
+        for i in 0..n_in {
+            let signed: f64 = (0..n_out)
+                .map(|o| {
+                    let w = wb[i * n_out + o];
+                    let s = if w == 0.0 { 0.0 } else { w.signum() as f64 };
+                    s * upstream[b * n_out + o] as f64
+                })
+                .sum();
+            assert!((gx[b * n_in + i] as f64 - h as f64 * signed).abs() < 1e-5);
+        }
+    }
 }

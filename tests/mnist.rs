@@ -277,7 +277,16 @@ fn each_binarization_method_trains_on_real_mnist() {
     let dir = common::real_mnist();
     let run = tempfile::tempdir().unwrap();
     let out = lenet5_short_epoch(&dir, run.path());
-    for method in ["binary-connect", "stochastic", "bwn", "xnor", "twn", "loss-aware"] {
+    let methods = [
+        "binary-connect",
+        "stochastic",
+        "bwn",
+        "xnor",
+        "twn",
+        "loss-aware",
+        "few-multiplications",
+    ];
+    for method in methods {
         let file = run.path().join(format!("{method}.cpz"));
         let o = Command::new(env!("CARGO_BIN_EXE_convpress"))
             .args(["binarize", "--method", method, "--epochs", "1"])
@@ -306,10 +315,14 @@ fn each_binarization_method_trains_on_real_mnist() {
         assert_eq!(spec.layers.len(), 2, "{method}: the two middle layers");
         // Binary weights at 1 bit, ternary ones at 2; XNOR-Net's inputs binary too, after the
         // batch norm put in front of each of its layers.
-        let bits = if method == "twn" { 2 } else { 1 };
+        let ternary = ["twn", "few-multiplications"].contains(&method);
+        let bits = if ternary { 2 } else { 1 };
         assert!(spec.layers.values().all(|l| l.bits == bits), "{method}");
         let xnor = method == "xnor";
-        assert!(spec.layers.values().all(|l| l.sign_input == xnor), "{method}");
+        assert!(
+            spec.layers.values().all(|l| l.sign_input == xnor),
+            "{method}"
+        );
         let batch_norms = loaded
             .arch
             .layers

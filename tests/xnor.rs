@@ -25,7 +25,9 @@ use convpress::runtime::{DenseReference, LinearKernel};
 use std::collections::{BTreeMap, BTreeSet};
 
 fn signs(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| if x >= 0.0 { 1.0 } else { -1.0 }).collect()
+    v.iter()
+        .map(|&x| if x >= 0.0 { 1.0 } else { -1.0 })
+        .collect()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -129,11 +131,16 @@ fn xnor_linear_layers_match_the_float_computation_on_every_path() {
         let mut want = vec![0f32; batch * outputs];
         reference.forward(&signs(&x), batch, &mut want);
         for path in paths() {
-            let k =
-                BinaryLinear::from_burn_layout(inputs, outputs, &w, scales.clone(), Some(bias.clone()))
-                    .unwrap()
-                    .with_path(path)
-                    .unwrap();
+            let k = BinaryLinear::from_burn_layout(
+                inputs,
+                outputs,
+                &w,
+                scales.clone(),
+                Some(bias.clone()),
+            )
+            .unwrap()
+            .with_path(path)
+            .unwrap();
             let mut y = vec![f32::NAN; want.len()];
             k.forward(&x, batch, &mut y);
             let d = max_abs_diff(&y, &want);
@@ -155,7 +162,12 @@ fn the_sign_activation_passes_gradients_only_inside_the_clip() {
     let y = sign_activation(x.clone());
     let forward: Vec<f32> = y.clone().into_data().try_to_vec().unwrap();
     assert_eq!(forward, vec![-1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0]);
-    let g: Vec<f32> = x.grad(&y.sum().backward()).unwrap().into_data().try_to_vec().unwrap();
+    let g: Vec<f32> = x
+        .grad(&y.sum().backward())
+        .unwrap()
+        .into_data()
+        .try_to_vec()
+        .unwrap();
     assert_eq!(g, vec![0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]);
 }
 
@@ -221,7 +233,10 @@ fn network(model: &Loaded) -> Network {
 
 fn forward(n: &Network, x: &[f32], batch: usize) -> Vec<f32> {
     let [c, h, w] = n.arch.input;
-    let t = Tensor::<4>::from_data(TensorData::new(x.to_vec(), [batch, c, h, w]), &Device::flex());
+    let t = Tensor::<4>::from_data(
+        TensorData::new(x.to_vec(), [batch, c, h, w]),
+        &Device::flex(),
+    );
     n.forward(t).into_data().try_to_vec().unwrap()
 }
 
@@ -251,7 +266,10 @@ fn inserted_batch_norms_keep_the_layers_and_the_function() {
     .collect();
     assert_eq!(renamed, want);
     assert_eq!(with.arch.layers.len(), 12);
-    assert_eq!(with.tensors["layers.11.weight"].0, model.tensors["layers.9.weight"].0);
+    assert_eq!(
+        with.tensors["layers.11.weight"].0,
+        model.tensors["layers.9.weight"].0
+    );
     assert_eq!(with.tensors["layers.10.gamma"].0.shape().to_vec(), vec![72]);
     let x = uniform(2 * 36, 4, -1.0, 1.0);
     let a = forward(&network(&model), &x, 2);
@@ -299,11 +317,17 @@ fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
     let (with, renamed, _) = insert_batch_norms(&loaded(&arch, 7), &original).unwrap();
     let trained_layers: BTreeSet<String> = original.iter().map(|l| renamed[l].clone()).collect();
     let x = uniform(3 * 36, 8, -1.0, 1.0);
-    for (method, bits, version) in [(Method::Xnor, 1, 3u16), (Method::Bwn, 1, 3), (Method::Twn, 2, 2)] {
+    for (method, bits, version) in [
+        (Method::Xnor, 1, 3u16),
+        (Method::Bwn, 1, 3),
+        (Method::Twn, 2, 2),
+    ] {
         let model = binarized(&with, &trained_layers, method);
         let (folded, folded_paths) = fold_batch_norms(&model).unwrap();
-        let layers: BTreeSet<String> =
-            trained_layers.iter().map(|l| folded_paths[l].clone()).collect();
+        let layers: BTreeSet<String> = trained_layers
+            .iter()
+            .map(|l| folded_paths[l].clone())
+            .collect();
         let bits_of = layers.iter().map(|l| (l.clone(), Some(bits))).collect();
         let input = if method.binary_inputs() {
             Quantizer::signs()
@@ -313,7 +337,11 @@ fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
         let inputs = layers.iter().map(|l| (l.clone(), input)).collect();
         let q = ptq::finish(folded, &bits_of, &inputs, &BTreeMap::new()).unwrap();
         let (bytes, stages) = format::encode_quantized(&q).unwrap();
-        assert_eq!(u16::from_le_bytes([bytes[4], bytes[5]]), version, "{method:?}");
+        assert_eq!(
+            u16::from_le_bytes([bytes[4], bytes[5]]),
+            version,
+            "{method:?}"
+        );
         let back = format::decode(&bytes).unwrap();
         back.check().unwrap();
         assert_eq!(back.quant, q.quant, "{method:?}");
@@ -335,13 +363,25 @@ fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
             let channels = e.shape[usize::from(e.shape.len() == 2)];
             let stage = stages.iter().find(|s| s.path == e.path).unwrap();
             if bits == 1 {
-                assert_eq!(stage.huffman, numel.div_ceil(8) + 4 * channels, "{}", e.path);
+                assert_eq!(
+                    stage.huffman,
+                    numel.div_ceil(8) + 4 * channels,
+                    "{}",
+                    e.path
+                );
             }
         }
         let runtime = SparseModel::from_loaded(&back).unwrap();
         let from_file = runtime.forward(&x, 3);
-        assert_eq!(from_file, SparseModel::from_loaded(&q).unwrap().forward(&x, 3));
-        let kernel = if method.binary_inputs() { "xnor" } else { "int8" };
+        assert_eq!(
+            from_file,
+            SparseModel::from_loaded(&q).unwrap().forward(&x, 3)
+        );
+        let kernel = if method.binary_inputs() {
+            "xnor"
+        } else {
+            "int8"
+        };
         let infos = runtime.layers();
         for l in infos.iter().filter(|l| layers.contains(&l.path)) {
             assert_eq!((l.kernel, l.bits), (kernel, bits), "{method:?} {}", l.path);
@@ -353,7 +393,10 @@ fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
             trained.fake_quant = Some(std::sync::Arc::new(signs));
             let want = forward(&trained, &x, 3);
             let d = max_abs_diff(&from_file, &want);
-            assert!(d <= 1e-4 * scale_of(&want), "XNOR runtime vs training forward: {d}");
+            assert!(
+                d <= 1e-4 * scale_of(&want),
+                "XNOR runtime vs training forward: {d}"
+            );
         }
     }
 }
@@ -411,7 +454,10 @@ fn damaged_binarized_files_are_refused_never_a_panic() {
             }
         }
     }
-    assert!(refused > 100, "only {refused} of 2000 resealed damages refused");
+    assert!(
+        refused > 100,
+        "only {refused} of 2000 resealed damages refused"
+    );
     let mut v2 = bytes.clone();
     v2[4] = 2;
     let e = format::decode(&reseal(v2)).unwrap_err();

@@ -21,6 +21,11 @@
 //!   section 3.1);
 //! - XNOR-Net: BWN's weights, and each binarized layer's input taken by its sign after a batch
 //!   norm (Rastegari et al. 2016, section 3.2; [`super::xnor`]);
+//! - few multiplications (Lin et al. 2016, "Neural networks with few multiplications"):
+//!   TernaryConnect's stochastic ternary weights, `b = H·sign(w)` with probability `|w|/H`,
+//!   else 0 (section 3.1; `H` as BinaryConnect's), so that the forward products are sign
+//!   changes, and quantized back-propagation (section 3.2, [`super::few_multiplications`]);
+//!   the written model rounds: `H·sign(w)` where `|w| > H/2`, else 0;
 //! - ternary weight networks (TWN): `Δ = 0.7·mean |w|`, `b = α·sign(w)` where `|w| > Δ` and 0
 //!   elsewhere, `α` the mean of `|w|` over `|w| > Δ` (Li et al. 2016's approximate solution;
 //!   the paper states it per layer, here it is per filter, as the authors' later code does);
@@ -56,6 +61,9 @@ pub enum Method {
     Xnor,
     /// Ternary weight networks: α · sign(w) where |w| > 0.7 mean |w|, else 0, per filter.
     Twn,
+    /// Few multiplications: stochastic ternary weights (H·sign(w) with probability |w|/H, else
+    /// 0), and layer inputs quantized to powers of two in back-propagation.
+    FewMultiplications,
     /// Loss-aware binarization: ‖d ⊙ w‖₁ / ‖d‖₁ · sign(w) per layer, d from Adam's second moment.
     LossAware,
 }
@@ -68,13 +76,19 @@ impl Method {
             Method::Bwn => "bwn",
             Method::Xnor => "xnor",
             Method::Twn => "twn",
+            Method::FewMultiplications => "few-multiplications",
             Method::LossAware => "loss-aware",
         }
     }
 
     /// Whether a weight may become 0 (ternary) rather than only ±α.
     pub fn ternary(self) -> bool {
-        self == Method::Twn
+        matches!(self, Method::Twn | Method::FewMultiplications)
+    }
+
+    /// Whether the weights' gradients see the layer inputs quantized to powers of two.
+    pub fn shift_backward(self) -> bool {
+        self == Method::FewMultiplications
     }
 
     /// Whether the binarized layers' inputs are binarized too (XNOR-Net).
@@ -94,6 +108,10 @@ fn binarize_row(method: Method, row: &[f32], alpha: Option<f32>, h: f32) -> Vec<
     let mean_abs = row.iter().map(|v| v.abs()).sum::<f32>() / row.len().max(1) as f32;
     match method {
         Method::BinaryConnect | Method::Stochastic => row.iter().map(|&v| h * sign(v)).collect(),
+        Method::FewMultiplications => row
+            .iter()
+            .map(|&v| if v.abs() > h / 2.0 { h * sign(v) } else { 0.0 })
+            .collect(),
         Method::Bwn | Method::Xnor => row.iter().map(|&v| mean_abs * sign(v)).collect(),
         Method::LossAware => {
             let a = alpha.expect("loss-aware binarization has a scale per layer");
@@ -126,7 +144,9 @@ pub fn glorot_scale(shape: &[usize], channels_last: bool) -> f32 {
 /// The bound latent weights are clipped to, which the straight-through estimator passes.
 fn clip_bound(method: Method, shape: &[usize], channels_last: bool) -> f32 {
     match method {
-        Method::BinaryConnect | Method::Stochastic => glorot_scale(shape, channels_last),
+        Method::BinaryConnect | Method::Stochastic | Method::FewMultiplications => {
+            glorot_scale(shape, channels_last)
+        }
         _ => 1.0,
     }
 }
@@ -196,6 +216,11 @@ fn binarize_rows(method: Method, w: Tensor<2>, alpha: Option<f32>, h: f32) -> Te
                 .mul_scalar(2.0)
                 .sub_scalar(1.0)
                 .mul_scalar(h)
+        }
+        Method::FewMultiplications => {
+            let p = w.clone().abs().div_scalar(h);
+            let r = Tensor::<2>::random(w.dims(), Distribution::Uniform(0.0, 1.0), &w.device());
+            sign(w) * r.lower(p).float().mul_scalar(h)
         }
         Method::Bwn | Method::Xnor => sign(w) * mean_abs,
         Method::LossAware => match alpha {
@@ -390,11 +415,17 @@ impl TrainHook for BinarizeHook {
     }
 
     /// XNOR-Net: the binarized layers' inputs are taken by their signs, in training and in
-    /// the epoch's evaluation alike.
+    /// the epoch's evaluation alike. Few multiplications: their weight gradients are taken on
+    /// power-of-two inputs.
     fn on_epoch_begin(&mut self, _progress: &Progress, mut model: Network) -> Network {
+        use crate::compress::qat::FakeQuantInputs;
         if self.method.binary_inputs() {
-            let signs = crate::compress::qat::FakeQuantInputs::signs(&self.layers);
-            model.fake_quant = Some(Arc::new(signs));
+            model.fake_quant = Some(Arc::new(FakeQuantInputs::signs(&self.layers)));
+        }
+        if self.method.shift_backward() {
+            let bits = crate::compress::few_multiplications::EXPONENT_BITS;
+            let shifts = FakeQuantInputs::shift_backward(&self.layers, bits);
+            model.fake_quant = Some(Arc::new(shifts));
         }
         model
     }

@@ -40,6 +40,9 @@ struct InputGrid {
 #[derive(Debug, Clone, Default)]
 pub struct FakeQuantInputs {
     by_path: BTreeMap<String, InputGrid>,
+    /// Layers whose weight gradients see their inputs quantized to powers of two, with the
+    /// exponent bits (`compress::few_multiplications`).
+    shift_backward: BTreeMap<String, u32>,
 }
 
 impl FakeQuantInputs {
@@ -56,6 +59,7 @@ impl FakeQuantInputs {
                     (p, grid)
                 })
                 .collect(),
+            shift_backward: BTreeMap::new(),
         }
     }
 
@@ -68,7 +72,22 @@ impl FakeQuantInputs {
         };
         FakeQuantInputs {
             by_path: layers.iter().map(|p| (p.clone(), grid.clone())).collect(),
+            ..Default::default()
         }
+    }
+
+    /// The weight gradients of `layers` taken on their inputs quantized to powers of two with
+    /// exponents of `bits` bits (few multiplications); the forward values are unchanged.
+    pub fn shift_backward(layers: &std::collections::BTreeSet<String>, bits: u32) -> Self {
+        FakeQuantInputs {
+            shift_backward: layers.iter().map(|p| (p.clone(), bits)).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The exponent bits of layer `path`'s quantized back-propagation, if it has one.
+    pub fn shift_bits(&self, path: &str) -> Option<u32> {
+        self.shift_backward.get(path).copied()
     }
 
     /// `x`, the input of layer `path`, fake-quantized if the layer is one of them.
@@ -239,7 +258,10 @@ impl TrainHook for QatHook {
                     Some((p.clone(), grid))
                 })
                 .collect();
-            model.fake_quant = Some(Arc::new(FakeQuantInputs { by_path }));
+            model.fake_quant = Some(Arc::new(FakeQuantInputs {
+                by_path,
+                ..Default::default()
+            }));
         }
         model
     }

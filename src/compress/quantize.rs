@@ -30,7 +30,11 @@ pub fn check_weight_bits(what: &str, bits: u32) -> Result<(), String> {
 /// The largest code of a symmetric grid of `bits` bits, `2^(bits−1) − 1`; 1 for one bit,
 /// whose two codes are ±1.
 pub fn max_code(bits: u32) -> i32 {
-    if bits == 1 { 1 } else { (1i32 << (bits - 1)) - 1 }
+    if bits == 1 {
+        1
+    } else {
+        (1i32 << (bits - 1)) - 1
+    }
 }
 
 /// Refuses a bit width outside [`BITS`]; `what` names the flag or key.
@@ -490,12 +494,12 @@ impl QuantSpec {
             // The runtime rounds by `1 / scale`, which must be finite too.
             let ok = l.sign_input
                 || q.scale.is_finite()
-                && q.scale > 0.0
-                && (1.0 / q.scale).is_finite()
-                && q.lo == 0
-                && (3..=255).contains(&q.hi)
-                && (q.hi + 1).count_ones() == 1
-                && (q.lo..=q.hi).contains(&q.zero_point);
+                    && q.scale > 0.0
+                    && (1.0 / q.scale).is_finite()
+                    && q.lo == 0
+                    && (3..=255).contains(&q.hi)
+                    && (q.hi + 1).count_ones() == 1
+                    && (q.lo..=q.hi).contains(&q.zero_point);
             if !ok {
                 return Err(format!(
                     "{path}: input quantizer {q:?} is not an unsigned one of 2 to 8 bits"

@@ -73,7 +73,11 @@ struct Inserter<'a> {
 }
 
 impl Inserter<'_> {
-    fn seq(&mut self, layers: &[LayerSpec], [from, to]: [&str; 2]) -> Result<Vec<LayerSpec>, String> {
+    fn seq(
+        &mut self,
+        layers: &[LayerSpec],
+        [from, to]: [&str; 2],
+    ) -> Result<Vec<LayerSpec>, String> {
         let mut out = Vec::new();
         for (i, layer) in layers.iter().enumerate() {
             let old = format!("{from}.{i}");

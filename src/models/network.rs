@@ -133,7 +133,8 @@ fn run(layers: &[Layer], mut x: Activation) -> Activation {
 }
 
 /// [`run`] with the inputs of the layers that `fq` names fake-quantized (quantization-aware
-/// training; no fused inference).
+/// training, XNOR-Net's signs) or their weight gradients on power-of-two inputs (few
+/// multiplications); no fused inference.
 fn run_fake_quant(
     layers: &[Layer],
     prefix: &str,
@@ -149,7 +150,10 @@ fn run_fake_quant(
                 let shortcut = run_fake_quant(&r.shortcut, &format!("{path}.shortcut"), x, fq);
                 body.add(shortcut)
             }
-            layer => layer.forward(x),
+            layer => match fq.shift_bits(&path) {
+                Some(bits) => crate::compress::few_multiplications::forward(layer, x, bits),
+                None => layer.forward(x),
+            },
         };
     }
     x

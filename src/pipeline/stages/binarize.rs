@@ -204,7 +204,10 @@ impl Stage for Binarize {
             renamed = folded_paths;
         } else {
             for new in renamed.values_mut() {
-                *new = folded_paths.get(new).cloned().unwrap_or_else(|| new.clone());
+                *new = folded_paths
+                    .get(new)
+                    .cloned()
+                    .unwrap_or_else(|| new.clone());
             }
         }
         let mut out = super::quantize::write(&quantized, &renamed, &input, cx, &self.out)?;

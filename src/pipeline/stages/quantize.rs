@@ -397,7 +397,10 @@ pub fn print_outcome(
         test.n,
         100.0 * float_acc,
         100.0 * int8_acc,
-        written.quant.as_ref().map_or("int8 kernels", |q| q.kernels()),
+        written
+            .quant
+            .as_ref()
+            .map_or("int8 kernels", |q| q.kernels()),
         100.0 * (int8_acc - float_acc)
     );
     Ok(())
