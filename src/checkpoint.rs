@@ -557,12 +557,25 @@ fn parse_safetensors(bytes: &[u8]) -> Result<Loaded, String> {
     })
 }
 
-/// Reads a checkpoint and builds its network on `device`.
+/// Reads a checkpoint and builds its network on `device`. A binarized file's XNOR-Net layers
+/// take their inputs' signs, as the file's runtime does (other quantized layers see their
+/// dequantized weights and float inputs).
 pub fn load(path: &Path, device: &Device) -> Result<(Network, ModelMeta), CheckpointError> {
     let loaded = read(path)?;
     let network = Network::new(&loaded.arch, device).map_err(|e| invalid(path, e))?;
-    let network = load_tensors(network, loaded.tensors)
+    let mut network = load_tensors(network, loaded.tensors)
         .map_err(|e| invalid(path, format!("weights do not fit the architecture: {e}")))?;
+    let signs: std::collections::BTreeSet<String> = loaded
+        .quant
+        .iter()
+        .flat_map(|q| q.layers.iter())
+        .filter(|(_, l)| l.sign_input)
+        .map(|(p, _)| p.clone())
+        .collect();
+    if !signs.is_empty() {
+        let inputs = crate::compress::qat::FakeQuantInputs::signs(&signs);
+        network.fake_quant = Some(std::sync::Arc::new(inputs));
+    }
     Ok((network, loaded.meta))
 }
 

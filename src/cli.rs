@@ -107,9 +107,9 @@ pub enum Command {
     /// writes a .cpz like quantize does.
     Qat(QatArgs),
     /// Binary or ternary weights trained from a float checkpoint (--method binary-connect,
-    /// stochastic, bwn, xnor, twn or loss-aware); writes a .cpz with binary weights at 1 bit
-    /// and ternary ones at 2, times one scale per channel (inputs at 8 bits; xnor: their signs,
-    /// run on the XNOR-popcount kernels).
+    /// stochastic, bwn, xnor, twn, loss-aware or few-multiplications); writes a .cpz with
+    /// binary weights at 1 bit and ternary ones at 2, times one scale per channel (inputs at 8
+    /// bits; xnor: their signs, run on the XNOR-popcount kernels).
     Binarize(BinarizeArgs),
     /// Throughput benchmarks.
     Bench {

@@ -236,7 +236,8 @@ fn few_multiplications_back_propagate_with_shifts_and_sign_changes_only() {
     let mut linear = LinearConfig::new(n_in, n_out).init(&d);
     let ternary = binarize_linear(Method::FewMultiplications, latent.clone(), None);
     linear.weight = Param::initialized(ParamId::new(), ternary.clone());
-    let bias: Vec<f32> = values(linear.bias.as_ref().unwrap().val());
+    let bias_param = linear.bias.as_ref().unwrap().val();
+    let bias: Vec<f32> = values(bias_param.clone());
     let wb: Vec<f32> = values(ternary);
     assert!(
         wb.iter().all(|&v| v == 0.0 || (v.abs() - h).abs() < 1e-6),
@@ -257,6 +258,12 @@ fn few_multiplications_back_propagate_with_shifts_and_sign_changes_only() {
         values(x.grad(&grads).unwrap()),
         values(latent.grad(&grads).unwrap()),
     );
+    // The bias gradient is Σ δ over the batch, once (not doubled by the second product).
+    let gb = values(bias_param.grad(&grads).unwrap());
+    for o in 0..n_out {
+        let want: f32 = (0..batch).map(|b| upstream[b * n_out + o]).sum();
+        assert!((gb[o] - want).abs() < 1e-5, "bias gradient {gb:?}");
+    }
     // The forward value: x · W_b + b, on the real x.
     let y = values(y);
     for b in 0..batch {

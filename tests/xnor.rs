@@ -24,6 +24,14 @@ use convpress::runtime::model::SparseModel;
 use convpress::runtime::{DenseReference, LinearKernel};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// `b` with its checksum made valid again.
+fn reseal(mut b: Vec<u8>) -> Vec<u8> {
+    let n = b.len() - 4;
+    let crc = crc32fast::hash(&b[..n]);
+    b[n..].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
 fn signs(v: &[f32]) -> Vec<f32> {
     v.iter()
         .map(|&x| if x >= 0.0 { 1.0 } else { -1.0 })
@@ -283,7 +291,10 @@ fn inserted_batch_norms_keep_the_layers_and_the_function() {
 /// identity, and its `layers` binarized by `method` as `binarize` writes them.
 fn binarized(model: &Loaded, layers: &BTreeSet<String>, method: Method) -> Loaded {
     let mut tensors = Tensors::new();
-    for (i, (name, (data, id))) in model.tensors.iter().enumerate() {
+    let mut names: Vec<&String> = model.tensors.keys().collect();
+    names.sort();
+    for (i, name) in names.into_iter().enumerate() {
+        let (data, id) = &model.tensors[name];
         let (v, shape) = checkpoint::floats(&model.tensors, name).unwrap();
         let seed = 1000 + i as u64;
         let v = match name.rsplit('.').next().unwrap() {
@@ -335,7 +346,11 @@ fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
             Quantizer::asymmetric(-4.0, 4.0, 8)
         };
         let inputs = layers.iter().map(|l| (l.clone(), input)).collect();
-        let q = ptq::finish(folded, &bits_of, &inputs, &BTreeMap::new()).unwrap();
+        let signs = match method.binary_inputs() {
+            true => layers.clone(),
+            false => BTreeSet::new(),
+        };
+        let q = ptq::finish(folded, &bits_of, &inputs, &BTreeMap::new(), &signs).unwrap();
         let (bytes, stages) = format::encode_quantized(&q).unwrap();
         assert_eq!(
             u16::from_le_bytes([bytes[4], bytes[5]]),
@@ -350,6 +365,7 @@ fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
         }
         let (again, _) = format::encode_quantized(&back).unwrap();
         assert!(again == bytes, "{method:?}: re-encoding changed the bytes");
+        let mut seen = 0;
         for e in format::entries(&bytes).unwrap() {
             let layer = e.path.trim_end_matches(".weight");
             if !layers.contains(layer) || !e.path.ends_with(".weight") {
@@ -359,6 +375,7 @@ fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
                 panic!("{method:?} {}: not quantized", e.path)
             };
             assert_eq!(b, bits);
+            seen += 1;
             let numel: usize = e.shape.iter().product();
             let channels = e.shape[usize::from(e.shape.len() == 2)];
             let stage = stages.iter().find(|s| s.path == e.path).unwrap();
@@ -371,6 +388,7 @@ fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
                 );
             }
         }
+        assert_eq!(seen, 3, "{method:?}: the three binarized weights");
         let runtime = SparseModel::from_loaded(&back).unwrap();
         let from_file = runtime.forward(&x, 3);
         assert_eq!(
@@ -383,7 +401,9 @@ fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
             "int8"
         };
         let infos = runtime.layers();
-        for l in infos.iter().filter(|l| layers.contains(&l.path)) {
+        let binary: Vec<_> = infos.iter().filter(|l| layers.contains(&l.path)).collect();
+        assert_eq!(binary.len(), 3);
+        for l in binary {
             assert_eq!((l.kernel, l.bits), (kernel, bits), "{method:?} {}", l.path);
         }
         if method.binary_inputs() {
@@ -397,6 +417,22 @@ fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
                 d <= 1e-4 * scale_of(&want),
                 "XNOR runtime vs training forward: {d}"
             );
+            // The file loaded into Burn takes the signs too.
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("x.cpz");
+            std::fs::write(&file, &bytes).unwrap();
+            let (burn, _) = checkpoint::load(&file, &Device::flex()).unwrap();
+            let d = max_abs_diff(&forward(&burn, &x, 3), &from_file);
+            assert!(
+                d <= 1e-4 * scale_of(&want),
+                "the file in Burn vs the runtime: {d}"
+            );
+        } else {
+            // A version-2 file cannot hold 1-bit weights.
+            let mut v2 = bytes.clone();
+            v2[4] = 2;
+            let refused = format::decode(&reseal(v2));
+            assert_eq!(refused.is_err(), bits == 1, "{method:?}");
         }
     }
 }
@@ -415,23 +451,15 @@ fn damaged_binarized_files_are_refused_never_a_panic() {
         .iter()
         .map(|l| (folded_paths[l].clone(), Some(1)))
         .collect();
-    let inputs = layers
-        .iter()
-        .map(|l| (folded_paths[l].clone(), Quantizer::signs()))
-        .collect();
-    let q = ptq::finish(folded, &bits_of, &inputs, &BTreeMap::new()).unwrap();
+    let inputs = BTreeMap::new();
+    let signs: BTreeSet<String> = layers.iter().map(|l| folded_paths[l].clone()).collect();
+    let q = ptq::finish(folded, &bits_of, &inputs, &BTreeMap::new(), &signs).unwrap();
     let (bytes, _) = format::encode_quantized(&q).unwrap();
     assert!(bytes.len() < 8192, "{} bytes", bytes.len());
     if std::env::var_os("CONVPRESS_WRITE_SEEDS").is_some() {
         let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
         std::fs::write(seeds.join("xnor-tiny.cpz"), &bytes).unwrap();
     }
-    let reseal = |mut b: Vec<u8>| {
-        let n = b.len() - 4;
-        let crc = crc32fast::hash(&b[..n]);
-        b[n..].copy_from_slice(&crc.to_le_bytes());
-        b
-    };
     let mut state = 777u64;
     let mut next = || {
         state = state
@@ -470,4 +498,70 @@ fn damaged_binarized_files_are_refused_never_a_panic() {
     zero.tensors.insert(name, (TensorData::new(w, shape), None));
     assert!(zero.check().is_err());
     assert!(format::encode_quantized(&zero).is_err());
+}
+
+/// A batch norm inserted right after a convolution (float here) is folded into it when the
+/// file is written, and one inserted at the head of a residual block stays: the paths follow,
+/// and the XNOR file still computes what the trained network does.
+#[test]
+fn inserted_batch_norms_after_a_conv_and_in_a_residual_block() {
+    let arch = Arch {
+        name: "tiny".into(),
+        input: [1, 6, 6],
+        classes: 10,
+        layers: vec![
+            conv(1, 4),
+            conv(4, 6),
+            LayerSpec::Relu,
+            LayerSpec::Residual {
+                body: vec![conv(6, 6), LayerSpec::Relu],
+                shortcut: vec![],
+            },
+            LayerSpec::Flatten,
+            LayerSpec::Linear {
+                in_features: 216,
+                out_features: 10,
+                bias: true,
+            },
+        ],
+    };
+    let original: BTreeSet<String> = ["layers.1", "layers.3.body.0"].map(String::from).into();
+    let (with, renamed, inserted) = insert_batch_norms(&loaded(&arch, 21), &original).unwrap();
+    assert_eq!(inserted, ["layers.1", "layers.4.body.0"]);
+    assert_eq!(renamed["layers.1"], "layers.2");
+    assert_eq!(renamed["layers.3.body.0"], "layers.4.body.1");
+    assert_eq!(renamed["layers.3.body.1"], "layers.4.body.2");
+    let trained_layers: BTreeSet<String> = original.iter().map(|l| renamed[l].clone()).collect();
+    let model = binarized(&with, &trained_layers, Method::Xnor);
+    let (folded, folded_paths) = fold_batch_norms(&model).unwrap();
+    // The first inserted batch norm went into the float convolution before it.
+    assert_eq!(folded_paths["layers.1"], "layers.0");
+    assert_eq!(folded_paths["layers.4.body.0"], "layers.3.body.0");
+    let layers: BTreeSet<String> = trained_layers
+        .iter()
+        .map(|l| folded_paths[l].clone())
+        .collect();
+    let bits_of = layers.iter().map(|l| (l.clone(), Some(1))).collect();
+    let q = ptq::finish(
+        folded,
+        &bits_of,
+        &BTreeMap::new(),
+        &BTreeMap::new(),
+        &layers,
+    )
+    .unwrap();
+    let (bytes, _) = format::encode_quantized(&q).unwrap();
+    let runtime = SparseModel::from_loaded(&format::decode(&bytes).unwrap()).unwrap();
+    let x = uniform(4 * 36, 22, -1.0, 1.0);
+    let mut trained = network(&model);
+    trained.fake_quant = Some(std::sync::Arc::new(FakeQuantInputs::signs(&trained_layers)));
+    let want = forward(&trained, &x, 4);
+    let d = max_abs_diff(&runtime.forward(&x, 4), &want);
+    assert!(d <= 1e-4 * scale_of(&want), "{d}");
+    let kernels: Vec<&str> = runtime.layers().iter().map(|l| l.kernel).collect();
+    assert_eq!(
+        kernels.iter().filter(|k| **k == "xnor").count(),
+        2,
+        "{kernels:?}"
+    );
 }

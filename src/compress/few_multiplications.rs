@@ -4,7 +4,8 @@
 //! sends back to its input, `δ · W_b`, take only sign changes (and one per-layer factor `H`);
 //! the one product left, the weight gradient `δ ⊗ x`, becomes bit shifts when the input `x`
 //! is quantized to signed powers of two for it: `x_q = sign(x) · 2^e`. The forward value keeps
-//! the real `x`.
+//! the real `x`. The quantization runs on the host, from the f32 bits: on a GPU that is a copy
+//! of each binarized layer's input per step.
 //!
 //! Burn's autodiff differentiates what it runs, so the layer runs as two products whose sum
 //! has the forward value `f(x, W_b)` and whose gradients are those above:
@@ -34,8 +35,10 @@ fn power(e: i32) -> f32 {
 }
 
 /// `values` quantized to signed powers of two: `sign(x) · 2^round(log2 |x|)`, the exponent
-/// within the `2^bits` values ending at that of the largest magnitude, and 0 below them.
+/// within the `2^bits` values ending at that of the largest magnitude, and 0 below them
+/// (`bits` is taken as at most 8: f32 has 254 normal exponents).
 pub fn power_of_two(values: &[f32], bits: u32) -> Vec<f32> {
+    let bits = bits.min(8);
     let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
     if !(max.is_finite() && max > 0.0) {
         return vec![0.0; values.len()];

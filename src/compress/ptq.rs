@@ -63,6 +63,7 @@ pub fn quantize_model(
         &weight_bits_of(&bits_of, settings, &renamed),
         &inputs,
         &BTreeMap::new(),
+        &Default::default(),
     )?;
     Ok(Quantized {
         model: quantized,
@@ -169,23 +170,29 @@ pub fn calibrate(
 
 /// `folded` (a float model without foldable batch norms) with the weights of every layer of
 /// `bits_of` on their per-channel grid, its inputs quantized by `inputs`: the quantized model
-/// with its spec, checked. An input quantizer of [`Quantizer::signs`] (which calibration never
-/// gives: it is signed) makes the layer's input binary (XNOR-Net). A layer's weight steps are its entry in `weight_steps` (one per
+/// with its spec, checked. The layers of `sign_inputs` take their inputs' signs (XNOR-Net:
+/// 1-bit weights, input grid [`Quantizer::signs`]) and need no entry in `inputs`. At 1 bit a
+/// weight of 0 (a channel that is all 0) takes the code +1. A layer's weight steps are its entry in `weight_steps` (one per
 /// output channel: learned steps, which clip) or else from each channel's largest magnitude.
 pub fn finish(
     folded: Loaded,
     bits_of: &BTreeMap<String, Option<u32>>,
     inputs: &BTreeMap<String, Quantizer>,
     weight_steps: &BTreeMap<String, Vec<f32>>,
+    sign_inputs: &std::collections::BTreeSet<String>,
 ) -> Result<Loaded, String> {
     let mut tensors = folded.tensors.clone();
     let mut spec = QuantSpec::default();
     let linear = channels_last_layers(&folded.arch);
     for (path, bits) in bits_of {
         let Some(bits) = *bits else { continue };
-        let input = *inputs
-            .get(path)
-            .ok_or_else(|| format!("{path}: no input quantizer"))?;
+        let sign_input = sign_inputs.contains(path);
+        let input = match sign_input {
+            true => Quantizer::signs(),
+            false => *inputs
+                .get(path)
+                .ok_or_else(|| format!("{path}: no input quantizer"))?,
+        };
         let name = format!("{path}.weight");
         let (mut w, shape) = floats(&tensors, &name)?;
         let channel_last = *linear
@@ -200,7 +207,7 @@ pub fn finish(
             QuantLayer {
                 bits,
                 input,
-                sign_input: input == Quantizer::signs(),
+                sign_input,
                 weight_scales: scales,
             },
         );
@@ -283,7 +290,12 @@ pub fn quantize_in_place(
         }
     };
     for (i, v) in w.iter_mut().enumerate() {
-        *v = quantizers[channel(i)].round_trip(*v);
+        let q = &quantizers[channel(i)];
+        // One bit has no 0: the sign, +1 for 0.
+        *v = match bits {
+            1 => q.scale.copysign(*v + 0.0),
+            _ => q.round_trip(*v),
+        };
     }
     Ok(quantizers.iter().map(|q| q.scale).collect())
 }

@@ -463,9 +463,10 @@ impl QuantSpec {
         }
     }
 
-    /// Checks the spec against the model: every path a conv or linear layer, bits in
-    /// [`BITS`], a valid unsigned input quantizer, one positive step per output channel, and
-    /// every weight a whole number of steps within the layer's codes. `weight` gives a layer's
+    /// Checks the spec against the model: every path a conv or linear layer, weight bits in
+    /// [`WEIGHT_BITS`], a valid unsigned input quantizer of 2 to 8 bits (or, for a layer with
+    /// binary inputs, 1-bit weights and the sign grid), one positive step per output channel,
+    /// and every weight a whole number of steps within the layer's codes (at 1 bit, ±1). `weight` gives a layer's
     /// weight values and its output-channel count.
     pub fn check(
         &self,

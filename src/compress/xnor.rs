@@ -7,8 +7,15 @@
 //! binarization, with the straight-through estimator of Hubara et al. 2016 (eq. 4).
 //!
 //! The paper also scales each input window by `K`, the mean of its |x|; the authors' released
-//! code leaves it out, and so does convpress (a 1×1 scale per window costs a full-precision
-//! pass over the input, and the next batch norm absorbs a per-layer scale).
+//! code leaves it out, and so does convpress. That is an approximation, not an equivalence (`K`
+//! varies per window and image); computing it costs a full-precision pass over the input.
+//!
+//! A batch norm goes in front of a binarized layer unless the layer right before it in the
+//! same sequence is one: at the head of a residual block's body or shortcut it is always
+//! inserted (even if a batch norm precedes the block), and a block whose body and shortcut
+//! both start with a binarized layer gets one in each. One inserted right after a convolution
+//! is folded into it when the file is written (`compress::fold`): the signs of the folded
+//! convolution's outputs are those of the batch norm's.
 
 use crate::checkpoint::{Loaded, Tensors};
 use crate::models::{Arch, LayerSpec};
@@ -29,7 +36,7 @@ pub fn sign_activation<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 }
 
 /// A model with XNOR-Net's batch norm in front of each of `layers` (paths of the model as
-/// given) whose preceding layer is not already one: `features` its input channels, `γ = 1`,
+/// given) whose preceding layer in its sequence is not already one: `features` its input channels, `γ = 1`,
 /// `β = 0`, running mean 0 and variance 1, to be trained. The layers after each are renumbered.
 /// Returns the model, every old layer path's new one, and the inserted batch norms' paths.
 pub fn insert_batch_norms(

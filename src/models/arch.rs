@@ -395,6 +395,27 @@ impl Arch {
         out
     }
 
+    /// Every layer by its path, nested layers included (a residual block and its layers).
+    pub fn layer_specs(&self) -> std::collections::BTreeMap<String, &LayerSpec> {
+        fn walk<'a>(
+            layers: &'a [LayerSpec],
+            prefix: &str,
+            out: &mut std::collections::BTreeMap<String, &'a LayerSpec>,
+        ) {
+            for (i, l) in layers.iter().enumerate() {
+                let path = format!("{prefix}.{i}");
+                if let LayerSpec::Residual { body, shortcut } = l {
+                    walk(body, &format!("{path}.body"), out);
+                    walk(shortcut, &format!("{path}.shortcut"), out);
+                }
+                out.insert(path, l);
+            }
+        }
+        let mut out = std::collections::BTreeMap::new();
+        walk(&self.layers, "layers", &mut out);
+        out
+    }
+
     /// Every float tensor that a network of this architecture holds (parameters and batch-norm
     /// statistics), by path, with its shape in Burn's layout: what a model file must contain,
     /// checked before the file's tensors are used (`checkpoint::Loaded::check`). A test holds

@@ -16,8 +16,9 @@ use crate::checkpoint::{Loaded, floats};
 use crate::compress::binarize::{BinarizeHook, Method, binarize_weight};
 use crate::compress::fold::fold_batch_norms;
 use crate::compress::ptq;
-use crate::compress::quantize::Quantizer;
+use crate::compress::quantize::Calibration;
 use crate::compress::xnor::insert_batch_norms;
+use crate::models::LayerSpec;
 use crate::models::arch::Shape;
 use crate::pipeline::table::{self, StageTable};
 use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, required};
@@ -97,6 +98,7 @@ impl Binarize {
     /// single input channel (and, by `settings_for`, where none is left).
     fn binarized(&self, arch: &crate::models::Arch) -> Result<BTreeSet<String>, String> {
         let settings = self.quantize().settings_for(arch)?;
+        let specs = arch.layer_specs();
         let mut out = BTreeSet::new();
         for s in arch.layer_stats() {
             let path = s.path;
@@ -104,6 +106,16 @@ impl Binarize {
                 || matches!(settings.layer_bits.get(&path), Some(None))
             {
                 continue;
+            }
+            if let Some(LayerSpec::Conv2d {
+                groups, dilation, ..
+            }) = specs.get(&path)
+                && self.params.method.binary_inputs()
+                && (*groups != 1 || *dilation != [1, 1])
+            {
+                return Err(format!(
+                    "{path}: the XNOR-popcount convolution runs one group and no dilation, not {groups} and {dilation:?}; keep it in float"
+                ));
             }
             if s.kind == "conv2d" && matches!(s.input, Shape::Map([1, _, _])) {
                 return Err(format!(
@@ -201,7 +213,7 @@ impl Stage for Binarize {
             .map_err(|e| anyhow::anyhow!("{}: {e}", input.file.display()))?;
         // Each layer path of the model as given, and its path in the written one.
         if renamed.is_empty() {
-            renamed = folded_paths;
+            renamed = folded_paths.clone();
         } else {
             for new in renamed.values_mut() {
                 *new = folded_paths
@@ -210,11 +222,24 @@ impl Stage for Binarize {
                     .unwrap_or_else(|| new.clone());
             }
         }
+        // The inserted batch norms in the written model; one right after a convolution is
+        // folded into it (the signs of the folded convolution's outputs are the same).
+        let kinds: BTreeMap<String, &str> = quantized
+            .arch
+            .layer_stats()
+            .into_iter()
+            .map(|s| (s.path, s.kind))
+            .collect();
+        let (kept, folded): (Vec<String>, Vec<String>) = inserted
+            .iter()
+            .map(|bn| folded_paths.get(bn).cloned().unwrap_or_else(|| bn.clone()))
+            .partition(|p| kinds.get(p) == Some(&"batch_norm"));
         let mut out = super::quantize::write(&quantized, &renamed, &input, cx, &self.out)?;
         out.details["calibration_images"] = calibration.n.into();
         out.details["method"] = p.method.name().into();
         out.details["binarized_layers"] = layers.len().into();
-        out.details["inserted_batch_norms"] = inserted.into();
+        out.details["inserted_batch_norms"] = kept.into();
+        out.details["inserted_batch_norms_folded_into"] = folded.into();
         out.details["epochs"] = p.epochs.into();
         out.curve = outcome.metrics;
         Ok(out)
@@ -222,10 +247,10 @@ impl Stage for Binarize {
 }
 
 impl Binarize {
-    /// The trained model with its binarized `layers`, as it is written: batch norms folded,
-    /// the inputs of layers with real-valued inputs calibrated at 8 bits, binary weights at 1
-    /// bit and ternary ones at 2, XNOR-Net's layers on their inputs' signs. Also returns every
-    /// layer's path after folding.
+    /// The trained model with its binarized `layers` (its paths), as it is written: batch norms
+    /// folded, binary weights at 1 bit and ternary ones at 2, every other layer in float; the
+    /// real-valued inputs of binarized layers calibrated at 8 bits (min-max), XNOR-Net's taken
+    /// by their signs. Also returns every layer's path after folding.
     fn write_form(
         &self,
         trained: &Loaded,
@@ -233,30 +258,28 @@ impl Binarize {
         calibration: &crate::data::ImageSet,
     ) -> Result<(Loaded, BTreeMap<String, String>), String> {
         let method = self.params.method;
-        let settings = self.quantize().settings_for(&trained.arch)?;
         let (folded, renamed) = fold_batch_norms(trained)?;
-        let mut bits_of = ptq::layer_bits(&folded, &renamed, &settings)?;
-        let binarized: BTreeSet<&String> = layers.iter().map(|l| &renamed[l]).collect();
-        let mut calibrated = bits_of.clone();
-        for (layer, bits) in bits_of.iter_mut() {
-            if binarized.contains(layer) {
-                *bits = Some(if method.ternary() { 2 } else { 1 });
-                if method.binary_inputs() {
-                    calibrated.insert(layer.clone(), None);
-                }
-            } else if bits.is_some() {
-                return Err(format!(
-                    "internal error: {layer} would be quantized but is not binarized"
-                ));
+        let binarized: BTreeSet<String> = layers.iter().map(|l| renamed[l].clone()).collect();
+        let bits = if method.ternary() { 2 } else { 1 };
+        let mut bits_of = BTreeMap::new();
+        let mut calibrated = BTreeMap::new();
+        for s in folded.arch.layer_stats() {
+            if matches!(s.kind, "conv2d" | "linear") {
+                let on = binarized.contains(&s.path);
+                bits_of.insert(s.path.clone(), on.then_some(bits));
+                calibrated.insert(s.path, (on && !method.binary_inputs()).then_some(8));
             }
         }
-        let mut inputs = ptq::calibrate(&folded, &calibrated, settings.calibration, calibration)?;
-        if method.binary_inputs() {
-            for layer in &binarized {
-                inputs.insert((*layer).clone(), Quantizer::signs());
-            }
-        }
-        let quantized = ptq::finish(folded, &bits_of, &inputs, &BTreeMap::new())?;
+        let inputs = if calibrated.values().any(Option::is_some) {
+            ptq::calibrate(&folded, &calibrated, Calibration::MinMax, calibration)?
+        } else {
+            BTreeMap::new()
+        };
+        let signs = match method.binary_inputs() {
+            true => binarized,
+            false => BTreeSet::new(),
+        };
+        let quantized = ptq::finish(folded, &bits_of, &inputs, &BTreeMap::new(), &signs)?;
         Ok((quantized, renamed))
     }
 }

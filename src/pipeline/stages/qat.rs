@@ -207,8 +207,14 @@ impl Stage for Qat {
                 (inputs, weights)
             }
         };
-        let quantized = ptq::finish(trained, &weight_bits_of, &inputs, &weight_steps)
-            .map_err(anyhow::Error::msg)?;
+        let quantized = ptq::finish(
+            trained,
+            &weight_bits_of,
+            &inputs,
+            &weight_steps,
+            &Default::default(),
+        )
+        .map_err(anyhow::Error::msg)?;
         let mut out = super::quantize::write(&quantized, &renamed, &input, cx, &self.out)?;
         out.details["step_sizes"] = serde_json::to_value(p.step_sizes)?;
         out.details["epochs"] = p.epochs.into();
