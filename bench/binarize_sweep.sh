@@ -3,7 +3,7 @@
 # each method trained from it (`convpress binarize`, 3 epochs of Adam at lr 0.001, first and
 # last layers in float); prints test error (of the written file on convpress's runtime: int8
 # kernels, XNOR-popcount ones for xnor) as mean ± spread (half the range over the seeds) and
-# writes it as JSON. Finished steps are kept, so a rerun only does what is missing. About 30
+# writes it as JSON. Finished steps are kept, so a rerun only does what is missing. About 35
 # minutes on 2 cores, the float models aside.
 #
 #   bash bench/binarize_sweep.sh     # SEEDS="1 2" METHODS="binary-connect ..." OUT=runs/binarize-sweep
@@ -11,7 +11,7 @@ set -euo pipefail
 bin=${CONVPRESS:-target/release/convpress}
 out=${OUT:-runs/binarize-sweep}
 seeds=${SEEDS:-"1 2"}
-methods=${METHODS:-"binary-connect stochastic bwn xnor twn loss-aware"}
+methods=${METHODS:-"binary-connect stochastic bwn xnor twn loss-aware few-multiplications"}
 mkdir -p "$out"
 for s in $seeds; do
     f="$out/float-s$s"

@@ -452,6 +452,15 @@ pub fn code_of(w: f32, scale: f32) -> i32 {
 }
 
 impl QuantSpec {
+    /// [`QuantSpec::kernels`] as a short label for tables: `int8`, `xnor` or `int8+xnor`.
+    pub fn runtime_label(&self) -> &'static str {
+        match self.kernels() {
+            "int8 kernels" => "int8",
+            "XNOR-popcount kernels" => "xnor",
+            _ => "int8+xnor",
+        }
+    }
+
     /// Which of the runtime's kernels run the quantized layers: the int8 ones, the
     /// XNOR-popcount ones (layers with binary inputs), or both.
     pub fn kernels(&self) -> &'static str {

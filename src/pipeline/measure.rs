@@ -176,8 +176,16 @@ pub fn measure(
         .fold((0, 0), |(w, k), l| (w + l.weights, k + l.kept));
     // The sparse runtime is timed for models that are mostly zeros (it refuses a few layer
     // kinds, asymmetric padding, which then run dense only).
+    let quantized = int8.is_some();
     let (sparse, kind) = match int8 {
-        Some(m) => (Some(m), "int8"),
+        Some(m) => (
+            Some(m),
+            model
+                .loaded
+                .quant
+                .as_ref()
+                .map_or("int8", |q| q.runtime_label()),
+        ),
         None if 2 * kept < weights => (SparseModel::from_loaded(&model.loaded).ok(), "sparse"),
         None => (None, "sparse"),
     };
@@ -191,7 +199,7 @@ pub fn measure(
                 .as_ref()
                 .map_or(f64::INFINITY, |s| bench::sparse_latency(s, batch, budget));
             // A quantized model is the int8 runtime's: its float twin is another model.
-            let (ms, runtime) = if sparse_ms < dense_ms || kind == "int8" {
+            let (ms, runtime) = if sparse_ms < dense_ms || quantized {
                 (sparse_ms, kind)
             } else {
                 (dense_ms, "dense")
