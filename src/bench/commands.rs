@@ -445,6 +445,7 @@ pub fn compare_quantized_model(
             quantized.display()
         );
     }
+    let runtime = loaded.quant.as_ref().map_or("int8", |q| q.runtime_label());
     let int8 =
         crate::runtime::model::SparseModel::from_loaded(&loaded).map_err(anyhow::Error::msg)?;
     let device = Device::flex();
@@ -458,7 +459,12 @@ pub fn compare_quantized_model(
     if !json {
         println!(
             "{:<10} {:>5} {:>7} {:>10} {:>10} {:>8}",
-            "model", "batch", "threads", "f32 ms", "int8 ms", "speedup"
+            "model",
+            "batch",
+            "threads",
+            "f32 ms",
+            format!("{runtime} ms"),
+            "speedup"
         );
     }
     for &b in batch {
@@ -475,7 +481,7 @@ pub fn compare_quantized_model(
     }
     if !json {
         println!(
-            "(medians of 10 interleaved rounds; f32: {} on convpress's kernels through Burn; int8: {})",
+            "(medians of 10 interleaved rounds; f32: {} on convpress's kernels through Burn; {runtime}: {} on the runtime)",
             float.unwrap_or(quantized).display(),
             quantized.display()
         );
