@@ -15,7 +15,7 @@ use convpress::compress::format::{self, Encoding};
 use convpress::compress::ptq;
 use convpress::compress::qat::FakeQuantInputs;
 use convpress::compress::quantize::Quantizer;
-use convpress::compress::xnor::{insert_batch_norms, sign_activation};
+use convpress::compress::xnor::{Inserted, insert_batch_norms, sign_activation};
 use convpress::kernels::binary::Path;
 use convpress::models::{Arch, LayerSpec, Network};
 use convpress::runtime::binary::{BinaryConv, BinaryLinear};
@@ -255,7 +255,11 @@ fn forward(n: &Network, x: &[f32], batch: usize) -> Vec<f32> {
 fn inserted_batch_norms_keep_the_layers_and_the_function() {
     let (arch, binarized) = tiny();
     let model = loaded(&arch, 3);
-    let (with, renamed, inserted) = insert_batch_norms(&model, &binarized).unwrap();
+    let Inserted {
+        model: with,
+        renamed,
+        batch_norms: inserted,
+    } = insert_batch_norms(&model, &binarized).unwrap();
     assert_eq!(inserted, ["layers.2", "layers.10"]);
     let want: BTreeMap<String, String> = [
         (0, 0),
@@ -325,7 +329,11 @@ fn binarized(model: &Loaded, layers: &BTreeSet<String>, method: Method) -> Loade
 #[test]
 fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
     let (arch, original) = tiny();
-    let (with, renamed, _) = insert_batch_norms(&loaded(&arch, 7), &original).unwrap();
+    let Inserted {
+        model: with,
+        renamed,
+        batch_norms: _,
+    } = insert_batch_norms(&loaded(&arch, 7), &original).unwrap();
     let trained_layers: BTreeSet<String> = original.iter().map(|l| renamed[l].clone()).collect();
     let x = uniform(3 * 36, 8, -1.0, 1.0);
     for (method, bits, version) in [
@@ -443,7 +451,11 @@ fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
 #[test]
 fn damaged_binarized_files_are_refused_never_a_panic() {
     let (arch, original) = tiny();
-    let (with, renamed, _) = insert_batch_norms(&loaded(&arch, 11), &original).unwrap();
+    let Inserted {
+        model: with,
+        renamed,
+        batch_norms: _,
+    } = insert_batch_norms(&loaded(&arch, 11), &original).unwrap();
     let layers: BTreeSet<String> = original.iter().map(|l| renamed[l].clone()).collect();
     let model = binarized(&with, &layers, Method::Xnor);
     let (folded, folded_paths) = fold_batch_norms(&model).unwrap();
@@ -526,7 +538,11 @@ fn inserted_batch_norms_after_a_conv_and_in_a_residual_block() {
         ],
     };
     let original: BTreeSet<String> = ["layers.1", "layers.3.body.0"].map(String::from).into();
-    let (with, renamed, inserted) = insert_batch_norms(&loaded(&arch, 21), &original).unwrap();
+    let Inserted {
+        model: with,
+        renamed,
+        batch_norms: inserted,
+    } = insert_batch_norms(&loaded(&arch, 21), &original).unwrap();
     assert_eq!(inserted, ["layers.1", "layers.4.body.0"]);
     assert_eq!(renamed["layers.1"], "layers.2");
     assert_eq!(renamed["layers.3.body.0"], "layers.4.body.1");

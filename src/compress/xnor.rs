@@ -38,11 +38,7 @@ pub fn sign_activation<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// A model with XNOR-Net's batch norm in front of each of `layers` (paths of the model as
 /// given) whose preceding layer in its sequence is not already one: `features` its input channels, `γ = 1`,
 /// `β = 0`, running mean 0 and variance 1, to be trained. The layers after each are renumbered.
-/// Returns the model, every old layer path's new one, and the inserted batch norms' paths.
-pub fn insert_batch_norms(
-    model: &Loaded,
-    layers: &BTreeSet<String>,
-) -> Result<(Loaded, BTreeMap<String, String>, Vec<String>), String> {
+pub fn insert_batch_norms(model: &Loaded, layers: &BTreeSet<String>) -> Result<Inserted, String> {
     let mut tensors = Tensors::new();
     let mut renamed = BTreeMap::new();
     let mut inserted = Vec::new();
@@ -68,7 +64,21 @@ pub fn insert_batch_norms(
         tensors,
         quant: None,
     };
-    Ok((with, renamed, inserted))
+    Ok(Inserted {
+        model: with,
+        renamed,
+        batch_norms: inserted,
+    })
+}
+
+/// What [`insert_batch_norms`] gives.
+#[derive(Debug, Clone)]
+pub struct Inserted {
+    pub model: Loaded,
+    /// Every old layer path's new one.
+    pub renamed: BTreeMap<String, String>,
+    /// The inserted batch norms' paths.
+    pub batch_norms: Vec<String>,
 }
 
 struct Inserter<'a> {

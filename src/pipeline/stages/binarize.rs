@@ -158,7 +158,11 @@ impl Stage for Binarize {
         // XNOR-Net: a batch norm in front of every binarized layer that lacks one, trained
         // from the start of the run.
         let (xnor_start, inserted, mut renamed) = if p.method.binary_inputs() {
-            let (with, renamed, inserted) = insert_batch_norms(&input.loaded, &layers)
+            let crate::compress::xnor::Inserted {
+                model: with,
+                renamed,
+                batch_norms: inserted,
+            } = insert_batch_norms(&input.loaded, &layers)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", input.file.display()))?;
             let start = Model::save_tensors(
                 &cx.dir.join("xnor-blocks.safetensors"),
