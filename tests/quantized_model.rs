@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{pruned_checkpoint, uniform};
+use common::{pruned_checkpoint, reseal, uniform};
 use convpress::checkpoint::{self, Loaded};
 use convpress::compress::fold::fold_batch_norms;
 use convpress::compress::format::{self, Encoding};
@@ -482,12 +482,6 @@ fn damaged_quantized_files_are_refused_never_a_panic() {
         let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
         std::fs::write(seeds.join("quantized-tiny-4bit.cpz"), &bytes).unwrap();
     }
-    let reseal = |mut b: Vec<u8>| {
-        let n = b.len() - 4;
-        let crc = crc32fast::hash(&b[..n]);
-        b[n..].copy_from_slice(&crc.to_le_bytes());
-        b
-    };
     let mut state = 12345u64;
     let mut next = || {
         state = state

@@ -7,7 +7,7 @@
 mod common;
 
 use burn::prelude::*;
-use common::{meta, uniform};
+use common::{meta, reseal, uniform};
 use convpress::checkpoint::{self, Loaded, Tensors};
 use convpress::compress::binarize::{Method, binarize_weight};
 use convpress::compress::fold::fold_batch_norms;
@@ -23,14 +23,6 @@ use convpress::runtime::conv::{Conv2dKernel, ConvGeometry, DirectConv};
 use convpress::runtime::model::SparseModel;
 use convpress::runtime::{DenseReference, LinearKernel};
 use std::collections::{BTreeMap, BTreeSet};
-
-/// `b` with its checksum made valid again.
-fn reseal(mut b: Vec<u8>) -> Vec<u8> {
-    let n = b.len() - 4;
-    let crc = crc32fast::hash(&b[..n]);
-    b[n..].copy_from_slice(&crc.to_le_bytes());
-    b
-}
 
 fn signs(v: &[f32]) -> Vec<f32> {
     v.iter()

@@ -14,13 +14,44 @@ use super::LinearKernel;
 use super::conv::{Conv2dKernel, ConvGeometry};
 use crate::kernels::binary::{self, BitRows, PackedFilters, PackedImages, Path};
 
-/// Bytes of the scales and the bias of `out` channels.
-fn epilogue_bytes(out: usize, bias: &Option<Vec<f32>>) -> usize {
-    4 * (out + bias.as_ref().map_or(0, Vec::len))
+/// What both layers do after the count: one scale and bias per output, a ReLU if one follows,
+/// and the instruction path that counts.
+#[derive(Debug, Clone)]
+struct Epilogue {
+    scales: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    relu: bool,
+    path: Path,
 }
 
-fn relu_in_place(y: &mut [f32]) {
-    y.iter_mut().for_each(|v| *v = v.max(0.0));
+impl Epilogue {
+    fn new(scales: Vec<f32>, bias: Option<Vec<f32>>) -> Self {
+        Epilogue {
+            scales,
+            bias,
+            relu: false,
+            path: Path::best(),
+        }
+    }
+
+    fn with_path(mut self, path: Path) -> Result<Self, String> {
+        if !path.runs_here() {
+            return Err(format!("this CPU cannot run the {} path", path.name()));
+        }
+        self.path = path;
+        Ok(self)
+    }
+
+    fn relu_in_place(&self, y: &mut [f32]) {
+        if self.relu {
+            y.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+    }
+
+    /// Bytes of the scales and the bias.
+    fn bytes(&self) -> usize {
+        4 * (self.scales.len() + self.bias.as_ref().map_or(0, Vec::len))
+    }
 }
 
 /// A binary convolution with binary inputs.
@@ -28,10 +59,7 @@ fn relu_in_place(y: &mut [f32]) {
 pub struct BinaryConv {
     geometry: ConvGeometry,
     filters: PackedFilters,
-    scales: Vec<f32>,
-    bias: Option<Vec<f32>>,
-    relu: bool,
-    path: Path,
+    out: Epilogue,
 }
 
 impl BinaryConv {
@@ -61,31 +89,25 @@ impl BinaryConv {
         Ok(BinaryConv {
             geometry,
             filters,
-            scales,
-            bias,
-            relu: false,
-            path: Path::best(),
+            out: Epilogue::new(scales, bias),
         })
     }
 
     /// A ReLU applied to the output as it is written.
     pub fn with_relu(mut self) -> Self {
-        self.relu = true;
+        self.out.relu = true;
         self
     }
 
     /// Counts on `path` instead of the fastest one here (tests force each path); the path must
     /// run on this CPU.
     pub fn with_path(mut self, path: Path) -> Result<Self, String> {
-        if !path.runs_here() {
-            return Err(format!("this CPU cannot run the {} path", path.name()));
-        }
-        self.path = path;
+        self.out = self.out.with_path(path)?;
         Ok(self)
     }
 
     pub fn path_name(&self) -> &'static str {
-        self.path.name()
+        self.out.path.name()
     }
 
     /// Weights the layer holds: one bit each.
@@ -103,15 +125,14 @@ impl Conv2dKernel for BinaryConv {
         let g = &self.geometry;
         let packed = PackedImages::pack(x, batch, g.in_channels, hw);
         let p = g.problem(batch, hw);
-        let bias = self.bias.as_deref();
-        binary::conv_scaled(self.path, &p, &packed, &self.filters, &self.scales, bias, y);
-        if self.relu {
-            relu_in_place(y);
-        }
+        let o = &self.out;
+        let bias = o.bias.as_deref();
+        binary::conv_scaled(o.path, &p, &packed, &self.filters, &o.scales, bias, y);
+        o.relu_in_place(y);
     }
 
     fn weight_bytes(&self) -> usize {
-        self.filters.bytes() + epilogue_bytes(self.geometry.out_channels, &self.bias)
+        self.filters.bytes() + self.out.bytes()
     }
 }
 
@@ -120,10 +141,7 @@ impl Conv2dKernel for BinaryConv {
 pub struct BinaryLinear {
     /// `[out, in]`.
     rows: BitRows,
-    scales: Vec<f32>,
-    bias: Option<Vec<f32>>,
-    relu: bool,
-    path: Path,
+    out: Epilogue,
 }
 
 impl BinaryLinear {
@@ -150,29 +168,23 @@ impl BinaryLinear {
         }
         Ok(BinaryLinear {
             rows: BitRows::pack(&out_in, out_features, in_features),
-            scales,
-            bias,
-            relu: false,
-            path: Path::best(),
+            out: Epilogue::new(scales, bias),
         })
     }
 
     pub fn with_relu(mut self) -> Self {
-        self.relu = true;
+        self.out.relu = true;
         self
     }
 
     /// See [`BinaryConv::with_path`].
     pub fn with_path(mut self, path: Path) -> Result<Self, String> {
-        if !path.runs_here() {
-            return Err(format!("this CPU cannot run the {} path", path.name()));
-        }
-        self.path = path;
+        self.out = self.out.with_path(path)?;
         Ok(self)
     }
 
     pub fn path_name(&self) -> &'static str {
-        self.path.name()
+        self.out.path.name()
     }
 }
 
@@ -191,17 +203,16 @@ impl LinearKernel for BinaryLinear {
         assert_eq!(y.len(), batch * n_out, "binary linear: output size");
         let inputs = BitRows::pack(x, batch, n_in);
         let mut sums = vec![0i32; batch * n_out];
-        binary::gemm(self.path, &inputs, &self.rows, &mut sums);
+        let e = &self.out;
+        binary::gemm(e.path, &inputs, &self.rows, &mut sums);
         for (i, (out, s)) in y.iter_mut().zip(sums).enumerate() {
             let o = i % n_out;
-            *out = self.scales[o] * s as f32 + self.bias.as_ref().map_or(0.0, |b| b[o]);
+            *out = e.scales[o] * s as f32 + e.bias.as_ref().map_or(0.0, |b| b[o]);
         }
-        if self.relu {
-            relu_in_place(y);
-        }
+        e.relu_in_place(y);
     }
 
     fn weight_bytes(&self) -> usize {
-        8 * self.rows.data().len() + epilogue_bytes(self.rows.rows(), &self.bias)
+        8 * self.rows.data().len() + self.out.bytes()
     }
 }
