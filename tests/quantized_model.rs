@@ -482,33 +482,11 @@ fn damaged_quantized_files_are_refused_never_a_panic() {
         let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
         std::fs::write(seeds.join("quantized-tiny-4bit.cpz"), &bytes).unwrap();
     }
-    let mut state = 12345u64;
-    let mut next = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 33) as usize
-    };
     let mut flipped = bytes.clone();
     flipped[100] ^= 4;
     assert!(format::decode(&flipped).unwrap_err().contains("checksum"));
     // Resealed damage: refused, or a model that the runtime builds and runs without a panic.
-    let mut refused = 0;
-    for _ in 0..2000 {
-        let mut b = bytes.clone();
-        let i = 16 + next() % (b.len() - 20);
-        b[i] ^= 1 << (next() % 8);
-        match format::decode(&reseal(b)).and_then(|l| l.check().map(|()| l)) {
-            Err(_) => refused += 1,
-            Ok(l) => {
-                if let Ok(m) = SparseModel::from_loaded(&l) {
-                    let n: usize = m.arch.input.iter().product();
-                    let out = m.forward(&vec![0.5; 4 * n], 4);
-                    assert_eq!(out.len(), 4 * m.arch.classes);
-                }
-            }
-        }
-    }
+    let refused = common::resealed_damages(&bytes, 12345, 2000, 4);
     assert!(
         refused > 100,
         "only {refused} of 2000 resealed damages refused"

@@ -17,6 +17,7 @@ use convpress::compress::qat::FakeQuantInputs;
 use convpress::compress::quantize::Quantizer;
 use convpress::compress::xnor::{Inserted, insert_batch_norms, sign_activation};
 use convpress::kernels::binary::Path;
+use convpress::models::arch::build;
 use convpress::models::{Arch, LayerSpec, Network};
 use convpress::runtime::binary::{BinaryConv, BinaryLinear};
 use convpress::runtime::conv::{Conv2dKernel, ConvGeometry, DirectConv};
@@ -171,18 +172,9 @@ fn the_sign_activation_passes_gradients_only_inside_the_clip() {
     assert_eq!(g, vec![0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]);
 }
 
+/// A 3x3 convolution with padding 1 and a bias.
 fn conv(c: usize, o: usize) -> LayerSpec {
-    LayerSpec::Conv2d {
-        in_channels: c,
-        out_channels: o,
-        kernel: [3, 3],
-        stride: [1, 1],
-        padding: [1, 1],
-        pad_extra: [0, 0],
-        dilation: [1, 1],
-        groups: 1,
-        bias: true,
-    }
+    build::conv(c, o, 3, 1, 1, true)
 }
 
 /// A small network with a float first layer, a binarized conv after a ReLU, one after a batch
@@ -197,19 +189,12 @@ fn tiny() -> (Arch, BTreeSet<String>) {
             LayerSpec::Relu,
             conv(4, 6),
             LayerSpec::Relu,
-            LayerSpec::BatchNorm { features: 6 },
+            build::bn(6),
             conv(6, 8),
             LayerSpec::Relu,
-            LayerSpec::MaxPool {
-                kernel: [2, 2],
-                stride: [2, 2],
-            },
+            build::maxpool(2),
             LayerSpec::Flatten,
-            LayerSpec::Linear {
-                in_features: 72,
-                out_features: 10,
-                bias: true,
-            },
+            build::linear(72, 10),
         ],
     };
     let binarized = ["layers.2", "layers.5", "layers.9"]
@@ -312,6 +297,39 @@ fn binarized(model: &Loaded, layers: &BTreeSet<String>, method: Method) -> Loade
     }
 }
 
+/// [`tiny`] (weights from `seed`) with XNOR-Net's batch norms inserted, and the paths of its
+/// binarized layers in it.
+fn tiny_with_batch_norms(seed: u64) -> (Loaded, BTreeSet<String>) {
+    let (arch, original) = tiny();
+    let Inserted { model, renamed, .. } =
+        insert_batch_norms(&loaded(&arch, seed), &original).unwrap();
+    let layers = original.iter().map(|l| renamed[l].clone()).collect();
+    (model, layers)
+}
+
+/// `model` as `binarize` writes it: batch norms folded, `layers` (its paths) at `bits` bits,
+/// their inputs on `input` or, with `None`, taken by their signs. Also every layer's path after
+/// folding.
+fn written(
+    model: &Loaded,
+    layers: &BTreeSet<String>,
+    bits: u32,
+    input: Option<Quantizer>,
+) -> (Loaded, BTreeMap<String, String>) {
+    let (folded, folded_paths) = fold_batch_norms(model).unwrap();
+    let layers: BTreeSet<String> = layers.iter().map(|l| folded_paths[l].clone()).collect();
+    let bits_of = layers.iter().map(|l| (l.clone(), Some(bits))).collect();
+    let (inputs, signs) = match input {
+        Some(q) => (
+            layers.iter().map(|l| (l.clone(), q)).collect(),
+            BTreeSet::new(),
+        ),
+        None => (BTreeMap::new(), layers),
+    };
+    let q = ptq::finish(folded, &bits_of, &inputs, &BTreeMap::new(), &signs).unwrap();
+    (q, folded_paths)
+}
+
 /// Binarized files: XNOR-Net's (1-bit weights, binary inputs) and BWN's (1-bit weights, 8-bit
 /// inputs) are version 3, TWN's (2-bit ternary codes) version 2. Each decodes to exactly the
 /// model written and re-encodes to the same bytes; binary weights take one bit each plus a
@@ -320,13 +338,7 @@ fn binarized(model: &Loaded, layers: &BTreeSet<String>, method: Method) -> Loade
 /// network's forward pass with sign activations.
 #[test]
 fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
-    let (arch, original) = tiny();
-    let Inserted {
-        model: with,
-        renamed,
-        batch_norms: _,
-    } = insert_batch_norms(&loaded(&arch, 7), &original).unwrap();
-    let trained_layers: BTreeSet<String> = original.iter().map(|l| renamed[l].clone()).collect();
+    let (with, trained_layers) = tiny_with_batch_norms(7);
     let x = uniform(3 * 36, 8, -1.0, 1.0);
     for (method, bits, version) in [
         (Method::Xnor, 1, 3u16),
@@ -334,23 +346,15 @@ fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
         (Method::Twn, 2, 2),
     ] {
         let model = binarized(&with, &trained_layers, method);
-        let (folded, folded_paths) = fold_batch_norms(&model).unwrap();
+        let input = match method.binary_inputs() {
+            true => None,
+            false => Some(Quantizer::asymmetric(-4.0, 4.0, 8)),
+        };
+        let (q, folded_paths) = written(&model, &trained_layers, bits, input);
         let layers: BTreeSet<String> = trained_layers
             .iter()
             .map(|l| folded_paths[l].clone())
             .collect();
-        let bits_of = layers.iter().map(|l| (l.clone(), Some(bits))).collect();
-        let input = if method.binary_inputs() {
-            Quantizer::signs()
-        } else {
-            Quantizer::asymmetric(-4.0, 4.0, 8)
-        };
-        let inputs = layers.iter().map(|l| (l.clone(), input)).collect();
-        let signs = match method.binary_inputs() {
-            true => layers.clone(),
-            false => BTreeSet::new(),
-        };
-        let q = ptq::finish(folded, &bits_of, &inputs, &BTreeMap::new(), &signs).unwrap();
         let (bytes, stages) = format::encode_quantized(&q).unwrap();
         assert_eq!(
             u16::from_le_bytes([bytes[4], bytes[5]]),
@@ -442,50 +446,16 @@ fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
 /// (`CONVPRESS_WRITE_SEEDS=1`).
 #[test]
 fn damaged_binarized_files_are_refused_never_a_panic() {
-    let (arch, original) = tiny();
-    let Inserted {
-        model: with,
-        renamed,
-        batch_norms: _,
-    } = insert_batch_norms(&loaded(&arch, 11), &original).unwrap();
-    let layers: BTreeSet<String> = original.iter().map(|l| renamed[l].clone()).collect();
+    let (with, layers) = tiny_with_batch_norms(11);
     let model = binarized(&with, &layers, Method::Xnor);
-    let (folded, folded_paths) = fold_batch_norms(&model).unwrap();
-    let bits_of = layers
-        .iter()
-        .map(|l| (folded_paths[l].clone(), Some(1)))
-        .collect();
-    let inputs = BTreeMap::new();
-    let signs: BTreeSet<String> = layers.iter().map(|l| folded_paths[l].clone()).collect();
-    let q = ptq::finish(folded, &bits_of, &inputs, &BTreeMap::new(), &signs).unwrap();
+    let (q, folded_paths) = written(&model, &layers, 1, None);
     let (bytes, _) = format::encode_quantized(&q).unwrap();
     assert!(bytes.len() < 8192, "{} bytes", bytes.len());
     if std::env::var_os("CONVPRESS_WRITE_SEEDS").is_some() {
         let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
         std::fs::write(seeds.join("xnor-tiny.cpz"), &bytes).unwrap();
     }
-    let mut state = 777u64;
-    let mut next = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 33) as usize
-    };
-    let mut refused = 0;
-    for _ in 0..2000 {
-        let mut b = bytes.clone();
-        let i = 16 + next() % (b.len() - 20);
-        b[i] ^= 1 << (next() % 8);
-        match format::decode(&reseal(b)).and_then(|l| l.check().map(|()| l)) {
-            Err(_) => refused += 1,
-            Ok(l) => {
-                if let Ok(m) = SparseModel::from_loaded(&l) {
-                    let n: usize = m.arch.input.iter().product();
-                    assert_eq!(m.forward(&vec![0.5; 2 * n], 2).len(), 2 * m.arch.classes);
-                }
-            }
-        }
-    }
+    let refused = common::resealed_damages(&bytes, 777, 2000, 2);
     assert!(
         refused > 100,
         "only {refused} of 2000 resealed damages refused"
@@ -522,11 +492,7 @@ fn inserted_batch_norms_after_a_conv_and_in_a_residual_block() {
                 shortcut: vec![],
             },
             LayerSpec::Flatten,
-            LayerSpec::Linear {
-                in_features: 216,
-                out_features: 10,
-                bias: true,
-            },
+            build::linear(216, 10),
         ],
     };
     let original: BTreeSet<String> = ["layers.1", "layers.3.body.0"].map(String::from).into();
@@ -541,23 +507,10 @@ fn inserted_batch_norms_after_a_conv_and_in_a_residual_block() {
     assert_eq!(renamed["layers.3.body.1"], "layers.4.body.2");
     let trained_layers: BTreeSet<String> = original.iter().map(|l| renamed[l].clone()).collect();
     let model = binarized(&with, &trained_layers, Method::Xnor);
-    let (folded, folded_paths) = fold_batch_norms(&model).unwrap();
+    let (q, folded_paths) = written(&model, &trained_layers, 1, None);
     // The first inserted batch norm went into the float convolution before it.
     assert_eq!(folded_paths["layers.1"], "layers.0");
     assert_eq!(folded_paths["layers.4.body.0"], "layers.3.body.0");
-    let layers: BTreeSet<String> = trained_layers
-        .iter()
-        .map(|l| folded_paths[l].clone())
-        .collect();
-    let bits_of = layers.iter().map(|l| (l.clone(), Some(1))).collect();
-    let q = ptq::finish(
-        folded,
-        &bits_of,
-        &BTreeMap::new(),
-        &BTreeMap::new(),
-        &layers,
-    )
-    .unwrap();
     let (bytes, _) = format::encode_quantized(&q).unwrap();
     let runtime = SparseModel::from_loaded(&format::decode(&bytes).unwrap()).unwrap();
     let x = uniform(4 * 36, 22, -1.0, 1.0);

@@ -165,3 +165,35 @@ pub fn reseal(mut b: Vec<u8>) -> Vec<u8> {
     b[n..].copy_from_slice(&crc.to_le_bytes());
     b
 }
+
+/// `tries` resealed one-bit damages of `bytes` (a `.cpz` file; positions from a fixed linear
+/// congruential sequence started at `seed`), each refused or decoded to a model that the runtime
+/// builds and runs on `batch` images without a panic. Returns how many were refused.
+pub fn resealed_damages(bytes: &[u8], seed: u64, tries: usize, batch: usize) -> usize {
+    use convpress::compress::format;
+    use convpress::runtime::model::SparseModel;
+    let mut state = seed;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as usize
+    };
+    let mut refused = 0;
+    for _ in 0..tries {
+        let mut b = bytes.to_vec();
+        let i = 16 + next() % (b.len() - 20);
+        b[i] ^= 1 << (next() % 8);
+        match format::decode(&reseal(b)).and_then(|l| l.check().map(|()| l)) {
+            Err(_) => refused += 1,
+            Ok(l) => {
+                if let Ok(m) = SparseModel::from_loaded(&l) {
+                    let n: usize = m.arch.input.iter().product();
+                    let out = m.forward(&vec![0.5; batch * n], batch);
+                    assert_eq!(out.len(), batch * m.arch.classes);
+                }
+            }
+        }
+    }
+    refused
+}
