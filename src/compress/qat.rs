@@ -25,14 +25,18 @@ use burn::tensor::Gradients;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-/// How a layer's input is fake-quantized: on `quantizer`, or, with a learned `step` (`[1]`,
-/// tracked), on that step with the quantizer's zero point and bounds; or, for XNOR-Net, taken
-/// by its sign (`signs`, [`super::xnor::sign_activation`]).
+/// How a layer's input is fake-quantized. (One per layer: the variants stay inline.)
 #[derive(Debug, Clone)]
-struct InputGrid {
-    quantizer: Quantizer,
-    step: Option<Tensor<1>>,
-    signs: bool,
+#[allow(clippy::large_enum_variant)]
+enum InputGrid {
+    /// On `quantizer`, or, with a learned `step` (`[1]`, tracked), on that step with the
+    /// quantizer's zero point and bounds.
+    Uniform {
+        quantizer: Quantizer,
+        step: Option<Tensor<1>>,
+    },
+    /// XNOR-Net: taken by its sign ([`super::xnor::sign_activation`]).
+    Signs,
 }
 
 /// The input quantizer of each fake-quantized layer, by layer path; the network applies it in
@@ -51,10 +55,9 @@ impl FakeQuantInputs {
             by_path: by_path
                 .into_iter()
                 .map(|(p, quantizer)| {
-                    let grid = InputGrid {
+                    let grid = InputGrid::Uniform {
                         quantizer,
                         step: None,
-                        signs: false,
                     };
                     (p, grid)
                 })
@@ -65,13 +68,11 @@ impl FakeQuantInputs {
 
     /// The inputs of `layers` binarized by sign (XNOR-Net).
     pub fn signs(layers: &std::collections::BTreeSet<String>) -> Self {
-        let grid = InputGrid {
-            quantizer: Quantizer::signs(),
-            step: None,
-            signs: true,
-        };
         FakeQuantInputs {
-            by_path: layers.iter().map(|p| (p.clone(), grid.clone())).collect(),
+            by_path: layers
+                .iter()
+                .map(|p| (p.clone(), InputGrid::Signs))
+                .collect(),
             ..Default::default()
         }
     }
@@ -95,14 +96,16 @@ impl FakeQuantInputs {
         let Some(grid) = self.by_path.get(path) else {
             return x;
         };
-        let q = &grid.quantizer;
-        if grid.signs {
-            return match x {
-                Activation::Map(t) => Activation::Map(super::xnor::sign_activation(t)),
-                Activation::Flat(t) => Activation::Flat(super::xnor::sign_activation(t)),
-            };
-        }
-        match (&grid.step, x) {
+        let (q, step) = match grid {
+            InputGrid::Uniform { quantizer, step } => (quantizer, step),
+            InputGrid::Signs => {
+                return match x {
+                    Activation::Map(t) => Activation::Map(super::xnor::sign_activation(t)),
+                    Activation::Flat(t) => Activation::Flat(super::xnor::sign_activation(t)),
+                };
+            }
+        };
+        match (step, x) {
             (None, Activation::Map(t)) => Activation::Map(fake_quant(t, q)),
             (None, Activation::Flat(t)) => Activation::Flat(fake_quant(t, q)),
             (Some(s), Activation::Map(t)) => Activation::Map(lsq::lsq_input(t, s.clone(), q)),
@@ -250,10 +253,9 @@ impl TrainHook for QatHook {
                 .keys()
                 .filter_map(|p| {
                     let (step, quantizer) = l.input(p)?;
-                    let grid = InputGrid {
+                    let grid = InputGrid::Uniform {
                         quantizer,
                         step: Some(step),
-                        signs: false,
                     };
                     Some((p.clone(), grid))
                 })

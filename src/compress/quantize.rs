@@ -452,22 +452,22 @@ pub fn code_of(w: f32, scale: f32) -> i32 {
 }
 
 impl QuantSpec {
-    /// [`QuantSpec::kernels`] as a short label for tables: `int8`, `xnor` or `int8+xnor`.
+    /// Which of the runtime's kernels run the quantized layers, as a short label for tables:
+    /// `int8`, `xnor` (layers with binary inputs) or `int8+xnor`.
     pub fn runtime_label(&self) -> &'static str {
-        match self.kernels() {
-            "int8 kernels" => "int8",
-            "XNOR-popcount kernels" => "xnor",
+        let signs = self.layers.values().filter(|l| l.sign_input).count();
+        match (signs, self.layers.len() - signs) {
+            (0, _) => "int8",
+            (_, 0) => "xnor",
             _ => "int8+xnor",
         }
     }
 
-    /// Which of the runtime's kernels run the quantized layers: the int8 ones, the
-    /// XNOR-popcount ones (layers with binary inputs), or both.
+    /// [`QuantSpec::runtime_label`] in words, for messages.
     pub fn kernels(&self) -> &'static str {
-        let signs = self.layers.values().filter(|l| l.sign_input).count();
-        match (signs, self.layers.len() - signs) {
-            (0, _) => "int8 kernels",
-            (_, 0) => "XNOR-popcount kernels",
+        match self.runtime_label() {
+            "int8" => "int8 kernels",
+            "xnor" => "XNOR-popcount kernels",
             _ => "int8 and XNOR-popcount kernels",
         }
     }
