@@ -1,7 +1,8 @@
 //! One conformance suite for every XNOR-popcount path (`kernels::binary`): bit packing
 //! round-trips at lengths that are not multiples of 64; the GEMM and the convolution equal the
 //! float computation on ±1 values exactly, zero padding at the image border and strides
-//! included, and the scaled layer output follows from the sums. A path this machine cannot run says so and passes.
+//! included, and the scaled layer output follows from the sums; each path's image packing
+//! equals the plain loops. A path this machine cannot run says so and passes.
 
 mod common;
 
@@ -54,7 +55,7 @@ fn conv_case(path: Path, p: Conv2dProblem, seed: u64) {
         .into_iter()
         .map(|v| v as i32)
         .collect();
-    let px = PackedImages::pack(&x, p.batch, p.in_channels, p.in_hw);
+    let px = PackedImages::pack_on(path, &x, p.batch, p.in_channels, p.in_hw);
     let pw = PackedFilters::pack(&w, p.out_channels, p.in_channels, p.kernel);
     let mut got = vec![i32::MIN; p.y_len()];
     binary::conv(path, &p, &px, &pw, &mut got);
@@ -176,11 +177,68 @@ macro_rules! binary_conformance {
                     problem(1, 512, 3, [5, 5], 5, 1, 2),
                     // More padding than the window reaches: border outputs see no pixel.
                     problem(1, 3, 2, [2, 2], 3, 1, 3),
+                    // Taps packed densely: 9 × 16 bits in 3 words, 9 × 7 in one, and 96-bit
+                    // taps that start mid-word.
+                    problem(2, 16, 6, [6, 6], 3, 1, 1),
+                    problem(1, 7, 5, [5, 4], 3, 1, 1),
+                    problem(1, 96, 5, [5, 5], 3, 1, 1),
+                    // Three-vector adders with a remainder: 9 × 48 bits = 7 vectors.
+                    problem(1, 48, 9, [4, 4], 3, 1, 1),
+                    // LeNet-5's second convolution.
+                    problem(2, 20, 50, [12, 12], 5, 1, 0),
                 ]
                 .into_iter()
                 .enumerate()
                 {
                     conv_case(path, p, 100 + i as u64);
+                }
+            }
+
+            #[test]
+            fn worst_case_rows_where_every_bit_differs_count_exactly() {
+                // Every bit differs: each byte of the counts grows by 8 a vector, the most it
+                // can, over windows of 8 words × 25 taps = 50 vectors, and 1 word × 9 taps.
+                let Some(path) = path() else { return };
+                for p in [
+                    problem(1, 512, 3, [5, 5], 5, 1, 2),
+                    problem(2, 64, 4, [4, 4], 3, 1, 0),
+                ] {
+                    let x = vec![1.0f32; p.x_len()];
+                    let w = vec![-1.0f32; p.weight_len()];
+                    let px = PackedImages::pack_on(path, &x, p.batch, p.in_channels, p.in_hw);
+                    let pw = PackedFilters::pack(&w, p.out_channels, p.in_channels, p.kernel);
+                    let mut got = vec![0i32; p.y_len()];
+                    binary::conv(path, &p, &px, &pw, &mut got);
+                    let want = conv::reference::forward(&p, &x, &w, None);
+                    let want: Vec<i32> = want.into_iter().map(|v| v as i32).collect();
+                    assert_eq!(got, want, "{} on {p:?}", path.name());
+                }
+            }
+
+            #[test]
+            fn image_packing_equals_the_plain_loops() {
+                let Some(path) = path() else { return };
+                let specials = [0.0f32, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+                for channels in [1, 7, 31, 32, 33, 63, 64, 65, 130] {
+                    for hw in [[1, 1], [1, 7], [2, 4], [3, 3], [1, 17], [14, 14]] {
+                        let n = 2 * channels * hw[0] * hw[1];
+                        let mut x = signs(n, (channels * 1000 + hw[1]) as u64);
+                        for (i, v) in x.iter_mut().enumerate().filter(|(i, _)| i % 13 == 3) {
+                            *v = specials[i % specials.len()];
+                        }
+                        let want = PackedImages::pack_on(Path::Reference, &x, 2, channels, hw);
+                        let got = PackedImages::pack_on(path, &x, 2, channels, hw);
+                        assert_eq!(got, want, "{} at {channels} channels, {hw:?}", path.name());
+                        // Bit c of pixel p's word is x[c, p] >= 0 (NaN is −1).
+                        let plane = hw[0] * hw[1];
+                        let words = channels.div_ceil(64);
+                        for c in 0..channels {
+                            for q in 0..plane {
+                                let bit = got.data()[q * words + c / 64] >> (c % 64) & 1;
+                                assert_eq!(bit == 1, x[c * plane + q] >= 0.0);
+                            }
+                        }
+                    }
                 }
             }
         }
