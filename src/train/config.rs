@@ -102,6 +102,13 @@ pub struct TrainConfig {
     /// `offset`. None: the schedule spans this run's own epochs.
     #[serde(default)]
     pub schedule_span: Option<ScheduleSpan>,
+    /// After the last epoch, this many training batches run forward once more, through the
+    /// hooks' forward models and with no update, so that the batch norms' running statistics
+    /// are those of the final weights rather than an average over weights that moved during
+    /// the epoch (NNCF's "batch-norm adaptation"). XNOR-Net needs it: its layers take the
+    /// signs of batch-normalized inputs, and a stale mean flips them. 0: none.
+    #[serde(default)]
+    pub batch_norm_refresh: usize,
 }
 
 /// Which part of a longer learning-rate schedule a run covers.
@@ -161,6 +168,7 @@ impl TrainConfig {
             init_optimizer: None,
             arch: None,
             schedule_span: None,
+            batch_norm_refresh: 0,
         }
     }
 

@@ -358,6 +358,18 @@ pub fn train(
         }
         let train_seconds = started.elapsed().as_secs_f64();
         bar.finish_and_clear();
+        if epoch + 1 == config.epochs && config.batch_norm_refresh > 0 {
+            // Batch-norm adaptation (see `TrainConfig::batch_norm_refresh`): forward passes in
+            // training mode update the running statistics; nothing else changes.
+            let order = batcher.epoch(config.seed, config.epochs + epoch, &ad);
+            for batch in order.take(config.batch_norm_refresh) {
+                let mut forward = model.clone();
+                for h in hooks.iter_mut() {
+                    forward = h.forward_model(&progress, forward);
+                }
+                drop(forward.forward(batch.images));
+            }
+        }
         let eval_start = Instant::now();
         let (test_loss, test_acc) = evaluate(&model, &prepared.test, 256, &device);
         state.epochs_done = epoch + 1;

@@ -168,15 +168,22 @@ pub(super) unsafe fn pack_image(image: &[f32], channels: usize, plane: usize, ou
         for j in 0..words {
             let first = 64 * j;
             let last = (first + 64).min(channels);
+            // The loop below reads 64 channel planes at once, more streams than the hardware
+            // prefetchers follow: bring the group's planes into L2 in one sequential pass.
+            let group = &image[first * plane..last * plane];
+            for line in (0..group.len()).step_by(16) {
+                _mm_prefetch::<_MM_HINT_T1>(group.as_ptr().add(line) as *const i8);
+            }
             for block in 0..blocks {
                 let p0 = 8 * block;
                 let half = |from: usize, to: usize| {
                     let mut bits = _mm256_setzero_si256();
+                    let mut bit = _mm256_set1_epi32(1);
                     for c in from..to {
                         let v = _mm256_loadu_ps(image.as_ptr().add(c * plane + p0));
                         let mask = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(v, zero));
-                        let bit = _mm256_set1_epi32((1u32 << (c - from)) as i32);
                         bits = _mm256_or_si256(bits, _mm256_and_si256(mask, bit));
+                        bit = _mm256_add_epi32(bit, bit);
                     }
                     bits
                 };
