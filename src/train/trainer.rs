@@ -312,10 +312,7 @@ pub fn train(
             for h in hooks.iter_mut() {
                 h.on_batch_begin(&progress);
             }
-            let mut forward = model.clone();
-            for h in hooks.iter_mut() {
-                forward = h.forward_model(&progress, forward);
-            }
+            let forward = forward_model(&mut hooks, &progress, &model);
             let logits = forward.forward(batch.images.clone());
             let mut loss = loss_fn.forward(logits.clone(), batch.labels.clone());
             for h in hooks.iter_mut() {
@@ -363,10 +360,7 @@ pub fn train(
             // training mode update the running statistics; nothing else changes.
             let order = batcher.epoch(config.seed, config.epochs + epoch, &ad);
             for batch in order.take(config.batch_norm_refresh) {
-                let mut forward = model.clone();
-                for h in hooks.iter_mut() {
-                    forward = h.forward_model(&progress, forward);
-                }
+                let forward = forward_model(&mut hooks, &progress, &model);
                 drop(forward.forward(batch.images));
             }
         }
@@ -491,6 +485,17 @@ fn save_checkpoint(
 }
 
 /// The per-epoch figures a run folder has logged so far.
+/// The model a training batch runs forward: `model` through every hook's `forward_model`.
+fn forward_model(
+    hooks: &mut [Box<dyn TrainHook>],
+    progress: &Progress,
+    model: &Network,
+) -> Network {
+    hooks
+        .iter_mut()
+        .fold(model.clone(), |m, h| h.forward_model(progress, m))
+}
+
 pub fn read_metrics(run_dir: &Path) -> anyhow::Result<Vec<EpochMetrics>> {
     read_metrics_upto(&run_dir.join("metrics.jsonl"), usize::MAX)
 }

@@ -88,11 +88,7 @@ impl XorCount for Avx2Count {
         total + CountOnes::count(&a[4 * vectors..n], &b[4 * vectors..n])
     }
 
-    /// Rows of whole vectors. Three vectors `p, q, s` of one pair go through a carry-save
-    /// adder, `l = p ⊕ q ⊕ s` and `h = maj(p, q, s)`, so that `popcount(p) + popcount(q) +
-    /// popcount(s) = popcount(l) + 2 · popcount(h)`: two table lookups where three were, and
-    /// five logic operations, which every vector port runs, for the shuffles and shifts that
-    /// only two do (Harley and Seal's adder, as in Muła, Kurz and Lemire, section 4).
+    /// Rows of whole vectors, one at a time ([`row_counts`]).
     #[inline(always)]
     fn tile(a: [&[u64]; 2], b: [&[u64]; 4]) -> [[u32; 4]; 2] {
         // SAFETY: see the module doc.
