@@ -249,6 +249,7 @@ binary_conformance!(reference, Path::Reference);
 binary_conformance!(portable, Path::Portable);
 binary_conformance!(popcnt, Path::Popcnt);
 binary_conformance!(avx2, Path::Avx2);
+binary_conformance!(avx512, Path::Avx512);
 
 #[test]
 fn the_best_path_runs_here_and_bad_problems_are_refused() {

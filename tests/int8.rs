@@ -111,12 +111,17 @@ int8_gemm_conformance!(
 
 int8_gemm_conformance!(
     avx2_blocked,
-    int8::Avx2Blocked::new().map(|k| Box::new(k) as Box<dyn Int8Gemm>)
+    int8::Blocked::new().map(|k| Box::new(k) as Box<dyn Int8Gemm>)
 );
 
 int8_gemm_conformance!(
     avx2_quads,
-    int8::Avx2Quads::new().map(|k| Box::new(k) as Box<dyn Int8Gemm>)
+    int8::Quads::avx2().map(|k| Box::new(k) as Box<dyn Int8Gemm>)
+);
+
+int8_gemm_conformance!(
+    avx512_vnni,
+    int8::Quads::vnni().map(|k| Box::new(k) as Box<dyn Int8Gemm>)
 );
 
 /// The `vpmaddubsw` path on the weights it takes, [-64, 64]: exact at its own worst cases (all
@@ -125,7 +130,7 @@ int8_gemm_conformance!(
 /// weight outside that range (the suite above shows it then falls back, exactly).
 #[test]
 fn quads_are_exact_for_7_bit_weights_at_their_worst_case() {
-    let Some(kernel) = int8::Avx2Quads::new() else {
+    let Some(kernel) = int8::Quads::avx2() else {
         eprintln!("no AVX2: the quads path is not run here");
         return;
     };
@@ -162,8 +167,8 @@ fn quads_are_exact_for_7_bit_weights_at_their_worst_case() {
 /// widened to pairs (`gemm_pairs`), and pairs gathered through offsets from one u16 buffer
 /// (`gemm_gathered`, which the int8 convolution uses), here laid out with gaps between the
 /// pairs and between the rows, so that both the offsets and the grid are followed.
-struct Pairs(int8::Avx2Blocked);
-struct Gathered(int8::Avx2Blocked);
+struct Pairs(int8::Blocked);
+struct Gathered(int8::Blocked);
 
 fn widened(m: usize, k: usize, a: &[u8], stride: usize) -> Vec<u16> {
     let mut wide = vec![0u16; m * stride + 2];
@@ -221,13 +226,81 @@ impl Int8Gemm for Gathered {
 
 int8_gemm_conformance!(
     avx2_pairs,
-    int8::Avx2Blocked::new().map(|k| Box::new(Pairs(k)) as Box<dyn Int8Gemm>)
+    int8::Blocked::new().map(|k| Box::new(Pairs(k)) as Box<dyn Int8Gemm>)
 );
 
 int8_gemm_conformance!(
     avx2_gathered,
-    int8::Avx2Blocked::new().map(|k| Box::new(Gathered(k)) as Box<dyn Int8Gemm>)
+    int8::Blocked::new().map(|k| Box::new(Gathered(k)) as Box<dyn Int8Gemm>)
 );
+
+/// Quads gathered through offsets from one u8 buffer (`gemm_gathered_quads_with`, what an
+/// int8 convolution with channels in fours runs), laid out with gaps as in [`Gathered`], on
+/// the blocked kernel `0`. Without VNNI, weights outside [-64, 64] go to the widening path,
+/// as the runtime does.
+struct GatheredQuads(int8::Blocked, &'static str);
+
+impl Int8Gemm for GatheredQuads {
+    fn name(&self) -> &'static str {
+        self.1
+    }
+    fn gemm(&self, m: usize, n: usize, k: usize, a: &[u8], b: &[i8], c: &mut [i32]) {
+        let Some(packed) = self.0.pack_quads(n, k, b) else {
+            return self.0.gemm(m, n, k, a, b, c);
+        };
+        const GAP: usize = 7;
+        let quads = packed.quads();
+        let stride = quads * GAP + 3;
+        let mut codes = vec![0u8; m * stride + GAP + 4];
+        for (i, row) in a.chunks_exact(k.max(1)).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                codes[i * stride + (j / 4) * GAP + j % 4] = v;
+            }
+        }
+        let grid = int8::Grid {
+            images: m,
+            out_hw: [1, 1],
+            image_len: stride,
+            step: [0, 0],
+        };
+        let offsets: Vec<usize> = (0..quads).map(|q| q * GAP).collect();
+        self.0
+            .gemm_gathered_quads_with(&grid, &offsets, &codes, &packed, c, n, &|_, sums, c| {
+                for (r, row) in c.chunks_exact_mut(n).enumerate() {
+                    sums.row_into(r, row);
+                }
+            });
+    }
+}
+
+int8_gemm_conformance!(
+    avx2_gathered_quads,
+    int8::Blocked::new()
+        .map(|k| Box::new(GatheredQuads(k, "avx2-quads gathered")) as Box<dyn Int8Gemm>)
+);
+
+int8_gemm_conformance!(
+    vnni_gathered,
+    int8::Blocked::with_vnni()
+        .map(|k| Box::new(GatheredQuads(k, "avx512-vnni gathered")) as Box<dyn Int8Gemm>)
+);
+
+/// VNNI packs every int8 weight as quads, `vpmaddubsw` only those in [-64, 64]; where the CPU
+/// has VNNI, the layers run on it.
+#[test]
+fn vnni_takes_every_weight_and_is_what_layers_run_where_present() {
+    let Some(kb) = int8::Blocked::with_vnni() else {
+        eprintln!("no AVX-512 VNNI here: skipped");
+        return;
+    };
+    assert!(kb.has_vnni() && kb.quads_name() == "avx512-vnni");
+    assert!(kb.pack_quads(1, 2, &[127, -128]).is_some());
+    let plain = int8::Blocked::new().unwrap();
+    assert!(plain.pack_quads(1, 2, &[127, -128]).is_none());
+    if std::env::var("CONVPRESS_VNNI").as_deref() != Ok("off") {
+        assert!(int8::Blocked::best().unwrap().has_vnni());
+    }
+}
 
 #[test]
 fn best_is_one_of_the_available_paths() {
@@ -397,7 +470,7 @@ fn input_quantization_matches_the_scalar_quantizer() {
 #[test]
 fn the_requantizing_epilogue_matches_the_scalar_one() {
     use convpress::kernels::int8::{Dequant, PANEL, Rounding};
-    let Some(kb) = int8::Avx2Blocked::new() else {
+    let Some(kb) = int8::Blocked::new() else {
         eprintln!("no AVX2: the blocked kernel's epilogue is not run here");
         return;
     };

@@ -80,8 +80,12 @@ fn int8_convolutions_match_the_float_reference_on_every_path() {
         // on `vpmaddubsw` quads read from the padded codes.
         for bits in [8, 7] {
             let conv = Int8Conv::new(g, &w, Some(bias.clone()), bits, input).unwrap();
-            if bits == 7 && cin % 4 == 0 && int8::Avx2Blocked::new().is_some() {
-                assert_eq!(conv.kernel_name(), "avx2-quads", "case {n}");
+            // On AVX-512 VNNI every weight runs as quads; on AVX2 7-bit ones do.
+            match int8::Blocked::best() {
+                Some(kb) if cin % 4 == 0 && (bits == 7 || kb.has_vnni()) => {
+                    assert_eq!(conv.kernel_name(), kb.quads_name(), "case {n}")
+                }
+                _ => {}
             }
             let (codes, wq) = conv.weights();
             let per = g.patch_len();

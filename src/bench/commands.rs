@@ -491,9 +491,18 @@ pub fn compare_quantized_model(
 
 /// `convpress bench binary`: the binary convolution against convpress's f32 convolution at
 /// XNOR-Net's benchmark shape (256 channels in and out, 3x3, 14x14) and at ResNet-20's three
-/// shapes, at each batch size.
+/// shapes, at each batch size, on each vector path this CPU runs (AVX-512 and AVX2; the best
+/// other one where it has neither).
 pub fn compare_binary_convs(batch: &[usize], seconds: f64, json: bool) -> anyhow::Result<()> {
+    use crate::kernels::binary::Path;
     check_bench_args(batch, seconds)?;
+    let mut paths: Vec<Path> = [Path::Avx512, Path::Avx2]
+        .into_iter()
+        .filter(|p| p.runs_here())
+        .collect();
+    if paths.is_empty() {
+        paths.push(Path::best());
+    }
     let shapes = [
         ("xnor-net", [256, 256], [14, 14]),
         ("resnet20.stage1", [16, 16], [32, 32]),
@@ -519,10 +528,10 @@ pub fn compare_binary_convs(batch: &[usize], seconds: f64, json: bool) -> anyhow
         );
     }
     for &(name, channels, hw) in &shapes {
-        for &b in batch {
-            let r =
-                super::measure_binary_conv(name, channels, hw, b, Duration::from_secs_f64(seconds))
-                    .map_err(anyhow::Error::msg)?;
+        for (&b, &path) in batch.iter().flat_map(|b| paths.iter().map(move |p| (b, p))) {
+            let budget = Duration::from_secs_f64(seconds);
+            let r = super::measure_binary_conv(name, channels, hw, b, path, budget)
+                .map_err(anyhow::Error::msg)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

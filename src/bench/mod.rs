@@ -795,9 +795,10 @@ pub fn measure_binary_conv(
     [c_in, c_out]: [usize; 2],
     hw: [usize; 2],
     batch: usize,
+    path: crate::kernels::binary::Path,
     budget: Duration,
 ) -> Result<BinaryMeasurement, String> {
-    use crate::kernels::binary::{self, PackedFilters, PackedImages, Path};
+    use crate::kernels::binary::{self, PackedFilters, PackedImages};
     use crate::kernels::conv::{self, Conv2dProblem};
     use rand::{Rng, SeedableRng};
     let p = Conv2dProblem {
@@ -828,10 +829,9 @@ pub fn measure_binary_conv(
         .map(|f| f.iter().map(|v| v.abs()).sum::<f32>() / taps as f32)
         .collect();
     let filters = PackedFilters::pack(&w, c_out, c_in, [3, 3]);
-    let path = Path::best();
     let mut y = vec![0f32; p.y_len()];
     let mut sums = vec![0i32; p.y_len()];
-    let packed = PackedImages::pack(&x, batch, c_in, hw);
+    let packed = PackedImages::pack_on(path, &x, batch, c_in, hw);
     let rounds = 5;
     let slice = budget / (3 * rounds);
     let (mut f32_us, mut binary_us, mut packed_us) = (Vec::new(), Vec::new(), Vec::new());
@@ -839,7 +839,7 @@ pub fn measure_binary_conv(
         let (iters, secs) = time_loop(slice, || conv::forward(&p, &x, &w, Some(&bias), &mut y));
         f32_us.push(1e6 * secs / iters as f64);
         let (iters, secs) = time_loop(slice, || {
-            let input = PackedImages::pack(&x, batch, c_in, hw);
+            let input = PackedImages::pack_on(path, &x, batch, c_in, hw);
             binary::conv_scaled(path, &p, &input, &filters, &alpha, Some(&bias), &mut y);
         });
         binary_us.push(1e6 * secs / iters as f64);

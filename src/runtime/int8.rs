@@ -8,7 +8,7 @@
 //! (Jacob et al. 2018, eq. 7: the zero point leaves the inner loop through the weights' row
 //! sums, which are computed once). A convolution is the same product on the patches of its
 //! u8 input padded with the zero point (the code of 0.0): on AVX2 read straight from the
-//! padded input (`Avx2Blocked::gemm_gathered_with`), elsewhere from im2col rows.
+//! padded input (`Blocked::gemm_gathered_with`), elsewhere from im2col rows.
 //!
 //! A layer whose output goes (through max-pooling, ReLU or flattening) to another int8 layer
 //! requantizes `y` to that layer's input codes in the same epilogue ([`Int8Conv::emit_codes`]):
@@ -34,12 +34,12 @@ enum Kernel {
     /// One path for every batch (tests force each one).
     Fixed(&'static dyn Int8Gemm),
     /// The best row-by-row path for products of fewer than 4 rows (a matrix-vector product
-    /// reads each weight once either way), the register-blocked AVX2 kernel on packed weights
-    /// above: on `vpmaddubsw` quads where every weight lies in [-64, 64] (7-bit weights),
-    /// widened pairs otherwise.
+    /// reads each weight once either way), the register-blocked kernel on packed weights
+    /// above: on VNNI quads where the CPU has AVX-512 VNNI, else on `vpmaddubsw` quads where
+    /// every weight lies in [-64, 64] (7-bit weights), else on widened pairs.
     Auto {
         rows: &'static dyn Int8Gemm,
-        blocked: Option<(int8::Avx2Blocked, int8::PackedB)>,
+        blocked: Option<(int8::Blocked, int8::PackedB)>,
         quads: Option<int8::PackedQuads>,
     },
 }
@@ -149,10 +149,10 @@ impl Product {
             .collect();
         scales.resize(padded, 0.0);
         offsets.resize(padded, 0.0);
-        let blocked = int8::Avx2Blocked::new().map(|kb| (kb, int8::PackedB::new(n, k, &weight)));
+        let blocked = int8::Blocked::best().map(|kb| (kb, int8::PackedB::new(n, k, &weight)));
         let quads = blocked
             .as_ref()
-            .and_then(|_| int8::PackedQuads::new(n, k, &weight));
+            .and_then(|(kb, _)| kb.pack_quads(n, k, &weight));
         Ok(Product {
             n,
             k,
@@ -222,10 +222,10 @@ impl Product {
         match &self.kernel {
             Kernel::Fixed(k) => k.name(),
             Kernel::Auto {
-                blocked: Some(_),
+                blocked: Some((kb, _)),
                 quads: Some(_),
                 ..
-            } if m >= 4 => "avx2-quads",
+            } if m >= 4 => kb.quads_name(),
             Kernel::Auto {
                 blocked: Some((k, _)),
                 ..
@@ -548,8 +548,9 @@ pub struct Int8Conv {
     /// weights packed in that order. `None` without AVX2, where neither layout fits, or where
     /// the padded steps would exceed `int8::MAX_K`.
     gather: Option<(Gather, int8::PackedB)>,
-    /// With channels a multiple of 4 and 7-bit weights: the weights in the channels-last
-    /// order as quads for `vpmaddubsw`, read against the padded input's codes (no widening).
+    /// With channels a multiple of 4, and VNNI or 7-bit weights: the weights in the
+    /// channels-last order as quads for `vpdpbusd` or `vpmaddubsw`, read against the padded
+    /// input's codes (no widening).
     quads: Option<int8::PackedQuads>,
 }
 
@@ -607,28 +608,33 @@ impl Int8Conv {
         } else {
             None
         };
-        let gather = layout
-            .filter(|_| int8::Avx2Blocked::new().is_some())
-            .and_then(|layout| {
-                let k2 = layout.steps(g);
-                // Beyond `MAX_K` the padded steps could overflow: those run on im2col rows.
-                if k2 > int8::MAX_K {
-                    return None;
+        let kb = match &p.kernel {
+            Kernel::Auto { blocked, .. } => blocked.as_ref().map(|(kb, _)| *kb),
+            Kernel::Fixed(_) => None,
+        };
+        let gather = layout.filter(|_| kb.is_some()).and_then(|layout| {
+            let k2 = layout.steps(g);
+            // Beyond `MAX_K` the padded steps could overflow: those run on im2col rows.
+            if k2 > int8::MAX_K {
+                return None;
+            }
+            let mut padded = vec![0i8; p.n * k2];
+            for (o, w) in p.weight.chunks_exact(p.k).enumerate() {
+                for (t, &v) in w.iter().enumerate() {
+                    let (ci, i, j) = (t / (kh * kw), t / kw % kh, t % kw);
+                    padded[o * k2 + layout.step(g, ci, i, j)] = v;
                 }
-                let mut padded = vec![0i8; p.n * k2];
-                for (o, w) in p.weight.chunks_exact(p.k).enumerate() {
-                    for (t, &v) in w.iter().enumerate() {
-                        let (ci, i, j) = (t / (kh * kw), t / kw % kh, t % kw);
-                        padded[o * k2 + layout.step(g, ci, i, j)] = v;
-                    }
-                }
-                Some((layout, int8::PackedB::new(p.n, k2, &padded), padded))
-            });
-        let quads = gather.as_ref().and_then(|(layout, _, padded)| {
-            (*layout == Gather::Channels && g.in_channels.is_multiple_of(4))
-                .then(|| int8::PackedQuads::new(p.n, padded.len() / p.n, padded))
-                .flatten()
+            }
+            Some((layout, int8::PackedB::new(p.n, k2, &padded), padded))
         });
+        let quads = gather
+            .as_ref()
+            .zip(kb)
+            .and_then(|((layout, _, padded), kb)| {
+                (*layout == Gather::Channels && g.in_channels.is_multiple_of(4))
+                    .then(|| kb.pack_quads(p.n, padded.len() / p.n, padded))
+                    .flatten()
+            });
         Int8Conv {
             geometry,
             p,
@@ -653,7 +659,13 @@ impl Int8Conv {
     /// The path that runs the product (im2col rows are many, so the blocked one where there).
     pub fn kernel_name(&self) -> &'static str {
         match (&self.p.kernel, &self.quads) {
-            (Kernel::Auto { .. }, Some(_)) => "avx2-quads",
+            (
+                Kernel::Auto {
+                    blocked: Some((kb, _)),
+                    ..
+                },
+                Some(_),
+            ) => kb.quads_name(),
             _ => self.p.kernel_name(usize::MAX),
         }
     }

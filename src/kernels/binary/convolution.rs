@@ -13,7 +13,7 @@
 //! filters) and each output position's list of taps outside the image (empty for most).
 
 #[cfg(target_arch = "x86_64")]
-use super::{Avx2Count, avx2};
+use super::{Avx2Count, Avx512Count, avx2};
 use super::{CountOnes, Path, WORD, XorCount, sign_of, words_for};
 use crate::kernels::conv::Conv2dProblem;
 use rayon::prelude::*;
@@ -81,8 +81,8 @@ impl PackedImages {
         PackedImages::pack_on(Path::best(), x, batch, channels, hw)
     }
 
-    /// As [`PackedImages::pack`], on `path`'s code: AVX2 comparisons for [`Path::Avx2`],
-    /// plain loops for the others.
+    /// As [`PackedImages::pack`], on `path`'s code: AVX2 comparisons for [`Path::Avx2`] and
+    /// [`Path::Avx512`], plain loops for the others.
     pub fn pack_on(
         path: Path,
         x: &[f32],
@@ -105,7 +105,9 @@ impl PackedImages {
                 .for_each(|(out, image)| match path {
                     // SAFETY: the path runs here (checked above).
                     #[cfg(target_arch = "x86_64")]
-                    Path::Avx2 => unsafe { avx2::pack_image(image, channels, plane, out) },
+                    Path::Avx2 | Path::Avx512 => unsafe {
+                        avx2::pack_image(image, channels, plane, out)
+                    },
                     _ => pack_image(image, channels, plane, out),
                 });
         }
@@ -308,6 +310,8 @@ fn conv_with<T: Send + Copy>(
             Path::Popcnt => unsafe { tiles_popcnt(windows, row, b, sums) },
             #[cfg(target_arch = "x86_64")]
             Path::Avx2 => unsafe { tiles_avx2(windows, row, b, sums) },
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => unsafe { tiles_avx512(windows, row, b, sums) },
             _ => tiles::<CountOnes>(windows, row, b, sums),
         }
         let valid = &border.valid[..plane];
@@ -471,6 +475,12 @@ unsafe fn tiles_popcnt(windows: &[u64], row: usize, b: [&[u64]; 4], sums: &mut [
 #[target_feature(enable = "avx2,popcnt")]
 unsafe fn tiles_avx2(windows: &[u64], row: usize, b: [&[u64]; 4], sums: &mut [u32]) {
     tiles::<Avx2Count>(windows, row, b, sums)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vpopcntdq,avx2,popcnt")]
+unsafe fn tiles_avx512(windows: &[u64], row: usize, b: [&[u64]; 4], sums: &mut [u32]) {
+    tiles::<Avx512Count>(windows, row, b, sums)
 }
 
 /// Plain loops over unpacked ±1 values, zero outside the image.

@@ -10,17 +10,20 @@
 //! - [`Reference`]: three plain loops, obviously right;
 //! - [`Portable`]: row-by-row dot products the compiler vectorises, on any CPU;
 //! - [`Avx2`]: widens `a` and `b` to 16 bits and multiplies with `vpmaddwd` into 32-bit lanes;
-//! - [`Avx2Blocked`]: the same instruction in register-blocked tiles of 6 rows × 16 output
+//! - [`Blocked`]: the same instruction in register-blocked tiles of 6 rows × 16 output
 //!   channels on packed weights ([`PackedB`]), its rows read from u8 rows, pairs, or gathered
 //!   straight from a convolution's padded input, and an epilogue per task of rows;
-//! - [`Avx2Quads`]: the blocked kernel on `vpmaddubsw` (u8 × i8 straight to 16 bits, four
+//! - [`Quads::avx2`]: the blocked kernel on `vpmaddubsw` (u8 × i8 straight to 16 bits, four
 //!   steps per broadcast instead of two), for weights in [-64, 64] ([`PackedQuads`]). It adds
 //!   pairs of products in 16 bits with saturation, and 2 · 255 · 127 = 64,770 does not fit in
 //!   32,767: it is exact for 7-bit weights (2 · 255 · 64 = 32,640), and for other weights the
-//!   path falls back to the widening one.
-//!
-//! AVX-512 VNNI (`vpdpbusd`) is not written yet: no machine this project runs on has it, so it
-//! could not be tested.
+//!   path falls back to the widening one;
+//! - [`Quads::vnni`]: the blocked kernel on AVX-512 VNNI (`vpdpbusd`, `vnni.rs`), on the same quads
+//!   for every int8 weight: four products summed into 32 bits in one instruction, no
+//!   saturation. Where the CPU has it, int8 layers run on it ([`Blocked::best`]).
+
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 
 /// The longest reduction whose sums always fit in `i32`: 255 · 128 · `MAX_K` < 2^31.
 pub const MAX_K: usize = 65_793;
@@ -381,7 +384,7 @@ mod avx2 {
     }
 }
 
-/// Weights packed for [`Avx2Blocked`]: panels of 16 output channels (two registers of eight
+/// Weights packed for [`Blocked`]: panels of 16 output channels (two registers of eight
 /// sums), the last one only 8 wide where at most 8 channels are left (LeNet-5's 20 and 50
 /// end so). Within a panel, for each group of `G` reduction steps (`G` = 2 for `vpmaddwd`,
 /// 4 for `vpmaddubsw`), the channels' `G` values side by side, in the order the instruction
@@ -501,6 +504,12 @@ impl PackedQuads {
         p.seven_bit.then_some(p)
     }
 
+    /// Packs `b` (`[n, k]` row-major) whatever its weights, for [`Quads::vnni`], which does not
+    /// saturate; the `vpmaddubsw` tiles refuse it unless every weight lies in [-64, 64].
+    pub fn any(n: usize, k: usize, b: &[i8]) -> PackedQuads {
+        Packed::pack(n, k, b, 4)
+    }
+
     /// Quads of reduction steps per row: `ceil(k / 4)`.
     pub fn quads(&self) -> usize {
         self.groups
@@ -585,26 +594,71 @@ impl Grid {
     }
 }
 
-/// AVX2, register-blocked: tiles of 6 rows of `a` against 16 output channels, each pair of
+/// Register-blocked, on AVX2: tiles of 6 rows of `a` against 16 output channels, each pair of
 /// `a` values broadcast and multiplied by `vpmaddwd` against the packed weights (exact, like
 /// [`Avx2`]), 16 products per instruction with every load reused six or sixteen times. Rows are
 /// split into tasks of up to 96 (over threads where the product is large); a task runs its
 /// tiles panel by panel, so that a panel's weights stay in L1, then hands its sums to the
 /// caller's epilogue while they are in cache. For batches of at least 4 rows; [`Int8Gemm::gemm`]
-/// packs `b` on every call, so a layer keeps a [`PackedB`].
+/// packs `b` on every call, so a layer keeps a [`PackedB`]. Quads ([`PackedQuads`]) run on
+/// `vpmaddubsw`, or on AVX-512 VNNI in tiles of 12 rows ([`Blocked::with_vnni`], `vnni.rs`).
 #[derive(Debug, Clone, Copy)]
-pub struct Avx2Blocked {
-    _private: (),
+pub struct Blocked {
+    /// Whether quads run on AVX-512 VNNI (`vnni.rs`) rather than on `vpmaddubsw`.
+    vnni: bool,
 }
 
 /// What the blocked kernel does with each task's sums: `(first row, sums, the task's rows of
 /// the output)`.
 pub type Epilogue<'a, T> = &'a (dyn Fn(usize, &Sums, &mut [T]) + Sync);
 
-impl Avx2Blocked {
-    /// The blocked AVX2 path, if this CPU has AVX2.
-    pub fn new() -> Option<Avx2Blocked> {
-        Avx2::new().map(|_| Avx2Blocked { _private: () })
+impl Blocked {
+    /// The blocked AVX2 path, if this CPU has AVX2 (quads on `vpmaddubsw`).
+    pub fn new() -> Option<Blocked> {
+        Avx2::new().map(|_| Blocked { vnni: false })
+    }
+
+    /// The blocked path with quads on AVX-512 VNNI, if this CPU has it (pairs stay on AVX2).
+    pub fn with_vnni() -> Option<Blocked> {
+        #[cfg(target_arch = "x86_64")]
+        if Avx2::new().is_some() && vnni::detected() {
+            return Some(Blocked { vnni: true });
+        }
+        None
+    }
+
+    /// What int8 layers run on: VNNI where the CPU has it, unless the environment variable
+    /// `CONVPRESS_VNNI` is `off` (to measure the AVX2 path on such a machine), else AVX2.
+    pub fn best() -> Option<Blocked> {
+        let off = std::env::var("CONVPRESS_VNNI").is_ok_and(|v| v == "off");
+        (!off)
+            .then(Blocked::with_vnni)
+            .flatten()
+            .or_else(Blocked::new)
+    }
+
+    /// Whether quads run on VNNI, and so take every int8 weight ([`PackedQuads::any`]).
+    pub fn has_vnni(&self) -> bool {
+        self.vnni
+    }
+
+    /// The name of the path that runs quads: `avx512-vnni` or `avx2-quads`.
+    pub fn quads_name(&self) -> &'static str {
+        if self.vnni {
+            "avx512-vnni"
+        } else {
+            "avx2-quads"
+        }
+    }
+
+    /// Packs `b` as quads if this kernel can run them exactly: any weights on VNNI, weights
+    /// in [-64, 64] on `vpmaddubsw`.
+    pub fn pack_quads(&self, n: usize, k: usize, b: &[i8]) -> Option<PackedQuads> {
+        if self.vnni {
+            Some(PackedQuads::any(n, k, b))
+        } else {
+            PackedQuads::new(n, k, b)
+        }
     }
 
     /// `c = a · bᵀ` with `b` packed.
@@ -613,7 +667,7 @@ impl Avx2Blocked {
         self.gemm_pairs(m, b, &pairs_of(a, b.k, b.groups), c);
     }
 
-    /// [`Avx2Blocked::gemm_packed`] with an epilogue: `out` holds `per_row` values per row.
+    /// [`Blocked::gemm_packed`] with an epilogue: `out` holds `per_row` values per row.
     pub fn gemm_packed_with<T: Send>(
         &self,
         m: usize,
@@ -628,14 +682,14 @@ impl Avx2Blocked {
         self.gemm_pairs_with(m, b, &a2, out, per_row, epilogue);
     }
 
-    /// [`Avx2Blocked::gemm_packed`] on rows already widened to pairs: row `i` of `a2` is
+    /// [`Blocked::gemm_packed`] on rows already widened to pairs: row `i` of `a2` is
     /// `b.pairs()` values `a[i][2q] | a[i][2q + 1] << 16` (a last odd step paired with 0), which
     /// is the row's u8 values widened to `u16` read as `i32` on this little-endian target.
     pub fn gemm_pairs(&self, m: usize, b: &PackedB, a2: &[i32], c: &mut [i32]) {
         self.gemm_pairs_with(m, b, a2, c, b.n, &copy_sums);
     }
 
-    /// [`Avx2Blocked::gemm_pairs`] with an epilogue.
+    /// [`Blocked::gemm_pairs`] with an epilogue.
     pub fn gemm_pairs_with<T: Send>(
         &self,
         m: usize,
@@ -651,7 +705,7 @@ impl Avx2Blocked {
     }
 
     /// `c = a · bᵀ` where row `r`'s pair `q` is the two `u16` at `a[base + offsets[q]]`, `base` the row's start on `grid`
-    /// (read as one `i32`, as in [`Avx2Blocked::gemm_pairs`]; `vpmaddwd` reads them as signed
+    /// (read as one `i32`, as in [`Blocked::gemm_pairs`]; `vpmaddwd` reads them as signed
     /// 16-bit values, so they must be codes of at most 255 for [`MAX_K`] to hold). An int8
     /// convolution reads its patches so straight from the widened, padded input (`offsets`
     /// walk the window, the grid the output positions): no im2col buffer.
@@ -666,7 +720,7 @@ impl Avx2Blocked {
         self.gemm_gathered_with(grid, offsets, a, b, c, b.n, &copy_sums);
     }
 
-    /// [`Avx2Blocked::gemm_gathered`] with an epilogue.
+    /// [`Blocked::gemm_gathered`] with an epilogue.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_gathered_with<T: Send>(
         &self,
@@ -703,7 +757,10 @@ impl Avx2Blocked {
         per_row: usize,
         epilogue: Epilogue<T>,
     ) {
-        assert!(b.seven_bit, "int8 gemm: quads need weights in [-64, 64]");
+        assert!(
+            b.seven_bit || self.vnni,
+            "int8 gemm: quads need weights in [-64, 64] without VNNI"
+        );
         let row_bytes = 4 * b.groups;
         assert_eq!(a.len(), m * row_bytes, "int8 gemm: a is not [m, 4 quads]");
         let src = Contiguous {
@@ -713,7 +770,7 @@ impl Avx2Blocked {
         self.run(m, b, &src, out, per_row, epilogue);
     }
 
-    /// [`Avx2Blocked::gemm_gathered_with`] on `vpmaddubsw`: row `r`'s quad `q` is the four u8
+    /// [`Blocked::gemm_gathered_with`] on `vpmaddubsw`: row `r`'s quad `q` is the four u8
     /// at `a[base + offsets[q]]`, `base` the row's start on `grid` (the padded input as codes, channels last: no
     /// widening).
     #[allow(clippy::too_many_arguments)]
@@ -727,7 +784,10 @@ impl Avx2Blocked {
         per_row: usize,
         epilogue: Epilogue<T>,
     ) {
-        assert!(b.seven_bit, "int8 gemm: quads need weights in [-64, 64]");
+        assert!(
+            b.seven_bit || self.vnni,
+            "int8 gemm: quads need weights in [-64, 64] without VNNI"
+        );
         assert_eq!(offsets.len(), b.groups, "int8 gemm: one offset per quad");
         let m = grid.rows();
         grid.check_reach(offsets, 4, a.len());
@@ -789,16 +849,19 @@ impl Avx2Blocked {
                 let panel = b.panel_bytes(p);
                 let at = &mut sums[p * rows * PANEL..(p + 1) * rows * PANEL];
                 let (starts, g) = (&starts[..rows], b.groups);
-                // SAFETY: an `Avx2Blocked` exists only where the CPU has AVX2; the source
+                // SAFETY: a `Blocked` exists only where the CPU has AVX2 (and with `vnni`,
+                // AVX-512 VNNI: `vnni::detected`); the source
                 // holds rows `first .. first + rows` (checked by the entry points), the panel
-                // `groups · width · 32` bytes, `at` `rows · 16`; quads are packed only from
-                // weights in [-64, 64].
+                // `groups · width · 32` bytes, `at` `rows · 16`; without VNNI quads are
+                // packed only from weights in [-64, 64] (asserted by the entry points).
                 unsafe {
-                    match (b.widths[p], size_of::<E>() == 1) {
-                        (1, false) => panel_tiles::<1, false, P>(src, starts, panel, g, at),
-                        (_, false) => panel_tiles::<2, false, P>(src, starts, panel, g, at),
-                        (1, true) => panel_tiles::<1, true, P>(src, starts, panel, g, at),
-                        (_, true) => panel_tiles::<2, true, P>(src, starts, panel, g, at),
+                    let wide = b.widths[p] == 2;
+                    match (wide, size_of::<E>() == 1, self.vnni) {
+                        (_, true, true) => vnni::panel_tiles(src, starts, wide, panel, g, at),
+                        (false, false, _) => panel_tiles::<1, false, P>(src, starts, panel, g, at),
+                        (true, false, _) => panel_tiles::<2, false, P>(src, starts, panel, g, at),
+                        (false, true, _) => panel_tiles::<1, true, P>(src, starts, panel, g, at),
+                        (true, true, _) => panel_tiles::<2, true, P>(src, starts, panel, g, at),
                     }
                 }
             }
@@ -925,7 +988,7 @@ impl Pairs for Contiguous<'_> {
 
 /// Groups gathered from one buffer of `elem`-byte values (u16 pairs, or u8 quads): row `r`
 /// starts at its value on `grid`, its group `q` `offsets[q]` values on (see
-/// [`Avx2Blocked::gemm_gathered`]).
+/// [`Blocked::gemm_gathered`]).
 struct Gathered<'a> {
     bytes: &'a [u8],
     elem: usize,
@@ -960,7 +1023,7 @@ impl Pairs for Gathered<'_> {
     }
 }
 
-impl Int8Gemm for Avx2Blocked {
+impl Int8Gemm for Blocked {
     fn name(&self) -> &'static str {
         "avx2-blocked"
     }
@@ -971,34 +1034,40 @@ impl Int8Gemm for Avx2Blocked {
     }
 }
 
-/// The blocked kernel on `vpmaddubsw` for weights in [-64, 64] ([`PackedQuads`]), the
-/// widening one ([`Avx2Blocked`]) for any other: exact either way. What an int8 layer of 7-bit
-/// weights runs at batch sizes of 4 rows and more.
+/// The blocked kernel on quads ([`PackedQuads`]), as a path of its own: on `vpmaddubsw`
+/// ([`Quads::avx2`], `avx2-quads`) for weights in [-64, 64], the widening kernel for any
+/// other, exact either way (what an int8 layer of 7-bit weights runs at batches of 4 rows and
+/// more on AVX2); or on AVX-512 VNNI ([`Quads::vnni`], `avx512-vnni`) for every int8 weight.
 #[derive(Debug, Clone, Copy)]
-pub struct Avx2Quads {
-    blocked: Avx2Blocked,
+pub struct Quads {
+    blocked: Blocked,
 }
 
-impl Avx2Quads {
-    /// The path, if this CPU has AVX2.
-    pub fn new() -> Option<Avx2Quads> {
-        Avx2Blocked::new().map(|blocked| Avx2Quads { blocked })
+impl Quads {
+    /// On `vpmaddubsw`, if this CPU has AVX2.
+    pub fn avx2() -> Option<Quads> {
+        Blocked::new().map(|blocked| Quads { blocked })
+    }
+
+    /// On VNNI, if this CPU has AVX2 and AVX-512 VNNI (with F, BW and VL).
+    pub fn vnni() -> Option<Quads> {
+        Blocked::with_vnni().map(|blocked| Quads { blocked })
     }
 
     /// The blocked kernel it runs on.
-    pub fn blocked(&self) -> Avx2Blocked {
+    pub fn blocked(&self) -> Blocked {
         self.blocked
     }
 }
 
-impl Int8Gemm for Avx2Quads {
+impl Int8Gemm for Quads {
     fn name(&self) -> &'static str {
-        "avx2-quads"
+        self.blocked.quads_name()
     }
 
     fn gemm(&self, m: usize, n: usize, k: usize, a: &[u8], b: &[i8], c: &mut [i32]) {
         check_shapes(m, n, k, a, b, c);
-        let Some(packed) = PackedQuads::new(n, k, b) else {
+        let Some(packed) = self.blocked.pack_quads(n, k, b) else {
             return self.blocked.gemm(m, n, k, a, b, c);
         };
         let a4 = quads_of(a, k, packed.quads());
@@ -1065,10 +1134,13 @@ pub fn available() -> Vec<Box<dyn Int8Gemm>> {
     if let Some(k) = Avx2::new() {
         out.push(Box::new(k));
     }
-    if let Some(k) = Avx2Blocked::new() {
+    if let Some(k) = Blocked::new() {
         out.push(Box::new(k));
     }
-    if let Some(k) = Avx2Quads::new() {
+    if let Some(k) = Quads::avx2() {
+        out.push(Box::new(k));
+    }
+    if let Some(k) = Quads::vnni() {
         out.push(Box::new(k));
     }
     out
