@@ -195,31 +195,40 @@ impl Int8Gemm for Pairs {
     }
 }
 
+/// Rows `[m, k]` of `a` laid out as a gathered source: groups of `group` values `gap` apart
+/// (as a window's rows are in a padded image), rows `groups · gap + 3` apart, each row "image"
+/// `i` of a grid of one position; with the offsets of the groups.
+fn spaced<T: From<u8> + Copy + Default>(
+    a: &[u8],
+    m: usize,
+    k: usize,
+    group: usize,
+    groups: usize,
+    gap: usize,
+) -> (Vec<T>, int8::Grid, Vec<usize>) {
+    let stride = groups * gap + 3;
+    let mut out = vec![T::default(); m * stride + gap + group];
+    for (i, row) in a.chunks_exact(k.max(1)).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            out[i * stride + (j / group) * gap + j % group] = T::from(v);
+        }
+    }
+    let grid = int8::Grid {
+        images: m,
+        out_hw: [1, 1],
+        image_len: stride,
+        step: [0, 0],
+    };
+    (out, grid, (0..groups).map(|q| q * gap).collect())
+}
+
 impl Int8Gemm for Gathered {
     fn name(&self) -> &'static str {
         "avx2-blocked gathered"
     }
     fn gemm(&self, m: usize, n: usize, k: usize, a: &[u8], b: &[i8], c: &mut [i32]) {
-        // Each row's pairs sit `GAP` values apart (as a window's rows do in a padded image),
-        // the rows one after another with a gap of 3.
-        const GAP: usize = 5;
         let packed = int8::PackedB::new(n, k, b);
-        let pairs = packed.pairs();
-        let stride = pairs * GAP + 3;
-        let mut wide = vec![0u16; m * stride + GAP + 2];
-        for (i, row) in a.chunks_exact(k.max(1)).enumerate() {
-            for (j, &v) in row.iter().enumerate() {
-                wide[i * stride + (j / 2) * GAP + j % 2] = v as u16;
-            }
-        }
-        // Row `i` is "image" `i` of a grid of one position each, `stride` values apart.
-        let grid = int8::Grid {
-            images: m,
-            out_hw: [1, 1],
-            image_len: stride,
-            step: [0, 0],
-        };
-        let offsets: Vec<usize> = (0..pairs).map(|q| q * GAP).collect();
+        let (wide, grid, offsets) = spaced::<u16>(a, m, k, 2, packed.pairs(), 5);
         self.0.gemm_gathered(&grid, &offsets, &wide, &packed, c);
     }
 }
@@ -235,7 +244,7 @@ int8_gemm_conformance!(
 );
 
 /// Quads gathered through offsets from one u8 buffer (`gemm_gathered_quads_with`, what an
-/// int8 convolution with channels in fours runs), laid out with gaps as in [`Gathered`], on
+/// int8 convolution with channels in fours runs), laid out by [`spaced`] as [`Gathered`], on
 /// the blocked kernel `0`. Without VNNI, weights outside [-64, 64] go to the widening path,
 /// as the runtime does.
 struct GatheredQuads(int8::Blocked, &'static str);
@@ -248,22 +257,7 @@ impl Int8Gemm for GatheredQuads {
         let Some(packed) = self.0.pack_quads(n, k, b) else {
             return self.0.gemm(m, n, k, a, b, c);
         };
-        const GAP: usize = 7;
-        let quads = packed.quads();
-        let stride = quads * GAP + 3;
-        let mut codes = vec![0u8; m * stride + GAP + 4];
-        for (i, row) in a.chunks_exact(k.max(1)).enumerate() {
-            for (j, &v) in row.iter().enumerate() {
-                codes[i * stride + (j / 4) * GAP + j % 4] = v;
-            }
-        }
-        let grid = int8::Grid {
-            images: m,
-            out_hw: [1, 1],
-            image_len: stride,
-            step: [0, 0],
-        };
-        let offsets: Vec<usize> = (0..quads).map(|q| q * GAP).collect();
+        let (codes, grid, offsets) = spaced::<u8>(a, m, k, 4, packed.quads(), 7);
         self.0
             .gemm_gathered_quads_with(&grid, &offsets, &codes, &packed, c, n, &|_, sums, c| {
                 for (r, row) in c.chunks_exact_mut(n).enumerate() {

@@ -88,7 +88,8 @@ impl XorCount for Avx512Count {
         debug_assert!(a[1].len() == n && b.iter().all(|r| r.len() == n));
         // SAFETY: see the module doc; masked loads stay within the rows.
         unsafe {
-            let mut acc = [[_mm512_setzero_si512(); 4]; 2];
+            // Row r against filter f in `acc[4 r + f]`, the order `totals` keeps.
+            let mut acc = [_mm512_setzero_si512(); 8];
             let mut v = 0;
             while v < n {
                 let m = mask(n, v);
@@ -97,15 +98,12 @@ impl XorCount for Avx512Count {
                     let w = load(b[f], v, m);
                     for r in 0..2 {
                         let d = _mm512_popcnt_epi64(_mm512_xor_si512(x[r], w));
-                        acc[r][f] = _mm512_add_epi64(acc[r][f], d);
+                        acc[4 * r + f] = _mm512_add_epi64(acc[4 * r + f], d);
                     }
                 }
                 v += LANES;
             }
-            let t = totals([
-                acc[0][0], acc[0][1], acc[0][2], acc[0][3], acc[1][0], acc[1][1], acc[1][2],
-                acc[1][3],
-            ]);
+            let t = totals(acc);
             [[t[0], t[1], t[2], t[3]], [t[4], t[5], t[6], t[7]]]
         }
     }

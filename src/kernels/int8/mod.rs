@@ -757,10 +757,6 @@ impl Blocked {
         per_row: usize,
         epilogue: Epilogue<T>,
     ) {
-        assert!(
-            b.seven_bit || self.vnni,
-            "int8 gemm: quads need weights in [-64, 64] without VNNI"
-        );
         let row_bytes = 4 * b.groups;
         assert_eq!(a.len(), m * row_bytes, "int8 gemm: a is not [m, 4 quads]");
         let src = Contiguous {
@@ -784,10 +780,6 @@ impl Blocked {
         per_row: usize,
         epilogue: Epilogue<T>,
     ) {
-        assert!(
-            b.seven_bit || self.vnni,
-            "int8 gemm: quads need weights in [-64, 64] without VNNI"
-        );
         assert_eq!(offsets.len(), b.groups, "int8 gemm: one offset per quad");
         let m = grid.rows();
         grid.check_reach(offsets, 4, a.len());
@@ -821,6 +813,11 @@ impl Blocked {
             m * per_row,
             "int8 gemm: the output is not [m, per_row]"
         );
+        // Quads (`i8` groups) run on `vpmaddubsw` only where it cannot saturate.
+        assert!(
+            size_of::<E>() != 1 || b.seven_bit || self.vnni,
+            "int8 gemm: quads need weights in [-64, 64] without VNNI"
+        );
         if m == 0 || per_row == 0 {
             return;
         }
@@ -852,8 +849,8 @@ impl Blocked {
                 // SAFETY: a `Blocked` exists only where the CPU has AVX2 (and with `vnni`,
                 // AVX-512 VNNI: `vnni::detected`); the source
                 // holds rows `first .. first + rows` (checked by the entry points), the panel
-                // `groups · width · 32` bytes, `at` `rows · 16`; without VNNI quads are
-                // packed only from weights in [-64, 64] (asserted by the entry points).
+                // `groups · width · 32` bytes, `at` `rows · 16`; without VNNI quads hold
+                // only weights in [-64, 64] (asserted above).
                 unsafe {
                     let wide = b.widths[p] == 2;
                     match (wide, size_of::<E>() == 1, self.vnni) {
@@ -1052,11 +1049,6 @@ impl Quads {
     /// On VNNI, if this CPU has AVX2 and AVX-512 VNNI (with F, BW and VL).
     pub fn vnni() -> Option<Quads> {
         Blocked::with_vnni().map(|blocked| Quads { blocked })
-    }
-
-    /// The blocked kernel it runs on.
-    pub fn blocked(&self) -> Blocked {
-        self.blocked
     }
 }
 
