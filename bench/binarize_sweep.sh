@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Binarization on LeNet-5, over seeds: for each seed a float model (`convpress train`), then
 # each method trained from it (`convpress binarize`, 3 epochs of Adam at lr 0.001, first and
-# last layers in float); prints test error (of the written file on convpress's runtime: int8
-# kernels, XNOR-popcount ones for xnor) as mean ± spread (half the range over the seeds) and
-# writes it as JSON. Finished steps are kept, so a rerun only does what is missing. About 35
-# minutes on 2 cores, the float models aside.
+# last layers in float, layer inputs `INPUTS`: float on the table-lookup kernels, or int8);
+# prints test error (of the written file on convpress's runtime; XNOR-popcount kernels for xnor)
+# as mean ± spread (half the range over the seeds) and writes it as JSON. Finished steps are
+# kept, so a rerun only does what is missing. About 35 minutes on 2 cores, the float models aside.
 #
-#   bash bench/binarize_sweep.sh     # SEEDS="1 2" METHODS="binary-connect ..." OUT=runs/binarize-sweep
+#   bash bench/binarize_sweep.sh     # SEEDS="1 2" METHODS="binary-connect ..." INPUTS=float OUT=runs/binarize-sweep
 set -euo pipefail
 bin=${CONVPRESS:-target/release/convpress}
 out=${OUT:-runs/binarize-sweep}
 seeds=${SEEDS:-"1 2"}
 methods=${METHODS:-"binary-connect stochastic bwn xnor twn loss-aware few-multiplications"}
+inputs=${INPUTS:-float}
 mkdir -p "$out"
 for s in $seeds; do
     f="$out/float-s$s"
@@ -20,7 +21,7 @@ for s in $seeds; do
     for m in $methods; do
         [ -f "$out/$m-s$s.cpz" ] ||
             "$bin" binarize --checkpoint "$f/model.safetensors" --method "$m" --epochs 3 \
-                --lr 0.001 --seed "$s" --out "$out/$m-s$s.cpz" --run-dir "$out/$m-s$s.run" \
+                --lr 0.001 --seed "$s" --inputs "$inputs" --out "$out/$m-s$s.cpz" --run-dir "$out/$m-s$s.run" \
                 --no-progress >"$out/$m-s$s.txt"
     done
 done

@@ -93,6 +93,8 @@ pub fn info(path: &Path, json: bool) -> anyhow::Result<()> {
             let (lo, hi) = l.input.range();
             let range = if l.sign_input {
                 "signs".to_string()
+            } else if l.float_input {
+                "float".to_string()
             } else {
                 format!("[{lo:.4}, {hi:.4}]")
             };
@@ -101,9 +103,13 @@ pub fn info(path: &Path, json: bool) -> anyhow::Result<()> {
                 "{:<22} {:>5} {:>8} {:>24} {:>5} {:>11} {:>11}",
                 layer,
                 l.bits,
-                l.input.bits(),
+                if l.float_input { 32 } else { l.input.bits() },
                 range,
-                l.input.zero_point,
+                if l.float_input {
+                    String::new()
+                } else {
+                    l.input.zero_point.to_string()
+                },
                 w.map_or(0, |w| w.numel),
                 w.map_or(0, |w| w.huffman)
             );

@@ -17,11 +17,13 @@ use convpress::compress::qat::FakeQuantInputs;
 use convpress::compress::quantize::Quantizer;
 use convpress::compress::xnor::{Inserted, insert_batch_norms, sign_activation};
 use convpress::kernels::binary::Path;
+use convpress::kernels::binary::lookup::TablePath;
 use convpress::models::arch::build;
 use convpress::models::{Arch, LayerSpec, Network};
 use convpress::runtime::binary::{BinaryConv, BinaryLinear};
 use convpress::runtime::conv::{Conv2dKernel, ConvGeometry, DirectConv};
 use convpress::runtime::model::SparseModel;
+use convpress::runtime::signed::{SignedConv, SignedLinear};
 use convpress::runtime::{DenseReference, LinearKernel};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -150,6 +152,141 @@ fn xnor_linear_layers_match_the_float_computation_on_every_path() {
                 "{inputs}x{outputs} {}: {d}",
                 path.name()
             );
+        }
+    }
+}
+
+/// Weights `s · α_o` (output channel `o` every `inner` values, or every value mod `channels`
+/// where the channels are last), `s` the sign of a random value and, if `ternary`, 0 for every
+/// fourth.
+fn sign_weights(
+    n: usize,
+    seed: u64,
+    ternary: bool,
+    scales: &[f32],
+    of: impl Fn(usize) -> usize,
+) -> Vec<f32> {
+    signs(&uniform(n, seed, -1.0, 1.0))
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            if ternary && i % 4 == 1 {
+                0.0
+            } else {
+                s * scales[of(i)]
+            }
+        })
+        .collect()
+}
+
+/// A convolution with binary or ternary weights on float inputs equals the float convolution
+/// with weights `s · α_o` (plus bias, and ReLU), on every table path: padding, stride,
+/// dilation, reduction lengths on both sides of a word, one image and several.
+#[test]
+fn lookup_convolutions_match_the_float_computation_on_every_path() {
+    let cases = [
+        (3, 5, [3, 3], [1, 1], [1, 1], [1, 1], [7, 6]),
+        (7, 40, [3, 3], [2, 2], [1, 1], [1, 1], [9, 9]),
+        (70, 4, [1, 1], [1, 1], [0, 0], [1, 1], [5, 5]),
+        (6, 16, [5, 5], [1, 1], [0, 0], [1, 1], [14, 14]),
+        (4, 9, [3, 3], [1, 1], [2, 2], [2, 2], [8, 8]),
+    ];
+    for (n, (c, o, kernel, stride, padding, dilation, hw)) in cases.into_iter().enumerate() {
+        let g = ConvGeometry {
+            in_channels: c,
+            out_channels: o,
+            kernel,
+            stride,
+            padding,
+            dilation,
+            groups: 1,
+        };
+        let [oh, ow] = g.output_hw(hw).unwrap();
+        for ternary in [false, true] {
+            let seed = 20 * n as u64 + ternary as u64;
+            let scales = uniform(o, seed + 1, 0.1, 2.0);
+            let patch = g.patch_len();
+            let w = sign_weights(g.weight_len(), seed + 2, ternary, &scales, |i| i / patch);
+            let bias = uniform(o, seed + 3, -1.0, 1.0);
+            for batch in [1, 3] {
+                let x = uniform(batch * c * hw[0] * hw[1], seed + 4, -1.0, 1.0);
+                let mut want = vec![0f32; batch * o * oh * ow];
+                DirectConv::new(g, w.clone(), Some(bias.clone()))
+                    .unwrap()
+                    .forward(&x, batch, hw, &mut want);
+                for path in TablePath::ALL.into_iter().filter(|p| p.runs_here()) {
+                    let k = SignedConv::new(g, &w, ternary, scales.clone(), Some(bias.clone()))
+                        .unwrap()
+                        .with_path(path)
+                        .unwrap()
+                        .with_relu();
+                    let mut y = vec![f32::NAN; want.len()];
+                    k.forward(&x, batch, hw, &mut y);
+                    let relu: Vec<f32> = want.iter().map(|v| v.max(0.0)).collect();
+                    let d = max_abs_diff(&y, &relu);
+                    assert!(
+                        d <= 1e-5 * scale_of(&want),
+                        "case {n} ternary {ternary} batch {batch} {}: {d}",
+                        path.name()
+                    );
+                }
+            }
+        }
+        assert!(SignedConv::new(g, &[0.0; 3], false, vec![1.0; o], None).is_err());
+        let grouped = ConvGeometry {
+            groups: c,
+            out_channels: c,
+            ..g
+        };
+        let w = vec![1.0; grouped.weight_len()];
+        assert!(SignedConv::new(grouped, &w, false, vec![1.0; c], None).is_err());
+    }
+}
+
+/// A linear layer with binary or ternary weights on float inputs equals the float product, on
+/// every table path, at batch 1 and batches that are not whole vectors.
+#[test]
+fn lookup_linear_layers_match_the_float_computation_on_every_path() {
+    for (n, (inputs, outputs)) in [(1, 3), (63, 5), (64, 33), (65, 2), (400, 120)]
+        .into_iter()
+        .enumerate()
+    {
+        for ternary in [false, true] {
+            let seed = 200 + 10 * n as u64 + ternary as u64;
+            let scales = uniform(outputs, seed, 0.1, 2.0);
+            // Burn's `[in, out]`.
+            let w = sign_weights(inputs * outputs, seed + 1, ternary, &scales, |i| {
+                i % outputs
+            });
+            let bias = uniform(outputs, seed + 2, -1.0, 1.0);
+            let reference =
+                DenseReference::from_burn_layout(inputs, outputs, &w, Some(bias.clone()));
+            for batch in [1, 5, 17] {
+                let x = uniform(batch * inputs, seed + 3, -1.0, 1.0);
+                let mut want = vec![0f32; batch * outputs];
+                reference.forward(&x, batch, &mut want);
+                for path in TablePath::ALL.into_iter().filter(|p| p.runs_here()) {
+                    let k = SignedLinear::from_burn_layout(
+                        inputs,
+                        outputs,
+                        &w,
+                        ternary,
+                        scales.clone(),
+                        Some(bias.clone()),
+                    )
+                    .unwrap()
+                    .with_path(path)
+                    .unwrap();
+                    let mut y = vec![f32::NAN; want.len()];
+                    k.forward(&x, batch, &mut y);
+                    let d = max_abs_diff(&y, &want);
+                    assert!(
+                        d <= 1e-5 * scale_of(&want),
+                        "{inputs}x{outputs} ternary {ternary} batch {batch} {}: {d}",
+                        path.name()
+                    );
+                }
+            }
         }
     }
 }
@@ -315,6 +452,7 @@ fn written(
     layers: &BTreeSet<String>,
     bits: u32,
     input: Option<Quantizer>,
+    float_input: bool,
 ) -> (Loaded, BTreeMap<String, String>) {
     let (folded, folded_paths) = fold_batch_norms(model).unwrap();
     let layers: BTreeSet<String> = layers.iter().map(|l| folded_paths[l].clone()).collect();
@@ -326,31 +464,39 @@ fn written(
         ),
         None => (BTreeMap::new(), layers),
     };
-    let q = ptq::finish(folded, &bits_of, &inputs, &BTreeMap::new(), &signs).unwrap();
+    let mut q = ptq::finish(folded, &bits_of, &inputs, &BTreeMap::new(), &signs).unwrap();
+    if float_input {
+        let spec = q.quant.as_mut().unwrap();
+        spec.layers.values_mut().for_each(|l| l.float_input = true);
+        q.check().unwrap();
+    }
     (q, folded_paths)
 }
 
-/// Binarized files: XNOR-Net's (1-bit weights, binary inputs) and BWN's (1-bit weights, 8-bit
-/// inputs) are version 3, TWN's (2-bit ternary codes) version 2. Each decodes to exactly the
-/// model written and re-encodes to the same bytes; binary weights take one bit each plus a
-/// scale per channel; the runtime from the file equals the one from memory, runs the layers
-/// on the XNOR (or int8) kernels, and for XNOR-Net gives the class scores of the trained
-/// network's forward pass with sign activations.
+/// Binarized files: XNOR-Net's (1-bit weights, binary inputs), BWN's (1-bit weights, 8-bit or
+/// float inputs) and TWN's with float inputs are version 3, TWN's with 8-bit inputs (2-bit
+/// ternary codes) version 2. Each decodes to exactly the model written and re-encodes to the
+/// same bytes; binary weights take one bit each plus a scale per channel; the runtime from the
+/// file equals the one from memory and runs the layers on the XNOR, table-lookup or int8
+/// kernels; for XNOR-Net it gives the class scores of the trained network's forward pass with
+/// sign activations, and with float inputs those of the file's network in Burn.
 #[test]
 fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
     let (with, trained_layers) = tiny_with_batch_norms(7);
     let x = uniform(3 * 36, 8, -1.0, 1.0);
-    for (method, bits, version) in [
-        (Method::Xnor, 1, 3u16),
-        (Method::Bwn, 1, 3),
-        (Method::Twn, 2, 2),
+    for (method, bits, version, float_input) in [
+        (Method::Xnor, 1, 3u16, false),
+        (Method::Bwn, 1, 3, false),
+        (Method::Twn, 2, 2, false),
+        (Method::Bwn, 1, 3, true),
+        (Method::Twn, 2, 3, true),
     ] {
         let model = binarized(&with, &trained_layers, method);
         let input = match method.binary_inputs() {
             true => None,
             false => Some(Quantizer::asymmetric(-4.0, 4.0, 8)),
         };
-        let (q, folded_paths) = written(&model, &trained_layers, bits, input);
+        let (q, folded_paths) = written(&model, &trained_layers, bits, input, float_input);
         let layers: BTreeSet<String> = trained_layers
             .iter()
             .map(|l| folded_paths[l].clone())
@@ -399,10 +545,10 @@ fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
             from_file,
             SparseModel::from_loaded(&q).unwrap().forward(&x, 3)
         );
-        let kernel = if method.binary_inputs() {
-            "xnor"
-        } else {
-            "int8"
+        let kernel = match (method.binary_inputs(), float_input) {
+            (true, _) => "xnor",
+            (false, true) => "lookup",
+            (false, false) => "int8",
         };
         let infos = runtime.layers();
         let binary: Vec<_> = infos.iter().filter(|l| layers.contains(&l.path)).collect();
@@ -432,11 +578,40 @@ fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
                 "the file in Burn vs the runtime: {d}"
             );
         } else {
-            // A version-2 file cannot hold 1-bit weights.
+            // A version-2 file cannot hold 1-bit weights, nor float inputs to bit layers.
             let mut v2 = bytes.clone();
             v2[4] = 2;
             let refused = format::decode(&reseal(v2));
-            assert_eq!(refused.is_err(), bits == 1, "{method:?}");
+            assert_eq!(refused.is_err(), bits == 1 || float_input, "{method:?}");
+        }
+        if float_input {
+            // A layer cannot both take its inputs' signs and keep them in float, nor keep
+            // float inputs with weights wider than ternary.
+            for (sign, bits) in [(true, 1), (false, 4)] {
+                let mut bad = q.clone();
+                let l = bad
+                    .quant
+                    .as_mut()
+                    .unwrap()
+                    .layers
+                    .values_mut()
+                    .next()
+                    .unwrap();
+                (l.sign_input, l.bits) = (sign, bits);
+                let e = bad.check().unwrap_err();
+                assert!(e.contains("float inputs need"), "{e}");
+            }
+            // The file in Burn: the same weights, float inputs.
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("x.cpz");
+            std::fs::write(&file, &bytes).unwrap();
+            let (burn, _) = checkpoint::load(&file, &Device::flex()).unwrap();
+            let want = forward(&burn, &x, 3);
+            let d = max_abs_diff(&from_file, &want);
+            assert!(
+                d <= 1e-4 * scale_of(&want),
+                "{method:?}: the lookup runtime vs the file in Burn: {d}"
+            );
         }
     }
 }
@@ -448,7 +623,7 @@ fn binarized_files_round_trip_at_their_real_size_and_run_as_trained() {
 fn damaged_binarized_files_are_refused_never_a_panic() {
     let (with, layers) = tiny_with_batch_norms(11);
     let model = binarized(&with, &layers, Method::Xnor);
-    let (q, folded_paths) = written(&model, &layers, 1, None);
+    let (q, folded_paths) = written(&model, &layers, 1, None, false);
     let (bytes, _) = format::encode_quantized(&q).unwrap();
     assert!(bytes.len() < 8192, "{} bytes", bytes.len());
     if std::env::var_os("CONVPRESS_WRITE_SEEDS").is_some() {
@@ -507,7 +682,7 @@ fn inserted_batch_norms_after_a_conv_and_in_a_residual_block() {
     assert_eq!(renamed["layers.3.body.1"], "layers.4.body.2");
     let trained_layers: BTreeSet<String> = original.iter().map(|l| renamed[l].clone()).collect();
     let model = binarized(&with, &trained_layers, Method::Xnor);
-    let (q, folded_paths) = written(&model, &trained_layers, 1, None);
+    let (q, folded_paths) = written(&model, &trained_layers, 1, None, false);
     // The first inserted batch norm went into the float convolution before it.
     assert_eq!(folded_paths["layers.1"], "layers.0");
     assert_eq!(folded_paths["layers.4.body.0"], "layers.3.body.0");

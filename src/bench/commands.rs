@@ -445,7 +445,10 @@ pub fn compare_quantized_model(
             quantized.display()
         );
     }
-    let runtime = loaded.quant.as_ref().map_or("int8", |q| q.runtime_label());
+    let runtime = loaded
+        .quant
+        .as_ref()
+        .map_or("int8".into(), |q| q.runtime_label());
     let int8 =
         crate::runtime::model::SparseModel::from_loaded(&loaded).map_err(anyhow::Error::msg)?;
     let device = Device::flex();
@@ -557,6 +560,76 @@ pub fn compare_binary_convs(batch: &[usize], seconds: f64, json: bool) -> anyhow
     if !json {
         println!(
             "(3x3, stride 1, padding 1; medians of 5 interleaved rounds; speedup: f32 time over the binary layer's, f32 in to f32 out with the input's binarization and packing; packed: over the packed-input-to-sums time)"
+        );
+    }
+    compare_lookup_convs(&shapes, batch, seconds, json)
+}
+
+/// The second table of `convpress bench binary`: binary and ternary weights on float inputs
+/// (BWN, TWN) on the table-lookup kernels, against the f32 convolution and the int8 layer, on
+/// each vector path this CPU runs.
+fn compare_lookup_convs(
+    shapes: &[(&str, [usize; 2], [usize; 2])],
+    batch: &[usize],
+    seconds: f64,
+    json: bool,
+) -> anyhow::Result<()> {
+    use crate::kernels::binary::lookup::TablePath;
+    let mut paths: Vec<TablePath> = [TablePath::Avx512, TablePath::Avx2]
+        .into_iter()
+        .filter(|p| p.runs_here())
+        .collect();
+    if paths.is_empty() {
+        paths.push(TablePath::best());
+    }
+    if !json {
+        println!(
+            "\nbinary and ternary weights on float inputs (table lookup, additions only):\n{:<16} {:>9} {:>6} {:>5} {:>7} {:>6} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}",
+            "layer",
+            "channels",
+            "hw",
+            "batch",
+            "threads",
+            "path",
+            "f32 us",
+            "binary us",
+            "ternary us",
+            "int8 us",
+            "speedup",
+            "ternary",
+            "vs int8"
+        );
+    }
+    for &(name, channels, hw) in shapes {
+        for (&b, &path) in batch.iter().flat_map(|b| paths.iter().map(move |p| (b, p))) {
+            let budget = Duration::from_secs_f64(seconds);
+            let r = super::measure_lookup_conv(name, channels, hw, b, path, budget)
+                .map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{:<16} {:>9} {:>6} {:>5} {:>7} {:>6} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>7.2}x {:>7.2}x {:>7.2}x",
+                    r.layer,
+                    format!("{}>{}", channels[0], channels[1]),
+                    format!("{}x{}", hw[0], hw[1]),
+                    r.batch,
+                    r.threads,
+                    r.path,
+                    r.f32_us,
+                    r.binary_us,
+                    r.ternary_us,
+                    r.int8_us,
+                    r.speedup,
+                    r.ternary_speedup,
+                    r.vs_int8
+                );
+            }
+        }
+    }
+    if !json {
+        println!(
+            "(3x3, stride 1, padding 1; medians of 5 interleaved rounds; f32 in to f32 out; speedup and ternary: f32 time over the binary and ternary layers'; vs int8: the int8 layer's time (the same binary weights, 8-bit inputs, the runtime's best int8 path) over the binary one's)"
         );
     }
     Ok(())

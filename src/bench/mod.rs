@@ -765,6 +765,32 @@ pub fn measure_quantized_model(
     }
 }
 
+/// A convolution's random input in [-1, 1), weights and bias in [-0.1, 0.1), and BWN's scale of
+/// each filter, its mean |w| (Rastegari et al. 2016, eq. 6).
+struct ConvData {
+    x: Vec<f32>,
+    w: Vec<f32>,
+    bias: Vec<f32>,
+    alpha: Vec<f32>,
+}
+
+impl ConvData {
+    fn random(p: &crate::kernels::conv::Conv2dProblem, seed: u64) -> ConvData {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut draw = |n: usize, r: f32| (0..n).map(|_| rng.random_range(-r..r)).collect();
+        let x: Vec<f32> = draw(p.x_len(), 1.0);
+        let w: Vec<f32> = draw(p.weight_len(), 0.1);
+        let bias = draw(p.out_channels, 0.1);
+        let taps = p.weight_len() / p.out_channels.max(1);
+        let alpha = w
+            .chunks(taps.max(1))
+            .map(|f| f.iter().map(|v| v.abs()).sum::<f32>() / taps as f32)
+            .collect();
+        ConvData { x, w, bias, alpha }
+    }
+}
+
 /// One binary convolution against convpress's f32 convolution of the same shape
 /// (`convpress bench binary`): both from f32 input to f32 output, the binary one including the
 /// binarization and packing of its input and its per-filter scale; and the binary one from
@@ -800,7 +826,6 @@ pub fn measure_binary_conv(
 ) -> Result<BinaryMeasurement, String> {
     use crate::kernels::binary::{self, PackedFilters, PackedImages};
     use crate::kernels::conv::{self, Conv2dProblem};
-    use rand::{Rng, SeedableRng};
     let p = Conv2dProblem {
         batch,
         in_channels: c_in,
@@ -814,20 +839,7 @@ pub fn measure_binary_conv(
         groups: 1,
     };
     p.validate()?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    let x: Vec<f32> = (0..p.x_len())
-        .map(|_| rng.random_range(-1f32..1.0))
-        .collect();
-    let w: Vec<f32> = (0..p.weight_len())
-        .map(|_| rng.random_range(-0.1f32..0.1))
-        .collect();
-    let bias: Vec<f32> = (0..c_out).map(|_| rng.random_range(-0.1f32..0.1)).collect();
-    // BWN's per-filter scale, mean |w|.
-    let taps = c_in * 9;
-    let alpha: Vec<f32> = w
-        .chunks(taps)
-        .map(|f| f.iter().map(|v| v.abs()).sum::<f32>() / taps as f32)
-        .collect();
+    let ConvData { x, w, bias, alpha } = ConvData::random(&p, 11);
     let filters = PackedFilters::pack(&w, c_out, c_in, [3, 3]);
     let mut y = vec![0f32; p.y_len()];
     let mut sums = vec![0i32; p.y_len()];
@@ -867,5 +879,118 @@ pub fn measure_binary_conv(
         packed_speedup: f32_us / packed_us,
         f32_weight_bytes: 4 * p.weight_len(),
         binary_weight_bytes: filters.bytes() + 4 * c_out,
+    })
+}
+
+/// One layer of binary (and ternary) weights on float inputs, as BWN and TWN run it
+/// (`convpress bench binary`): the table-lookup layer against convpress's f32 convolution of
+/// the same shape, and against the int8 layer that the same weights run as with 8-bit inputs.
+/// All from f32 input to f32 output (the int8 one including its input's quantization).
+#[derive(Debug, Clone, Serialize)]
+pub struct LookupMeasurement {
+    pub layer: String,
+    pub channels: [usize; 2],
+    pub hw: [usize; 2],
+    pub batch: usize,
+    pub threads: usize,
+    pub path: String,
+    /// Medians over interleaved rounds, microseconds per call.
+    pub f32_us: f64,
+    pub binary_us: f64,
+    pub ternary_us: f64,
+    pub int8_us: f64,
+    /// f32 time over the binary layer's, and over the ternary one's.
+    pub speedup: f64,
+    pub ternary_speedup: f64,
+    /// The int8 layer's time over the binary one's.
+    pub vs_int8: f64,
+}
+
+/// Times the 3x3 convolution (stride 1, padding 1) of `c_in` to `c_out` channels on `hw`
+/// images at `batch`: convpress's f32 convolution, the table-lookup layer on `path` with
+/// binary and with ternary weights, and the runtime's int8 layer on the binary weights,
+/// alternately in rounds.
+pub fn measure_lookup_conv(
+    layer: &str,
+    [c_in, c_out]: [usize; 2],
+    hw: [usize; 2],
+    batch: usize,
+    path: crate::kernels::binary::lookup::TablePath,
+    budget: Duration,
+) -> Result<LookupMeasurement, String> {
+    use crate::compress::quantize::Quantizer;
+    use crate::kernels::conv;
+    use crate::runtime::conv::{Conv2dKernel, ConvGeometry};
+    use crate::runtime::int8::Int8Conv;
+    use crate::runtime::signed::SignedConv;
+    let g = ConvGeometry {
+        in_channels: c_in,
+        out_channels: c_out,
+        kernel: [3, 3],
+        stride: [1, 1],
+        padding: [1, 1],
+        dilation: [1, 1],
+        groups: 1,
+    };
+    let p = g.problem(batch, hw);
+    p.validate()?;
+    let ConvData { x, w, bias, alpha } = ConvData::random(&p, 12);
+    // BWN's weights `α_o · sign(w)`; TWN's with a third of them 0.
+    let taps = g.patch_len();
+    let bwn: Vec<f32> = w
+        .iter()
+        .enumerate()
+        .map(|(i, v)| alpha[i / taps] * if *v >= 0.0 { 1.0 } else { -1.0 })
+        .collect();
+    let twn: Vec<f32> = bwn
+        .iter()
+        .enumerate()
+        .map(|(i, v)| if i % 3 == 0 { 0.0 } else { *v })
+        .collect();
+    let binary =
+        SignedConv::new(g, &bwn, false, alpha.clone(), Some(bias.clone()))?.with_path(path)?;
+    let ternary =
+        SignedConv::new(g, &twn, true, alpha.clone(), Some(bias.clone()))?.with_path(path)?;
+    let codes: Vec<i8> = bwn.iter().map(|v| if *v >= 0.0 { 1 } else { -1 }).collect();
+    let quantizers = alpha
+        .iter()
+        .map(|&scale| Quantizer {
+            scale,
+            zero_point: 0,
+            lo: -1,
+            hi: 1,
+        })
+        .collect();
+    let input = Quantizer::asymmetric(-1.0, 1.0, 8);
+    let int8 = Int8Conv::from_codes(g, codes, quantizers, Some(bias.clone()), input)?;
+    let mut y = vec![0f32; p.y_len()];
+    let rounds = 5;
+    let slice = budget / (4 * rounds);
+    let mut us: [Vec<f64>; 4] = Default::default();
+    for _ in 0..rounds {
+        let time = |f: &mut dyn FnMut()| {
+            let (iters, secs) = time_loop(slice, f);
+            1e6 * secs / iters as f64
+        };
+        us[0].push(time(&mut || conv::forward(&p, &x, &w, Some(&bias), &mut y)));
+        us[1].push(time(&mut || binary.forward(&x, batch, hw, &mut y)));
+        us[2].push(time(&mut || ternary.forward(&x, batch, hw, &mut y)));
+        us[3].push(time(&mut || int8.forward(&x, batch, hw, &mut y)));
+    }
+    let [f32_us, binary_us, ternary_us, int8_us] = us.map(|mut v| median(&mut v));
+    Ok(LookupMeasurement {
+        layer: layer.into(),
+        channels: [c_in, c_out],
+        hw,
+        batch,
+        threads: rayon::current_num_threads(),
+        path: path.name().into(),
+        f32_us,
+        binary_us,
+        ternary_us,
+        int8_us,
+        speedup: f32_us / binary_us,
+        ternary_speedup: f32_us / ternary_us,
+        vs_int8: int8_us / binary_us,
     })
 }

@@ -33,11 +33,13 @@
 //!
 //! Version 3 adds binarized models (issue #13): a quantized tensor of `bits` 1 holds binary
 //! weights, one bit each, a set bit for −1 and a clear one for +1 (there is no 0, so no
-//! `gaps`), and a layer may take its input as its signs (`sign_input`, XNOR-Net). Ternary
-//! weights are 2-bit codes in {−1, 0, +1}, with `gaps` where that is smaller.
+//! `gaps`), and a layer may take its input as its signs (`sign_input`, XNOR-Net) or keep it in
+//! float (`float_input`, BWN and TWN on the table-lookup kernels). Ternary weights are 2-bit
+//! codes in {−1, 0, +1}, with `gaps` where that is smaller.
 //!
 //! A file is written at the oldest version that holds it: with no quantized tensor as version
-//! 1, byte for byte as before; with no 1-bit tensor and no binary input as version 2.
+//! 1, byte for byte as before; with no 1-bit tensor, no binary input and no float input to a
+//! bit layer as version 2.
 //!
 //! The reader checks the magic, version, length and checksum before it parses anything, and
 //! bounds every count by the architecture and the bytes present (the values of all tensors
@@ -533,7 +535,7 @@ pub fn encode(
     let binary = entries
         .iter()
         .any(|e| matches!(e.encoding, Encoding::Quantized { bits: 1, .. }))
-        || quant.is_some_and(|q| q.layers.values().any(|l| l.sign_input));
+        || quant.is_some_and(|q| q.layers.values().any(|l| l.sign_input || l.float_input));
     let version: u16 = match (quantized, binary) {
         (_, true) => 3,
         (true, false) => 2,
@@ -661,10 +663,10 @@ pub fn decode(bytes: &[u8]) -> Result<Loaded, String> {
         && header
             .quant
             .as_ref()
-            .is_some_and(|q| q.layers.values().any(|l| l.sign_input))
+            .is_some_and(|q| q.layers.values().any(|l| l.sign_input || l.float_input))
     {
         return Err(format!(
-            "a version-{version} file cannot hold binary activations"
+            "a version-{version} file cannot hold binary activations or float inputs to bit layers"
         ));
     }
     let mut steps_of: HashMap<String, (u32, Vec<f32>)> = HashMap::new();

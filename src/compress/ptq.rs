@@ -208,6 +208,7 @@ pub fn finish(
                 bits,
                 input,
                 sign_input,
+                float_input: false,
                 weight_scales: scales,
             },
         );

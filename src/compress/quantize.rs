@@ -402,6 +402,12 @@ pub struct QuantLayer {
     /// XNOR-popcount kernels (`kernels::binary`). Absent in files before version 3.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sign_input: bool,
+    /// Real-valued inputs kept in float: a layer of 1-bit weights, or 2-bit ternary codes
+    /// (±1 and 0), that runs on the table-lookup kernels (`kernels::binary::lookup`), additions
+    /// only, as BWN and TWN train it. `input` then records the range calibrated, for the int8
+    /// kernels that `binarize --inputs int8` picks instead. Absent in files before it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub float_input: bool,
     /// One step per output channel. Kept in the tensor's section of the file (4 bytes each),
     /// not in its JSON header.
     #[serde(skip)]
@@ -453,22 +459,37 @@ pub fn code_of(w: f32, scale: f32) -> i32 {
 
 impl QuantSpec {
     /// Which of the runtime's kernels run the quantized layers, as a short label for tables:
-    /// `int8`, `xnor` (layers with binary inputs) or `int8+xnor`.
-    pub fn runtime_label(&self) -> &'static str {
-        let signs = self.layers.values().filter(|l| l.sign_input).count();
-        match (signs, self.layers.len() - signs) {
-            (0, _) => "int8",
-            (_, 0) => "xnor",
-            _ => "int8+xnor",
-        }
+    /// `int8`, `xnor` (layers with binary inputs), `lookup` (binary or ternary weights on
+    /// float inputs), or those joined by `+` (`int8+xnor`).
+    pub fn runtime_label(&self) -> String {
+        let has = |f: fn(&QuantLayer) -> bool| self.layers.values().any(f);
+        [
+            ("int8", has(|l| !l.sign_input && !l.float_input)),
+            ("xnor", has(|l| l.sign_input)),
+            ("lookup", has(|l| l.float_input)),
+        ]
+        .into_iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| name)
+        .collect::<Vec<_>>()
+        .join("+")
     }
 
     /// [`QuantSpec::runtime_label`] in words, for messages.
-    pub fn kernels(&self) -> &'static str {
-        match self.runtime_label() {
-            "int8" => "int8 kernels",
-            "xnor" => "XNOR-popcount kernels",
-            _ => "int8 and XNOR-popcount kernels",
+    pub fn kernels(&self) -> String {
+        let words: Vec<&str> = self
+            .runtime_label()
+            .split('+')
+            .map(|k| match k {
+                "int8" => "int8",
+                "xnor" => "XNOR-popcount",
+                _ => "table-lookup",
+            })
+            .collect();
+        match words.as_slice() {
+            [one] => format!("{one} kernels"),
+            [rest @ .., last] => format!("{} and {last} kernels", rest.join(", ")),
+            [] => "float kernels".into(),
         }
     }
 
@@ -495,6 +516,11 @@ impl QuantSpec {
                 other => return Err(format!("quantized layer {path} is a {other} layer")),
             };
             check_weight_bits(&format!("{path}: bits"), l.bits)?;
+            if l.float_input && (l.sign_input || l.bits > 2) {
+                return Err(format!(
+                    "{path}: float inputs need 1-bit or 2-bit (ternary) weights and no sign input"
+                ));
+            }
             let q = l.input;
             if l.sign_input && (q != Quantizer::signs() || l.bits != 1) {
                 return Err(format!(

@@ -184,10 +184,13 @@ pub fn measure(
                 .loaded
                 .quant
                 .as_ref()
-                .map_or("int8", |q| q.runtime_label()),
+                .map_or("int8".into(), |q| q.runtime_label()),
         ),
-        None if 2 * kept < weights => (SparseModel::from_loaded(&model.loaded).ok(), "sparse"),
-        None => (None, "sparse"),
+        None if 2 * kept < weights => (
+            SparseModel::from_loaded(&model.loaded).ok(),
+            "sparse".into(),
+        ),
+        None => (None, "sparse".into()),
     };
     let budget = Duration::from_secs_f64(settings.latency_seconds);
     let latency = settings
@@ -200,14 +203,14 @@ pub fn measure(
                 .map_or(f64::INFINITY, |s| bench::sparse_latency(s, batch, budget));
             // A quantized model is the int8 runtime's: its float twin is another model.
             let (ms, runtime) = if sparse_ms < dense_ms || quantized {
-                (sparse_ms, kind)
+                (sparse_ms, kind.clone())
             } else {
-                (dense_ms, "dense")
+                (dense_ms, "dense".into())
             };
             Latency {
                 batch,
                 ms,
-                runtime: runtime.into(),
+                runtime,
                 dense_ms,
             }
         })

@@ -252,7 +252,7 @@ thread_local! {
 
 /// Runs `f` with a buffer of at least `len` floats: the thread's own when it is free, a fresh
 /// one otherwise (a rayon thread that steals a second convolution while it waits).
-fn with_cols<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+pub(super) fn with_cols<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     COLS.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => {
             if buf.len() < len {

@@ -8,6 +8,7 @@ pub mod binary;
 pub mod conv;
 pub mod int8;
 pub mod model;
+pub mod signed;
 pub mod sparse;
 
 /// A fully connected layer `y = x W^T + b` on a batch. `x` is `[batch, in]` row-major, `y` is

@@ -13,11 +13,13 @@
 //! convolution runs as [`Int8Conv`] and each quantized linear layer as [`Int8Linear`], with a
 //! ReLU that follows folded into their epilogue; layers kept in float run as above. A
 //! quantized layer with binary inputs (XNOR-Net, issue #13) runs as [`BinaryConv`] or
-//! [`BinaryLinear`] on the XNOR-popcount kernels.
+//! [`BinaryLinear`] on the XNOR-popcount kernels, and one of binary or ternary weights on float
+//! inputs (BWN, TWN) as [`SignedConv`] or [`SignedLinear`] on the table-lookup kernels.
 
 use super::binary::{BinaryConv, BinaryLinear};
 use super::conv::{Conv2dKernel, ConvGeometry, DenseConv, DirectConv, SparseIm2colConv};
 use super::int8::{Int8Conv, Int8Linear};
+use super::signed::{SignedConv, SignedLinear};
 use super::sparse::CsrLinear;
 use super::{Activations, LinearKernel};
 use crate::checkpoint::{CheckpointError, Loaded};
@@ -44,7 +46,7 @@ enum Op {
     Conv(ConvLayer),
     Linear(CsrLinear),
     Int8Linear(Int8Linear),
-    BinaryLinear(BinaryLinear),
+    BitLinear(BitLinear),
     /// Batch-norm in evaluation form, `x * scale[c] + shift[c]` (when no convolution precedes
     /// it to fold it into).
     Affine {
@@ -68,6 +70,30 @@ enum Op {
     },
 }
 
+/// A linear layer of 1- or 2-bit weights: XNOR-Net's with binary inputs, or one on float
+/// inputs.
+#[derive(Debug, Clone)]
+enum BitLinear {
+    Xnor(BinaryLinear),
+    Lookup(SignedLinear),
+}
+
+impl BitLinear {
+    fn kernel(&self) -> &dyn LinearKernel {
+        match self {
+            BitLinear::Xnor(k) => k,
+            BitLinear::Lookup(k) => k,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            BitLinear::Xnor(_) => "xnor",
+            BitLinear::Lookup(_) => "lookup",
+        }
+    }
+}
+
 /// A convolution, sparse or dense by how much of it pruning kept.
 #[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant)]
@@ -76,6 +102,7 @@ enum ConvLayer {
     Dense(DenseConv),
     Int8(Int8Conv),
     Binary(BinaryConv),
+    Lookup(SignedConv),
 }
 
 impl ConvLayer {
@@ -94,6 +121,7 @@ impl ConvLayer {
             ConvLayer::Dense(k) => k,
             ConvLayer::Int8(k) => k,
             ConvLayer::Binary(k) => k,
+            ConvLayer::Lookup(k) => k,
         }
     }
 
@@ -104,6 +132,7 @@ impl ConvLayer {
             ConvLayer::Dense(k) => k.layer.weight.len(),
             ConvLayer::Int8(k) => k.weights().0.len(),
             ConvLayer::Binary(k) => k.weights(),
+            ConvLayer::Lookup(k) => k.weights(),
         }
     }
 
@@ -113,6 +142,7 @@ impl ConvLayer {
             ConvLayer::Dense(_) => "dense",
             ConvLayer::Int8(_) => "int8",
             ConvLayer::Binary(_) => "xnor",
+            ConvLayer::Lookup(_) => "lookup",
         }
     }
 }
@@ -358,7 +388,7 @@ impl SparseModel {
                     Op::Conv(k) => k.kernel().weight_bytes(),
                     Op::Linear(k) => k.weight_bytes(),
                     Op::Int8Linear(k) => k.weight_bytes(),
-                    Op::BinaryLinear(k) => k.weight_bytes(),
+                    Op::BitLinear(k) => k.kernel().weight_bytes(),
                     Op::Affine { scale, shift } => 4 * (scale.len() + shift.len()),
                     Op::Residual { body, shortcut } => sum(body) + sum(shortcut),
                     _ => 0,
@@ -430,13 +460,10 @@ impl SparseModel {
                         "int8",
                         s.bits,
                     ),
-                    Op::BinaryLinear(k) => (
-                        k.in_features() * k.out_features(),
-                        k.in_features() * k.out_features(),
-                        k.weight_bytes(),
-                        "xnor",
-                        s.bits,
-                    ),
+                    Op::BitLinear(k) => {
+                        let n = k.kernel().in_features() * k.kernel().out_features();
+                        (n, n, k.kernel().weight_bytes(), k.name(), s.bits)
+                    }
                     Op::Residual { body, shortcut } => {
                         walk(body, out);
                         walk(shortcut, out);
@@ -536,6 +563,25 @@ fn build(
                 }
                 let relu_next = matches!(layers.get(i + 1), Some(LayerSpec::Relu));
                 match &quant {
+                    Some(q) if q.float_input => {
+                        bits = q.bits;
+                        let ternary = q.bits == 2;
+                        let conv = SignedConv::new(
+                            geometry,
+                            &weight,
+                            ternary,
+                            q.weight_scales.clone(),
+                            bias,
+                        )
+                        .map_err(|e| format!("{path}: {e}"))?;
+                        if relu_next {
+                            kind = "conv2d+relu";
+                            i += 1;
+                            Op::Conv(ConvLayer::Lookup(conv.with_relu()))
+                        } else {
+                            Op::Conv(ConvLayer::Lookup(conv))
+                        }
+                    }
                     Some(q) if q.sign_input => {
                         bits = q.bits;
                         let conv =
@@ -588,6 +634,25 @@ fn build(
                 };
                 let relu_next = matches!(layers.get(i + 1), Some(LayerSpec::Relu));
                 match &quant {
+                    Some(q) if q.float_input => {
+                        bits = q.bits;
+                        let linear = SignedLinear::from_burn_layout(
+                            in_features,
+                            out_features,
+                            &w,
+                            q.bits == 2,
+                            q.weight_scales.clone(),
+                            b,
+                        )
+                        .map_err(|e| format!("{path}: {e}"))?;
+                        if relu_next {
+                            kind = "linear+relu";
+                            i += 1;
+                            Op::BitLinear(BitLinear::Lookup(linear.with_relu()))
+                        } else {
+                            Op::BitLinear(BitLinear::Lookup(linear))
+                        }
+                    }
                     Some(q) if q.sign_input => {
                         bits = q.bits;
                         let linear = BinaryLinear::from_burn_layout(
@@ -601,9 +666,9 @@ fn build(
                         if relu_next {
                             kind = "linear+relu";
                             i += 1;
-                            Op::BinaryLinear(linear.with_relu())
+                            Op::BitLinear(BitLinear::Xnor(linear.with_relu()))
                         } else {
-                            Op::BinaryLinear(linear)
+                            Op::BitLinear(BitLinear::Xnor(linear))
                         }
                     }
                     Some(q) => {
@@ -661,7 +726,7 @@ fn build(
                 shortcut: build(shortcut, &format!("{path}.shortcut"), shape, tensors)?,
             },
         };
-        if quant.is_some() && !matches!(op, Op::Conv(_) | Op::Int8Linear(_) | Op::BinaryLinear(_)) {
+        if quant.is_some() && !matches!(op, Op::Conv(_) | Op::Int8Linear(_) | Op::BitLinear(_)) {
             return Err(format!(
                 "{path} is quantized but is not a conv or linear layer"
             ));
@@ -752,7 +817,7 @@ fn run(steps: &[Step], mut x: Activations, batch: usize, probe: &mut Probe) -> A
         if let Some(seen) = probe.inputs.as_deref_mut()
             && matches!(
                 step.op,
-                Op::Conv(_) | Op::Linear(_) | Op::Int8Linear(_) | Op::BinaryLinear(_)
+                Op::Conv(_) | Op::Linear(_) | Op::Int8Linear(_) | Op::BitLinear(_)
             )
         {
             match &x {
@@ -842,9 +907,9 @@ impl Step {
                 k.forward(&x, batch, &mut y);
                 y
             }
-            Op::BinaryLinear(k) => {
+            Op::BitLinear(k) => {
                 let mut y = vec![0f32; out_len];
-                k.forward(&x, batch, &mut y);
+                k.kernel().forward(&x, batch, &mut y);
                 y
             }
             Op::Affine { scale, shift } => {

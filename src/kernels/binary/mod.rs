@@ -15,6 +15,9 @@
 //! target (`Portable`), the `popcnt` instruction (`Popcnt`), and AVX2's nibble-table count
 //! with a carry-save adder (`Avx2`, in `avx2.rs`), and AVX-512's `vpopcntq`, eight words a
 //! register (`Avx512`, in `avx512.rs`).
+//!
+//! Binary and ternary weights on real-valued inputs (BWN, TWN) run on [`lookup`]: sums of
+//! subsets of inputs built once and looked up by the weight bits, additions only.
 
 use rayon::prelude::*;
 
@@ -23,6 +26,7 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod convolution;
+pub mod lookup;
 
 #[cfg(target_arch = "x86_64")]
 use avx2::Avx2Count;

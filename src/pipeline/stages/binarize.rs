@@ -2,8 +2,9 @@
 //! model with Adam (every method alike, as loss-aware binarization needs its second moment),
 //! the latent weights then binarized for good, and the model written as a `.cpz` at its real
 //! size: binary weights at 1 bit and ternary ones as 2-bit codes, each times one scale per
-//! output channel (batch norms folded into those scales). Layers with real-valued inputs have
-//! them calibrated at 8 bits and run on the int8 kernels; XNOR-Net's layers take their inputs'
+//! output channel (batch norms folded into those scales). Layers with real-valued inputs keep
+//! them in float and run on the table-lookup kernels, additions only (`inputs = "int8"`: the
+//! inputs calibrated at 8 bits, on the int8 kernels); XNOR-Net's layers take their inputs'
 //! signs (after the batch norm that `compress::xnor` puts in front of each, listed in the
 //! report) and run on the XNOR-popcount kernels. The layers named in `float-layers` stay in
 //! float (by default the first and the last, as BWN and XNOR-Net keep them); binarizing a
@@ -49,7 +50,14 @@ pub struct BinarizeParams {
     pub lr: f64,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Training images the 8-bit input ranges are calibrated on, after training (the first N).
+    /// How binarized layers take real-valued inputs (all methods but XNOR-Net, whose layers
+    /// take their inputs' signs): `float` keeps them in float, as the layers were trained, on
+    /// the table-lookup kernels (additions only); `int8` quantizes them to 8 bits, on the int8
+    /// kernels.
+    #[arg(long, value_enum, default_value_t = Inputs::Float)]
+    pub inputs: Inputs,
+    /// Training images the 8-bit input ranges are calibrated on, after training (the first N;
+    /// recorded with `inputs = float` too).
     #[arg(long, default_value_t = 1024)]
     pub calibrate: usize,
     /// Train on the first N training images only.
@@ -58,6 +66,14 @@ pub struct BinarizeParams {
     /// Evaluate on the first N test images only.
     #[arg(long)]
     pub test_limit: Option<usize>,
+}
+
+/// How binarized layers take real-valued inputs ([`BinarizeParams::inputs`]).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Inputs {
+    Float,
+    Int8,
 }
 
 impl Default for BinarizeParams {
@@ -261,8 +277,8 @@ impl Stage for Binarize {
 impl Binarize {
     /// The trained model with its binarized `layers` (its paths), as it is written: batch norms
     /// folded, binary weights at 1 bit and ternary ones at 2, every other layer in float; the
-    /// real-valued inputs of binarized layers calibrated at 8 bits (min-max), XNOR-Net's taken
-    /// by their signs. Also returns every layer's path after folding.
+    /// real-valued inputs of binarized layers calibrated at 8 bits (min-max) and, with
+    /// `inputs = float`, kept in float; XNOR-Net's taken by their signs. Also returns every layer's path after folding.
     fn write_form(
         &self,
         trained: &Loaded,
@@ -291,7 +307,12 @@ impl Binarize {
             true => binarized,
             false => BTreeSet::new(),
         };
-        let quantized = ptq::finish(folded, &bits_of, &inputs, &BTreeMap::new(), &signs)?;
+        let mut quantized = ptq::finish(folded, &bits_of, &inputs, &BTreeMap::new(), &signs)?;
+        if !method.binary_inputs() && self.params.inputs == Inputs::Float {
+            let spec = quantized.quant.as_mut().expect("finish writes the spec");
+            spec.layers.values_mut().for_each(|l| l.float_input = true);
+            quantized.check()?;
+        }
         Ok((quantized, renamed))
     }
 }

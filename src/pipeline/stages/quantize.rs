@@ -271,10 +271,11 @@ pub fn write(
                 "was": from.get(&path),
                 "kind": kind,
                 "bits": l.map_or(32, |l| l.bits),
-                "input_bits": l.map(|l| l.input.bits()),
+                "input_bits": l.map(|l| if l.float_input { 32 } else { l.input.bits() }),
                 "input_range": l.map(|l| l.input.range()),
                 "input_zero_point": l.map(|l| l.input.zero_point),
                 "sign_input": l.is_some_and(|l| l.sign_input),
+                "float_input": l.is_some_and(|l| l.float_input),
             })
         })
         .collect();
@@ -354,6 +355,7 @@ pub fn print_outcome(
     for l in q.details["layers"].as_array().into_iter().flatten() {
         let range = match l["input_range"].as_array() {
             _ if l["sign_input"] == true => "signs".into(),
+            _ if l["float_input"] == true => "float".into(),
             Some(r) => format!(
                 "[{:.4}, {:.4}]",
                 r[0].as_f64().unwrap_or(f64::NAN),
@@ -400,7 +402,7 @@ pub fn print_outcome(
         written
             .quant
             .as_ref()
-            .map_or("int8 kernels", |q| q.kernels()),
+            .map_or("int8 kernels".into(), |q| q.kernels()),
         100.0 * (int8_acc - float_acc)
     );
     Ok(())
