@@ -216,3 +216,18 @@ fn planes_hold_the_weights_and_the_best_path_runs_here() {
     assert!(!b.is_ternary() && t.is_ternary());
     assert_eq!((b.bytes(), t.bytes()), (16, 32));
 }
+
+/// `CONVPRESS_BINARY_PATH` picks the XNOR-popcount path that layers run on, where it runs here,
+/// and a name that is not a path here leaves the fastest. (In this file, as no other test here
+/// reads it.)
+#[test]
+fn the_environment_picks_a_slower_xnor_path() {
+    use convpress::kernels::binary::Path;
+    let fastest = Path::best();
+    // SAFETY: no other thread of this test binary reads or writes the environment.
+    unsafe { std::env::set_var("CONVPRESS_BINARY_PATH", "portable") };
+    assert_eq!(Path::best(), Path::Portable);
+    unsafe { std::env::set_var("CONVPRESS_BINARY_PATH", "no-such-path") };
+    assert_eq!(Path::best(), fastest);
+    unsafe { std::env::remove_var("CONVPRESS_BINARY_PATH") };
+}

@@ -186,8 +186,17 @@ impl Path {
         }
     }
 
-    /// The fastest path this CPU runs.
+    /// The fastest path this CPU runs, or the one named by the environment variable
+    /// `CONVPRESS_BINARY_PATH` (`avx2`, `popcnt`, `portable`, `reference`; to measure or check
+    /// a slower path on this machine) where it runs here.
     pub fn best() -> Path {
+        let asked = std::env::var("CONVPRESS_BINARY_PATH").ok();
+        if let Some(p) = Path::ALL
+            .into_iter()
+            .find(|p| asked.as_deref() == Some(p.name()) && p.runs_here())
+        {
+            return p;
+        }
         [Path::Avx512, Path::Avx2, Path::Popcnt, Path::Portable]
             .into_iter()
             .find(|p| p.runs_here())
