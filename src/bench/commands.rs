@@ -530,39 +530,78 @@ pub fn compare_binary_convs(batch: &[usize], seconds: f64, json: bool) -> anyhow
             "binary B"
         );
     }
-    for &(name, channels, hw) in &shapes {
-        for (&b, &path) in batch.iter().flat_map(|b| paths.iter().map(move |p| (b, p))) {
-            let budget = Duration::from_secs_f64(seconds);
-            let r = super::measure_binary_conv(name, channels, hw, b, path, budget)
-                .map_err(anyhow::Error::msg)?;
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                println!(
-                    "{:<16} {:>9} {:>6} {:>5} {:>7} {:>6} {:>10.1} {:>10.1} {:>10.1} {:>7.2}x {:>7.2}x {:>9} {:>9}",
-                    r.layer,
-                    format!("{}>{}", channels[0], channels[1]),
-                    format!("{}x{}", hw[0], hw[1]),
-                    r.batch,
-                    r.threads,
-                    r.path,
-                    r.f32_us,
-                    r.binary_us,
-                    r.packed_us,
-                    r.speedup,
-                    r.packed_speedup,
-                    r.f32_weight_bytes,
-                    r.binary_weight_bytes
-                );
-            }
-        }
-    }
+    let budget = Duration::from_secs_f64(seconds);
+    each_conv_case(
+        &shapes,
+        batch,
+        &paths,
+        json,
+        |name, channels, hw, b, path| {
+            super::measure_binary_conv(name, channels, hw, b, path, budget)
+        },
+        |r| {
+            format!(
+                "{} {:>10.1} {:>10.1} {:>10.1} {:>7.2}x {:>7.2}x {:>9} {:>9}",
+                case_columns(&r.layer, r.channels, r.hw, r.batch, r.threads, &r.path),
+                r.f32_us,
+                r.binary_us,
+                r.packed_us,
+                r.speedup,
+                r.packed_speedup,
+                r.f32_weight_bytes,
+                r.binary_weight_bytes
+            )
+        },
+    )?;
     if !json {
         println!(
             "(3x3, stride 1, padding 1; medians of 5 interleaved rounds; speedup: f32 time over the binary layer's, f32 in to f32 out with the input's binarization and packing; packed: over the packed-input-to-sums time)"
         );
     }
     compare_lookup_convs(&shapes, batch, seconds, json)
+}
+
+/// Measures every shape at every batch on every path, and prints each result as a JSON line
+/// or as the table row `row` makes of it.
+fn each_conv_case<P: Copy, R: serde::Serialize>(
+    shapes: &[(&str, [usize; 2], [usize; 2])],
+    batch: &[usize],
+    paths: &[P],
+    json: bool,
+    measure: impl Fn(&str, [usize; 2], [usize; 2], usize, P) -> Result<R, String>,
+    row: impl Fn(&R) -> String,
+) -> anyhow::Result<()> {
+    for &(name, channels, hw) in shapes {
+        for (&b, &path) in batch.iter().flat_map(|b| paths.iter().map(move |p| (b, p))) {
+            let r = measure(name, channels, hw, b, path).map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{}", row(&r));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The columns that name a convolution case: layer, channels, image size, batch, threads, path.
+fn case_columns(
+    layer: &str,
+    channels: [usize; 2],
+    hw: [usize; 2],
+    batch: usize,
+    threads: usize,
+    path: &str,
+) -> String {
+    format!(
+        "{:<16} {:>9} {:>6} {:>5} {:>7} {:>6}",
+        layer,
+        format!("{}>{}", channels[0], channels[1]),
+        format!("{}x{}", hw[0], hw[1]),
+        batch,
+        threads,
+        path
+    )
 }
 
 /// The second table of `convpress bench binary`: binary and ternary weights on float inputs
@@ -600,33 +639,29 @@ fn compare_lookup_convs(
             "vs int8"
         );
     }
-    for &(name, channels, hw) in shapes {
-        for (&b, &path) in batch.iter().flat_map(|b| paths.iter().map(move |p| (b, p))) {
-            let budget = Duration::from_secs_f64(seconds);
-            let r = super::measure_lookup_conv(name, channels, hw, b, path, budget)
-                .map_err(anyhow::Error::msg)?;
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                println!(
-                    "{:<16} {:>9} {:>6} {:>5} {:>7} {:>6} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>7.2}x {:>7.2}x {:>7.2}x",
-                    r.layer,
-                    format!("{}>{}", channels[0], channels[1]),
-                    format!("{}x{}", hw[0], hw[1]),
-                    r.batch,
-                    r.threads,
-                    r.path,
-                    r.f32_us,
-                    r.binary_us,
-                    r.ternary_us,
-                    r.int8_us,
-                    r.speedup,
-                    r.ternary_speedup,
-                    r.vs_int8
-                );
-            }
-        }
-    }
+    let budget = Duration::from_secs_f64(seconds);
+    each_conv_case(
+        shapes,
+        batch,
+        &paths,
+        json,
+        |name, channels, hw, b, path| {
+            super::measure_lookup_conv(name, channels, hw, b, path, budget)
+        },
+        |r| {
+            format!(
+                "{} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>7.2}x {:>7.2}x {:>7.2}x",
+                case_columns(&r.layer, r.channels, r.hw, r.batch, r.threads, &r.path),
+                r.f32_us,
+                r.binary_us,
+                r.ternary_us,
+                r.int8_us,
+                r.speedup,
+                r.ternary_speedup,
+                r.vs_int8
+            )
+        },
+    )?;
     if !json {
         println!(
             "(3x3, stride 1, padding 1; medians of 5 interleaved rounds; f32 in to f32 out; speedup and ternary: f32 time over the binary and ternary layers'; vs int8: the int8 layer's time (the same binary weights, 8-bit inputs, the runtime's best int8 path) over the binary one's)"
