@@ -103,7 +103,7 @@ pub fn info(path: &Path, json: bool) -> anyhow::Result<()> {
                 "{:<22} {:>5} {:>8} {:>24} {:>5} {:>11} {:>11}",
                 layer,
                 l.bits,
-                if l.float_input { 32 } else { l.input.bits() },
+                l.input_bits(),
                 range,
                 if l.float_input {
                     String::new()

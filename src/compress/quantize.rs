@@ -420,6 +420,15 @@ impl QuantLayer {
         max_code(self.bits)
     }
 
+    /// Bits of the layer's input as the runtime takes it: 32 where it stays in float.
+    pub fn input_bits(&self) -> u32 {
+        if self.float_input {
+            32
+        } else {
+            self.input.bits()
+        }
+    }
+
     /// The codes of the layer's dequantized weights `w`, whose output channel is the first
     /// axis (conv `[out, in, kh, kw]`) or the last (Burn's linear `[in, out]`).
     pub fn codes(&self, w: &[f32], channel_last: bool) -> Vec<i8> {
@@ -458,34 +467,31 @@ pub fn code_of(w: f32, scale: f32) -> i32 {
 }
 
 impl QuantSpec {
-    /// Which of the runtime's kernels run the quantized layers, as a short label for tables:
-    /// `int8`, `xnor` (layers with binary inputs), `lookup` (binary or ternary weights on
-    /// float inputs), or those joined by `+` (`int8+xnor`).
-    pub fn runtime_label(&self) -> String {
+    /// The kinds of the runtime's kernels that run the quantized layers, each as its label for
+    /// tables and its name in words: int8, XNOR-popcount (layers with binary inputs),
+    /// table-lookup (binary or ternary weights on float inputs).
+    fn runtime_kinds(&self) -> Vec<(&'static str, &'static str)> {
         let has = |f: fn(&QuantLayer) -> bool| self.layers.values().any(f);
         [
-            ("int8", has(|l| !l.sign_input && !l.float_input)),
-            ("xnor", has(|l| l.sign_input)),
-            ("lookup", has(|l| l.float_input)),
+            (("int8", "int8"), has(|l| !l.sign_input && !l.float_input)),
+            (("xnor", "XNOR-popcount"), has(|l| l.sign_input)),
+            (("lookup", "table-lookup"), has(|l| l.float_input)),
         ]
         .into_iter()
-        .filter(|(_, on)| *on)
-        .map(|(name, _)| name)
-        .collect::<Vec<_>>()
-        .join("+")
+        .filter_map(|(kind, on)| on.then_some(kind))
+        .collect()
     }
 
-    /// [`QuantSpec::runtime_label`] in words, for messages.
+    /// [`QuantSpec::runtime_kinds`] as a short label for tables: `int8`, `xnor`, `lookup`, or
+    /// those joined by `+` (`int8+xnor`).
+    pub fn runtime_label(&self) -> String {
+        let labels: Vec<&str> = self.runtime_kinds().iter().map(|k| k.0).collect();
+        labels.join("+")
+    }
+
+    /// [`QuantSpec::runtime_kinds`] in words, for messages.
     pub fn kernels(&self) -> String {
-        let words: Vec<&str> = self
-            .runtime_label()
-            .split('+')
-            .map(|k| match k {
-                "int8" => "int8",
-                "xnor" => "XNOR-popcount",
-                _ => "table-lookup",
-            })
-            .collect();
+        let words: Vec<&str> = self.runtime_kinds().iter().map(|k| k.1).collect();
         match words.as_slice() {
             [one] => format!("{one} kernels"),
             [rest @ .., last] => format!("{} and {last} kernels", rest.join(", ")),

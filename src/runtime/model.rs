@@ -505,7 +505,7 @@ fn build(
             .map_err(|e| format!("{path}: {e}"))?;
         let mut kind = spec.kind();
         let quant = tensors.quant.and_then(|q| q.layers.get(&path)).cloned();
-        let mut bits = 32;
+        let bits = quant.as_ref().map_or(32, |q| q.bits);
         let op = match *spec {
             LayerSpec::Conv2d {
                 in_channels,
@@ -561,42 +561,36 @@ fn build(
                     kind = "conv2d+batch_norm";
                     i += 1;
                 }
-                let relu_next = matches!(layers.get(i + 1), Some(LayerSpec::Relu));
+                // A quantized layer takes the ReLU that follows into its epilogue.
+                let fuse = quant.is_some() && matches!(layers.get(i + 1), Some(LayerSpec::Relu));
+                if fuse {
+                    kind = "conv2d+relu";
+                    i += 1;
+                }
+                let at = |e: String| format!("{path}: {e}");
                 match &quant {
                     Some(q) if q.float_input => {
-                        bits = q.bits;
                         let ternary = q.bits == 2;
-                        let conv = SignedConv::new(
-                            geometry,
-                            &weight,
-                            ternary,
-                            q.weight_scales.clone(),
-                            bias,
-                        )
-                        .map_err(|e| format!("{path}: {e}"))?;
-                        if relu_next {
-                            kind = "conv2d+relu";
-                            i += 1;
-                            Op::Conv(ConvLayer::Lookup(conv.with_relu()))
+                        let scales = q.weight_scales.clone();
+                        let conv = SignedConv::new(geometry, &weight, ternary, scales, bias)
+                            .map_err(at)?;
+                        Op::Conv(ConvLayer::Lookup(if fuse {
+                            conv.with_relu()
                         } else {
-                            Op::Conv(ConvLayer::Lookup(conv))
-                        }
+                            conv
+                        }))
                     }
                     Some(q) if q.sign_input => {
-                        bits = q.bits;
                         let conv =
                             BinaryConv::new(geometry, &weight, q.weight_scales.clone(), bias)
-                                .map_err(|e| format!("{path}: {e}"))?;
-                        if relu_next {
-                            kind = "conv2d+relu";
-                            i += 1;
-                            Op::Conv(ConvLayer::Binary(conv.with_relu()))
+                                .map_err(at)?;
+                        Op::Conv(ConvLayer::Binary(if fuse {
+                            conv.with_relu()
                         } else {
-                            Op::Conv(ConvLayer::Binary(conv))
-                        }
+                            conv
+                        }))
                     }
                     Some(q) => {
-                        bits = q.bits;
                         let codes = q.codes(&weight, false);
                         let conv = Int8Conv::from_codes(
                             geometry,
@@ -605,14 +599,8 @@ fn build(
                             bias,
                             q.input,
                         )
-                        .map_err(|e| format!("{path}: {e}"))?;
-                        if matches!(layers.get(i + 1), Some(LayerSpec::Relu)) {
-                            kind = "conv2d+relu";
-                            i += 1;
-                            Op::Conv(ConvLayer::Int8(conv.with_relu()))
-                        } else {
-                            Op::Conv(ConvLayer::Int8(conv))
-                        }
+                        .map_err(at)?;
+                        Op::Conv(ConvLayer::Int8(if fuse { conv.with_relu() } else { conv }))
                     }
                     None => {
                         let dense = DirectConv::new(geometry, weight, bias)
@@ -632,71 +620,44 @@ fn build(
                 } else {
                     None
                 };
-                let relu_next = matches!(layers.get(i + 1), Some(LayerSpec::Relu));
+                let fuse = quant.is_some() && matches!(layers.get(i + 1), Some(LayerSpec::Relu));
+                if fuse {
+                    kind = "linear+relu";
+                    i += 1;
+                }
+                let at = |e: String| format!("{path}: {e}");
+                let (n_in, n_out) = (in_features, out_features);
                 match &quant {
                     Some(q) if q.float_input => {
-                        bits = q.bits;
-                        let linear = SignedLinear::from_burn_layout(
-                            in_features,
-                            out_features,
-                            &w,
-                            q.bits == 2,
-                            q.weight_scales.clone(),
-                            b,
-                        )
-                        .map_err(|e| format!("{path}: {e}"))?;
-                        if relu_next {
-                            kind = "linear+relu";
-                            i += 1;
-                            Op::BitLinear(BitLinear::Lookup(linear.with_relu()))
-                        } else {
-                            Op::BitLinear(BitLinear::Lookup(linear))
-                        }
+                        let ternary = q.bits == 2;
+                        let scales = q.weight_scales.clone();
+                        let linear =
+                            SignedLinear::from_burn_layout(n_in, n_out, &w, ternary, scales, b)
+                                .map_err(at)?;
+                        let linear = if fuse { linear.with_relu() } else { linear };
+                        Op::BitLinear(BitLinear::Lookup(linear))
                     }
                     Some(q) if q.sign_input => {
-                        bits = q.bits;
-                        let linear = BinaryLinear::from_burn_layout(
-                            in_features,
-                            out_features,
-                            &w,
-                            q.weight_scales.clone(),
-                            b,
-                        )
-                        .map_err(|e| format!("{path}: {e}"))?;
-                        if relu_next {
-                            kind = "linear+relu";
-                            i += 1;
-                            Op::BitLinear(BitLinear::Xnor(linear.with_relu()))
-                        } else {
-                            Op::BitLinear(BitLinear::Xnor(linear))
-                        }
+                        let scales = q.weight_scales.clone();
+                        let linear = BinaryLinear::from_burn_layout(n_in, n_out, &w, scales, b)
+                            .map_err(at)?;
+                        let linear = if fuse { linear.with_relu() } else { linear };
+                        Op::BitLinear(BitLinear::Xnor(linear))
                     }
                     Some(q) => {
-                        bits = q.bits;
                         // Burn's `[in, out]` to the kernels' `[out, in]`.
                         let codes_in_out = q.codes(&w, true);
                         let mut codes = vec![0i8; w.len()];
-                        for i in 0..in_features {
-                            for o in 0..out_features {
-                                codes[o * in_features + i] = codes_in_out[i * out_features + o];
+                        for i in 0..n_in {
+                            for o in 0..n_out {
+                                codes[o * n_in + i] = codes_in_out[i * n_out + o];
                             }
                         }
-                        let linear = Int8Linear::from_codes(
-                            in_features,
-                            out_features,
-                            codes,
-                            q.weight_quantizers(),
-                            b,
-                            q.input,
-                        )
-                        .map_err(|e| format!("{path}: {e}"))?;
-                        if matches!(layers.get(i + 1), Some(LayerSpec::Relu)) {
-                            kind = "linear+relu";
-                            i += 1;
-                            Op::Int8Linear(linear.with_relu())
-                        } else {
-                            Op::Int8Linear(linear)
-                        }
+                        let quantizers = q.weight_quantizers();
+                        let linear =
+                            Int8Linear::from_codes(n_in, n_out, codes, quantizers, b, q.input)
+                                .map_err(at)?;
+                        Op::Int8Linear(if fuse { linear.with_relu() } else { linear })
                     }
                     None => {
                         let dense = super::DenseReference::from_burn_layout(

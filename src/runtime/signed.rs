@@ -245,13 +245,14 @@ impl Conv2dKernel for SignedConv {
                 }
             }
         } else {
-            let mut buf = vec![0f32; lookup::input_len(k, chunk, chunk)];
-            for (x, y) in x.chunks(image).zip(y.chunks_mut(outs * plane)) {
-                for c0 in (0..plane).step_by(chunk) {
-                    let n = chunk.min(plane - c0);
-                    columns(x, c0, n, &mut buf, &mut y[c0..], plane);
+            with_cols(lookup::input_len(k, chunk, chunk), |buf| {
+                for (x, y) in x.chunks(image).zip(y.chunks_mut(outs * plane)) {
+                    for c0 in (0..plane).step_by(chunk) {
+                        let n = chunk.min(plane - c0);
+                        columns(x, c0, n, buf, &mut y[c0..], plane);
+                    }
                 }
-            }
+            })
         }
     }
 

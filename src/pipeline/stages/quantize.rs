@@ -271,7 +271,7 @@ pub fn write(
                 "was": from.get(&path),
                 "kind": kind,
                 "bits": l.map_or(32, |l| l.bits),
-                "input_bits": l.map(|l| if l.float_input { 32 } else { l.input.bits() }),
+                "input_bits": l.map(|l| l.input_bits()),
                 "input_range": l.map(|l| l.input.range()),
                 "input_zero_point": l.map(|l| l.input.zero_point),
                 "sign_input": l.is_some_and(|l| l.sign_input),

@@ -266,12 +266,6 @@ trait Lanes: Copy {
     fn to_array(self) -> [f32; 16];
 }
 
-/// The tables of one word of groups (64 reduction steps), for one block of columns.
-struct Tables<V> {
-    /// `[group][subset]`: `sum[g][m] = Σ_{b: bit b of m} x[64·word + 4g + b]`.
-    sum: [[V; 16]; GROUPS_PER_WORD],
-}
-
 /// The table of one group from its four inputs, by adding one input to a smaller subset's sum
 /// for each subset: 11 additions (the 4 singletons are the inputs).
 #[inline(always)]
@@ -358,15 +352,15 @@ fn sums<V: Lanes>(
     let (k, words) = (w.len(), w.plus.words());
     let (ld, n) = (x.ld, x.n);
     let mut partial = vec![V::zero(); outs.len()];
-    let mut tables = Tables {
-        sum: [[V::zero(); 16]; GROUPS_PER_WORD],
-    };
+    // The tables of one word of groups (64 reduction steps), for one block of columns:
+    // `tables[g][m] = Σ_{b: bit b of m} x[64·word + 4g + b]`.
+    let mut tables = [[V::zero(); 16]; GROUPS_PER_WORD];
     for j0 in (0..n).step_by(V::N) {
         let mut total = V::zero();
         for word in 0..words {
             let first = word * WORD;
             let groups = (k - first).div_ceil(GROUP).min(GROUPS_PER_WORD);
-            for (g, table) in tables.sum.iter_mut().enumerate().take(groups) {
+            for (g, table) in tables.iter_mut().enumerate().take(groups) {
                 let e = std::array::from_fn(|b| {
                     let i = first + GROUP * g + b;
                     if i < k {
@@ -380,7 +374,7 @@ fn sums<V: Lanes>(
                 *table = group_table(e);
                 total = total.add(table[15]);
             }
-            let t = &tables.sum;
+            let t = &tables;
             let mut tiles = partial.chunks_exact_mut(OUTPUT_TILE);
             for (i, acc) in tiles.by_ref().enumerate() {
                 let o = outs.start + i * OUTPUT_TILE;
