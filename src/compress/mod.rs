@@ -8,6 +8,7 @@ pub mod few_multiplications;
 pub mod fold;
 pub mod format;
 pub mod huffman;
+pub mod lowrank;
 pub mod lsq;
 pub mod prune;
 pub mod ptq;
