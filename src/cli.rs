@@ -9,6 +9,8 @@ use crate::models::ModelKind;
 use crate::pipeline::recipe::Recipe;
 use crate::pipeline::runner::{self, RunOptions};
 use crate::pipeline::stages::encode::{self, EncodeParams};
+use crate::pipeline::layers::LayerRules;
+use crate::pipeline::stages::decompose::{self, Decompose, DecomposeParams};
 use crate::pipeline::stages::eval::{self, Eval, EvalParams};
 use crate::pipeline::stages::finetune::FinetuneParams;
 use crate::pipeline::stages::prune::{self, PruneParams};
@@ -89,6 +91,10 @@ pub enum Command {
     /// Remove whole filters (structured pruning, residual-aware): writes a smaller dense model,
     /// fine-tunes it, and reports accuracy, parameters, FLOPs and measured latency.
     PruneFilters(PruneFiltersArgs),
+    /// Low-rank factorization: dense layers by truncated SVD, convolutions as separable
+    /// filters, CP or Tucker-2 sequences; fine-tunes, and reports per layer rank, parameters,
+    /// FLOPs, weight error and measured latency before and after.
+    Decompose(DecomposeArgs),
     /// Pruning sensitivity: test accuracy with one layer at a time pruned by magnitude, no
     /// retraining; a table, JSON, CSV and an SVG chart, and per-layer targets for `prune`.
     Sensitivity(crate::compress::sensitivity::SensitivityArgs),
@@ -342,6 +348,33 @@ pub struct PruneFiltersArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct DecomposeArgs {
+    /// The trained model to factorize.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[command(flatten)]
+    pub decompose: DecomposeParams,
+    /// Layers to factorize (paths or glob patterns, comma separated); default: every layer
+    /// the method takes where the rank chosen lowers its FLOPs.
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<String>,
+    #[command(flatten)]
+    pub finetune: FinetuneParams,
+    /// Seconds spent measuring each whole-model latency figure.
+    #[arg(long, default_value_t = 2.0)]
+    pub latency_seconds: f64,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Replace the run in --run-dir (a folder convpress made) instead of refusing.
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct EncodeArgs {
     /// The (pruned) model to encode.
     #[arg(long)]
@@ -513,6 +546,27 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 params: args.filters,
             };
             prune_filters::command(
+                &stage,
+                &args.finetune,
+                &args.checkpoint,
+                args.latency_seconds,
+                args.run_dir,
+                args.force,
+                cx,
+            )
+        }
+        Command::Decompose(args) => {
+            let cx = context(PathBuf::new(), device()?, args.data_dir, args.no_progress);
+            let stage = Decompose {
+                params: args.decompose,
+                layers: LayerRules(
+                    args.layers
+                        .into_iter()
+                        .map(|p| (p, Default::default()))
+                        .collect(),
+                ),
+            };
+            decompose::command(
                 &stage,
                 &args.finetune,
                 &args.checkpoint,

@@ -2,7 +2,7 @@
 //! an SGD-with-momentum step) and inference images per second. `bench/torch_bench.py` measures
 //! the same models, batches and thread count in PyTorch, and `bench/compare.sh` runs both.
 
-use crate::models::{ModelKind, Network};
+use crate::models::{Arch, LayerSpec, ModelKind, Network, Shape};
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::GradientsParams;
@@ -139,6 +139,79 @@ pub fn infer_latency(network: &Network, batch: usize, budget: Duration, device: 
         let _: Vec<f32> = out.into_data().try_to_vec().expect("f32");
     });
     1000.0 * secs / iters as f64
+}
+
+/// A network of `layers` alone, on inputs of shape `input` (one layer cut out of its model, or
+/// the layers that replace it), with `tensors` named from `layers.0` as in the model: what
+/// per-layer latency figures time. A flatten is added where the shapes need one (before dense
+/// layers on flat input, after a feature map at the end).
+pub fn layer_probe(
+    layers: &[LayerSpec],
+    tensors: &crate::checkpoint::Tensors,
+    input: Shape,
+    device: &Device,
+) -> Result<Network, String> {
+    let (image, lead) = match input {
+        Shape::Map(m) => (m, 0),
+        Shape::Flat(f) => ([f, 1, 1], 1),
+    };
+    let mut specs: Vec<LayerSpec> = Vec::new();
+    if lead == 1 {
+        specs.push(LayerSpec::Flatten);
+    }
+    specs.extend(layers.iter().cloned());
+    let mut renamed = crate::checkpoint::Tensors::new();
+    for (name, t) in tensors {
+        let rest = name.strip_prefix("layers.").ok_or("tensors are named layers.N.*")?;
+        let (i, field) = rest.split_once('.').ok_or("tensors are named layers.N.*")?;
+        let i: usize = i.parse().map_err(|_| "tensors are named layers.N.*")?;
+        renamed.insert(format!("layers.{}.{field}", i + lead), t.clone());
+    }
+    let probe = Arch {
+        name: "probe".into(),
+        input: image,
+        classes: 1,
+        layers: specs.clone(),
+    };
+    let out = probe
+        .layer_stats()
+        .last()
+        .map(|s| s.output)
+        .ok_or("the probe has no layers that fit its input")?;
+    if let Shape::Map(_) = out {
+        specs.push(LayerSpec::Flatten);
+    }
+    let arch = Arch {
+        classes: out.numel(),
+        layers: specs,
+        ..probe
+    };
+    crate::checkpoint::load_tensors(Network::new(&arch, device)?, renamed)
+}
+
+/// Milliseconds per forward pass of each of `networks` at `batch`, measured in turns (five
+/// rounds of every network, `budget` in all per network) and reported as each network's
+/// median round: on a shared machine a slow moment then touches all of them alike.
+pub fn interleaved_latency(
+    networks: &[&Network],
+    batch: usize,
+    budget: Duration,
+    device: &Device,
+) -> Vec<f64> {
+    const ROUNDS: usize = 5;
+    let mut rounds = vec![Vec::new(); networks.len()];
+    for _ in 0..ROUNDS {
+        for (net, r) in networks.iter().zip(&mut rounds) {
+            r.push(infer_latency(net, batch, budget / ROUNDS as u32, device));
+        }
+    }
+    rounds
+        .into_iter()
+        .map(|mut r| {
+            r.sort_by(f64::total_cmp);
+            r[ROUNDS / 2]
+        })
+        .collect()
 }
 
 /// Milliseconds per forward pass of convpress's sparse runtime on a random batch of `batch`

@@ -318,7 +318,7 @@ impl LayerSpec {
 
     /// FLOPs of this layer alone for one image (nested residual layers excluded); saturates
     /// at `u64::MAX`.
-    fn own_flops(&self, input: Shape, output: Shape) -> u64 {
+    pub fn own_flops(&self, input: Shape, output: Shape) -> u64 {
         let out = output.numel() as u64;
         let bias_adds = |bias: bool| if bias { out } else { 0 };
         match *self {

@@ -2,7 +2,7 @@
 
 use super::Stage;
 use super::stages::{
-    binarize, encode, eval, finetune, prune, prune_filters, qat, quantize, share, train,
+    binarize, decompose, encode, eval, finetune, prune, prune_filters, qat, quantize, share, train,
 };
 use super::table::{Error, StageTable};
 
@@ -33,6 +33,11 @@ pub const STAGES: &[StageKind] = &[
         name: "prune-filters",
         about: "remove whole filters (residual-aware): a smaller dense model",
         parse: prune_filters::parse,
+    },
+    StageKind {
+        name: "decompose",
+        about: "low-rank factorization (svd, separable, cp, tucker2): smaller dense layers",
+        parse: decompose::parse,
     },
     StageKind {
         name: "share",

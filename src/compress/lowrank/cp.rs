@@ -248,6 +248,10 @@ impl Factorization for CpAls {
         ]
     }
 
+    fn has_spectrum(&self) -> bool {
+        false
+    }
+
     fn spectral_rank(&self, layer: &LayerWeights, _rule: Spectral) -> Result<Rank, String> {
         Err(format!(
             "cp has no singular values to threshold for this {}: give a rank or a compression",

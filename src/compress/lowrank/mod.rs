@@ -157,6 +157,12 @@ pub trait Factorization: Sync {
     /// The layers that replace `spec` at `rank`, without weights (for costs).
     fn specs(&self, spec: &LayerSpec, rank: &Rank) -> Vec<LayerSpec>;
 
+    /// Whether the spectral rules (energy, VBMF) apply: whether the method factorizes a
+    /// matrix with singular values.
+    fn has_spectrum(&self) -> bool {
+        true
+    }
+
     /// The rank a spectral rule picks from the weights.
     fn spectral_rank(&self, layer: &LayerWeights, rule: Spectral) -> Result<Rank, String>;
 
@@ -170,39 +176,62 @@ pub trait Factorization: Sync {
     }
 }
 
+/// Refuses `rule` for `spec` under `method` before any weights are read: a layer the method
+/// cannot take, a rule out of range, an explicit rank of the wrong length or above the
+/// layer's largest meaningful rank, a spectral rule for a method without a spectrum.
+pub fn check_rule(method: Method, spec: &LayerSpec, rule: &RankRule) -> Result<(), String> {
+    let f = method.factorization();
+    f.check(spec)?;
+    rule.check()?;
+    match rule {
+        RankRule::Rank(r) => {
+            explicit(method, spec, r)?;
+        }
+        RankRule::Energy(_) | RankRule::Vbmf if !f.has_spectrum() => {
+            return Err(format!(
+                "{} has no singular values to threshold: give a rank or a compression",
+                method.name()
+            ));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// An explicit rank as the method takes it (one number sets both of Tucker-2's ranks).
+fn explicit(method: Method, spec: &LayerSpec, r: &[usize]) -> Result<Rank, String> {
+    let max = method.factorization().max_rank(spec);
+    let r = if r.len() == 1 && max.len() == 2 {
+        vec![r[0], r[0]]
+    } else {
+        r.to_vec()
+    };
+    if r.len() != max.len() {
+        return Err(format!(
+            "{} takes {} rank(s), got {}",
+            method.name(),
+            max.len(),
+            show_rank(&r)
+        ));
+    }
+    if r.iter().zip(&max).any(|(x, m)| x > m) {
+        return Err(format!(
+            "rank {} is above the largest meaningful rank {} of this {}",
+            show_rank(&r),
+            show_rank(&max),
+            describe(spec)
+        ));
+    }
+    Ok(r)
+}
+
 /// The rank `rule` picks for `layer` under `method`, checked against the layer's maximum.
 pub fn choose_rank(method: Method, layer: &LayerWeights, rule: &RankRule) -> Result<Rank, String> {
+    check_rule(method, layer.spec, rule)?;
     let f = method.factorization();
-    f.check(layer.spec)?;
-    rule.check()?;
     let max = f.max_rank(layer.spec);
     let rank = match rule {
-        RankRule::Rank(r) => {
-            let r = if r.len() == 1 && max.len() == 2 {
-                vec![r[0], r[0]]
-            } else {
-                r.clone()
-            };
-            if r.len() != max.len() {
-                return Err(format!(
-                    "{} takes {} rank(s), got {}",
-                    method.name(),
-                    max.len(),
-                    show_rank(&r)
-                ));
-            }
-            for (x, m) in r.iter().zip(&max) {
-                if *x > *m {
-                    return Err(format!(
-                        "rank {} is above the largest meaningful rank {} of this {}",
-                        show_rank(&r),
-                        show_rank(&max),
-                        describe(layer.spec)
-                    ));
-                }
-            }
-            r
-        }
+        RankRule::Rank(r) => explicit(method, layer.spec, r)?,
         RankRule::Compression(c) => {
             let limit = layer.spec.own_params() as f64 / c;
             let fits = |r: &Rank| {
@@ -232,6 +261,19 @@ pub fn choose_rank(method: Method, layer: &LayerWeights, rule: &RankRule) -> Res
         .zip(&max)
         .map(|(r, m)| (*r).clamp(1, *m))
         .collect())
+}
+
+/// FLOPs for one image of `layers` run in sequence on `input` (0 if they do not fit it).
+pub fn chain_flops(layers: &[LayerSpec], mut input: crate::models::Shape) -> u64 {
+    let mut total = 0u64;
+    for l in layers {
+        let Ok(out) = l.output_shape(input) else {
+            return 0;
+        };
+        total = total.saturating_add(l.own_flops(input, out));
+        input = out;
+    }
+    total
 }
 
 /// `conv2d 20->50 k5x5` or `linear 800->500`: how errors name a layer.

@@ -3,6 +3,7 @@
 //! method in `compress` or `rescale`.
 
 pub mod binarize;
+pub mod decompose;
 pub mod encode;
 pub mod eval;
 pub mod finetune;
@@ -10,6 +11,7 @@ pub mod prune;
 pub mod prune_filters;
 pub mod qat;
 pub mod quantize;
+pub mod rewrite;
 pub mod share;
 pub mod train;
 

@@ -3,16 +3,15 @@
 //! result is a smaller dense model with a new architecture. Fine-tuning is a `finetune` stage
 //! after it; `convpress prune-filters` runs both.
 
-use crate::checkpoint::{self, ModelMeta};
+use crate::checkpoint::ModelMeta;
 use crate::compress::structured::{self, Analysis, Criterion, Target};
-use crate::pipeline::stages::finetune::{Finetune, FinetuneParams};
+use crate::pipeline::stages::finetune::FinetuneParams;
+use crate::pipeline::stages::rewrite::Rewrite;
 use crate::pipeline::table::{self, StageTable};
 use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, measure, required};
-use crate::{bench, train};
 use anyhow::bail;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use std::time::Duration;
 
 /// `convpress prune-filters`'s pruning flags, and the `prune-filters` stage's keys.
 #[derive(clap::Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -195,62 +194,18 @@ pub fn command(
         );
     }
 
-    let device = &cx.device;
-    let (dense, _) = checkpoint::load(checkpoint_path, device)?;
-    let (cut, _) = checkpoint::load(&out.model.file, device)?;
-    let budget = Duration::from_secs_f64(latency_seconds);
-    let (_, acc_dense) = train::evaluate(&dense, &test, 256, device);
-    let (_, acc_cut) = train::evaluate(&cut, &test, 256, device);
-    let mut latency = serde_json::Map::new();
-    for (name, net) in [("dense", &dense), ("pruned", &cut)] {
-        for batch in [1usize, 64] {
-            let ms = bench::infer_latency(net, batch, budget, device);
-            latency.insert(format!("{name}_b{batch}_ms"), ms.into());
-        }
-    }
-    let (acc_tuned, model_path) = if finetune.epochs > 0 {
-        let tuned = Finetune {
-            params: finetune.clone(),
-        }
-        .run(Some(out.model.clone()), cx)?;
-        (tuned.curve.last().map(|m| m.test_acc), tuned.model.file)
-    } else {
-        (None, out.model.file.clone())
-    };
-
+    let names = ["dense", "pruned"];
+    let r = Rewrite::measure(
+        checkpoint_path,
+        &out,
+        names,
+        finetune,
+        &test,
+        latency_seconds,
+        cx,
+    )?;
     let (a, b) = (input.arch(), out.model.arch());
-    let ms = |k: &str| latency[k].as_f64().unwrap_or(f64::NAN);
-    println!(
-        "{:<8} {:>10} {:>13} {:>10} {:>10} {:>9}",
-        "model", "params", "FLOPs", "b1 ms", "b64 ms", "accuracy"
-    );
-    for (name, arch, acc) in [("dense", a, acc_dense), ("pruned", b, acc_cut)] {
-        let tail = match (name, acc_tuned) {
-            ("pruned", Some(t)) => format!(
-                " -> {:.2}% after {} fine-tuning epochs",
-                100.0 * t,
-                finetune.epochs
-            ),
-            _ => String::new(),
-        };
-        println!(
-            "{:<8} {:>10} {:>13} {:>10.3} {:>10.2} {:>8.2}%{tail}",
-            name,
-            arch.num_params(),
-            arch.flops(),
-            ms(&format!("{name}_b1_ms")),
-            ms(&format!("{name}_b64_ms")),
-            100.0 * acc
-        );
-    }
-    println!(
-        "params {:.2}x fewer, FLOPs {:.2}x fewer, latency {:.2}x (batch 1) and {:.2}x (batch 64) lower; saved to {}",
-        a.num_params() as f64 / b.num_params() as f64,
-        a.flops() as f64 / b.flops() as f64,
-        ms("dense_b1_ms") / ms("pruned_b1_ms"),
-        ms("dense_b64_ms") / ms("pruned_b64_ms"),
-        model_path.display()
-    );
+    r.print(names, [a, b], finetune.epochs);
     let report = serde_json::json!({
         "checkpoint": checkpoint_path,
         "ratio": stage.params.ratio,
@@ -259,14 +214,14 @@ pub fn command(
         "groups": out.details["groups"],
         "params": [a.num_params(), b.num_params()],
         "flops": [a.flops(), b.flops()],
-        "latency": latency,
+        "latency": r.latency,
         "threads": rayon::current_num_threads(),
         "test_images": test.n,
-        "accuracy_dense": acc_dense,
-        "accuracy_pruned": acc_cut,
-        "accuracy_finetuned": acc_tuned,
+        "accuracy_dense": r.accuracy[0],
+        "accuracy_pruned": r.accuracy[1],
+        "accuracy_finetuned": r.tuned,
         "finetune_epochs": finetune.epochs,
-        "model": model_path,
+        "model": r.model,
     });
     crate::atomic_file::write_atomic(
         &cx.dir.join("report.json"),
