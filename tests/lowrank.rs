@@ -373,3 +373,29 @@ fn decomposed_lenet5_and_resnet20_are_ordinary_models() {
         assert_eq!(c, e);
     }
 }
+
+#[test]
+fn decompose_stage_reads_its_recipe_keys_and_refuses_bad_ones() {
+    use convpress::pipeline::recipe::Recipe;
+    let parse = |t: &str| Recipe::parse(std::path::Path::new("r.toml"), t.to_string());
+    let refused = |t: &str| match parse(t) {
+        Ok(_) => panic!("should be refused: {t}"),
+        Err(e) => format!("{e:#}"),
+    };
+    let r = parse(
+        "[[stage]]\nkind = \"decompose\"\nmethod = \"tucker2\"\nrank = [4, 8]\n[stage.layers]\n\"layers.2\" = {}\n\"layers.0\" = { vbmf = true }\n",
+    )
+    .unwrap();
+    let s = r.stages[0].stage.settings();
+    assert_eq!(s["params"]["method"], "tucker2");
+    assert_eq!(s["params"]["rank"], serde_json::json!([4, 8]));
+    assert_eq!(s["params"]["layer-seconds"], 1.0);
+    let r = parse("[[stage]]\nkind = \"decompose\"\nmethod = \"separable\"\nrank = 8\n").unwrap();
+    assert_eq!(r.stages[0].stage.settings()["params"]["rank"], serde_json::json!([8]));
+    let e = refused("[[stage]]\nkind = \"decompose\"\nmethod = \"cp\"\nrnak = 8\n");
+    assert!(e.contains("rnak"), "{e}");
+    let e = refused(
+        "[[stage]]\nkind = \"decompose\"\nmethod = \"cp\"\n[stage.layers]\n\"layers.2\" = { rnak = 8 }\n",
+    );
+    assert!(e.contains("rnak"), "{e}");
+}
