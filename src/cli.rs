@@ -6,11 +6,11 @@ use crate::bench::Mode;
 use crate::data::{DatasetKind, fetch};
 use crate::device::Backend;
 use crate::models::ModelKind;
+use crate::pipeline::layers::LayerRules;
 use crate::pipeline::recipe::Recipe;
 use crate::pipeline::runner::{self, RunOptions};
-use crate::pipeline::stages::encode::{self, EncodeParams};
-use crate::pipeline::layers::LayerRules;
 use crate::pipeline::stages::decompose::{self, Decompose, DecomposeParams};
+use crate::pipeline::stages::encode::{self, EncodeParams};
 use crate::pipeline::stages::eval::{self, Eval, EvalParams};
 use crate::pipeline::stages::finetune::FinetuneParams;
 use crate::pipeline::stages::prune::{self, PruneParams};
@@ -95,6 +95,9 @@ pub enum Command {
     /// filters, CP or Tucker-2 sequences; fine-tunes, and reports per layer rank, parameters,
     /// FLOPs, weight error and measured latency before and after.
     Decompose(DecomposeArgs),
+    /// Each low-rank method's accuracy against speed at several compressions: decompose and
+    /// fine-tune runs in one folder, a table, JSON, CSV and an SVG plot.
+    DecomposeTradeoff(decompose::tradeoff::TradeoffArgs),
     /// Pruning sensitivity: test accuracy with one layer at a time pruned by magnitude, no
     /// retraining; a table, JSON, CSV and an SVG chart, and per-layer targets for `prune`.
     Sensitivity(crate::compress::sensitivity::SensitivityArgs),
@@ -575,6 +578,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 args.force,
                 cx,
             )
+            .map(|_| ())
+        }
+        Command::DecomposeTradeoff(args) => {
+            let cx = context(
+                PathBuf::new(),
+                device()?,
+                args.data_dir.clone(),
+                args.no_progress,
+            );
+            decompose::tradeoff::command(&args, cx)
         }
         Command::Sensitivity(args) => crate::compress::sensitivity::command(&args, device()?),
         Command::RescaleCompare(args) => crate::rescale::compare::command(&args, device()?),

@@ -391,11 +391,86 @@ fn decompose_stage_reads_its_recipe_keys_and_refuses_bad_ones() {
     assert_eq!(s["params"]["rank"], serde_json::json!([4, 8]));
     assert_eq!(s["params"]["layer-seconds"], 1.0);
     let r = parse("[[stage]]\nkind = \"decompose\"\nmethod = \"separable\"\nrank = 8\n").unwrap();
-    assert_eq!(r.stages[0].stage.settings()["params"]["rank"], serde_json::json!([8]));
+    assert_eq!(
+        r.stages[0].stage.settings()["params"]["rank"],
+        serde_json::json!([8])
+    );
     let e = refused("[[stage]]\nkind = \"decompose\"\nmethod = \"cp\"\nrnak = 8\n");
     assert!(e.contains("rnak"), "{e}");
     let e = refused(
         "[[stage]]\nkind = \"decompose\"\nmethod = \"cp\"\n[stage.layers]\n\"layers.2\" = { rnak = 8 }\n",
     );
     assert!(e.contains("rnak"), "{e}");
+}
+
+#[test]
+fn default_choice_leaves_layers_a_rule_cannot_reach_and_named_ones_are_refused() {
+    use convpress::pipeline::layers::LayerRules;
+    use convpress::pipeline::stages::decompose::{Decompose, DecomposeParams, RuleParams};
+    let device = Device::default();
+    let arch = ModelKind::Lenet5.arch([1, 28, 28], 10).unwrap();
+    let tensors = tensor_map(&Network::seeded(&arch, &device, 1).unwrap());
+    let stage = |layers: &[&str]| Decompose {
+        params: DecomposeParams {
+            method: Method::Separable,
+            rule: RuleParams {
+                compression: Some(8.0),
+                ..Default::default()
+            },
+            layer_seconds: 1.0,
+        },
+        layers: LayerRules(
+            layers
+                .iter()
+                .map(|p| (p.to_string(), Default::default()))
+                .collect(),
+        ),
+    };
+    // conv1 (1 -> 20 channels, 5x5) cannot lose 7/8 of its weights at rank 1: the default
+    // choice leaves it, with why, and factorizes conv2.
+    let (chosen, left) = stage(&[]).choose(&arch, &tensors).unwrap();
+    assert_eq!(chosen.keys().collect::<Vec<_>>(), ["layers.2"]);
+    assert!(left["layers.0"].contains("1/8"), "{left:?}");
+    // Named, it is an error that says which layer.
+    let e = stage(&["layers.0"]).choose(&arch, &tensors).unwrap_err();
+    assert!(e.starts_with("layers.0: ") && e.contains("1/8"), "{e}");
+}
+
+#[test]
+fn tradeoff_chart_has_one_sorted_line_per_method_and_the_dense_guides() {
+    use convpress::pipeline::stages::decompose::tradeoff::{Point, Tradeoff};
+    let point = |method, c: f64, ms: f64, acc| Point {
+        method,
+        compression: c,
+        ranks: "layers.2:8".into(),
+        layer_params: [100, 50],
+        layer_flops: [1000, 500],
+        layer_b1_ms: [1.0, 0.5],
+        layer_b64_ms: [ms, 1.0],
+        model_b64_ms: [2.0, 1.5],
+        accuracy_factored: 0.9,
+        accuracy_finetuned: Some(acc),
+        dir: "d".into(),
+    };
+    let t = Tradeoff {
+        model: "lenet5".into(),
+        accuracy_dense: 0.99,
+        test_images: 10,
+        finetune: Default::default(),
+        threads: 2,
+        points: vec![
+            point(Method::Separable, 4.0, 3.0, 0.985),
+            point(Method::Separable, 2.0, 1.5, 0.99),
+            point(Method::Cp, 2.0, 2.0, 0.98),
+        ],
+    };
+    let chart = t.chart("t");
+    assert_eq!(chart.series.len(), 2);
+    assert_eq!(chart.series[0].name, "separable");
+    let xs: Vec<f64> = chart.series[0].points.iter().map(|p| p.0).collect();
+    assert_eq!(xs, [1.5, 3.0]);
+    assert!((chart.series[0].points[1].1 - 98.5).abs() < 1e-9);
+    assert!((chart.guides[1].0 - 98.0).abs() < 1e-9);
+    assert_eq!(t.to_csv().lines().count(), 4);
+    assert!(t.table().contains("3.00x"), "{}", t.table());
 }

@@ -162,7 +162,9 @@ pub fn layer_probe(
     specs.extend(layers.iter().cloned());
     let mut renamed = crate::checkpoint::Tensors::new();
     for (name, t) in tensors {
-        let rest = name.strip_prefix("layers.").ok_or("tensors are named layers.N.*")?;
+        let rest = name
+            .strip_prefix("layers.")
+            .ok_or("tensors are named layers.N.*")?;
         let (i, field) = rest.split_once('.').ok_or("tensors are named layers.N.*")?;
         let i: usize = i.parse().map_err(|_| "tensors are named layers.N.*")?;
         renamed.insert(format!("layers.{}.{field}", i + lead), t.clone());

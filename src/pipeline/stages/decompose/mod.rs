@@ -2,7 +2,10 @@
 //! convolutional layers into sequences of smaller ones, a new architecture of ordinary layers.
 //! Each factorized layer is reported with its rank, parameters, FLOPs, weight error and
 //! measured latency before and after. Fine-tuning is a `finetune` stage after it;
-//! `convpress decompose` runs both.
+//! `convpress decompose` runs both, and `convpress decompose-tradeoff` ([`tradeoff`]) runs
+//! it for several methods and compressions.
+
+pub mod tradeoff;
 
 use crate::bench;
 use crate::checkpoint::{ModelMeta, Tensors};
@@ -153,6 +156,9 @@ pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, table::Error> {
     }))
 }
 
+/// Layers the default choice leaves as they are, each with why.
+pub type Left = BTreeMap<String, String>;
+
 /// What the stage will do to each layer it looks at.
 struct Selection {
     /// Layers to factorize, with their rules.
@@ -199,7 +205,10 @@ impl Decompose {
         } else {
             let mut rules = Vec::new();
             for (pattern, r) in &self.layers.0 {
-                rules.push((pattern.clone(), r.rule().map_err(|e| format!("{pattern}: {e}"))?));
+                rules.push((
+                    pattern.clone(),
+                    r.rule().map_err(|e| format!("{pattern}: {e}"))?,
+                ));
             }
             for (path, r) in LayerRules(rules).resolve(&weighted_layer_paths(arch))? {
                 chosen.insert(path, need(r)?);
@@ -252,24 +261,9 @@ impl Stage for Decompose {
         let input = required(input, self.kind())?;
         let arch = input.arch();
         let at = |e: String| anyhow::anyhow!("{}: {e}", input.file.display());
-        let Selection {
-            mut chosen,
-            by_default,
-        } = self.selection(arch).map_err(at)?;
-        let mut left = BTreeMap::new();
-        if by_default {
-            left = self.unprofitable(arch, &input.loaded.tensors, &chosen).map_err(at)?;
-            chosen.retain(|p, _| !left.contains_key(p));
-            if chosen.is_empty() {
-                bail!(
-                    "{}: no layer's factorization at these ranks has fewer FLOPs than the layer: {}",
-                    input.file.display(),
-                    serde_json::to_string(&left)?
-                );
-            }
-        }
-        let d = lowrank::decompose(arch, &input.loaded.tensors, self.method(), &chosen)
-            .map_err(at)?;
+        let (chosen, left) = self.choose(arch, &input.loaded.tensors).map_err(at)?;
+        let d =
+            lowrank::decompose(arch, &input.loaded.tensors, self.method(), &chosen).map_err(at)?;
         let budget = Duration::from_secs_f64(self.params.layer_seconds);
         let mut entries = Vec::new();
         for report in &d.layers {
@@ -315,8 +309,45 @@ impl Stage for Decompose {
 }
 
 impl Decompose {
-    /// The layers of `chosen` whose rank (by its rule) would not lower their FLOPs, each with
-    /// why: the default choice leaves them as they are.
+    /// The layers to factorize with their rules, and the layers that the default choice
+    /// leaves alone, each with why (named layers are never left: their errors are errors).
+    pub fn choose(
+        &self,
+        arch: &Arch,
+        tensors: &Tensors,
+    ) -> Result<(BTreeMap<String, RankRule>, Left), String> {
+        let Selection {
+            mut chosen,
+            by_default,
+        } = self.selection(arch)?;
+        let mut left = BTreeMap::new();
+        if by_default {
+            left = self.unprofitable(arch, tensors, &chosen)?;
+            chosen.retain(|p, _| !left.contains_key(p));
+            if chosen.is_empty() {
+                return Err(format!(
+                    "no layer's factorization by this rule has fewer FLOPs than the layer: {}",
+                    serde_json::to_string(&left).unwrap_or_default()
+                ));
+            }
+        } else {
+            let specs = arch.layer_specs();
+            for (path, rule) in &chosen {
+                let (weight, _) = crate::checkpoint::floats(tensors, &format!("{path}.weight"))?;
+                let layer = LayerWeights {
+                    spec: specs[path],
+                    weight: &weight,
+                    bias: None,
+                };
+                lowrank::choose_rank(self.method(), &layer, rule)
+                    .map_err(|e| format!("{path}: {e}"))?;
+            }
+        }
+        Ok((chosen, left))
+    }
+
+    /// The layers of `chosen` whose rank (by its rule) would not lower their FLOPs, or that
+    /// the rule cannot reach, each with why: the default choice leaves them as they are.
     fn unprofitable(
         &self,
         arch: &Arch,
@@ -338,8 +369,13 @@ impl Decompose {
                 weight: &weight,
                 bias: None,
             };
-            let rank = lowrank::choose_rank(self.method(), &layer, rule)
-                .map_err(|e| format!("{path}: {e}"))?;
+            let rank = match lowrank::choose_rank(self.method(), &layer, rule) {
+                Ok(rank) => rank,
+                Err(e) => {
+                    left.insert(path.clone(), e);
+                    continue;
+                }
+            };
             let after = lowrank::chain_flops(&f.specs(specs[path], &rank), stats[path].input);
             if after >= stats[path].flops {
                 left.insert(
@@ -428,14 +464,17 @@ pub fn print_layers(details: &serde_json::Value) {
     }
     if let Some(left) = details["left"].as_object() {
         for (path, why) in left {
-            println!("{path}: left as it is ({})", why.as_str().unwrap_or_default());
+            println!(
+                "{path}: left as it is ({})",
+                why.as_str().unwrap_or_default()
+            );
         }
     }
 }
 
 /// `convpress decompose`: the stage, then `finetune` in the same folder (`run_dir`, by default
 /// `runs/<model>-<method>-<rule>`), with the per-layer table and the whole model's accuracy
-/// and latency before and after; writes `report.json`.
+/// and latency before and after; writes `report.json` and returns it.
 #[allow(clippy::too_many_arguments)]
 pub fn command(
     stage: &Decompose,
@@ -445,7 +484,7 @@ pub fn command(
     run_dir: Option<PathBuf>,
     force: bool,
     cx: Context,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<serde_json::Value> {
     crate::resources::check_seconds("--latency-seconds", latency_seconds)
         .map_err(anyhow::Error::msg)?;
     if finetune.train_limit == Some(0) || finetune.test_limit == Some(0) {
@@ -521,5 +560,5 @@ pub fn command(
         &cx.dir.join("report.json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
-    Ok(())
+    Ok(report)
 }
