@@ -9,6 +9,7 @@ use crate::models::ModelKind;
 use crate::pipeline::layers::LayerRules;
 use crate::pipeline::recipe::Recipe;
 use crate::pipeline::runner::{self, RunOptions};
+use crate::pipeline::stages::circulant::{self, Circulant, CirculantParams};
 use crate::pipeline::stages::decompose::{self, Decompose, DecomposeParams};
 use crate::pipeline::stages::encode::{self, EncodeParams};
 use crate::pipeline::stages::eval::{self, Eval, EvalParams};
@@ -95,6 +96,10 @@ pub enum Command {
     /// filters, CP or Tucker-2 sequences; fine-tunes, and reports per layer rank, parameters,
     /// FLOPs, weight error and measured latency before and after.
     Decompose(DecomposeArgs),
+    /// Dense layers as circulant projections (Cheng et al. 2015): one vector per layer, applied
+    /// through the FFT; fine-tunes, and reports per layer parameters, FLOPs, weight error and
+    /// measured latency before and after.
+    Circulant(CirculantArgs),
     /// Each low-rank method's accuracy against speed at several compressions: decompose and
     /// fine-tune runs in one folder, a table, JSON, CSV and an SVG plot.
     DecomposeTradeoff(decompose::tradeoff::TradeoffArgs),
@@ -378,6 +383,33 @@ pub struct DecomposeArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct CirculantArgs {
+    /// The trained model whose dense layers become circulant.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[command(flatten)]
+    pub circulant: CirculantParams,
+    /// Dense layers to replace (paths or glob patterns, comma separated); default: every dense
+    /// layer but the last.
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<String>,
+    #[command(flatten)]
+    pub finetune: FinetuneParams,
+    /// Seconds spent measuring each whole-model latency figure.
+    #[arg(long, default_value_t = 2.0)]
+    pub latency_seconds: f64,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Replace the run in --run-dir (a folder convpress made) instead of refusing.
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct EncodeArgs {
     /// The (pruned) model to encode.
     #[arg(long)]
@@ -570,6 +602,28 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
             };
             decompose::command(
+                &stage,
+                &args.finetune,
+                &args.checkpoint,
+                args.latency_seconds,
+                args.run_dir,
+                args.force,
+                cx,
+            )
+            .map(|_| ())
+        }
+        Command::Circulant(args) => {
+            let cx = context(PathBuf::new(), device()?, args.data_dir, args.no_progress);
+            let stage = Circulant {
+                params: args.circulant,
+                layers: LayerRules(
+                    args.layers
+                        .into_iter()
+                        .map(|p| (p, Default::default()))
+                        .collect(),
+                ),
+            };
+            circulant::command(
                 &stage,
                 &args.finetune,
                 &args.checkpoint,

@@ -4,6 +4,7 @@
 
 pub mod binarize;
 pub mod bit_sensitivity;
+pub mod circulant;
 pub mod few_multiplications;
 pub mod fold;
 pub mod format;

@@ -206,6 +206,17 @@ impl Builder {
                         shape,
                     }
                 }
+                // A circulant layer's weight ties every input to every output: neither side can
+                // lose a unit.
+                LayerSpec::Circulant { out_features, .. } => {
+                    self.fix(x.g, "read by a circulant layer");
+                    let why = Some("written by a circulant layer".to_string());
+                    Act {
+                        g: self.new_group(out_features, None, why),
+                        spatial: 1,
+                        shape,
+                    }
+                }
                 LayerSpec::Flatten => {
                     let spatial = match x.shape {
                         Shape::Map([_, h, w]) => h * w,

@@ -8,6 +8,7 @@
 //! everything else (CUDA, other dtypes, `Ops::Burn`) runs Burn's own op, so every backend keeps
 //! working and the two can be compared on one machine.
 
+use super::circulant::{self, CirculantPlan, CirculantShape};
 use super::conv::{self, Conv2dProblem, Wanted};
 use super::norm::{self, NormShape};
 use super::pool::{self, PoolProblem};
@@ -132,7 +133,20 @@ pub trait CnnOps: Backend {
         pool: PoolParams,
         count_include_pad: bool,
     ) -> FloatTensor<Self>;
+
+    /// A circulant projection ([`circulant`]): `x` `[N, in]`, `r` `[d]`, `bias` `[out]`.
+    fn cp_circulant(
+        x: FloatTensor<Self>,
+        r: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        signs: Signs,
+    ) -> FloatTensor<Self>;
 }
+
+/// The fixed input signs of a circulant layer, one per input feature (shared, not copied, by
+/// every call).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signs(pub Arc<Vec<f32>>);
 
 /// A pooling window: what [`PoolProblem`] needs besides the input's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,6 +272,33 @@ fn avg_pool_forward(
     (tensor(y, vec![d[0], d[1], oh, ow]), p)
 }
 
+fn circulant_shape(x: &FlexTensor, r: &FlexTensor, bias: &FlexTensor) -> CirculantShape {
+    let (xd, rd, bd) = (dims(x), dims(r), dims(bias));
+    assert!(
+        xd.len() == 2 && rd.len() == 1 && bd.len() == 1,
+        "circulant: x [N, in], r [d], bias [out]"
+    );
+    let s = CirculantShape {
+        batch: xd[0],
+        in_features: xd[1],
+        out_features: bd[0],
+    };
+    assert_eq!(rd[0], s.d(), "circulant: r must have max(in, out) values");
+    s
+}
+
+fn circulant_forward(
+    x: &FlexTensor,
+    r: &FlexTensor,
+    bias: &FlexTensor,
+    signs: &Signs,
+) -> FlexTensor {
+    let s = circulant_shape(x, r, bias);
+    let plan = CirculantPlan::new(s.d());
+    let y = plan.forward(&s, &values(x), &values(r), &signs.0, Some(&values(bias)));
+    tensor(y, vec![s.batch, s.out_features])
+}
+
 impl CnnOps for Flex {
     fn cp_conv2d(x: FlexTensor, weight: FlexTensor, options: ConvOptions<2>) -> FlexTensor {
         conv_forward(&x, &weight, None, &options)
@@ -324,6 +365,10 @@ impl CnnOps for Flex {
 
     fn cp_avg_pool2d(x: FlexTensor, pool: PoolParams, count_include_pad: bool) -> FlexTensor {
         avg_pool_forward(&x, pool, count_include_pad).0
+    }
+
+    fn cp_circulant(x: FlexTensor, r: FlexTensor, bias: FlexTensor, signs: Signs) -> FlexTensor {
+        circulant_forward(&x, &r, &bias, &signs)
     }
 }
 
@@ -458,6 +503,48 @@ impl Backward<Flex, 1> for AvgPoolBackward {
     }
 }
 
+#[derive(Debug)]
+struct CirculantBackward;
+
+impl Backward<Flex, 3> for CirculantBackward {
+    /// Input, r, the bias's length, signs.
+    type State = (FlexTensor, FlexTensor, usize, Signs);
+
+    fn backward(self, ops: AdOps<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [nx, nr, nb] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (x, r, out, signs) = ops.state;
+        let xd = dims(&x);
+        let s = CirculantShape {
+            batch: xd[0],
+            in_features: xd[1],
+            out_features: out,
+        };
+        let wanted = circulant::Wanted {
+            x: nx.is_some(),
+            r: nr.is_some(),
+            bias: nb.is_some(),
+        };
+        let g = CirculantPlan::new(s.d()).backward(
+            &s,
+            &values(&x),
+            &values(&r),
+            &signs.0,
+            &values(&grad),
+            wanted,
+        );
+        if let (Some(node), Some(v)) = (nx, g.x) {
+            grads.register::<Flex>(node.id, tensor(v, xd));
+        }
+        if let (Some(node), Some(v)) = (nr, g.r) {
+            grads.register::<Flex>(node.id, tensor(v, vec![s.d()]));
+        }
+        if let (Some(node), Some(v)) = (nb, g.bias) {
+            grads.register::<Flex>(node.id, tensor(v, vec![out]));
+        }
+    }
+}
+
 type AdTensor<C> = FloatTensor<Autodiff<Flex, C>>;
 
 impl<C: CheckpointStrategy> CnnOps for Autodiff<Flex, C> {
@@ -563,6 +650,25 @@ impl<C: CheckpointStrategy> CnnOps for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => prep.finish((p, count_include_pad, dims(&xp)), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn cp_circulant(
+        x: AdTensor<C>,
+        r: AdTensor<C>,
+        bias: AdTensor<C>,
+        signs: Signs,
+    ) -> AdTensor<C> {
+        let (xp, rp) = (x.primitive().clone(), r.primitive().clone());
+        let y = circulant_forward(&xp, &rp, bias.primitive(), &signs);
+        let out = dims(bias.primitive())[0];
+        match CirculantBackward
+            .prepare::<C>([x.node(), r.node(), bias.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((xp, rp, out, signs), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }
@@ -691,4 +797,32 @@ pub fn avg_pool2d(x: Tensor<4>, pool: PoolParams, count_include_pad: bool) -> Te
         pool,
         count_include_pad,
     ))
+}
+
+/// A circulant projection `(circ(r) · (signs ∘ x̃))[..out] + bias` with Cheng et al.'s
+/// semantics ([`circulant`]): `x` `[N, in]`, `r` `[max(in, out)]`, `bias` `[out]`. On Flex it
+/// runs through the FFT with its own backward; elsewhere (CUDA, `--ops burn`) as a product with
+/// the explicit `d x d` matrix, built from `r` by Burn's ops so autodiff carries its gradient
+/// (O(d²) memory: fine for checking, not for large layers).
+pub fn circulant(x: Tensor<2>, r: Tensor<1>, bias: Tensor<1>, signs: &Signs) -> Tensor<2> {
+    if routed(&x) && r.dtype() == DType::F32 {
+        return Tensor::from_dispatch(<burn::backend::Dispatch as CnnOps>::cp_circulant(
+            x.into_dispatch(),
+            r.into_dispatch(),
+            bias.into_dispatch(),
+            signs.clone(),
+        ));
+    }
+    let device = x.device();
+    let [_, n_in] = x.dims();
+    let [d] = r.dims();
+    let [n_out] = bias.dims();
+    // `m[j][i] = R[i][j] · sign[j] = r[(i − j) mod d] · sign[j]`, so `y = x · m`.
+    let index: Vec<i64> = (0..n_in)
+        .flat_map(|j| (0..n_out).map(move |i| ((i + d - j) % d) as i64))
+        .collect();
+    let index = Tensor::<1, Int>::from_data(TensorData::new(index, [n_in * n_out]), &device);
+    let signs = Tensor::<2>::from_data(TensorData::new(signs.0.to_vec(), [n_in, 1]), &device);
+    let m = r.select(0, index).reshape([n_in, n_out]) * signs;
+    x.matmul(m) + bias.unsqueeze_dim(0)
 }

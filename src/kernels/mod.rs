@@ -8,6 +8,7 @@
 //! backward under `Autodiff`), and [`gemm`] is the single matrix-product entry point.
 
 pub mod binary;
+pub mod circulant;
 pub mod conv;
 pub mod extension;
 pub mod gemm;

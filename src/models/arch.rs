@@ -50,6 +50,16 @@ pub enum LayerSpec {
         out_features: usize,
         bias: bool,
     },
+    /// A dense layer whose weight is a circulant matrix of one vector, applied to the input's
+    /// random sign flip through the FFT (Cheng et al. 2015; `kernels::circulant`). Tensors:
+    /// `weight` `[max(in, out)]` (the vector) and `bias` `[out]`; the signs are drawn from
+    /// `sign_seed`, so they are not stored.
+    Circulant {
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        sign_seed: u64,
+    },
     /// `body(x) + shortcut(x)`; an empty shortcut is the identity.
     Residual {
         body: Vec<LayerSpec>,
@@ -141,6 +151,7 @@ impl LayerSpec {
             LayerSpec::GlobalAvgPool => "global_avg_pool",
             LayerSpec::Flatten => "flatten",
             LayerSpec::Linear { .. } => "linear",
+            LayerSpec::Circulant { .. } => "circulant",
             LayerSpec::Residual { .. } => "residual",
         }
     }
@@ -169,6 +180,14 @@ impl LayerSpec {
                 bias,
             } => in_features
                 .saturating_mul(out_features)
+                .saturating_add(if bias { out_features } else { 0 }),
+            LayerSpec::Circulant {
+                in_features,
+                out_features,
+                bias,
+                ..
+            } => in_features
+                .max(out_features)
                 .saturating_add(if bias { out_features } else { 0 }),
             _ => 0,
         }
@@ -305,6 +324,18 @@ impl LayerSpec {
                     "linear expects {in_features} flat features, input is {other}"
                 )),
             },
+            LayerSpec::Circulant {
+                in_features,
+                out_features,
+                ..
+            } => match input {
+                Shape::Flat(f) if f == *in_features && *out_features > 0 && f > 0 => {
+                    Ok(Shape::Flat(*out_features))
+                }
+                other => Err(format!(
+                    "circulant expects {in_features} flat features and at least one output, input is {other}"
+                )),
+            },
             LayerSpec::Residual { body, shortcut } => {
                 let b = chain_shape(body, input, "body")?;
                 let s = chain_shape(shortcut, input, "shortcut")?;
@@ -342,6 +373,21 @@ impl LayerSpec {
                 .saturating_mul(in_features as u64)
                 .saturating_mul(2)
                 .saturating_add(bias_adds(bias)),
+            LayerSpec::Circulant {
+                in_features,
+                out_features,
+                bias,
+                ..
+            } => {
+                // Two real FFTs of size d at the usual 2.5·d·log2(d) each, the d/2+1 complex
+                // products (6 each), the sign flips and the scaling.
+                let d = in_features.max(out_features) as u64;
+                let log2 = (u64::BITS - d.saturating_sub(1).leading_zeros()) as u64;
+                d.saturating_mul(log2)
+                    .saturating_mul(5)
+                    .saturating_add(d.saturating_mul(5))
+                    .saturating_add(bias_adds(bias))
+            }
             // Inference form: a per-channel scale and shift.
             LayerSpec::BatchNorm { .. } => out.saturating_mul(2),
             LayerSpec::Relu => out,
@@ -470,6 +516,17 @@ fn tensors_into(layers: &[LayerSpec], prefix: &str, out: &mut Vec<(String, Vec<u
                 bias,
             } => {
                 push("weight", vec![in_features, out_features]);
+                if bias {
+                    push("bias", vec![out_features]);
+                }
+            }
+            LayerSpec::Circulant {
+                in_features,
+                out_features,
+                bias,
+                ..
+            } => {
+                push("weight", vec![in_features.max(out_features)]);
                 if bias {
                     push("bias", vec![out_features]);
                 }

@@ -1,9 +1,11 @@
 //! The Burn module for an [`Arch`]: one [`Layer`] per layer specification.
 
 use super::arch::{Arch, LayerSpec};
-use crate::kernels::{self, PoolParams};
+use crate::kernels::{self, PoolParams, extension::Signs};
 use burn::backend::ops::ConvOptions;
 use burn::module::Module;
+use burn::module::Param;
+use burn::nn::Initializer;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{
     AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, AvgPool2d, AvgPool2dConfig, MaxPool2d,
@@ -23,12 +25,60 @@ pub struct Residual {
     pub shortcut: Vec<Layer>,
 }
 
+/// A circulant projection layer (Cheng et al. 2015, `kernels::circulant`): `weight` is the
+/// vector `r` of `max(in, out)` values, the input signs come from the spec's seed.
+#[derive(Module, Debug)]
+pub struct Circulant {
+    pub weight: Param<Tensor<1>>,
+    pub bias: Option<Param<Tensor<1>>>,
+    #[module(skip)]
+    pub out_features: usize,
+    #[module(skip)]
+    pub signs: Signs,
+}
+
+impl Circulant {
+    /// Initialised as Burn initialises a linear layer of the same fan-in (uniform in
+    /// ±1/√in): each output sums `in` products, as a dense layer's does.
+    pub fn new(
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        seed: u64,
+        device: &Device,
+    ) -> Self {
+        let bound = 1.0 / (in_features as f64).sqrt();
+        let init = Initializer::Uniform {
+            min: -bound,
+            max: bound,
+        };
+        Circulant {
+            weight: init.init([in_features.max(out_features)], device),
+            bias: bias.then(|| init.init([out_features], device)),
+            out_features,
+            signs: Signs(std::sync::Arc::new(kernels::circulant::signs(
+                seed,
+                in_features,
+            ))),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let bias = match &self.bias {
+            Some(b) => b.val(),
+            None => Tensor::zeros([self.out_features], &x.device()),
+        };
+        kernels::extension::circulant(x, self.weight.val(), bias, &self.signs)
+    }
+}
+
 /// One layer of a [`Network`].
 #[derive(Module, Debug)]
 pub enum Layer {
     Conv2d(Conv2d),
     BatchNorm(BatchNorm),
     Linear(Linear),
+    Circulant(Circulant),
     Relu(Relu),
     MaxPool(MaxPool2d),
     AvgPool(AvgPool2d),
@@ -242,6 +292,18 @@ impl Layer {
                     .with_bias(bias)
                     .init(device),
             ),
+            &LayerSpec::Circulant {
+                in_features,
+                out_features,
+                bias,
+                sign_seed,
+            } => Layer::Circulant(Circulant::new(
+                in_features,
+                out_features,
+                bias,
+                sign_seed,
+                device,
+            )),
             LayerSpec::Relu => Layer::Relu(Relu::new()),
             &LayerSpec::MaxPool { kernel, stride } => {
                 Layer::MaxPool(MaxPool2dConfig::new(kernel).with_strides(stride).init())
@@ -270,6 +332,10 @@ impl Layer {
             Layer::Linear(m) => match x {
                 Activation::Flat(t) => Activation::Flat(m.forward(t)),
                 Activation::Map(_) => unreachable!("architecture validated: linear needs flat"),
+            },
+            Layer::Circulant(m) => match x {
+                Activation::Flat(t) => Activation::Flat(m.forward(t)),
+                Activation::Map(_) => unreachable!("architecture validated: circulant needs flat"),
             },
             Layer::Relu(m) => match x {
                 Activation::Map(t) => Activation::Map(m.forward(t)),

@@ -2,7 +2,8 @@
 
 use super::Stage;
 use super::stages::{
-    binarize, decompose, encode, eval, finetune, prune, prune_filters, qat, quantize, share, train,
+    binarize, circulant, decompose, encode, eval, finetune, prune, prune_filters, qat, quantize,
+    share, train,
 };
 use super::table::{Error, StageTable};
 
@@ -38,6 +39,11 @@ pub const STAGES: &[StageKind] = &[
         name: "decompose",
         about: "low-rank factorization (svd, separable, cp, tucker2): smaller dense layers",
         parse: decompose::parse,
+    },
+    StageKind {
+        name: "circulant",
+        about: "dense layers as circulant projections through the FFT (Cheng et al. 2015)",
+        parse: circulant::parse,
     },
     StageKind {
         name: "share",

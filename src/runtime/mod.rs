@@ -5,6 +5,7 @@
 //! tract's kernel tests and candle's reference-beside-fast layout.
 
 pub mod binary;
+pub mod circulant;
 pub mod conv;
 pub mod int8;
 pub mod model;

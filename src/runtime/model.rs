@@ -17,6 +17,7 @@
 //! inputs (BWN, TWN) as [`SignedConv`] or [`SignedLinear`] on the table-lookup kernels.
 
 use super::binary::{BinaryConv, BinaryLinear};
+use super::circulant::CirculantLinear;
 use super::conv::{Conv2dKernel, ConvGeometry, DenseConv, DirectConv, SparseIm2colConv};
 use super::int8::{Int8Conv, Int8Linear};
 use super::signed::{SignedConv, SignedLinear};
@@ -45,6 +46,7 @@ const PARALLEL_MIN_ELEMENTS: usize = 32 * 1024;
 enum Op {
     Conv(ConvLayer),
     Linear(CsrLinear),
+    Circulant(CirculantLinear),
     Int8Linear(Int8Linear),
     BitLinear(BitLinear),
     /// Batch-norm in evaluation form, `x * scale[c] + shift[c]` (when no convolution precedes
@@ -387,6 +389,7 @@ impl SparseModel {
                 .map(|s| match &s.op {
                     Op::Conv(k) => k.kernel().weight_bytes(),
                     Op::Linear(k) => k.weight_bytes(),
+                    Op::Circulant(k) => k.weight_bytes(),
                     Op::Int8Linear(k) => k.weight_bytes(),
                     Op::BitLinear(k) => k.kernel().weight_bytes(),
                     Op::Affine { scale, shift } => 4 * (scale.len() + shift.len()),
@@ -453,6 +456,16 @@ impl SparseModel {
                         "csr",
                         32,
                     ),
+                    Op::Circulant(k) => {
+                        let d = k.in_features.max(k.out_features);
+                        (
+                            k.in_features * k.out_features,
+                            d,
+                            k.weight_bytes(),
+                            "fft",
+                            32,
+                        )
+                    }
                     Op::Int8Linear(k) => (
                         k.in_features() * k.out_features(),
                         k.weights().0.len(),
@@ -670,6 +683,23 @@ fn build(
                     }
                 }
             }
+            LayerSpec::Circulant {
+                in_features,
+                out_features,
+                bias,
+                sign_seed,
+            } => {
+                let d = in_features.max(out_features);
+                let r = tensors.take(&format!("{path}.weight"), &[d])?;
+                let b = if bias {
+                    Some(tensors.take(&format!("{path}.bias"), &[out_features])?)
+                } else {
+                    None
+                };
+                let layer = CirculantLinear::new(in_features, out_features, &r, sign_seed, b)
+                    .map_err(|e| format!("{path}: {e}"))?;
+                Op::Circulant(layer)
+            }
             LayerSpec::BatchNorm { features } => {
                 let (scale, shift) = tensors.batch_norm(&path, features)?;
                 Op::Affine { scale, shift }
@@ -859,6 +889,11 @@ impl Step {
                 y
             }
             Op::Linear(k) => {
+                let mut y = vec![0f32; out_len];
+                k.forward(&x, batch, &mut y);
+                y
+            }
+            Op::Circulant(k) => {
                 let mut y = vec![0f32; out_len];
                 k.forward(&x, batch, &mut y);
                 y

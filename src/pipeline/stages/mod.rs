@@ -3,6 +3,7 @@
 //! method in `compress` or `rescale`.
 
 pub mod binarize;
+pub mod circulant;
 pub mod decompose;
 pub mod encode;
 pub mod eval;

@@ -6,10 +6,9 @@
 use crate::checkpoint::ModelMeta;
 use crate::compress::structured::{self, Analysis, Criterion, Target};
 use crate::pipeline::stages::finetune::FinetuneParams;
-use crate::pipeline::stages::rewrite::Rewrite;
+use crate::pipeline::stages::rewrite::RewriteCommand;
 use crate::pipeline::table::{self, StageTable};
-use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, measure, required};
-use anyhow::bail;
+use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, required};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -128,104 +127,55 @@ pub fn command(
     force: bool,
     cx: Context,
 ) -> anyhow::Result<()> {
-    stage.target().map_err(anyhow::Error::msg)?;
-    crate::resources::check_seconds("--latency-seconds", latency_seconds)
-        .map_err(anyhow::Error::msg)?;
-    if finetune.train_limit == Some(0) || finetune.test_limit == Some(0) {
-        bail!("--train-limit and --test-limit must be at least 1");
-    }
-    let input = Model::open(checkpoint_path)?;
-    let pruned = stage
-        .plan(&Plan::of(&input), &cx)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", checkpoint_path.display()))?;
-    super::finetune::Finetune {
-        params: finetune.clone(),
-    }
-    .plan(&pruned, &cx)
-    .map_err(anyhow::Error::msg)?;
-    // Everything that can fail on input is checked before anything is written.
-    structured::prune(
-        input.arch(),
-        &input.loaded.tensors,
-        &stage.target().expect("checked"),
-    )
-    .map_err(|e| anyhow::anyhow!("{}: {e}", checkpoint_path.display()))?;
-    let test = measure::test_set(&input, &cx.data_dir_for(input.meta()), finetune.test_limit)?;
-    let dir = run_dir.unwrap_or_else(|| {
+    let target = stage.target().map_err(anyhow::Error::msg)?;
+    let command = RewriteCommand {
+        stage,
+        names: ["dense", "pruned"],
+        finetune,
+        checkpoint: checkpoint_path,
+        latency_seconds,
+        run_dir,
+        force,
+    };
+    let default_name = |input: &Model| {
         let criterion =
             clap::ValueEnum::to_possible_value(&stage.params.criterion).expect("a named value");
-        std::path::PathBuf::from("runs").join(format!(
+        format!(
             "{}-filters-{}-{}",
             input.arch().name,
             (stage.params.ratio * 100.0).round(),
             criterion.get_name()
-        ))
-    });
-    let cx = &Context { dir, ..cx };
-    let reuse = crate::run_folder::Reuse::from_flags(false, force);
-    let data_dir = cx.data_dir_for(input.meta());
-    let _folder = crate::run_folder::RunFolder::open(
-        &cx.dir,
-        reuse,
-        "--run-dir",
-        false,
-        &[checkpoint_path, &data_dir],
-    )?;
-    let out = stage.run(Some(input.clone()), cx)?;
-
-    println!("{:<6} {:>9} {:>7}  producers", "group", "channels", "kept");
-    let groups: Vec<structured::ChannelGroup> =
-        serde_json::from_value(out.details["groups"].clone()).unwrap_or_default();
-    for (i, g) in groups.iter().enumerate() {
-        if g.producers.is_empty() {
-            continue;
+        )
+    };
+    let check =
+        |input: &Model| structured::prune(input.arch(), &input.loaded.tensors, &target).map(|_| ());
+    command.run(cx, default_name, check, |out| {
+        println!("{:<6} {:>9} {:>7}  producers", "group", "channels", "kept");
+        let groups: Vec<structured::ChannelGroup> =
+            serde_json::from_value(out.details["groups"].clone()).unwrap_or_default();
+        for (i, g) in groups.iter().enumerate() {
+            if g.producers.is_empty() {
+                continue;
+            }
+            let note = g
+                .fixed
+                .as_deref()
+                .map_or(String::new(), |f| format!(" (fixed: {f})"));
+            println!(
+                "{:<6} {:>9} {:>7}  {}{}",
+                i,
+                g.channels,
+                g.kept,
+                g.producers.join(" + "),
+                note
+            );
         }
-        let note = g
-            .fixed
-            .as_deref()
-            .map_or(String::new(), |f| format!(" (fixed: {f})"));
-        println!(
-            "{:<6} {:>9} {:>7}  {}{}",
-            i,
-            g.channels,
-            g.kept,
-            g.producers.join(" + "),
-            note
-        );
-    }
-
-    let names = ["dense", "pruned"];
-    let r = Rewrite::measure(
-        checkpoint_path,
-        &out,
-        names,
-        finetune,
-        &test,
-        latency_seconds,
-        cx,
-    )?;
-    let (a, b) = (input.arch(), out.model.arch());
-    r.print(names, [a, b], finetune.epochs);
-    let report = serde_json::json!({
-        "checkpoint": checkpoint_path,
-        "ratio": stage.params.ratio,
-        "criterion": stage.params.criterion,
-        "skip_coupled": stage.params.skip_coupled,
-        "groups": out.details["groups"],
-        "params": [a.num_params(), b.num_params()],
-        "flops": [a.flops(), b.flops()],
-        "latency": r.latency,
-        "threads": rayon::current_num_threads(),
-        "test_images": test.n,
-        "accuracy_dense": r.accuracy[0],
-        "accuracy_pruned": r.accuracy[1],
-        "accuracy_finetuned": r.tuned,
-        "finetune_epochs": finetune.epochs,
-        "model": r.model,
-    });
-    crate::atomic_file::write_atomic(
-        &cx.dir.join("report.json"),
-        serde_json::to_string_pretty(&report)?.as_bytes(),
-    )?;
+        serde_json::json!({
+            "ratio": stage.params.ratio,
+            "criterion": stage.params.criterion,
+            "skip_coupled": stage.params.skip_coupled,
+            "groups": out.details["groups"],
+        })
+    })?;
     Ok(())
 }

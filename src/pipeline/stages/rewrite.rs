@@ -1,15 +1,114 @@
-//! What the commands of the stages that rewrite a model's architecture (`prune-filters`,
-//! `decompose`) report about the whole model: test accuracy before, right after and after
-//! fine-tuning, and latency before and after at batch 1 and 64, measured in turns.
+//! The commands of the stages that rewrite a model's architecture (`prune-filters`,
+//! `decompose`, `circulant`): each runs its stage then `finetune` in one run folder
+//! ([`RewriteCommand`]), and reports about the whole model ([`Rewrite`]): test accuracy
+//! before, right after and after fine-tuning, and latency before and after at batch 1 and 64,
+//! measured in turns.
 
 use crate::checkpoint;
 use crate::data::ImageSet;
 use crate::models::Arch;
 use crate::pipeline::stages::finetune::{Finetune, FinetuneParams};
-use crate::pipeline::{Context, Outcome, Stage};
+use crate::pipeline::{Context, Model, Outcome, Plan, Stage, measure};
 use crate::{bench, train};
+use anyhow::bail;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// One run of a rewriting stage's command: what every such command shares.
+pub struct RewriteCommand<'a> {
+    pub stage: &'a dyn Stage,
+    /// The input's and the output's names in the table and the report (`dense`, `pruned`).
+    pub names: [&'a str; 2],
+    pub finetune: &'a FinetuneParams,
+    pub checkpoint: &'a Path,
+    pub latency_seconds: f64,
+    /// `None`: `runs/<the default name>`.
+    pub run_dir: Option<PathBuf>,
+    pub force: bool,
+}
+
+impl RewriteCommand<'_> {
+    /// Checks everything that can fail on input (the stage's and fine-tuning's plans, then
+    /// `check`) before anything is written; runs the stage in the run folder (by default
+    /// `runs/<default_name(input)>`); `show` prints the stage's details and returns what the
+    /// report adds to the common figures; measures both models and fine-tunes; writes
+    /// `report.json` and returns it.
+    pub fn run(
+        self,
+        cx: Context,
+        default_name: impl FnOnce(&Model) -> String,
+        check: impl FnOnce(&Model) -> Result<(), String>,
+        show: impl FnOnce(&Outcome) -> serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let finetune = self.finetune;
+        crate::resources::check_seconds("--latency-seconds", self.latency_seconds)
+            .map_err(anyhow::Error::msg)?;
+        if finetune.train_limit == Some(0) || finetune.test_limit == Some(0) {
+            bail!("--train-limit and --test-limit must be at least 1");
+        }
+        let input = Model::open(self.checkpoint)?;
+        let at = |e: String| anyhow::anyhow!("{}: {e}", self.checkpoint.display());
+        let planned = self.stage.plan(&Plan::of(&input), &cx).map_err(at)?;
+        if finetune.epochs > 0 {
+            Finetune {
+                params: finetune.clone(),
+            }
+            .plan(&planned, &cx)
+            .map_err(anyhow::Error::msg)?;
+        }
+        check(&input).map_err(at)?;
+        let test = measure::test_set(&input, &cx.data_dir_for(input.meta()), finetune.test_limit)?;
+        let dir = self
+            .run_dir
+            .unwrap_or_else(|| PathBuf::from("runs").join(default_name(&input)));
+        let cx = &Context { dir, ..cx };
+        let reuse = crate::run_folder::Reuse::from_flags(false, self.force);
+        let data_dir = cx.data_dir_for(input.meta());
+        let _folder = crate::run_folder::RunFolder::open(
+            &cx.dir,
+            reuse,
+            "--run-dir",
+            false,
+            &[self.checkpoint, &data_dir],
+        )?;
+        let out = self.stage.run(Some(input.clone()), cx)?;
+        let extra = show(&out);
+        let r = Rewrite::measure(
+            self.checkpoint,
+            &out,
+            self.names,
+            finetune,
+            &test,
+            self.latency_seconds,
+            cx,
+        )?;
+        let (a, b) = (input.arch(), out.model.arch());
+        r.print(self.names, [a, b], finetune.epochs);
+        let [x, y] = self.names;
+        let mut report = serde_json::json!({
+            "checkpoint": self.checkpoint,
+            "settings": self.stage.settings(),
+            "params": [a.num_params(), b.num_params()],
+            "flops": [a.flops(), b.flops()],
+            "latency": r.latency,
+            "threads": rayon::current_num_threads(),
+            "test_images": test.n,
+            format!("accuracy_{x}"): r.accuracy[0],
+            format!("accuracy_{y}"): r.accuracy[1],
+            "accuracy_finetuned": r.tuned,
+            "finetune_epochs": finetune.epochs,
+            "model": r.model,
+        });
+        if let (Some(map), serde_json::Value::Object(more)) = (report.as_object_mut(), extra) {
+            map.extend(more);
+        }
+        crate::atomic_file::write_atomic(
+            &cx.dir.join("report.json"),
+            serde_json::to_string_pretty(&report)?.as_bytes(),
+        )?;
+        Ok(report)
+    }
+}
 
 /// The whole-model figures of one rewrite.
 pub struct Rewrite {

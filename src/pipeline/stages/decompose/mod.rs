@@ -12,11 +12,10 @@ use crate::checkpoint::{ModelMeta, Tensors};
 use crate::compress::lowrank::{self, LayerReport, LayerWeights, Method, RankRule};
 use crate::models::{Arch, LayerSpec};
 use crate::pipeline::layers::{LayerRules, weighted_layer_paths};
-use crate::pipeline::stages::finetune::{Finetune, FinetuneParams};
-use crate::pipeline::stages::rewrite::Rewrite;
+use crate::pipeline::stages::finetune::FinetuneParams;
+use crate::pipeline::stages::rewrite::RewriteCommand;
 use crate::pipeline::table::{self, StageTable};
-use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, measure, required};
-use anyhow::bail;
+use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, required};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -475,7 +474,6 @@ pub fn print_layers(details: &serde_json::Value) {
 /// `convpress decompose`: the stage, then `finetune` in the same folder (`run_dir`, by default
 /// `runs/<model>-<method>-<rule>`), with the per-layer table and the whole model's accuracy
 /// and latency before and after; writes `report.json` and returns it.
-#[allow(clippy::too_many_arguments)]
 pub fn command(
     stage: &Decompose,
     finetune: &FinetuneParams,
@@ -485,80 +483,32 @@ pub fn command(
     force: bool,
     cx: Context,
 ) -> anyhow::Result<serde_json::Value> {
-    crate::resources::check_seconds("--latency-seconds", latency_seconds)
-        .map_err(anyhow::Error::msg)?;
-    if finetune.train_limit == Some(0) || finetune.test_limit == Some(0) {
-        bail!("--train-limit and --test-limit must be at least 1");
-    }
-    let input = Model::open(checkpoint_path)?;
-    let planned = stage
-        .plan(&Plan::of(&input), &cx)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", checkpoint_path.display()))?;
-    if finetune.epochs > 0 {
-        Finetune {
-            params: finetune.clone(),
-        }
-        .plan(&planned, &cx)
-        .map_err(anyhow::Error::msg)?;
-    }
-    let test = measure::test_set(&input, &cx.data_dir_for(input.meta()), finetune.test_limit)?;
-    let dir = run_dir.unwrap_or_else(|| {
-        let rule = stage
-            .params
-            .rule
-            .rule()
-            .ok()
-            .flatten()
-            .map_or("layers".into(), |r| r.describe().replace([' ', ','], "-"));
-        PathBuf::from("runs").join(format!(
-            "{}-{}-{rule}",
-            input.arch().name,
-            stage.method().name()
-        ))
-    });
-    let cx = &Context { dir, ..cx };
-    let reuse = crate::run_folder::Reuse::from_flags(false, force);
-    let data_dir = cx.data_dir_for(input.meta());
-    let _folder = crate::run_folder::RunFolder::open(
-        &cx.dir,
-        reuse,
-        "--run-dir",
-        false,
-        &[checkpoint_path, &data_dir],
-    )?;
-    let out = stage.run(Some(input.clone()), cx)?;
-    print_layers(&out.details);
-    let names = ["dense", "factored"];
-    let r = Rewrite::measure(
-        checkpoint_path,
-        &out,
-        names,
+    let command = RewriteCommand {
+        stage,
+        names: ["dense", "factored"],
         finetune,
-        &test,
+        checkpoint: checkpoint_path,
         latency_seconds,
+        run_dir,
+        force,
+    };
+    let rule = stage
+        .params
+        .rule
+        .rule()
+        .ok()
+        .flatten()
+        .map_or("layers".into(), |r| r.describe().replace([' ', ','], "-"));
+    command.run(
         cx,
-    )?;
-    let (a, b) = (input.arch(), out.model.arch());
-    r.print(names, [a, b], finetune.epochs);
-    let report = serde_json::json!({
-        "checkpoint": checkpoint_path,
-        "settings": stage.settings(),
-        "layers": out.details["layers"],
-        "left": out.details["left"],
-        "params": [a.num_params(), b.num_params()],
-        "flops": [a.flops(), b.flops()],
-        "latency": r.latency,
-        "threads": rayon::current_num_threads(),
-        "test_images": test.n,
-        "accuracy_dense": r.accuracy[0],
-        "accuracy_factored": r.accuracy[1],
-        "accuracy_finetuned": r.tuned,
-        "finetune_epochs": finetune.epochs,
-        "model": r.model,
-    });
-    crate::atomic_file::write_atomic(
-        &cx.dir.join("report.json"),
-        serde_json::to_string_pretty(&report)?.as_bytes(),
-    )?;
-    Ok(report)
+        |input| format!("{}-{}-{rule}", input.arch().name, stage.method().name()),
+        |_| Ok(()),
+        |out| {
+            print_layers(&out.details);
+            serde_json::json!({
+                "layers": out.details["layers"],
+                "left": out.details["left"],
+            })
+        },
+    )
 }
