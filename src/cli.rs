@@ -230,6 +230,20 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// A circulant layer (FFT, Cheng et al. 2015) against a dense layer of the same size d x d,
+    /// forward and forward + backward, interleaved, as medians; says from which size on the
+    /// circulant one is faster.
+    Circulant {
+        #[arg(long, value_delimiter = ',', default_values_t = [32, 64, 128, 256, 1024, 4096, 16384])]
+        dims: Vec<usize>,
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 64])]
+        batch: Vec<usize>,
+        /// Seconds per size and batch (all four timings together).
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Training and inference images per second on synthetic data.
     Train {
         #[arg(long, value_enum, default_value = "lenet5")]
@@ -729,6 +743,12 @@ fn run_bench(
             seconds,
             json,
         } => bench::compare_binary_convs(&batch, seconds, json),
+        BenchCommand::Circulant {
+            dims,
+            batch,
+            seconds,
+            json,
+        } => bench::print_circulant(&device()?, &dims, &batch, seconds, json),
         BenchCommand::Ops { seconds, json } => {
             crate::bench::check_bench_args(&[1], seconds)?;
             bench::print_ops(&device()?, seconds, json)

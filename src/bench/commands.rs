@@ -669,3 +669,84 @@ fn compare_lookup_convs(
     }
     Ok(())
 }
+
+/// `convpress bench circulant`: dense against circulant layers for each size and batch, and
+/// the smallest size measured from which the circulant layer is faster (the crossover).
+pub fn print_circulant(
+    device: &Device,
+    dims: &[usize],
+    batch: &[usize],
+    seconds: f64,
+    json: bool,
+) -> anyhow::Result<()> {
+    check_bench_args(batch, seconds)?;
+    if dims.is_empty() || dims.contains(&0) {
+        bail!("--dims must be sizes of at least 1");
+    }
+    if let Some(&big) = dims.iter().find(|&&d| d > 1 << 15) {
+        bail!(
+            "--dims {big}: a dense layer of that size would hold {} GiB of weights",
+            (big * big * 4) >> 30
+        );
+    }
+    if !json {
+        println!(
+            "{:>6} {:>6} {:>7} {:>12} {:>12} {:>8} {:>13} {:>13} {:>8}",
+            "d",
+            "batch",
+            "threads",
+            "dense fwd",
+            "circ fwd",
+            "fwd x",
+            "dense f+b",
+            "circ f+b",
+            "f+b x"
+        );
+    }
+    let mut all = Vec::new();
+    for &b in batch {
+        for &d in dims {
+            let m = super::measure_circulant(device, d, b, Duration::from_secs_f64(seconds));
+            if json {
+                println!("{}", serde_json::to_string(&m)?);
+            } else {
+                let [f, fb] = m.speedup();
+                println!(
+                    "{:>6} {:>6} {:>7} {:>9.3} ms {:>9.3} ms {:>7.2}x {:>10.3} ms {:>10.3} ms {:>7.2}x",
+                    m.d,
+                    m.batch,
+                    m.threads,
+                    m.dense_forward_ms,
+                    m.circulant_forward_ms,
+                    f,
+                    m.dense_forward_backward_ms,
+                    m.circulant_forward_backward_ms,
+                    fb
+                );
+            }
+            all.push(m);
+        }
+    }
+    if !json {
+        for &b in batch {
+            for (i, what) in ["forward", "forward+backward"].iter().enumerate() {
+                let mut sizes: Vec<&super::CirculantMeasurement> =
+                    all.iter().filter(|m| m.batch == b).collect();
+                sizes.sort_by_key(|m| m.d);
+                // The smallest size from which every larger one measured is faster too.
+                let from = sizes
+                    .iter()
+                    .rposition(|m| m.speedup()[i] < 1.0)
+                    .map_or(Some(0), |p| (p + 1 < sizes.len()).then_some(p + 1));
+                match from {
+                    Some(p) => println!(
+                        "batch {b}, {what}: circulant faster from d = {} on (of the sizes measured)",
+                        sizes[p].d
+                    ),
+                    None => println!("batch {b}, {what}: circulant slower at every size measured"),
+                }
+            }
+        }
+    }
+    Ok(())
+}

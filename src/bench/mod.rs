@@ -1069,3 +1069,77 @@ pub fn measure_lookup_conv(
         vs_int8: int8_us / binary_us,
     })
 }
+
+/// One size of `convpress bench circulant`: a `d x d` dense layer (Burn's `Linear`, a matrix
+/// product) against a circulant layer of the same size (the FFT kernel through the Burn
+/// extension), forward and forward + backward, interleaved in rounds, as medians.
+#[derive(Debug, Clone, Serialize)]
+pub struct CirculantMeasurement {
+    pub d: usize,
+    pub batch: usize,
+    pub threads: usize,
+    pub dense_forward_ms: f64,
+    pub circulant_forward_ms: f64,
+    pub dense_forward_backward_ms: f64,
+    pub circulant_forward_backward_ms: f64,
+    /// Parameters of each (weights and bias).
+    pub params: [usize; 2],
+}
+
+impl CirculantMeasurement {
+    /// Dense time over circulant time: forward, forward + backward.
+    pub fn speedup(&self) -> [f64; 2] {
+        [
+            self.dense_forward_ms / self.circulant_forward_ms,
+            self.dense_forward_backward_ms / self.circulant_forward_backward_ms,
+        ]
+    }
+}
+
+/// Times both layers of size `d` at `batch` for about `budget` in all.
+pub fn measure_circulant(
+    device: &Device,
+    d: usize,
+    batch: usize,
+    budget: Duration,
+) -> CirculantMeasurement {
+    use crate::models::network::Circulant;
+    const ROUNDS: usize = 5;
+    let ad = device.clone().autodiff();
+    let normal = burn::tensor::Distribution::Normal(0.0, 1.0);
+    let dense = |dev: &Device| burn::nn::LinearConfig::new(d, d).init(dev);
+    let circ = |dev: &Device| Circulant::new(d, d, true, 0, dev);
+    let (dense_plain, circ_plain) = (dense(device), circ(device));
+    let (dense_ad, circ_ad) = (dense(&ad), circ(&ad));
+    let x = Tensor::<2>::random([batch, d], normal, device);
+    let x_ad = Tensor::<2>::random([batch, d], normal, &ad).require_grad();
+    let slice = budget / (4 * ROUNDS) as u32;
+    let time = |f: &dyn Fn()| {
+        let (iters, secs) = time_loop(slice, f);
+        1000.0 * secs / iters as f64
+    };
+    let infer = |y: Tensor<2>| {
+        let _: Vec<f32> = y.into_data().try_to_vec().expect("f32");
+    };
+    let train = |y: Tensor<2>| {
+        let grads = y.sum().backward();
+        let _ = x_ad.grad(&grads);
+    };
+    let mut t = vec![Vec::new(); 4];
+    for _ in 0..ROUNDS {
+        t[0].push(time(&|| infer(dense_plain.forward(x.clone()))));
+        t[1].push(time(&|| infer(circ_plain.forward(x.clone()))));
+        t[2].push(time(&|| train(dense_ad.forward(x_ad.clone()))));
+        t[3].push(time(&|| train(circ_ad.forward(x_ad.clone()))));
+    }
+    CirculantMeasurement {
+        d,
+        batch,
+        threads: rayon::current_num_threads(),
+        dense_forward_ms: median(&mut t[0]),
+        circulant_forward_ms: median(&mut t[1]),
+        dense_forward_backward_ms: median(&mut t[2]),
+        circulant_forward_backward_ms: median(&mut t[3]),
+        params: [d * d + d, 2 * d],
+    }
+}

@@ -26,10 +26,10 @@ pub struct CirculantParams {
     #[arg(long, value_enum, default_value = "project")]
     #[serde(default)]
     pub init: Init,
-    /// Seed of the input signs and of random starts.
+    /// Seed of the input signs (layer i takes seed + i) and of random starts.
     #[arg(long, default_value_t = 0)]
     #[serde(default)]
-    pub seed: u64,
+    pub sign_seed: u64,
     /// Seconds spent timing each layer before and after, per batch size (1 and 64).
     #[arg(long, default_value_t = 1.0)]
     #[serde(default = "one_second")]
@@ -112,7 +112,11 @@ impl Stage for Circulant {
         let arch = before.arch()?;
         let paths = self.chosen(arch)?;
         Ok(Plan {
-            arch: Some(circulant::rewrite_arch(arch, &paths, self.params.seed)?),
+            arch: Some(circulant::rewrite_arch(
+                arch,
+                &paths,
+                self.params.sign_seed,
+            )?),
             ..before.clone()
         })
     }
@@ -127,7 +131,7 @@ impl Stage for Circulant {
             &input.loaded.tensors,
             &paths,
             self.params.init,
-            self.params.seed,
+            self.params.sign_seed,
         )
         .map_err(at)?;
         let budget = Duration::from_secs_f64(self.params.layer_seconds);
