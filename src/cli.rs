@@ -243,6 +243,9 @@ pub enum BenchCommand {
         seconds: f64,
         #[arg(long)]
         json: bool,
+        /// Also draw the speed-ups against d into this SVG file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
     /// Training and inference images per second on synthetic data.
     Train {
@@ -748,7 +751,8 @@ fn run_bench(
             batch,
             seconds,
             json,
-        } => bench::print_circulant(&device()?, &dims, &batch, seconds, json),
+            plot,
+        } => bench::print_circulant(&device()?, &dims, &batch, seconds, json, plot.as_deref()),
         BenchCommand::Ops { seconds, json } => {
             crate::bench::check_bench_args(&[1], seconds)?;
             bench::print_ops(&device()?, seconds, json)

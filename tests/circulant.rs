@@ -25,8 +25,8 @@ fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
     }
 }
 
-/// `(batch, in, out)`: square, wide, tall, odd, a power of two, one, and rows enough for
-/// several threads.
+/// `(batch, in, out)`: square, wide, tall, odd, a power of two, one, and the last two large
+/// enough (batch x d of 64K and more) to be split across threads.
 const SHAPES: &[(usize, usize, usize)] = &[
     (3, 8, 8),
     (2, 13, 5),
@@ -37,6 +37,8 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (2, 1, 4),
     (200, 96, 96),
     (3, 784, 300),
+    (80, 1024, 700),
+    (70, 500, 1000),
 ];
 
 const ALL: Wanted = Wanted {
@@ -288,4 +290,227 @@ fn the_runtime_kernel_equals_its_dense_equivalent() {
             .contains("max(in, out)")
     );
     assert!(CirculantLinear::new(0, 3, &[1.0; 3], 0, None).is_err());
+}
+
+#[test]
+fn projection_recovers_a_circulant_weight_and_is_the_least_squares_fit() {
+    use convpress::compress::circulant::project;
+    for (i, &(n_in, n_out)) in [(13, 5), (5, 13), (8, 8), (1, 1)].iter().enumerate() {
+        let d = n_in.max(n_out);
+        let r = values(d, 70 + i as u64);
+        let s = circulant::signs(i as u64, n_in);
+        // Burn's layout [in, out]: w[j][o] = r[(o - j) mod d] * s[j].
+        let mut w = vec![0.0; n_in * n_out];
+        for j in 0..n_in {
+            for o in 0..n_out {
+                w[j * n_out + o] = r[(o + d - j) % d] * s[j];
+            }
+        }
+        let back = project(n_in, n_out, &w, &s);
+        assert_close(&back, &r, 1e-6, &format!("{n_in}x{n_out} projection"));
+    }
+    // On any weight, moving the fit makes its error larger.
+    let (n_in, n_out) = (12, 7);
+    let w = values(n_in * n_out, 3);
+    let s = circulant::signs(5, n_in);
+    let err = |r: &[f32]| -> f64 {
+        let d = r.len();
+        let mut e = 0.0;
+        for j in 0..n_in {
+            for o in 0..n_out {
+                let c = (r[(o + d - j) % d] * s[j]) as f64;
+                e += (w[j * n_out + o] as f64 - c).powi(2);
+            }
+        }
+        e
+    };
+    let best = project(n_in, n_out, &w, &s);
+    for k in 0..best.len() {
+        for delta in [-1e-2f32, 1e-2] {
+            let mut moved = best.clone();
+            moved[k] += delta;
+            assert!(
+                err(&moved) > err(&best),
+                "moving r[{k}] by {delta} lowers the error"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_circulant_layer_learns_through_burns_optimizer() {
+    use burn::optim::{GradientsParams, Optimizer, SgdConfig};
+    use convpress::models::network::Circulant;
+    let device = Device::flex().autodiff();
+    device.seed(3);
+    // Teacher: a random circulant map 24 -> 10; student: a fresh layer of the same shape.
+    let teacher = Circulant::new(24, 10, true, 9, &device);
+    let mut student = Circulant::new(24, 10, true, 9, &device);
+    let mut optim = SgdConfig::new().init();
+    let x = tensor(values(64 * 24, 4), [64, 24], &device);
+    let target = teacher.forward(x.clone()).detach();
+    let loss_of = |m: &Circulant| -> f32 {
+        let d = m.forward(x.clone()) - target.clone();
+        (d.clone() * d).mean().into_scalar()
+    };
+    let first = loss_of(&student);
+    for _ in 0..200 {
+        let d = student.forward(x.clone()) - target.clone();
+        let grads = (d.clone() * d).mean().backward();
+        let grads = GradientsParams::from_grads(grads, &student);
+        student = optim.step(0.05, student, grads);
+    }
+    let last = loss_of(&student);
+    assert!(last < first / 100.0, "loss {first} -> {last}");
+}
+
+/// LeNet-300-100 with random weights, its hidden layers circulant (projected).
+fn circulant_lenet300() -> (
+    convpress::models::Arch,
+    convpress::compress::circulant::Replaced,
+) {
+    use convpress::compress::circulant::{Init, default_layers, replace};
+    use convpress::models::{ModelKind, Network};
+    let arch = ModelKind::Lenet300.arch([1, 28, 28], 10).unwrap();
+    let net = Network::seeded(&arch, &Device::default(), 2).unwrap();
+    let tensors = convpress::checkpoint::tensor_map(&net);
+    let paths = default_layers(&arch);
+    assert_eq!(
+        paths,
+        ["layers.1", "layers.3"],
+        "hidden layers, not the classifier"
+    );
+    let r = replace(&arch, &tensors, &paths, Init::Project, 11).unwrap();
+    (arch, r)
+}
+
+#[test]
+fn a_circulant_model_saves_loads_and_runs_like_any_other() {
+    use convpress::checkpoint::{load_tensors, tensor_map};
+    use convpress::models::Network;
+    use convpress::runtime::model::SparseModel;
+    let (arch, r) = circulant_lenet300();
+    let kinds: Vec<&str> = r.arch.layer_stats().iter().map(|s| s.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            "flatten",
+            "circulant",
+            "relu",
+            "circulant",
+            "relu",
+            "linear"
+        ]
+    );
+    // O(d) per layer: 784 + 300 bias, 300 + 100 bias, and the dense classifier.
+    assert_eq!(r.arch.num_params(), 784 + 300 + 300 + 100 + 100 * 10 + 10);
+    assert_eq!(r.layers[0].params, [784 * 300 + 300, 784 + 300]);
+    assert!(r.arch.flops() < arch.flops() / 5);
+    let device = Device::default();
+    let net = load_tensors(Network::new(&r.arch, &device).unwrap(), r.tensors.clone()).unwrap();
+    let x = values(3 * 784, 12);
+    let images = tensor(x.clone(), [3, 1, 28, 28], &device);
+    let scores: Vec<f32> = net
+        .forward(images.clone())
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+    // Burn's ops (the explicit matrix) give the same scores.
+    let burn: Vec<f32> = with_ops(Ops::Burn, || {
+        net.forward(images.clone())
+            .into_data()
+            .try_to_vec()
+            .unwrap()
+    });
+    assert_close(&burn, &scores, 1e-4, "burn's ops");
+    // Saved and loaded: same architecture, same scores; the runtime agrees.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.safetensors");
+    convpress::checkpoint::save(&file, &net, &common::meta()).unwrap();
+    let (back, _) = convpress::checkpoint::load(&file, &device).unwrap();
+    assert_eq!(back.arch, r.arch);
+    assert_eq!(tensor_map(&back).len(), tensor_map(&net).len());
+    let again: Vec<f32> = back.forward(images).into_data().try_to_vec().unwrap();
+    assert_eq!(again, scores);
+    let runtime = SparseModel::load(&file).unwrap();
+    assert_close(&runtime.forward(&x, 3), &scores, 1e-4, "runtime");
+    let circulant_layers = runtime
+        .layers()
+        .into_iter()
+        .filter(|l| l.kernel == "fft")
+        .count();
+    assert_eq!(circulant_layers, 2);
+}
+
+#[test]
+fn circulant_stage_refuses_non_dense_layers_and_unknown_keys() {
+    use convpress::models::ModelKind;
+    use convpress::pipeline::layers::LayerRules;
+    use convpress::pipeline::recipe::Recipe;
+    use convpress::pipeline::stages::circulant::{Circulant, CirculantParams};
+    let stage = |layers: &[&str]| Circulant {
+        params: CirculantParams {
+            init: Default::default(),
+            sign_seed: 0,
+            layer_seconds: 1.0,
+        },
+        layers: LayerRules(
+            layers
+                .iter()
+                .map(|p| (p.to_string(), Default::default()))
+                .collect(),
+        ),
+    };
+    let lenet5 = ModelKind::Lenet5.arch([1, 28, 28], 10).unwrap();
+    assert_eq!(stage(&[]).chosen(&lenet5).unwrap(), ["layers.5"]);
+    let e = stage(&["layers.0"]).chosen(&lenet5).unwrap_err();
+    assert!(
+        e.starts_with("layers.0 is a conv2d layer") && e.contains("dense"),
+        "{e}"
+    );
+    let e = stage(&["layers.9"]).chosen(&lenet5).unwrap_err();
+    assert!(e.contains("matches no layer"), "{e}");
+    let resnet = ModelKind::Resnet20.arch([1, 32, 32], 10).unwrap();
+    let e = stage(&[]).chosen(&resnet).unwrap_err();
+    assert!(e.contains("no dense layer before its last"), "{e}");
+    // Made circulant twice: refused.
+    let (_, r) = circulant_lenet300();
+    let e = stage(&["layers.1"]).chosen(&r.arch).unwrap_err();
+    assert!(e.contains("circulant already"), "{e}");
+    // Recipe keys.
+    let parse = |t: &str| Recipe::parse(std::path::Path::new("r.toml"), t.to_string());
+    let r = parse(
+        "[[stage]]\nkind = \"circulant\"\ninit = \"random\"\nsign-seed = 4\n[stage.layers]\n\"layers.1\" = {}\n",
+    )
+    .unwrap();
+    let s = r.stages[0].stage.settings();
+    assert_eq!(s["params"]["init"], "random");
+    assert_eq!(s["params"]["sign-seed"], 4);
+    for bad in [
+        "[[stage]]\nkind = \"circulant\"\nseed = 4\n",
+        "[[stage]]\nkind = \"circulant\"\n[stage.layers]\n\"layers.1\" = { rank = 3 }\n",
+    ] {
+        let e = format!("{:#}", parse(bad).err().expect("refused"));
+        assert!(e.contains("seed") || e.contains("rank"), "{e}");
+    }
+}
+
+#[test]
+fn the_command_refuses_a_conv_layer_before_writing_anything() {
+    use convpress::models::{ModelKind, Network};
+    let dir = tempfile::tempdir().unwrap();
+    let arch = ModelKind::Lenet5.arch([1, 28, 28], 10).unwrap();
+    let net = Network::seeded(&arch, &Device::default(), 1).unwrap();
+    let file = dir.path().join("m.safetensors");
+    convpress::checkpoint::save(&file, &net, &common::meta()).unwrap();
+    let run = dir.path().join("run");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_convpress"))
+        .args(["circulant", "--checkpoint", file.to_str().unwrap()])
+        .args(["--layers", "layers.2", "--run-dir", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("layers.2 is a conv2d layer"), "{err}");
+    assert!(!run.exists(), "nothing is written");
 }

@@ -678,8 +678,14 @@ pub fn print_circulant(
     batch: &[usize],
     seconds: f64,
     json: bool,
+    plot: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     check_bench_args(batch, seconds)?;
+    if let Some(p) = plot
+        && p.extension().is_none_or(|e| e != "svg")
+    {
+        bail!("--plot {}: the chart is an .svg file", p.display());
+    }
     if dims.is_empty() || dims.contains(&0) {
         bail!("--dims must be sizes of at least 1");
     }
@@ -712,7 +718,7 @@ pub fn print_circulant(
             } else {
                 let [f, fb] = m.speedup();
                 println!(
-                    "{:>6} {:>6} {:>7} {:>9.3} ms {:>9.3} ms {:>7.2}x {:>10.3} ms {:>10.3} ms {:>7.2}x",
+                    "{:>6} {:>6} {:>7} {:>9.4} ms {:>9.4} ms {:>7.2}x {:>10.4} ms {:>10.4} ms {:>7.2}x",
                     m.d,
                     m.batch,
                     m.threads,
@@ -748,5 +754,43 @@ pub fn print_circulant(
             }
         }
     }
+    if let Some(path) = plot {
+        crate::atomic_file::write_atomic(path, circulant_chart(&all).to_svg().as_bytes())?;
+        if !json {
+            println!("chart: {}", path.display());
+        }
+    }
     Ok(())
+}
+
+/// Speed-up against size, one line per batch and pass; log2 so that 0.5x and 2x sit equally
+/// far from the line of equal speed.
+fn circulant_chart(all: &[super::CirculantMeasurement]) -> crate::plot::LineChart {
+    let mut batches: Vec<usize> = all.iter().map(|m| m.batch).collect();
+    batches.sort_unstable();
+    batches.dedup();
+    let mut series = Vec::new();
+    for b in batches {
+        for (i, what) in ["forward", "forward+backward"].iter().enumerate() {
+            let mut points: Vec<(f64, f64)> = all
+                .iter()
+                .filter(|m| m.batch == b)
+                .map(|m| (m.d as f64, m.speedup()[i].log2()))
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            series.push(crate::plot::Series {
+                name: format!("batch {b}, {what}"),
+                points,
+            });
+        }
+    }
+    crate::plot::LineChart {
+        title: "circulant layer against a dense layer of the same size".into(),
+        x_label: "d (layer is d x d)".into(),
+        y_label: "log2 speed-up (dense time / circulant time)".into(),
+        series,
+        guides: vec![(0.0, "equal speed".into())],
+        log_x: true,
+        ..Default::default()
+    }
 }

@@ -209,6 +209,13 @@ impl CirculantPlan {
                 *yv = if relu { v.max(0.0) } else { v };
             }
         };
+        if serial(s.batch, d) {
+            let mut sc = self.scratch();
+            for (xr, yr) in x.chunks(s.in_features).zip(y.chunks_mut(s.out_features)) {
+                row(&mut sc, xr, yr);
+            }
+            return;
+        }
         x.par_chunks(s.in_features)
             .zip(y.par_chunks_mut(s.out_features))
             .with_min_len(rows_per_task(d))
@@ -307,32 +314,37 @@ impl CirculantPlan {
         } else {
             (0..s.batch).map(|_| &mut [][..]).collect()
         };
-        let acc = x
-            .par_chunks(n_in)
-            .zip(g.par_chunks(n_out))
-            .zip(dx_rows)
-            .with_min_len(chunk)
-            .fold(
-                || Task {
-                    sc: self.scratch(),
-                    acc: vec![Complex::default(); bins],
-                    gs: vec![Complex::default(); bins],
-                },
-                |mut t, ((xr, gr), dxr)| {
+        let new_task = || Task {
+            sc: self.scratch(),
+            acc: vec![Complex::default(); bins],
+            gs: vec![Complex::default(); bins],
+        };
+        let acc = if serial(s.batch, d) {
+            let mut t = new_task();
+            for ((xr, gr), dxr) in x.chunks(n_in).zip(g.chunks(n_out)).zip(dx_rows) {
+                row(&mut t, xr, gr, dxr);
+            }
+            t.acc
+        } else {
+            x.par_chunks(n_in)
+                .zip(g.par_chunks(n_out))
+                .zip(dx_rows)
+                .with_min_len(chunk)
+                .fold(new_task, |mut t, ((xr, gr), dxr)| {
                     row(&mut t, xr, gr, dxr);
                     t
-                },
-            )
-            .map(|t| t.acc)
-            .reduce(
-                || vec![Complex::<f32>::default(); bins],
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(b) {
-                        *x += y;
-                    }
-                    a
-                },
-            );
+                })
+                .map(|t| t.acc)
+                .reduce(
+                    || vec![Complex::<f32>::default(); bins],
+                    |mut a, b| {
+                        for (x, y) in a.iter_mut().zip(b) {
+                            *x += y;
+                        }
+                        a
+                    },
+                )
+        };
         if wanted.r {
             let mut sc = self.scratch();
             sc.spectrum.copy_from_slice(&acc);
@@ -344,6 +356,12 @@ impl CirculantPlan {
         }
         grads
     }
+}
+
+/// Whether a call is too small to pay for splitting it across threads (below about 64K
+/// values, a thread hand-off costs more than the transforms it would share).
+fn serial(batch: usize, d: usize) -> bool {
+    batch * d < 1 << 16 || rayon::current_num_threads() == 1
 }
 
 /// Rows per rayon task: enough transforms that a task outweighs its scheduling.
