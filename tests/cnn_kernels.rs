@@ -61,6 +61,11 @@ const CASES: &[Case] = &[
     (2, 5, 7, [13, 35], [3, 3], [2, 2], [1, 1], [1, 1], [1, 1], 1), // stride 2, 18 columns
     (1, 3, 9, [11, 30], [5, 3], [1, 1], [2, 1], [2, 1], [1, 2], 1), // dilated columns, 28 wide
     (3, 6, 10, [9, 41], [3, 5], [1, 3], [1, 2], [0, 2], [2, 1], 2), // stride (1, 3), groups
+    // Stride-1 depthwise: whole shifted planes. CP's k×1 and 1×k layers, then a multiplier of
+    // 2 with asymmetric padding and dilation at batch 1 (its channels split across threads).
+    (3, 5, 5, [12, 12], [5, 1], [1, 1], [0, 0], [0, 0], [1, 1], 5),
+    (2, 5, 5, [8, 12], [1, 5], [1, 1], [0, 0], [0, 0], [1, 1], 5),
+    (1, 3, 6, [7, 9], [3, 2], [1, 1], [2, 0], [1, 1], [2, 1], 3),
 ];
 
 fn problem(c: &Case) -> Conv2dProblem {

@@ -12,7 +12,7 @@
 //!   (`dW += dY · colsᵀ`); the input gradient is `col2im(Wᵀ · dY)`. A 1x1 stride-1 unpadded
 //!   convolution needs no im2col: the image *is* the column matrix. Convolutions with one input
 //!   channel per group (depthwise) skip GEMM, whose one-row products would be all overhead, for
-//!   direct shifted-row loops;
+//!   direct loops: whole shifted planes at stride 1 ([`depthwise`]), shifted rows otherwise;
 //! - [`direct`] (x86-64 with AVX2 and FMA, checked at run time): the forward of every
 //!   convolution with a window of 2+ taps that is not depthwise, and the input gradient of the
 //!   stride-1 ones, with register-blocked micro-kernels and no column matrix. Where it runs, the
@@ -24,6 +24,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
+mod depthwise;
 pub mod direct;
 
 /// Everything a convolution kernel needs to know about one call.
@@ -463,6 +464,9 @@ fn forward_image(
     let plane = p.out_plane();
     start_from_bias(p, bias, y);
     if p.is_depthwise() {
+        if depthwise::applies(p) {
+            return depthwise::forward_image(p, x, w, y, threads);
+        }
         return depthwise_forward(p, x, w, y);
     }
     let (k, og) = (p.patch_len(), p.out_per_group());
@@ -507,8 +511,8 @@ fn forward_image(
     }
 }
 
-/// Direct depthwise forward of one image: each output plane adds one shifted, strided copy of
-/// its input plane per tap.
+/// Direct depthwise forward of one image with a stride (stride 1 takes [`depthwise`]): each
+/// output plane adds one shifted, strided copy of its input plane per tap.
 fn depthwise_forward(p: &Conv2dProblem, x: &[f32], w: &[f32], y: &mut [f32]) {
     let [h, wd] = p.in_hw;
     let [oh, ow] = p.out_hw();
@@ -752,6 +756,9 @@ fn backward_image(
     threads: Threads,
 ) {
     if p.is_depthwise() {
+        if depthwise::applies(p) {
+            return depthwise::backward_image(p, x, w, dy, dx, dw);
+        }
         return depthwise_backward(p, x, w, dy, dx, dw);
     }
     let plane = p.out_plane();
