@@ -339,7 +339,7 @@ fn projection_recovers_a_circulant_weight_and_is_the_least_squares_fit() {
 
 #[test]
 fn a_circulant_layer_learns_through_burns_optimizer() {
-    use burn::optim::{GradientsParams, Optimizer, SgdConfig};
+    use burn::optim::{GradientsParams, SgdConfig};
     use convpress::models::network::Circulant;
     let device = Device::flex().autodiff();
     device.seed(3);

@@ -91,7 +91,13 @@ fn padded<'a>(p: &Conv2dProblem, l: &Layout, plane: &'a [f32], buf: &'a mut Vec<
 
 /// One image's forward onto `y` (which holds the bias or zeros). `threads`: whether to spread
 /// the channels over the pool (a batch too small for one image per thread).
-pub(super) fn forward_image(p: &Conv2dProblem, x: &[f32], w: &[f32], y: &mut [f32], threads: Threads) {
+pub(super) fn forward_image(
+    p: &Conv2dProblem,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    threads: Threads,
+) {
     let l = Layout::of(p);
     let (in_plane, out_plane) = (p.in_plane(), p.out_plane());
     let per_channel = p.out_per_group() * p.kernel[0] * p.kernel[1];
@@ -145,7 +151,11 @@ fn forward_channel<const FMA: bool>(
         for ki in 0..kh {
             for kj in 0..kw {
                 let s = l.shift(p, ki, kj);
-                let target = if direct { &mut out[..l.len] } else { &mut acc[..] };
+                let target = if direct {
+                    &mut out[..l.len]
+                } else {
+                    &mut acc[..]
+                };
                 axpy_body::<FMA>(target, &src[s..s + l.len], wo[ki * kw + kj]);
             }
         }
@@ -191,7 +201,9 @@ pub(super) fn backward_image(
                 xc: &x[c * in_plane..(c + 1) * in_plane],
                 wc: &w[c * per_channel..(c + 1) * per_channel],
                 dyc: &dy[c * og * out_plane..(c + 1) * og * out_plane],
-                dxc: dx.as_deref_mut().map(|d| &mut d[c * in_plane..(c + 1) * in_plane]),
+                dxc: dx
+                    .as_deref_mut()
+                    .map(|d| &mut d[c * in_plane..(c + 1) * in_plane]),
                 dwc: dw
                     .as_deref_mut()
                     .map(|d| &mut d[c * per_channel..(c + 1) * per_channel]),
@@ -222,7 +234,7 @@ fn backward_channel<const FMA: bool>(p: &Conv2dProblem, l: &Layout, g: Grad, b: 
         xc,
         wc,
         dyc,
-        mut dxc,
+        dxc,
         mut dwc,
     } = g;
     let Buffers { pad, acc, grad } = b;
@@ -259,7 +271,7 @@ fn backward_channel<const FMA: bool>(p: &Conv2dProblem, l: &Layout, g: Grad, b: 
             }
         }
     }
-    if let Some(dx) = dxc.as_deref_mut() {
+    if let Some(dx) = dxc {
         for r in 0..h {
             let at = (r + p.pad_begin[0]) * l.wp + p.pad_begin[1];
             for (o, &v) in dx[r * wd..(r + 1) * wd].iter_mut().zip(&acc[at..at + wd]) {

@@ -197,7 +197,9 @@ impl Decompose {
                     method.name(),
                     match method {
                         Method::Svd => "dense layers",
-                        _ => "ungrouped convolutions with a kernel larger than 1x1",
+                        Method::Tucker2 => "ungrouped convolutions with more than one channel",
+                        Method::Separable => "ungrouped convolutions with a kernel of at least 2x2",
+                        Method::Cp => "ungrouped convolutions with a kernel larger than 1x1",
                     }
                 ));
             }
