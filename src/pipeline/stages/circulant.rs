@@ -4,12 +4,12 @@
 //! after it; `convpress circulant` runs both.
 
 use crate::bench;
-use crate::checkpoint::{ModelMeta, Tensors};
+use crate::checkpoint::Tensors;
 use crate::compress::circulant::{self, Init, LayerReport};
 use crate::models::{Arch, LayerSpec};
 use crate::pipeline::layers::LayerRules;
 use crate::pipeline::stages::finetune::FinetuneParams;
-use crate::pipeline::stages::rewrite::RewriteCommand;
+use crate::pipeline::stages::rewrite::{RewriteCommand, save_outcome};
 use crate::pipeline::table::{self, StageTable};
 use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, required};
 use serde::{Deserialize, Serialize};
@@ -145,37 +145,26 @@ impl Stage for Circulant {
                 b64_ms,
             });
         }
-        let meta = ModelMeta {
-            info: serde_json::json!({
-                "circulant_from": input.file,
-                "init": self.params.init,
-                "layers": paths,
-            }),
-            ..input.meta().clone()
-        };
-        let meta = match input.meta().data_dir() {
-            Some(dir) => meta.with_data_dir(&dir),
-            None => meta,
-        };
+        let info = serde_json::json!({
+            "circulant_from": input.file,
+            "init": self.params.init,
+            "layers": paths,
+        });
         let details = serde_json::json!({
             "init": self.params.init,
             "layers": entries,
             "params": [arch.num_params(), r.arch.num_params()],
             "flops": [arch.flops(), r.arch.flops()],
         });
-        let model = Model::save_tensors(
-            &cx.dir.join("circulant.safetensors"),
+        save_outcome(
+            &input,
+            info,
+            "circulant.safetensors",
             &r.arch,
             r.tensors,
-            &meta,
-            &Default::default(),
-            &cx.device,
-        )?;
-        Ok(Outcome {
-            model,
             details,
-            curve: vec![],
-        })
+            cx,
+        )
     }
 }
 

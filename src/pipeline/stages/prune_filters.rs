@@ -3,10 +3,9 @@
 //! result is a smaller dense model with a new architecture. Fine-tuning is a `finetune` stage
 //! after it; `convpress prune-filters` runs both.
 
-use crate::checkpoint::ModelMeta;
 use crate::compress::structured::{self, Analysis, Criterion, Target};
 use crate::pipeline::stages::finetune::FinetuneParams;
-use crate::pipeline::stages::rewrite::RewriteCommand;
+use crate::pipeline::stages::rewrite::{RewriteCommand, save_outcome};
 use crate::pipeline::table::{self, StageTable};
 use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, required};
 use serde::{Deserialize, Serialize};
@@ -80,38 +79,27 @@ impl Stage for PruneFilters {
         let target = self.target().map_err(anyhow::Error::msg)?;
         let pruned = structured::prune(input.arch(), &input.loaded.tensors, &target)
             .map_err(|e| anyhow::anyhow!("{}: {e}", input.file.display()))?;
-        let meta = ModelMeta {
-            info: serde_json::json!({
-                "pruned_from": input.file,
-                "ratio": target.ratio,
-                "criterion": target.criterion,
-                "skip_coupled": target.skip_coupled,
-            }),
-            ..input.meta().clone()
-        };
-        let meta = match input.meta().data_dir() {
-            Some(d) => meta.with_data_dir(&d),
-            None => meta,
-        };
+        let info = serde_json::json!({
+            "pruned_from": input.file,
+            "ratio": target.ratio,
+            "criterion": target.criterion,
+            "skip_coupled": target.skip_coupled,
+        });
         let (a, b) = (input.arch(), &pruned.arch);
         let details = serde_json::json!({
             "groups": pruned.groups,
             "params": [a.num_params(), b.num_params()],
             "flops": [a.flops(), b.flops()],
         });
-        let model = Model::save_tensors(
-            &cx.dir.join("pruned.safetensors"),
+        save_outcome(
+            &input,
+            info,
+            "pruned.safetensors",
             &pruned.arch,
             pruned.tensors,
-            &meta,
-            &Default::default(),
-            &cx.device,
-        )?;
-        Ok(Outcome {
-            model,
             details,
-            curve: vec![],
-        })
+            cx,
+        )
     }
 }
 

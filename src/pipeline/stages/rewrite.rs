@@ -14,6 +14,41 @@ use anyhow::bail;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// A rewriting stage's result: its architecture and tensors saved as `cx.dir/<file>`, with
+/// `info` (what it was made from and how) and the input's data folder in the file's metadata.
+#[allow(clippy::too_many_arguments)]
+pub fn save_outcome(
+    input: &Model,
+    info: serde_json::Value,
+    file: &str,
+    arch: &Arch,
+    tensors: checkpoint::Tensors,
+    details: serde_json::Value,
+    cx: &Context,
+) -> anyhow::Result<Outcome> {
+    let meta = checkpoint::ModelMeta {
+        info,
+        ..input.meta().clone()
+    };
+    let meta = match input.meta().data_dir() {
+        Some(dir) => meta.with_data_dir(&dir),
+        None => meta,
+    };
+    let model = Model::save_tensors(
+        &cx.dir.join(file),
+        arch,
+        tensors,
+        &meta,
+        &Default::default(),
+        &cx.device,
+    )?;
+    Ok(Outcome {
+        model,
+        details,
+        curve: vec![],
+    })
+}
+
 /// One run of a rewriting stage's command: what every such command shares.
 pub struct RewriteCommand<'a> {
     pub stage: &'a dyn Stage,

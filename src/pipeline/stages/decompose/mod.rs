@@ -8,12 +8,12 @@
 pub mod tradeoff;
 
 use crate::bench;
-use crate::checkpoint::{ModelMeta, Tensors};
+use crate::checkpoint::Tensors;
 use crate::compress::lowrank::{self, LayerReport, LayerWeights, Method, RankRule};
 use crate::models::{Arch, LayerSpec};
 use crate::pipeline::layers::{LayerRules, weighted_layer_paths};
 use crate::pipeline::stages::finetune::FinetuneParams;
-use crate::pipeline::stages::rewrite::RewriteCommand;
+use crate::pipeline::stages::rewrite::{RewriteCommand, save_outcome};
 use crate::pipeline::table::{self, StageTable};
 use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, required};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -274,18 +274,11 @@ impl Stage for Decompose {
                 latency,
             });
         }
-        let meta = ModelMeta {
-            info: serde_json::json!({
-                "decomposed_from": input.file,
-                "method": self.method(),
-                "layers": d.layers.iter().map(|l| (l.path.clone(), l.rank.clone())).collect::<BTreeMap<_, _>>(),
-            }),
-            ..input.meta().clone()
-        };
-        let meta = match input.meta().data_dir() {
-            Some(dir) => meta.with_data_dir(&dir),
-            None => meta,
-        };
+        let info = serde_json::json!({
+            "decomposed_from": input.file,
+            "method": self.method(),
+            "layers": d.layers.iter().map(|l| (l.path.clone(), l.rank.clone())).collect::<BTreeMap<_, _>>(),
+        });
         let details = serde_json::json!({
             "method": self.method(),
             "layers": entries,
@@ -293,19 +286,15 @@ impl Stage for Decompose {
             "params": [arch.num_params(), d.arch.num_params()],
             "flops": [arch.flops(), d.arch.flops()],
         });
-        let model = Model::save_tensors(
-            &cx.dir.join("decomposed.safetensors"),
+        save_outcome(
+            &input,
+            info,
+            "decomposed.safetensors",
             &d.arch,
             d.tensors,
-            &meta,
-            &Default::default(),
-            &cx.device,
-        )?;
-        Ok(Outcome {
-            model,
             details,
-            curve: vec![],
-        })
+            cx,
+        )
     }
 }
 
