@@ -514,3 +514,32 @@ fn the_command_refuses_a_conv_layer_before_writing_anything() {
     assert!(err.contains("layers.2 is a conv2d layer"), "{err}");
     assert!(!run.exists(), "nothing is written");
 }
+
+#[test]
+fn gradients_are_the_same_on_any_number_of_threads_and_at_batch_zero() {
+    let c = &(80, 1024, 700);
+    let (s, x, r, _, signs) = case(7, c);
+    let g = values(s.batch * s.out_features, 90);
+    let plan = CirculantPlan::new(s.d());
+    let many = plan.backward(&s, &x, &r, &signs, &g, ALL);
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(|| plan.backward(&s, &x, &r, &signs, &g, ALL));
+    assert_eq!(many, one, "bit for bit");
+    let bias_only = Wanted {
+        x: false,
+        r: false,
+        bias: true,
+    };
+    let b = plan.backward(&s, &x, &r, &signs, &g, bias_only);
+    assert!(b.x.is_none() && b.r.is_none());
+    assert_eq!(b.bias, many.bias);
+    let empty = CirculantShape { batch: 0, ..s };
+    let z = plan.backward(&empty, &[], &r, &signs, &[], ALL);
+    assert_eq!(z.x.unwrap().len(), 0);
+    assert!(z.r.unwrap().iter().all(|&v| v == 0.0));
+    assert!(z.bias.unwrap().iter().all(|&v| v == 0.0));
+    assert!(plan.forward(&empty, &[], &r, &signs, None).is_empty());
+}

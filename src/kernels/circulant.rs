@@ -72,6 +72,10 @@ pub struct Grads {
 }
 
 fn check(s: &CirculantShape, x: &[f32], r: &[f32], signs: &[f32]) {
+    assert!(
+        s.in_features > 0 && s.out_features > 0,
+        "circulant: at least one input and one output"
+    );
     assert_eq!(x.len(), s.batch * s.in_features, "circulant: input size");
     assert_eq!(r.len(), s.d(), "circulant: r must have max(in, out) values");
     assert_eq!(signs.len(), s.in_features, "circulant: one sign per input");
@@ -194,6 +198,13 @@ impl CirculantPlan {
         assert_eq!(y.len(), s.batch * s.out_features, "circulant: output size");
         assert_eq!(signs.len(), s.in_features, "circulant: one sign per input");
         assert_eq!(spectrum.len(), d / 2 + 1, "circulant: spectrum size");
+        assert!(
+            s.in_features > 0 && s.out_features > 0,
+            "circulant: at least one input and one output"
+        );
+        if let Some(b) = bias {
+            assert_eq!(b.len(), s.out_features, "circulant: one bias per output");
+        }
         if s.batch == 0 {
             return;
         }
@@ -308,43 +319,47 @@ impl CirculantPlan {
                 }
             }
         };
-        let chunk = rows_per_task(d);
-        let dx_rows: Vec<&mut [f32]> = if wanted.x {
-            dx.chunks_mut(n_in).collect()
+        // Rows in fixed blocks, whose partial sums are added in block order: the same `dr` on
+        // any number of threads and in every run.
+        let rows = if serial(s.batch, d) {
+            s.batch.max(1)
         } else {
-            (0..s.batch).map(|_| &mut [][..]).collect()
+            rows_per_task(d)
         };
-        let new_task = || Task {
-            sc: self.scratch(),
-            acc: vec![Complex::default(); bins],
-            gs: vec![Complex::default(); bins],
-        };
-        let acc = if serial(s.batch, d) {
-            let mut t = new_task();
-            for ((xr, gr), dxr) in x.chunks(n_in).zip(g.chunks(n_out)).zip(dx_rows) {
+        let block = |xb: &[f32], gb: &[f32], dxb: &mut [f32]| {
+            let mut t = Task {
+                sc: self.scratch(),
+                acc: vec![Complex::default(); bins],
+                gs: vec![Complex::default(); bins],
+            };
+            for (k, (xr, gr)) in xb.chunks(n_in).zip(gb.chunks(n_out)).enumerate() {
+                let dxr = if wanted.x {
+                    &mut dxb[k * n_in..(k + 1) * n_in]
+                } else {
+                    &mut [][..]
+                };
                 row(&mut t, xr, gr, dxr);
             }
             t.acc
-        } else {
-            x.par_chunks(n_in)
-                .zip(g.par_chunks(n_out))
-                .zip(dx_rows)
-                .with_min_len(chunk)
-                .fold(new_task, |mut t, ((xr, gr), dxr)| {
-                    row(&mut t, xr, gr, dxr);
-                    t
-                })
-                .map(|t| t.acc)
-                .reduce(
-                    || vec![Complex::<f32>::default(); bins],
-                    |mut a, b| {
-                        for (x, y) in a.iter_mut().zip(b) {
-                            *x += y;
-                        }
-                        a
-                    },
-                )
         };
+        let blocks = s.batch.div_ceil(rows);
+        let dx_blocks: Vec<&mut [f32]> = if wanted.x {
+            dx.chunks_mut(rows * n_in).collect()
+        } else {
+            (0..blocks).map(|_| &mut [][..]).collect()
+        };
+        let parts: Vec<Vec<Complex<f32>>> = x
+            .par_chunks(rows * n_in)
+            .zip(g.par_chunks(rows * n_out))
+            .zip(dx_blocks)
+            .map(|((xb, gb), dxb)| block(xb, gb, dxb))
+            .collect();
+        let mut acc = vec![Complex::<f32>::default(); bins];
+        for part in parts {
+            for (a, v) in acc.iter_mut().zip(part) {
+                *a += v;
+            }
+        }
         if wanted.r {
             let mut sc = self.scratch();
             sc.spectrum.copy_from_slice(&acc);
@@ -359,9 +374,10 @@ impl CirculantPlan {
 }
 
 /// Whether a call is too small to pay for splitting it across threads (below about 64K
-/// values, a thread hand-off costs more than the transforms it would share).
+/// values, a thread hand-off costs more than the transforms it would share). It depends on the
+/// sizes only, so results do not depend on the number of threads.
 fn serial(batch: usize, d: usize) -> bool {
-    batch * d < 1 << 16 || rayon::current_num_threads() == 1
+    batch * d < 1 << 16
 }
 
 /// Rows per rayon task: enough transforms that a task outweighs its scheduling.

@@ -757,7 +757,7 @@ fn backward_image(
 ) {
     if p.is_depthwise() {
         if depthwise::applies(p) {
-            return depthwise::backward_image(p, x, w, dy, dx, dw);
+            return depthwise::backward_image(p, x, w, dy, dx, dw, threads);
         }
         return depthwise_backward(p, x, w, dy, dx, dw);
     }

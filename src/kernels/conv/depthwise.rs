@@ -79,10 +79,10 @@ fn padded<'a>(p: &Conv2dProblem, l: &Layout, plane: &'a [f32], buf: &'a mut Vec<
     if !l.padded {
         return plane;
     }
-    let [h, w] = p.in_hw;
+    let w = p.in_hw[1];
     buf.clear();
     buf.resize(l.hp * l.wp, 0.0);
-    for (r, line) in plane.chunks_exact(w).enumerate().take(h) {
+    for (r, line) in plane.chunks_exact(w).enumerate() {
         let at = (r + p.pad_begin[0]) * l.wp + p.pad_begin[1];
         buf[at..at + w].copy_from_slice(line);
     }
@@ -114,7 +114,7 @@ pub(super) fn forward_image(
     };
     let group = p.out_per_group() * out_plane;
     match threads {
-        Threads::All if p.in_channels > 1 => x
+        Threads::All => x
             .par_chunks_exact(in_plane)
             .zip(y.par_chunks_exact_mut(group))
             .enumerate()
@@ -182,41 +182,54 @@ unsafe fn forward_channel_fma(
     forward_channel::<true>(p, l, wc, xc, yc, b)
 }
 
-/// One image's backward: `dx` (this image's) and `dw` (the batch's) accumulate.
+/// One image's backward: `dx` (this image's) and `dw` (the batch's) accumulate. `threads`:
+/// whether to spread the channels over the pool (their slices of `dx` and `dw` are disjoint).
 pub(super) fn backward_image(
     p: &Conv2dProblem,
     x: &[f32],
     w: &[f32],
     dy: &[f32],
-    mut dx: Option<&mut [f32]>,
-    mut dw: Option<&mut [f32]>,
+    dx: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
+    threads: Threads,
 ) {
     let l = Layout::of(p);
     let (in_plane, out_plane) = (p.in_plane(), p.out_plane());
     let og = p.out_per_group();
     let per_channel = og * p.kernel[0] * p.kernel[1];
-    with_buffers(|b| {
-        for c in 0..p.in_channels {
-            let g = Grad {
-                xc: &x[c * in_plane..(c + 1) * in_plane],
-                wc: &w[c * per_channel..(c + 1) * per_channel],
-                dyc: &dy[c * og * out_plane..(c + 1) * og * out_plane],
-                dxc: dx
-                    .as_deref_mut()
-                    .map(|d| &mut d[c * in_plane..(c + 1) * in_plane]),
-                dwc: dw
-                    .as_deref_mut()
-                    .map(|d| &mut d[c * per_channel..(c + 1) * per_channel]),
-            };
+    fn slices(d: Option<&mut [f32]>, len: usize, n: usize) -> Vec<Option<&mut [f32]>> {
+        match d {
+            Some(d) => d.chunks_mut(len).map(Some).collect(),
+            None => (0..n).map(|_| None).collect(),
+        }
+    }
+    let n = p.in_channels;
+    let tasks: Vec<Grad> = slices(dx, in_plane, n)
+        .into_iter()
+        .zip(slices(dw, per_channel, n))
+        .enumerate()
+        .map(|(c, (dxc, dwc))| Grad {
+            xc: &x[c * in_plane..(c + 1) * in_plane],
+            wc: &w[c * per_channel..(c + 1) * per_channel],
+            dyc: &dy[c * og * out_plane..(c + 1) * og * out_plane],
+            dxc,
+            dwc,
+        })
+        .collect();
+    let one = |g: Grad| {
+        with_buffers(|b| {
             #[cfg(target_arch = "x86_64")]
             if fma_available() {
                 // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                unsafe { backward_channel_fma(p, &l, g, b) };
-                continue;
+                return unsafe { backward_channel_fma(p, &l, g, b) };
             }
-            backward_channel::<false>(p, &l, g, b);
-        }
-    })
+            backward_channel::<false>(p, &l, g, b)
+        })
+    };
+    match threads {
+        Threads::All => tasks.into_par_iter().for_each(one),
+        Threads::One => tasks.into_iter().for_each(one),
+    }
 }
 
 /// One input channel's part of a backward pass.
@@ -240,7 +253,12 @@ fn backward_channel<const FMA: bool>(p: &Conv2dProblem, l: &Layout, g: Grad, b: 
     let Buffers { pad, acc, grad } = b;
     let [h, wd] = p.in_hw;
     let [kh, kw] = p.kernel;
-    let src = padded(p, l, xc, pad);
+    // The input is read only for the weight gradient.
+    let src = if dwc.is_some() {
+        padded(p, l, xc, pad)
+    } else {
+        &[][..]
+    };
     // The input gradient of the padded plane, cropped into dx at the end.
     if dxc.is_some() {
         acc.clear();
