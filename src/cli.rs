@@ -16,6 +16,7 @@ use crate::pipeline::stages::eval::{self, Eval, EvalParams};
 use crate::pipeline::stages::finetune::FinetuneParams;
 use crate::pipeline::stages::prune::{self, PruneParams};
 use crate::pipeline::stages::prune_filters::{self, FilterParams, PruneFilters};
+use crate::pipeline::stages::rewrite::RewriteArgs;
 use crate::pipeline::stages::share::ShareParams;
 use crate::pipeline::stages::train::{self, TrainParams};
 use crate::pipeline::{Context, Model, Stage, report};
@@ -351,32 +352,14 @@ pub struct PruneArgs {
 
 #[derive(Args, Debug)]
 pub struct PruneFiltersArgs {
-    /// The trained model to prune.
-    #[arg(long)]
-    pub checkpoint: PathBuf,
     #[command(flatten)]
     pub filters: FilterParams,
     #[command(flatten)]
-    pub finetune: FinetuneParams,
-    /// Seconds spent measuring each latency figure.
-    #[arg(long, default_value_t = 2.0)]
-    pub latency_seconds: f64,
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    #[arg(long)]
-    pub run_dir: Option<PathBuf>,
-    /// Replace the run in --run-dir (a folder convpress made) instead of refusing.
-    #[arg(long)]
-    pub force: bool,
-    #[arg(long)]
-    pub no_progress: bool,
+    pub run: RewriteArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct DecomposeArgs {
-    /// The trained model to factorize.
-    #[arg(long)]
-    pub checkpoint: PathBuf,
     #[command(flatten)]
     pub decompose: DecomposeParams,
     /// Layers to factorize (paths or glob patterns, comma separated); default: every layer
@@ -384,26 +367,11 @@ pub struct DecomposeArgs {
     #[arg(long, value_delimiter = ',')]
     pub layers: Vec<String>,
     #[command(flatten)]
-    pub finetune: FinetuneParams,
-    /// Seconds spent measuring each whole-model latency figure.
-    #[arg(long, default_value_t = 2.0)]
-    pub latency_seconds: f64,
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    #[arg(long)]
-    pub run_dir: Option<PathBuf>,
-    /// Replace the run in --run-dir (a folder convpress made) instead of refusing.
-    #[arg(long)]
-    pub force: bool,
-    #[arg(long)]
-    pub no_progress: bool,
+    pub run: RewriteArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct CirculantArgs {
-    /// The trained model whose dense layers become circulant.
-    #[arg(long)]
-    pub checkpoint: PathBuf,
     #[command(flatten)]
     pub circulant: CirculantParams,
     /// Dense layers to replace (paths or glob patterns, comma separated); default: every dense
@@ -411,19 +379,7 @@ pub struct CirculantArgs {
     #[arg(long, value_delimiter = ',')]
     pub layers: Vec<String>,
     #[command(flatten)]
-    pub finetune: FinetuneParams,
-    /// Seconds spent measuring each whole-model latency figure.
-    #[arg(long, default_value_t = 2.0)]
-    pub latency_seconds: f64,
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    #[arg(long)]
-    pub run_dir: Option<PathBuf>,
-    /// Replace the run in --run-dir (a folder convpress made) instead of refusing.
-    #[arg(long)]
-    pub force: bool,
-    #[arg(long)]
-    pub no_progress: bool,
+    pub run: RewriteArgs,
 }
 
 #[derive(Args, Debug)]
@@ -593,22 +549,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info { checkpoint, json } => crate::inspect::info(&checkpoint, json),
         Command::Prune(args) => run_prune(args, device()?),
         Command::PruneFilters(args) => {
-            let cx = context(PathBuf::new(), device()?, args.data_dir, args.no_progress);
+            let cx = context(
+                PathBuf::new(),
+                device()?,
+                args.run.data_dir.clone(),
+                args.run.no_progress,
+            );
             let stage = PruneFilters {
                 params: args.filters,
             };
-            prune_filters::command(
-                &stage,
-                &args.finetune,
-                &args.checkpoint,
-                args.latency_seconds,
-                args.run_dir,
-                args.force,
-                cx,
-            )
+            prune_filters::command(&stage, &args.run, cx)
         }
         Command::Decompose(args) => {
-            let cx = context(PathBuf::new(), device()?, args.data_dir, args.no_progress);
+            let cx = context(
+                PathBuf::new(),
+                device()?,
+                args.run.data_dir.clone(),
+                args.run.no_progress,
+            );
             let stage = Decompose {
                 params: args.decompose,
                 layers: LayerRules(
@@ -618,19 +576,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         .collect(),
                 ),
             };
-            decompose::command(
-                &stage,
-                &args.finetune,
-                &args.checkpoint,
-                args.latency_seconds,
-                args.run_dir,
-                args.force,
-                cx,
-            )
-            .map(|_| ())
+            decompose::command(&stage, &args.run, cx).map(|_| ())
         }
         Command::Circulant(args) => {
-            let cx = context(PathBuf::new(), device()?, args.data_dir, args.no_progress);
+            let cx = context(
+                PathBuf::new(),
+                device()?,
+                args.run.data_dir.clone(),
+                args.run.no_progress,
+            );
             let stage = Circulant {
                 params: args.circulant,
                 layers: LayerRules(
@@ -640,16 +594,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         .collect(),
                 ),
             };
-            circulant::command(
-                &stage,
-                &args.finetune,
-                &args.checkpoint,
-                args.latency_seconds,
-                args.run_dir,
-                args.force,
-                cx,
-            )
-            .map(|_| ())
+            circulant::command(&stage, &args.run, cx).map(|_| ())
         }
         Command::DecomposeTradeoff(args) => {
             let cx = context(

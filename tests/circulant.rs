@@ -6,24 +6,13 @@
 mod common;
 
 use burn::prelude::*;
-use common::values;
+use common::{assert_close, values};
 use convpress::kernels::circulant::{self, CirculantPlan, CirculantShape, Wanted, reference};
 use convpress::kernels::extension::{self, Signs};
 use convpress::kernels::{Ops, with_ops};
 use convpress::runtime::LinearKernel;
 use convpress::runtime::circulant::CirculantLinear;
 use std::sync::Arc;
-
-fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= tol * scale,
-            "{what}[{i}]: {g} vs {w} (tolerance {tol} x {scale})"
-        );
-    }
-}
 
 /// `(batch, in, out)`: square, wide, tall, odd, a power of two, one, and the last two large
 /// enough (batch x d of 64K and more) to be split across threads.

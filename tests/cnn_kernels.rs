@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::values;
+use common::{assert_close, values};
 
 use burn::backend::ops::ConvOptions;
 use burn::prelude::*;
@@ -13,17 +13,6 @@ use convpress::kernels::conv::{self, Conv2dProblem, Wanted};
 use convpress::kernels::norm::{self, NormShape};
 use convpress::kernels::{self, Ops, PoolParams, with_ops};
 use convpress::models::{ModelKind, Network};
-
-fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= tol * scale,
-            "{what}[{i}]: {g} vs {w} (tolerance {tol} x {scale})"
-        );
-    }
-}
 
 /// `(batch, in, out, hw, kernel, stride, pad_begin, pad_end, dilation, groups)`.
 type Case = (

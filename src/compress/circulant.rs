@@ -100,7 +100,7 @@ pub fn rewrite_arch(arch: &Arch, paths: &[String], seed: u64) -> Result<Arch, St
         else {
             unreachable!("checked");
         };
-        *layer_mut(&mut out.layers, path)? = LayerSpec::Circulant {
+        *out.layer_mut(path)? = LayerSpec::Circulant {
             in_features,
             out_features,
             bias,
@@ -109,33 +109,6 @@ pub fn rewrite_arch(arch: &Arch, paths: &[String], seed: u64) -> Result<Arch, St
     }
     out.validate()?;
     Ok(out)
-}
-
-/// The spec at a dotted path (`layers.3`, `layers.5.body.0`).
-fn layer_mut<'a>(layers: &'a mut [LayerSpec], path: &str) -> Result<&'a mut LayerSpec, String> {
-    let mut parts = path.split('.');
-    if parts.next() != Some("layers") {
-        return Err(format!("{path}: paths start with layers."));
-    }
-    let bad = || format!("{path}: no such layer");
-    let mut list = layers;
-    loop {
-        let i: usize = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
-        let spec = list.get_mut(i).ok_or_else(bad)?;
-        match parts.next() {
-            None => return Ok(spec),
-            Some(branch) => match spec {
-                LayerSpec::Residual { body, shortcut } => {
-                    list = match branch {
-                        "body" => body,
-                        "shortcut" => shortcut,
-                        _ => return Err(bad()),
-                    }
-                }
-                _ => return Err(bad()),
-            },
-        }
-    }
 }
 
 /// The least-squares circulant vector for a dense weight in Burn's `[in, out]` layout under

@@ -462,6 +462,26 @@ impl Arch {
         out
     }
 
+    /// The layer at a dotted path (`layers.3`, `layers.5.body.0`), to rewrite in place.
+    pub fn layer_mut(&mut self, path: &str) -> Result<&mut LayerSpec, String> {
+        let bad = || format!("{path}: no such layer");
+        let mut parts = path.split('.');
+        if parts.next() != Some("layers") {
+            return Err(format!("{path}: paths start with layers."));
+        }
+        let mut list = &mut self.layers[..];
+        loop {
+            let i: usize = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+            let spec = list.get_mut(i).ok_or_else(bad)?;
+            match (parts.next(), spec) {
+                (None, spec) => return Ok(spec),
+                (Some("body"), LayerSpec::Residual { body, .. }) => list = body,
+                (Some("shortcut"), LayerSpec::Residual { shortcut, .. }) => list = shortcut,
+                _ => return Err(bad()),
+            }
+        }
+    }
+
     /// Every float tensor that a network of this architecture holds (parameters and batch-norm
     /// statistics), by path, with its shape in Burn's layout: what a model file must contain,
     /// checked before the file's tensors are used (`checkpoint::Loaded::check`). A test holds

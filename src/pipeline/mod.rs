@@ -166,6 +166,17 @@ impl Plan {
         })
     }
 
+    /// Refuses a stage that changes layers' shapes (`what`, e.g. "filters are removed") after
+    /// masks or codebooks were made for the old ones (`shapes`), naming `stage` to move.
+    pub fn before_masks(&self, what: &str, shapes: &str, stage: &str) -> Result<(), String> {
+        if self.state.contains(&State::Masks) || self.state.contains(&State::Codebooks) {
+            return Err(format!(
+                "{what} before weights are pruned or shared (masks and codebooks have {shapes}): move {stage} before prune and share"
+            ));
+        }
+        Ok(())
+    }
+
     /// Refuses a stage that would continue training (or change) a model already encoded.
     pub fn not_encoded(&self) -> Result<(), String> {
         if self.state.contains(&State::Encoded) {

@@ -197,3 +197,15 @@ pub fn resealed_damages(bytes: &[u8], seed: u64, tries: usize, batch: usize) -> 
     }
     refused
 }
+
+/// Element-wise closeness relative to the largest magnitude of `want` (at least 1).
+pub fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * scale,
+            "{what}[{i}]: {g} vs {w} (tolerance {tol} x {scale})"
+        );
+    }
+}

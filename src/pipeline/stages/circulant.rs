@@ -3,17 +3,15 @@
 //! weight error and measured latency before and after. Fine-tuning is a `finetune` stage
 //! after it; `convpress circulant` runs both.
 
-use crate::bench;
-use crate::checkpoint::Tensors;
 use crate::compress::circulant::{self, Init, LayerReport};
 use crate::models::{Arch, LayerSpec};
 use crate::pipeline::layers::LayerRules;
-use crate::pipeline::stages::finetune::FinetuneParams;
-use crate::pipeline::stages::rewrite::{RewriteCommand, save_outcome};
+use crate::pipeline::stages::rewrite::{
+    LayerLatency, Layers, RewriteArgs, RewriteCommand, layer_latency, save_outcome,
+};
 use crate::pipeline::table::{self, StageTable};
-use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, required};
+use crate::pipeline::{Context, Model, Outcome, Plan, Stage, required};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// `convpress circulant`'s flags and the `circulant` stage's keys; `[stage.layers]` (recipes)
@@ -87,9 +85,8 @@ impl Circulant {
 pub struct LayerEntry {
     #[serde(flatten)]
     pub report: LayerReport,
-    /// Milliseconds before and after.
-    pub b1_ms: [f64; 2],
-    pub b64_ms: [f64; 2],
+    #[serde(flatten)]
+    pub latency: LayerLatency,
 }
 
 impl Stage for Circulant {
@@ -103,11 +100,11 @@ impl Stage for Circulant {
 
     fn plan(&self, before: &Plan, _cx: &Context) -> Result<Plan, String> {
         before.not_encoded()?;
-        if before.state.contains(&State::Masks) || before.state.contains(&State::Codebooks) {
-            return Err(
-                "dense layers become circulant before weights are pruned or shared (masks and codebooks have the dense shapes): move circulant before prune and share".into(),
-            );
-        }
+        before.before_masks(
+            "dense layers become circulant",
+            "the dense shapes",
+            "circulant",
+        )?;
         crate::resources::check_seconds("layer-seconds", self.params.layer_seconds)?;
         let arch = before.arch()?;
         let paths = self.chosen(arch)?;
@@ -136,13 +133,24 @@ impl Stage for Circulant {
         .map_err(at)?;
         let budget = Duration::from_secs_f64(self.params.layer_seconds);
         let mut entries = Vec::new();
+        let (old_specs, new_specs) = (arch.layer_specs(), r.arch.layer_specs());
         for report in &r.layers {
-            let [b1_ms, b64_ms] =
-                layer_latency(arch, &input.loaded.tensors, &r, report, budget, cx)?;
+            let path = std::slice::from_ref(&report.path);
+            let side = |specs: &std::collections::BTreeMap<String, &LayerSpec>, tensors| Layers {
+                specs: vec![specs[&report.path].clone()],
+                paths: path,
+                tensors,
+            };
+            let latency = layer_latency(
+                crate::models::Shape::Flat(report.in_features),
+                side(&old_specs, &input.loaded.tensors),
+                side(&new_specs, &r.tensors),
+                budget,
+                cx,
+            )?;
             entries.push(LayerEntry {
                 report: report.clone(),
-                b1_ms,
-                b64_ms,
+                latency,
             });
         }
         let info = serde_json::json!({
@@ -168,34 +176,6 @@ impl Stage for Circulant {
     }
 }
 
-/// One layer's latency, dense and circulant, on its own input, timed in turns at batch 1
-/// and 64.
-fn layer_latency(
-    arch: &Arch,
-    tensors: &Tensors,
-    r: &circulant::Replaced,
-    report: &LayerReport,
-    budget: Duration,
-    cx: &Context,
-) -> anyhow::Result<[[f64; 2]; 2]> {
-    let input = crate::models::Shape::Flat(report.in_features);
-    let probe = |spec: &LayerSpec, from: &Tensors| {
-        let mut t = Tensors::new();
-        for field in ["weight", "bias"] {
-            if let Some(v) = from.get(&format!("{}.{field}", report.path)) {
-                t.insert(format!("layers.0.{field}"), v.clone());
-            }
-        }
-        bench::layer_probe(std::slice::from_ref(spec), &t, input, &cx.device)
-            .map_err(anyhow::Error::msg)
-    };
-    let before = probe(arch.layer_specs()[&report.path], tensors)?;
-    let after = probe(r.arch.layer_specs()[&report.path], &r.tensors)?;
-    let b1 = bench::interleaved_latency(&[&before, &after], 1, budget, &cx.device);
-    let b64 = bench::interleaved_latency(&[&before, &after], 64, budget, &cx.device);
-    Ok([[b1[0], b1[1]], [b64[0], b64[1]]])
-}
-
 /// The per-layer table of a `circulant` stage's details.
 pub fn print_layers(details: &serde_json::Value) {
     let entries: Vec<LayerEntry> =
@@ -214,9 +194,9 @@ pub fn print_layers(details: &serde_json::Value) {
             format!("{} -> {}", r.params[0], r.params[1]),
             format!("{} -> {}", r.flops[0], r.flops[1]),
             100.0 * r.relative_error,
-            format!("{:.3} -> {:.3}", e.b1_ms[0], e.b1_ms[1]),
-            format!("{:.3} -> {:.3}", e.b64_ms[0], e.b64_ms[1]),
-            e.b64_ms[0] / e.b64_ms[1],
+            format!("{:.3} -> {:.3}", e.latency.b1_ms[0], e.latency.b1_ms[1]),
+            format!("{:.3} -> {:.3}", e.latency.b64_ms[0], e.latency.b64_ms[1]),
+            e.latency.b64_ms[0] / e.latency.b64_ms[1],
         );
     }
 }
@@ -226,22 +206,14 @@ pub fn print_layers(details: &serde_json::Value) {
 /// and latency before and after; writes `report.json` and returns it.
 pub fn command(
     stage: &Circulant,
-    finetune: &FinetuneParams,
-    checkpoint_path: &Path,
-    latency_seconds: f64,
-    run_dir: Option<PathBuf>,
-    force: bool,
+    args: &RewriteArgs,
     cx: Context,
 ) -> anyhow::Result<serde_json::Value> {
     let init = clap::ValueEnum::to_possible_value(&stage.params.init).expect("a named value");
     RewriteCommand {
         stage,
         names: ["dense", "circulant"],
-        finetune,
-        checkpoint: checkpoint_path,
-        latency_seconds,
-        run_dir,
-        force,
+        args,
     }
     .run(
         cx,

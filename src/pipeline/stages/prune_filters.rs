@@ -4,12 +4,10 @@
 //! after it; `convpress prune-filters` runs both.
 
 use crate::compress::structured::{self, Analysis, Criterion, Target};
-use crate::pipeline::stages::finetune::FinetuneParams;
-use crate::pipeline::stages::rewrite::{RewriteCommand, save_outcome};
+use crate::pipeline::stages::rewrite::{RewriteArgs, RewriteCommand, save_outcome};
 use crate::pipeline::table::{self, StageTable};
-use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, required};
+use crate::pipeline::{Context, Model, Outcome, Plan, Stage, required};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 
 /// `convpress prune-filters`'s pruning flags, and the `prune-filters` stage's keys.
 #[derive(clap::Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,11 +62,7 @@ impl Stage for PruneFilters {
 
     fn plan(&self, before: &Plan, _cx: &Context) -> Result<Plan, String> {
         before.not_encoded()?;
-        if before.state.contains(&State::Masks) || before.state.contains(&State::Codebooks) {
-            return Err(
-                "filters are removed before weights are pruned or shared (masks and codebooks have the old shapes): move prune-filters before prune and share".into(),
-            );
-        }
+        before.before_masks("filters are removed", "the old shapes", "prune-filters")?;
         self.target()?;
         Analysis::new(before.arch()?)?;
         Ok(before.clone())
@@ -106,24 +100,12 @@ impl Stage for PruneFilters {
 /// `convpress prune-filters`: the stage, then `finetune` in the same folder (`run_dir`, by
 /// default `runs/<model>-filters-<percent>-<criterion>`), with accuracy and latency of the
 /// dense, pruned and fine-tuned models; prints its tables and writes `report.json`.
-pub fn command(
-    stage: &PruneFilters,
-    finetune: &FinetuneParams,
-    checkpoint_path: &Path,
-    latency_seconds: f64,
-    run_dir: Option<std::path::PathBuf>,
-    force: bool,
-    cx: Context,
-) -> anyhow::Result<()> {
+pub fn command(stage: &PruneFilters, args: &RewriteArgs, cx: Context) -> anyhow::Result<()> {
     let target = stage.target().map_err(anyhow::Error::msg)?;
     let command = RewriteCommand {
         stage,
         names: ["dense", "pruned"],
-        finetune,
-        checkpoint: checkpoint_path,
-        latency_seconds,
-        run_dir,
-        force,
+        args,
     };
     let default_name = |input: &Model| {
         let criterion =

@@ -6,13 +6,58 @@
 
 use crate::checkpoint;
 use crate::data::ImageSet;
-use crate::models::Arch;
+use crate::models::{Arch, LayerSpec, Shape};
 use crate::pipeline::stages::finetune::{Finetune, FinetuneParams};
 use crate::pipeline::{Context, Model, Outcome, Plan, Stage, measure};
 use crate::{bench, train};
 use anyhow::bail;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// One rewritten layer's latency before and after, in milliseconds, at batch 1 and 64.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LayerLatency {
+    pub b1_ms: [f64; 2],
+    pub b64_ms: [f64; 2],
+}
+
+/// Layers of one model by path, with the tensors they hold: one side of [`layer_latency`].
+pub struct Layers<'a> {
+    pub specs: Vec<LayerSpec>,
+    pub paths: &'a [String],
+    pub tensors: &'a checkpoint::Tensors,
+}
+
+/// The latency of the layers a rewrite replaced (`before`) and of those replacing them
+/// (`after`), each as a probe network on the input they see, timed in turns at batch 1 and 64.
+pub fn layer_latency(
+    input: Shape,
+    before: Layers,
+    after: Layers,
+    budget: Duration,
+    cx: &Context,
+) -> anyhow::Result<LayerLatency> {
+    let probe = |side: Layers| {
+        let mut t = checkpoint::Tensors::new();
+        for (i, p) in side.paths.iter().enumerate() {
+            for (name, v) in side.tensors {
+                if let Some(field) = name.strip_prefix(&format!("{p}."))
+                    && !field.contains('.')
+                {
+                    t.insert(format!("layers.{i}.{field}"), v.clone());
+                }
+            }
+        }
+        bench::layer_probe(&side.specs, &t, input, &cx.device).map_err(anyhow::Error::msg)
+    };
+    let (before, after) = (probe(before)?, probe(after)?);
+    let b1 = bench::interleaved_latency(&[&before, &after], 1, budget, &cx.device);
+    let b64 = bench::interleaved_latency(&[&before, &after], 64, budget, &cx.device);
+    Ok(LayerLatency {
+        b1_ms: [b1[0], b1[1]],
+        b64_ms: [b64[0], b64[1]],
+    })
+}
 
 /// A rewriting stage's result: its architecture and tensors saved as `cx.dir/<file>`, with
 /// `info` (what it was made from and how) and the input's data folder in the file's metadata.
@@ -49,17 +94,35 @@ pub fn save_outcome(
     })
 }
 
+/// The flags every rewriting command (`prune-filters`, `decompose`, `circulant`) shares.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RewriteArgs {
+    /// The trained model to rewrite.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[command(flatten)]
+    pub finetune: FinetuneParams,
+    /// Seconds spent measuring each whole-model latency figure.
+    #[arg(long, default_value_t = 2.0)]
+    pub latency_seconds: f64,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Run folder (default: `runs/<a name from the model and the settings>`).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Replace the run in --run-dir (a folder convpress made) instead of refusing.
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
 /// One run of a rewriting stage's command: what every such command shares.
 pub struct RewriteCommand<'a> {
     pub stage: &'a dyn Stage,
     /// The input's and the output's names in the table and the report (`dense`, `pruned`).
     pub names: [&'a str; 2],
-    pub finetune: &'a FinetuneParams,
-    pub checkpoint: &'a Path,
-    pub latency_seconds: f64,
-    /// `None`: `runs/<the default name>`.
-    pub run_dir: Option<PathBuf>,
-    pub force: bool,
+    pub args: &'a RewriteArgs,
 }
 
 impl RewriteCommand<'_> {
@@ -75,14 +138,22 @@ impl RewriteCommand<'_> {
         check: impl FnOnce(&Model) -> Result<(), String>,
         show: impl FnOnce(&Outcome) -> serde_json::Value,
     ) -> anyhow::Result<serde_json::Value> {
-        let finetune = self.finetune;
-        crate::resources::check_seconds("--latency-seconds", self.latency_seconds)
+        let RewriteArgs {
+            checkpoint,
+            finetune,
+            latency_seconds,
+            run_dir,
+            force,
+            ..
+        } = self.args;
+        let (checkpoint, latency_seconds) = (checkpoint.as_path(), *latency_seconds);
+        crate::resources::check_seconds("--latency-seconds", latency_seconds)
             .map_err(anyhow::Error::msg)?;
         if finetune.train_limit == Some(0) || finetune.test_limit == Some(0) {
             bail!("--train-limit and --test-limit must be at least 1");
         }
-        let input = Model::open(self.checkpoint)?;
-        let at = |e: String| anyhow::anyhow!("{}: {e}", self.checkpoint.display());
+        let input = Model::open(checkpoint)?;
+        let at = |e: String| anyhow::anyhow!("{}: {e}", checkpoint.display());
         let planned = self.stage.plan(&Plan::of(&input), &cx).map_err(at)?;
         if finetune.epochs > 0 {
             Finetune {
@@ -93,35 +164,35 @@ impl RewriteCommand<'_> {
         }
         check(&input).map_err(at)?;
         let test = measure::test_set(&input, &cx.data_dir_for(input.meta()), finetune.test_limit)?;
-        let dir = self
-            .run_dir
+        let dir = run_dir
+            .clone()
             .unwrap_or_else(|| PathBuf::from("runs").join(default_name(&input)));
         let cx = &Context { dir, ..cx };
-        let reuse = crate::run_folder::Reuse::from_flags(false, self.force);
+        let reuse = crate::run_folder::Reuse::from_flags(false, *force);
         let data_dir = cx.data_dir_for(input.meta());
         let _folder = crate::run_folder::RunFolder::open(
             &cx.dir,
             reuse,
             "--run-dir",
             false,
-            &[self.checkpoint, &data_dir],
+            &[checkpoint, &data_dir],
         )?;
         let out = self.stage.run(Some(input.clone()), cx)?;
         let extra = show(&out);
         let r = Rewrite::measure(
-            self.checkpoint,
+            checkpoint,
             &out,
             self.names,
             finetune,
             &test,
-            self.latency_seconds,
+            latency_seconds,
             cx,
         )?;
         let (a, b) = (input.arch(), out.model.arch());
         r.print(self.names, [a, b], finetune.epochs);
         let [x, y] = self.names;
         let mut report = serde_json::json!({
-            "checkpoint": self.checkpoint,
+            "checkpoint": checkpoint,
             "settings": self.stage.settings(),
             "params": [a.num_params(), b.num_params()],
             "flops": [a.flops(), b.flops()],

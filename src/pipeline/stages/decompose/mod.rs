@@ -7,18 +7,17 @@
 
 pub mod tradeoff;
 
-use crate::bench;
 use crate::checkpoint::Tensors;
 use crate::compress::lowrank::{self, LayerReport, LayerWeights, Method, RankRule};
-use crate::models::{Arch, LayerSpec};
+use crate::models::Arch;
 use crate::pipeline::layers::{LayerRules, weighted_layer_paths};
-use crate::pipeline::stages::finetune::FinetuneParams;
-use crate::pipeline::stages::rewrite::{RewriteCommand, save_outcome};
+use crate::pipeline::stages::rewrite::{
+    LayerLatency, Layers, RewriteArgs, RewriteCommand, layer_latency, save_outcome,
+};
 use crate::pipeline::table::{self, StageTable};
-use crate::pipeline::{Context, Model, Outcome, Plan, Stage, State, required};
+use crate::pipeline::{Context, Model, Outcome, Plan, Stage, required};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// `convpress decompose`'s flags and the `decompose` stage's keys. One rank rule (`rank`,
@@ -222,13 +221,6 @@ impl Decompose {
     }
 }
 
-/// One factorized layer's latency before and after, in milliseconds, at batch 1 and 64.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LayerLatency {
-    pub b1_ms: [f64; 2],
-    pub b64_ms: [f64; 2],
-}
-
 /// A factorized layer in the stage's details.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerEntry {
@@ -248,11 +240,7 @@ impl Stage for Decompose {
 
     fn plan(&self, before: &Plan, _cx: &Context) -> Result<Plan, String> {
         before.not_encoded()?;
-        if before.state.contains(&State::Masks) || before.state.contains(&State::Codebooks) {
-            return Err(
-                "layers are factorized before weights are pruned or shared (masks and codebooks have the old shapes): move decompose before prune and share".into(),
-            );
-        }
+        before.before_masks("layers are factorized", "the old shapes", "decompose")?;
         crate::resources::check_seconds("layer-seconds", self.params.layer_seconds)?;
         self.selection(before.arch()?)?;
         Ok(before.clone())
@@ -268,7 +256,7 @@ impl Stage for Decompose {
         let budget = Duration::from_secs_f64(self.params.layer_seconds);
         let mut entries = Vec::new();
         for report in &d.layers {
-            let latency = layer_latency(arch, &input.loaded.tensors, &d, report, budget, cx)?;
+            let latency = factor_latency(arch, &input.loaded.tensors, &d, report, budget, cx)?;
             entries.push(LayerEntry {
                 report: report.clone(),
                 latency,
@@ -382,9 +370,8 @@ impl Decompose {
     }
 }
 
-/// The latency of one layer and of the layers that replace it, on its own input shape, timed
-/// in turns at batch 1 and 64.
-fn layer_latency(
+/// The latency of one layer and of the layers that replace it, on its own input shape.
+fn factor_latency(
     arch: &Arch,
     tensors: &Tensors,
     d: &lowrank::Decomposed,
@@ -398,34 +385,22 @@ fn layer_latency(
         .find(|s| s.path == report.path)
         .map(|s| s.input)
         .ok_or_else(|| anyhow::anyhow!("internal error: {} has no statistics", report.path))?;
-    let pick = |specs: Vec<LayerSpec>, paths: &[String], from: &Tensors| {
-        let mut t = Tensors::new();
-        for (i, p) in paths.iter().enumerate() {
-            for (name, v) in from {
-                if let Some(field) = name.strip_prefix(&format!("{p}."))
-                    && !field.contains('.')
-                {
-                    t.insert(format!("layers.{i}.{field}"), v.clone());
-                }
-            }
-        }
-        bench::layer_probe(&specs, &t, input, &cx.device).map_err(anyhow::Error::msg)
-    };
-    let old = arch.layer_specs()[&report.path].clone();
-    let before = pick(vec![old], std::slice::from_ref(&report.path), tensors)?;
     let new_specs = d.arch.layer_specs();
-    let specs: Vec<LayerSpec> = report
-        .new_paths
-        .iter()
-        .map(|p| new_specs[p].clone())
-        .collect();
-    let after = pick(specs, &report.new_paths, &d.tensors)?;
-    let b1 = bench::interleaved_latency(&[&before, &after], 1, budget, &cx.device);
-    let b64 = bench::interleaved_latency(&[&before, &after], 64, budget, &cx.device);
-    Ok(LayerLatency {
-        b1_ms: [b1[0], b1[1]],
-        b64_ms: [b64[0], b64[1]],
-    })
+    let before = Layers {
+        specs: vec![arch.layer_specs()[&report.path].clone()],
+        paths: std::slice::from_ref(&report.path),
+        tensors,
+    };
+    let after = Layers {
+        specs: report
+            .new_paths
+            .iter()
+            .map(|p| new_specs[p].clone())
+            .collect(),
+        paths: &report.new_paths,
+        tensors: &d.tensors,
+    };
+    layer_latency(input, before, after, budget, cx)
 }
 
 /// The per-layer table of a `decompose` stage's details.
@@ -467,21 +442,13 @@ pub fn print_layers(details: &serde_json::Value) {
 /// and latency before and after; writes `report.json` and returns it.
 pub fn command(
     stage: &Decompose,
-    finetune: &FinetuneParams,
-    checkpoint_path: &Path,
-    latency_seconds: f64,
-    run_dir: Option<PathBuf>,
-    force: bool,
+    args: &RewriteArgs,
     cx: Context,
 ) -> anyhow::Result<serde_json::Value> {
     let command = RewriteCommand {
         stage,
         names: ["dense", "factored"],
-        finetune,
-        checkpoint: checkpoint_path,
-        latency_seconds,
-        run_dir,
-        force,
+        args,
     };
     let rule = stage
         .params

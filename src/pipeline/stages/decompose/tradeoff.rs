@@ -12,6 +12,7 @@ use super::{Decompose, DecomposeParams, LayerEntry, RuleParams};
 use crate::compress::lowrank::{self, Method};
 use crate::pipeline::layers::LayerRules;
 use crate::pipeline::stages::finetune::FinetuneParams;
+use crate::pipeline::stages::rewrite::RewriteArgs;
 use crate::pipeline::{Context, Model, Plan, Stage};
 use crate::plot::{LineChart, Series};
 use anyhow::bail;
@@ -302,15 +303,16 @@ pub fn command(args: &TradeoffArgs, cx: Context) -> anyhow::Result<()> {
         for &c in &args.compressions {
             let sub = dir.join(format!("{}-{c}x", m.name()));
             println!("\n== {} at {c}x -> {}", m.name(), sub.display());
-            let report = super::command(
-                &stage(m, c),
-                &args.finetune,
-                &args.checkpoint,
-                args.latency_seconds,
-                Some(sub.clone()),
-                false,
-                cx.clone(),
-            )?;
+            let run = RewriteArgs {
+                checkpoint: args.checkpoint.clone(),
+                finetune: args.finetune.clone(),
+                latency_seconds: args.latency_seconds,
+                data_dir: args.data_dir.clone(),
+                run_dir: Some(sub.clone()),
+                force: false,
+                no_progress: args.no_progress,
+            };
+            let report = super::command(&stage(m, c), &run, cx.clone())?;
             dense = (
                 report["accuracy_dense"].as_f64().unwrap_or(f64::NAN),
                 report["test_images"].as_u64().unwrap_or(0) as usize,
