@@ -569,12 +569,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let stage = Decompose {
                 params: args.decompose,
-                layers: LayerRules(
-                    args.layers
-                        .into_iter()
-                        .map(|p| (p, Default::default()))
-                        .collect(),
-                ),
+                layers: LayerRules::named(args.layers),
             };
             decompose::command(&stage, &args.run, cx).map(|_| ())
         }
@@ -587,12 +582,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let stage = Circulant {
                 params: args.circulant,
-                layers: LayerRules(
-                    args.layers
-                        .into_iter()
-                        .map(|p| (p, Default::default()))
-                        .collect(),
-                ),
+                layers: LayerRules::named(args.layers),
             };
             circulant::command(&stage, &args.run, cx).map(|_| ())
         }

@@ -19,6 +19,13 @@ impl<T> Default for LayerRules<T> {
     }
 }
 
+impl<T: Default> LayerRules<T> {
+    /// The layers a command line names (`--layers a,b`), each with the default settings.
+    pub fn named(patterns: Vec<String>) -> Self {
+        LayerRules(patterns.into_iter().map(|p| (p, T::default())).collect())
+    }
+}
+
 impl<T: Clone> LayerRules<T> {
     /// The value of every layer of `layers` that some pattern names (the last match wins);
     /// refuses a pattern that names none of them, listing the ones that exist.
