@@ -261,12 +261,7 @@ pub fn command(args: &TradeoffArgs, cx: Context) -> anyhow::Result<()> {
             },
             layer_seconds: args.layer_seconds,
         },
-        layers: LayerRules(
-            args.layers
-                .iter()
-                .map(|p| (p.clone(), Default::default()))
-                .collect(),
-        ),
+        layers: LayerRules::named(args.layers.clone()),
     };
     // Every run is planned and its ranks chosen before the first one starts.
     for &m in &args.methods {
