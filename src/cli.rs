@@ -10,7 +10,9 @@ use crate::pipeline::layers::LayerRules;
 use crate::pipeline::recipe::Recipe;
 use crate::pipeline::runner::{self, RunOptions};
 use crate::pipeline::stages::circulant::{self, Circulant, CirculantParams};
+use crate::pipeline::stages::compact::{self, CompactParams};
 use crate::pipeline::stages::decompose::{self, Decompose, DecomposeParams};
+use crate::pipeline::stages::distill::{self, DistillParams};
 use crate::pipeline::stages::encode::{self, EncodeParams};
 use crate::pipeline::stages::eval::{self, Eval, EvalParams};
 use crate::pipeline::stages::finetune::FinetuneParams;
@@ -101,6 +103,15 @@ pub enum Command {
     /// through the FFT; fine-tunes, and reports per layer parameters, FLOPs, weight error and
     /// measured latency before and after.
     Circulant(CirculantArgs),
+    /// Compact and transferred filters: convolutions rewritten as depthwise-separable ones
+    /// (MobileNet), fire modules (SqueezeNet), half the filters with CReLU, or filters shared
+    /// by rotation (and mirroring); fine-tunes, and reports per layer parameters, FLOPs and
+    /// measured latency before and after.
+    Rewrite(RewriteCompactArgs),
+    /// Knowledge distillation (Hinton et al. 2015): a student trained with a teacher's soft
+    /// targets at temperature T mixed with the labels; a fresh model (a zoo name, --width to
+    /// thin it) or a trained, pruned or rewritten checkpoint.
+    Distill(DistillArgs),
     /// Each low-rank method's accuracy against speed at several compressions: decompose and
     /// fine-tune runs in one folder, a table, JSON, CSV and an SVG plot.
     DecomposeTradeoff(decompose::tradeoff::TradeoffArgs),
@@ -383,6 +394,38 @@ pub struct CirculantArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct RewriteCompactArgs {
+    #[command(flatten)]
+    pub compact: CompactParams,
+    /// Layers to rewrite (paths or glob patterns, comma separated); default: every layer the
+    /// form suits.
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<String>,
+    #[command(flatten)]
+    pub run: RewriteArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DistillArgs {
+    /// The student: a model name (lenet300, lenet5, vgg-small, resnet20) to train from
+    /// scratch, or a checkpoint to train further (its masks and codebooks kept).
+    #[arg(long)]
+    pub student: String,
+    #[command(flatten)]
+    pub distill: DistillParams,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Run folder (default: `runs/<student>-distilled-<time>`).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Replace the run in --run-dir (a folder convpress made) instead of refusing.
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct EncodeArgs {
     /// The (pruned) model to encode.
     #[arg(long)]
@@ -585,6 +628,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 layers: LayerRules::named(args.layers),
             };
             circulant::command(&stage, &args.run, cx).map(|_| ())
+        }
+        Command::Rewrite(args) => {
+            let cx = context(
+                PathBuf::new(),
+                device()?,
+                args.run.data_dir.clone(),
+                args.run.no_progress,
+            );
+            let stage = compact::Rewrite {
+                params: args.compact,
+                layers: LayerRules::named(args.layers),
+            };
+            compact::command(&stage, &args.run, cx).map(|_| ())
+        }
+        Command::Distill(args) => {
+            let cx = context(PathBuf::new(), device()?, args.data_dir, args.no_progress);
+            let reuse = crate::run_folder::Reuse::from_flags(false, args.force);
+            distill::command(args.distill, &args.student, args.run_dir, reuse, cx)
         }
         Command::DecomposeTradeoff(args) => {
             let cx = context(

@@ -242,9 +242,8 @@ impl TrainHook for Recorder {
         &mut self,
         _p: &Progress,
         _m: &Network,
-        _x: &Tensor<4>,
+        _batch: &convpress::data::Batch,
         logits: &Tensor<2>,
-        _y: &Tensor<1, Int>,
     ) -> Option<Tensor<1>> {
         self.0.lock().unwrap().push("extra_loss".into());
         // An L2 penalty on the logits: must not break training.

@@ -175,11 +175,13 @@ pub fn layer_probe(
         classes: 1,
         layers: specs.clone(),
     };
-    let out = probe
-        .layer_stats()
-        .last()
-        .map(|s| s.output)
-        .ok_or("the probe has no layers that fit its input")?;
+    // The top-level layers' output (`layer_stats` lists nested layers after their parent).
+    let mut out = Shape::Map(probe.input);
+    for l in &probe.layers {
+        out = l
+            .output_shape(out)
+            .map_err(|e| format!("the probe's layers do not fit its input: {e}"))?;
+    }
     if let Shape::Map(_) = out {
         specs.push(LayerSpec::Flatten);
     }

@@ -127,6 +127,12 @@ fn fold_seq(
                 let shortcut = fold_seq(shortcut, [&os, &ns], src, dst, renamed)?;
                 out.push(LayerSpec::Residual { body, shortcut });
             }
+            (layer @ (LayerSpec::Concat { .. } | LayerSpec::TransformedConv { .. }), _) => {
+                return Err(format!(
+                    "{old}: batch-norm folding (quantization, binarization) does not take {} layers yet",
+                    layer.kind()
+                ));
+            }
             (layer, _) => {
                 // Any other layer keeps its tensors under its new path.
                 let prefix = format!("{old}.");

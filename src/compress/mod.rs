@@ -5,6 +5,8 @@
 pub mod binarize;
 pub mod bit_sensitivity;
 pub mod circulant;
+pub mod compact;
+pub mod distill;
 pub mod few_multiplications;
 pub mod fold;
 pub mod format;

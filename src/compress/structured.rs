@@ -217,6 +217,12 @@ impl Builder {
                         shape,
                     }
                 }
+                LayerSpec::CRelu | LayerSpec::Concat { .. } | LayerSpec::TransformedConv { .. } => {
+                    return Err(format!(
+                        "{path}: filter pruning does not take {} layers (their channels are tied to each other)",
+                        layer.kind()
+                    ));
+                }
                 LayerSpec::Flatten => {
                     let spatial = match x.shape {
                         Shape::Map([_, h, w]) => h * w,

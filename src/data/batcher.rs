@@ -39,6 +39,10 @@ pub struct Batch {
     pub images: Tensor<4>,
     pub labels: Tensor<1, Int>,
     pub len: usize,
+    /// The images' indices in the set, in batch order.
+    pub indices: Vec<usize>,
+    /// Whether augmentation changed the images (else each is the set's image at its index).
+    pub augmented: bool,
 }
 
 impl<'a> Batcher<'a> {
@@ -70,8 +74,9 @@ impl<'a> Batcher<'a> {
         let s = self.set;
         let len = s.image_len();
         let mut pixels = Vec::with_capacity(indices.len() * len);
+        let augmented = rng.is_some() && !self.augment.is_off();
         match rng {
-            Some(rng) if !self.augment.is_off() => {
+            Some(rng) if augmented => {
                 for &i in indices {
                     let img = &s.pixels[i * len..(i + 1) * len];
                     self.augmented(img, rng, &mut pixels);
@@ -92,6 +97,8 @@ impl<'a> Batcher<'a> {
             ),
             labels: Tensor::from_data(TensorData::new(labels, [n]), device),
             len: n,
+            indices: indices.to_vec(),
+            augmented,
         }
     }
 

@@ -10,7 +10,7 @@ pub mod fetch;
 pub mod idx;
 pub mod transform;
 
-pub use batcher::{Augment, Batcher};
+pub use batcher::{Augment, Batch, Batcher};
 pub use transform::Preprocess;
 
 use serde::{Deserialize, Serialize};

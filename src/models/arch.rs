@@ -60,6 +60,28 @@ pub enum LayerSpec {
         bias: bool,
         sign_seed: u64,
     },
+    /// Concatenated ReLU (Shang et al. 2016): `[relu(x), relu(−x)]` along the channels (or
+    /// features), twice as many as it receives: a layer before it learns half the filters.
+    CRelu,
+    /// Every branch takes the input; their outputs are concatenated along the channels (or
+    /// features): the fire module's expands (Iandola et al. 2016).
+    Concat {
+        branches: Vec<Vec<LayerSpec>>,
+    },
+    /// A convolution whose filters are `base_filters` learned ones, each also used under the
+    /// rotations by 90° (`transforms` 4) or the rotations and their mirror images (8): output
+    /// channel `b·transforms + g` is filter `b` under transform `g` (`compress::compact::
+    /// transformed`; Dieleman et al. 2016, Cohen & Welling 2016). Tensors: `weight`
+    /// `[base_filters, in, k, k]` and `bias` `[base_filters]`, shared by a filter's transforms.
+    TransformedConv {
+        in_channels: usize,
+        base_filters: usize,
+        transforms: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    },
     /// `body(x) + shortcut(x)`; an empty shortcut is the identity.
     Residual {
         body: Vec<LayerSpec>,
@@ -152,6 +174,9 @@ impl LayerSpec {
             LayerSpec::Flatten => "flatten",
             LayerSpec::Linear { .. } => "linear",
             LayerSpec::Circulant { .. } => "circulant",
+            LayerSpec::CRelu => "crelu",
+            LayerSpec::Concat { .. } => "concat",
+            LayerSpec::TransformedConv { .. } => "transformed_conv",
             LayerSpec::Residual { .. } => "residual",
         }
     }
@@ -189,7 +214,41 @@ impl LayerSpec {
             } => in_features
                 .max(out_features)
                 .saturating_add(if bias { out_features } else { 0 }),
+            LayerSpec::TransformedConv {
+                in_channels,
+                base_filters,
+                kernel,
+                bias,
+                ..
+            } => base_filters
+                .saturating_mul(in_channels)
+                .saturating_mul(kernel.saturating_mul(kernel))
+                .saturating_add(if bias { base_filters } else { 0 }),
             _ => 0,
+        }
+    }
+
+    /// The number of output channels of a transformed convolution, or `None` if it overflows.
+    pub fn transformed_out(base_filters: usize, transforms: usize) -> Option<usize> {
+        base_filters.checked_mul(transforms)
+    }
+
+    /// The layer lists nested in this one, by the name of their path part: a residual block's
+    /// `body` and `shortcut`, a concatenation's `branches.0`, `branches.1`, ...
+    pub fn nested(&self) -> Vec<(String, &[LayerSpec])> {
+        match self {
+            LayerSpec::Residual { body, shortcut } => {
+                vec![
+                    ("body".into(), body.as_slice()),
+                    ("shortcut".into(), shortcut.as_slice()),
+                ]
+            }
+            LayerSpec::Concat { branches } => branches
+                .iter()
+                .enumerate()
+                .map(|(b, l)| (format!("branches.{b}"), l.as_slice()))
+                .collect(),
+            _ => vec![],
         }
     }
 
@@ -336,6 +395,79 @@ impl LayerSpec {
                     "circulant expects {in_features} flat features and at least one output, input is {other}"
                 )),
             },
+            LayerSpec::CRelu => match input {
+                Shape::Map([c, h, w]) => c
+                    .checked_mul(2)
+                    .map(|c| Shape::Map([c, h, w]))
+                    .ok_or_else(|| "crelu: too many channels".to_string()),
+                Shape::Flat(f) => f
+                    .checked_mul(2)
+                    .map(Shape::Flat)
+                    .ok_or_else(|| "crelu: too many features".to_string()),
+            },
+            LayerSpec::Concat { branches } => {
+                if branches.is_empty() {
+                    return Err("concat needs at least one branch".into());
+                }
+                let mut out: Option<Shape> = None;
+                for (b, branch) in branches.iter().enumerate() {
+                    let s = chain_shape(branch, input, &format!("branches.{b}"))?;
+                    out = Some(match (out, s) {
+                        (None, s) => s,
+                        (Some(Shape::Map([c, h, w])), Shape::Map([c2, h2, w2]))
+                            if [h, w] == [h2, w2] =>
+                        {
+                            Shape::Map([
+                                c.checked_add(c2).ok_or("concat: too many channels")?,
+                                h,
+                                w,
+                            ])
+                        }
+                        (Some(Shape::Flat(f)), Shape::Flat(f2)) => {
+                            Shape::Flat(f.checked_add(f2).ok_or("concat: too many features")?)
+                        }
+                        (Some(o), s) => {
+                            return Err(format!(
+                                "concat: branch {b} gives {s}, which cannot be concatenated with {o} (the sizes must agree)"
+                            ));
+                        }
+                    });
+                }
+                Ok(out.expect("at least one branch"))
+            }
+            LayerSpec::TransformedConv {
+                in_channels,
+                base_filters,
+                transforms,
+                kernel,
+                stride,
+                padding,
+                ..
+            } => {
+                let [c, h, w] = map(input)?;
+                if c != *in_channels {
+                    return Err(format!(
+                        "transformed_conv expects {in_channels} channels, input has {c}"
+                    ));
+                }
+                if ![4, 8].contains(transforms) {
+                    return Err(format!(
+                        "transformed_conv: transforms must be 4 (rotations) or 8 (rotations and mirror images), got {transforms}"
+                    ));
+                }
+                if *kernel == 0 || *stride == 0 || *base_filters == 0 {
+                    return Err(
+                        "transformed_conv: kernel, stride and filters must be positive".into(),
+                    );
+                }
+                let out = LayerSpec::transformed_out(*base_filters, *transforms)
+                    .ok_or("transformed_conv: too many filters")?;
+                Ok(Shape::Map([
+                    out,
+                    window(h, *kernel, *stride, *padding, 0, 1)?,
+                    window(w, *kernel, *stride, *padding, 0, 1)?,
+                ]))
+            }
             LayerSpec::Residual { body, shortcut } => {
                 let b = chain_shape(body, input, "body")?;
                 let s = chain_shape(shortcut, input, "shortcut")?;
@@ -396,6 +528,20 @@ impl LayerSpec {
                 .saturating_mul(kernel[1] as u64),
             LayerSpec::GlobalAvgPool => input.numel() as u64,
             LayerSpec::Flatten => 0,
+            LayerSpec::TransformedConv {
+                in_channels,
+                kernel,
+                bias,
+                ..
+            } => out
+                .saturating_mul(in_channels as u64)
+                .saturating_mul((kernel * kernel) as u64)
+                .saturating_mul(2)
+                .saturating_add(bias_adds(bias)),
+            // One comparison per output value.
+            LayerSpec::CRelu => out,
+            // The branches' own layers are counted themselves; the copy is free.
+            LayerSpec::Concat { .. } => 0,
             // The addition of the two branches.
             LayerSpec::Residual { .. } => out,
         }
@@ -450,9 +596,8 @@ impl Arch {
         ) {
             for (i, l) in layers.iter().enumerate() {
                 let path = format!("{prefix}.{i}");
-                if let LayerSpec::Residual { body, shortcut } = l {
-                    walk(body, &format!("{path}.body"), out);
-                    walk(shortcut, &format!("{path}.shortcut"), out);
+                for (name, list) in l.nested() {
+                    walk(list, &format!("{path}.{name}"), out);
                 }
                 out.insert(path, l);
             }
@@ -477,6 +622,10 @@ impl Arch {
                 (None, spec) => return Ok(spec),
                 (Some("body"), LayerSpec::Residual { body, .. }) => list = body,
                 (Some("shortcut"), LayerSpec::Residual { shortcut, .. }) => list = shortcut,
+                (Some("branches"), LayerSpec::Concat { branches }) => {
+                    let b: usize = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+                    list = branches.get_mut(b).ok_or_else(bad)?;
+                }
                 _ => return Err(bad()),
             }
         }
@@ -556,12 +705,22 @@ fn tensors_into(layers: &[LayerSpec], prefix: &str, out: &mut Vec<(String, Vec<u
                     push(name, vec![features]);
                 }
             }
-            LayerSpec::Residual {
-                ref body,
-                ref shortcut,
+            LayerSpec::TransformedConv {
+                in_channels,
+                base_filters,
+                kernel,
+                bias,
+                ..
             } => {
-                tensors_into(body, &format!("{path}.body"), out);
-                tensors_into(shortcut, &format!("{path}.shortcut"), out);
+                push("weight", vec![base_filters, in_channels, kernel, kernel]);
+                if bias {
+                    push("bias", vec![base_filters]);
+                }
+            }
+            LayerSpec::Residual { .. } | LayerSpec::Concat { .. } => {
+                for (name, list) in l.nested() {
+                    tensors_into(list, &format!("{path}.{name}"), out);
+                }
             }
             _ => {}
         }
@@ -582,9 +741,8 @@ fn stats_into(layers: &[LayerSpec], prefix: &str, mut shape: Shape, out: &mut Ve
             params: l.own_params(),
             flops: l.own_flops(shape, next),
         });
-        if let LayerSpec::Residual { body, shortcut } = l {
-            stats_into(body, &format!("{path}.body"), shape, out);
-            stats_into(shortcut, &format!("{path}.shortcut"), shape, out);
+        for (name, list) in l.nested() {
+            stats_into(list, &format!("{path}.{name}"), shape, out);
         }
         shape = next;
     }

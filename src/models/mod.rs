@@ -2,6 +2,7 @@
 
 pub mod arch;
 pub mod network;
+pub mod width;
 
 pub use arch::{Arch, LayerSpec, LayerStats, Shape};
 pub use network::Network;

@@ -72,6 +72,78 @@ impl Circulant {
     }
 }
 
+/// Concatenated ReLU: `[relu(x), relu(−x)]` along dimension 1 (`LayerSpec::CRelu`).
+#[derive(Module, Debug, Default)]
+pub struct CRelu;
+
+/// Branches on one input, concatenated along dimension 1 (`LayerSpec::Concat`).
+#[derive(Module, Debug)]
+pub struct Concat {
+    pub branches: Vec<Vec<Layer>>,
+}
+
+/// A convolution of learned filters and their rotations and mirror images
+/// (`LayerSpec::TransformedConv`, `compress::compact::transformed`).
+#[derive(Module, Debug)]
+pub struct TransformedConv {
+    /// The learned filters `[base, in, k, k]`.
+    pub weight: Param<Tensor<4>>,
+    /// One per learned filter, shared by its transforms.
+    pub bias: Option<Param<Tensor<1>>>,
+    #[module(skip)]
+    pub transforms: usize,
+    #[module(skip)]
+    pub stride: usize,
+    #[module(skip)]
+    pub padding: usize,
+}
+
+impl TransformedConv {
+    /// Initialised as Burn initialises a convolution with as many outputs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        in_channels: usize,
+        base: usize,
+        transforms: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+        device: &Device,
+    ) -> Self {
+        let init = Initializer::KaimingUniform {
+            gain: 1.0 / 3f64.sqrt(),
+            fan_out_only: false,
+        };
+        let fan_in = in_channels * kernel * kernel;
+        let fan_out = base * transforms * kernel * kernel;
+        TransformedConv {
+            weight: init.init_with(
+                [base, in_channels, kernel, kernel],
+                Some(fan_in),
+                Some(fan_out),
+                device,
+            ),
+            bias: bias.then(|| init.init_with([base], Some(fan_in), Some(fan_out), device)),
+            transforms,
+            stride,
+            padding,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        use crate::compress::compact::transformed::{expand_bias, expand_tensor};
+        let weight = expand_tensor(self.weight.val(), self.transforms);
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| expand_bias(b.val(), self.transforms));
+        let p = self.padding;
+        let options = ConvOptions::new_with_padding([self.stride; 2], [(p, p), (p, p)], [1, 1], 1);
+        kernels::extension::conv2d(x, weight, bias, options)
+    }
+}
+
 /// One layer of a [`Network`].
 #[derive(Module, Debug)]
 pub enum Layer {
@@ -84,6 +156,9 @@ pub enum Layer {
     AvgPool(AvgPool2d),
     GlobalAvgPool(AdaptiveAvgPool2d),
     Flatten(Flatten),
+    CRelu(CRelu),
+    Concat(Concat),
+    TransformedConv(TransformedConv),
     Residual(Residual),
 }
 
@@ -101,6 +176,26 @@ impl Activation {
             Activation::Flat(_) => unreachable!("architecture validated: feature map expected"),
         }
     }
+    /// The activations concatenated along dimension 1 (channels or features).
+    fn cat(parts: Vec<Activation>) -> Activation {
+        match parts.first() {
+            Some(Activation::Map(_)) => Activation::Map(Tensor::cat(
+                parts.into_iter().map(Activation::map).collect(),
+                1,
+            )),
+            _ => Activation::Flat(Tensor::cat(
+                parts
+                    .into_iter()
+                    .map(|p| match p {
+                        Activation::Flat(t) => t,
+                        Activation::Map(_) => unreachable!("architecture validated: flat parts"),
+                    })
+                    .collect(),
+                1,
+            )),
+        }
+    }
+
     fn add(self, other: Activation) -> Activation {
         match (self, other) {
             (Activation::Map(a), Activation::Map(b)) => Activation::Map(a + b),
@@ -200,6 +295,11 @@ fn run_fake_quant(
                 let shortcut = run_fake_quant(&r.shortcut, &format!("{path}.shortcut"), x, fq);
                 body.add(shortcut)
             }
+            Layer::Concat(c) => Activation::cat(
+                (c.branches.iter().enumerate())
+                    .map(|(b, l)| run_fake_quant(l, &format!("{path}.branches.{b}"), x.clone(), fq))
+                    .collect(),
+            ),
             layer => match fq.shift_bits(&path) {
                 Some(bits) => crate::compress::few_multiplications::forward(layer, x, bits),
                 None => layer.forward(x),
@@ -215,18 +315,44 @@ fn run_fake_quant(
 /// §3.2), and the ReLU is applied as each image's output is written. Saves one or two passes
 /// over every such layer's output. Training, autodiff devices and `--ops burn` keep the layers.
 fn fused_inference(layers: &[Layer], x: &Activation) -> Option<(Activation, usize)> {
-    let (Layer::Conv2d(conv), Activation::Map(input)) = (layers.first()?, x) else {
+    let Activation::Map(input) = x else {
         return None;
     };
-    if input.device().is_autodiff() || !kernels::extension::routed(input) {
+    if !matches!(
+        layers.first()?,
+        Layer::Conv2d(_) | Layer::TransformedConv(_)
+    ) || input.device().is_autodiff()
+        || !kernels::extension::routed(input)
+    {
         return None;
     }
-    let out = conv.weight.dims()[0];
-    let mut weight = conv.weight.val();
-    let mut bias = match &conv.bias {
-        Some(b) => b.val(),
-        None => Tensor::zeros([out], &input.device()),
+    let [_, _, h, w] = input.dims();
+    // The plain convolution's weight, bias and options (a transformed one's expanded).
+    let (mut weight, bias, options) = match &layers[0] {
+        Layer::Conv2d(conv) => {
+            let padding = padding_pairs(&conv.padding, [h, w], conv.kernel_size, conv.stride);
+            let options =
+                ConvOptions::new_with_padding(conv.stride, padding, conv.dilation, conv.groups);
+            (
+                conv.weight.val(),
+                conv.bias.as_ref().map(|b| b.val()),
+                options,
+            )
+        }
+        Layer::TransformedConv(t) => {
+            use crate::compress::compact::transformed::{expand_bias, expand_tensor};
+            let p = t.padding;
+            let options = ConvOptions::new_with_padding([t.stride; 2], [(p, p), (p, p)], [1, 1], 1);
+            (
+                expand_tensor(t.weight.val(), t.transforms),
+                t.bias.as_ref().map(|b| expand_bias(b.val(), t.transforms)),
+                options,
+            )
+        }
+        _ => unreachable!("matched above"),
     };
+    let out = weight.dims()[0];
+    let mut bias = bias.unwrap_or_else(|| Tensor::zeros([out], &input.device()));
     let mut used = 1;
     if let Some(Layer::BatchNorm(bn)) = layers.get(1) {
         let device = input.device();
@@ -241,9 +367,6 @@ fn fused_inference(layers: &[Layer], x: &Activation) -> Option<(Activation, usiz
     if used == 1 && !relu {
         return None;
     }
-    let [_, _, h, w] = input.dims();
-    let padding = padding_pairs(&conv.padding, [h, w], conv.kernel_size, conv.stride);
-    let options = ConvOptions::new_with_padding(conv.stride, padding, conv.dilation, conv.groups);
     let y = if relu {
         used += 1;
         kernels::extension::conv2d_relu(input.clone(), weight, bias, options)
@@ -315,6 +438,31 @@ impl Layer {
                 Layer::GlobalAvgPool(AdaptiveAvgPool2dConfig::new([1, 1]).init())
             }
             LayerSpec::Flatten => Layer::Flatten(Flatten),
+            LayerSpec::CRelu => Layer::CRelu(CRelu),
+            LayerSpec::Concat { branches } => Layer::Concat(Concat {
+                branches: branches
+                    .iter()
+                    .map(|b| b.iter().map(|l| Layer::new(l, device)).collect())
+                    .collect(),
+            }),
+            &LayerSpec::TransformedConv {
+                in_channels,
+                base_filters,
+                transforms,
+                kernel,
+                stride,
+                padding,
+                bias,
+            } => Layer::TransformedConv(TransformedConv::new(
+                in_channels,
+                base_filters,
+                transforms,
+                kernel,
+                stride,
+                padding,
+                bias,
+                device,
+            )),
             LayerSpec::Residual { body, shortcut } => Layer::Residual(Residual {
                 body: body.iter().map(|l| Layer::new(l, device)).collect(),
                 shortcut: shortcut.iter().map(|l| Layer::new(l, device)).collect(),
@@ -348,6 +496,18 @@ impl Layer {
                 Activation::Map(t) => Activation::Flat(t.flatten(1, 3)),
                 flat => flat,
             },
+            Layer::CRelu(_) => {
+                let relu = |x: Activation| Layer::Relu(Relu::new()).forward(x);
+                let neg = match &x {
+                    Activation::Map(t) => Activation::Map(t.clone().neg()),
+                    Activation::Flat(t) => Activation::Flat(t.clone().neg()),
+                };
+                Activation::cat(vec![relu(x), relu(neg)])
+            }
+            Layer::Concat(c) => {
+                Activation::cat(c.branches.iter().map(|b| run(b, x.clone())).collect())
+            }
+            Layer::TransformedConv(m) => Activation::Map(m.forward(x.map())),
             Layer::Residual(r) => {
                 let body = run(&r.body, x.clone());
                 let shortcut = run(&r.shortcut, x);

@@ -13,6 +13,11 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerRules<T>(pub Vec<(String, T)>);
 
+/// A `[stage.layers]` entry of a stage whose layers take no settings: `"layers.1" = {}`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoSettings {}
+
 impl<T> Default for LayerRules<T> {
     fn default() -> Self {
         LayerRules(Vec::new())

@@ -2,8 +2,8 @@
 
 use super::Stage;
 use super::stages::{
-    binarize, circulant, decompose, encode, eval, finetune, prune, prune_filters, qat, quantize,
-    share, train,
+    binarize, circulant, compact, decompose, distill, encode, eval, finetune, prune, prune_filters,
+    qat, quantize, share, train,
 };
 use super::table::{Error, StageTable};
 
@@ -44,6 +44,16 @@ pub const STAGES: &[StageKind] = &[
         name: "circulant",
         about: "dense layers as circulant projections through the FFT (Cheng et al. 2015)",
         parse: circulant::parse,
+    },
+    StageKind {
+        name: "distill",
+        about: "knowledge distillation (Hinton et al. 2015): train with a teacher's soft targets",
+        parse: distill::parse,
+    },
+    StageKind {
+        name: "rewrite",
+        about: "compact filters: separable, fire, crelu, rotations or dihedral (to = FORM)",
+        parse: compact::parse,
     },
     StageKind {
         name: "share",

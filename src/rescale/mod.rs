@@ -164,6 +164,12 @@ fn twin_layers(
                     shortcut: s,
                 }
             }
+            other @ (LayerSpec::Concat { .. } | LayerSpec::TransformedConv { .. }) => {
+                return Err(format!(
+                    "{path}: kernel rescaling does not take {} layers yet",
+                    other.kind()
+                ));
+            }
             other => other.clone(),
         };
         shape = twin

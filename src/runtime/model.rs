@@ -70,6 +70,31 @@ enum Op {
         body: Vec<Step>,
         shortcut: Vec<Step>,
     },
+    /// `[relu(x), relu(−x)]` along the channels.
+    CRelu,
+    /// Branches on one input, concatenated along the channels.
+    Concat {
+        branches: Vec<Vec<Step>>,
+    },
+}
+
+impl Op {
+    /// The step lists nested in this one (a residual block's branches, a concatenation's).
+    fn children(&self) -> Vec<&Vec<Step>> {
+        match self {
+            Op::Residual { body, shortcut } => vec![body, shortcut],
+            Op::Concat { branches } => branches.iter().collect(),
+            _ => vec![],
+        }
+    }
+
+    fn children_mut(&mut self) -> Vec<&mut Vec<Step>> {
+        match self {
+            Op::Residual { body, shortcut } => vec![body, shortcut],
+            Op::Concat { branches } => branches.iter_mut().collect(),
+            _ => vec![],
+        }
+    }
 }
 
 /// A linear layer of 1- or 2-bit weights: XNOR-Net's with binary inputs, or one on float
@@ -262,6 +287,21 @@ impl SparseModel {
 
     fn build_from(loaded: &Loaded, chained: bool) -> Result<Self, String> {
         loaded.arch.validate()?;
+        let arch = loaded.arch.clone();
+        let dense_bytes = loaded
+            .tensors
+            .values()
+            .map(|(d, _)| 4 * d.num_elements())
+            .sum();
+        // Transformed filters run as the plain convolution they expand to.
+        let expanded;
+        let loaded = match crate::compress::compact::transformed::expand_model(loaded)? {
+            Some(e) => {
+                expanded = e;
+                &expanded
+            }
+            None => loaded,
+        };
         let mut tensors = Tensors {
             map: &loaded.tensors,
             used: 0,
@@ -284,13 +324,8 @@ impl SparseModel {
                 loaded.tensors.len() - tensors.used
             ));
         }
-        let dense_bytes = loaded
-            .tensors
-            .values()
-            .map(|(d, _)| 4 * d.num_elements())
-            .sum();
         Ok(SparseModel {
-            arch: loaded.arch.clone(),
+            arch,
             steps,
             dense_bytes,
         })
@@ -393,8 +428,7 @@ impl SparseModel {
                     Op::Int8Linear(k) => k.weight_bytes(),
                     Op::BitLinear(k) => k.kernel().weight_bytes(),
                     Op::Affine { scale, shift } => 4 * (scale.len() + shift.len()),
-                    Op::Residual { body, shortcut } => sum(body) + sum(shortcut),
-                    _ => 0,
+                    op => op.children().into_iter().map(|c| sum(c)).sum(),
                 })
                 .sum()
         }
@@ -416,15 +450,12 @@ impl SparseModel {
                         Op::Conv(ConvLayer::Int8(k.with_kernel(kernel)))
                     }
                     Op::Int8Linear(k) => Op::Int8Linear(k.with_kernel(kernel)),
-                    Op::Residual {
-                        mut body,
-                        mut shortcut,
-                    } => {
-                        walk(&mut body, kernel);
-                        walk(&mut shortcut, kernel);
-                        Op::Residual { body, shortcut }
+                    mut other => {
+                        for c in other.children_mut() {
+                            walk(c, kernel);
+                        }
+                        other
                     }
-                    other => other,
                 };
             }
         }
@@ -477,12 +508,12 @@ impl SparseModel {
                         let n = k.kernel().in_features() * k.kernel().out_features();
                         (n, n, k.kernel().weight_bytes(), k.name(), s.bits)
                     }
-                    Op::Residual { body, shortcut } => {
-                        walk(body, out);
-                        walk(shortcut, out);
+                    op => {
+                        for c in op.children() {
+                            walk(c, out);
+                        }
                         continue;
                     }
-                    _ => continue,
                 };
                 out.push(LayerInfo {
                     path: s.path.clone(),
@@ -709,6 +740,17 @@ fn build(
             LayerSpec::AvgPool { kernel, stride } => Op::AvgPool { kernel, stride },
             LayerSpec::GlobalAvgPool => Op::GlobalAvgPool,
             LayerSpec::Flatten => Op::Flatten,
+            LayerSpec::CRelu => Op::CRelu,
+            LayerSpec::Concat { ref branches } => Op::Concat {
+                branches: (branches.iter().enumerate())
+                    .map(|(b, l)| build(l, &format!("{path}.branches.{b}"), shape, tensors))
+                    .collect::<Result<_, _>>()?,
+            },
+            LayerSpec::TransformedConv { .. } => {
+                return Err(format!(
+                    "{path}: internal error: transformed convolutions are expanded before the runtime is built"
+                ));
+            }
             LayerSpec::Residual {
                 ref body,
                 ref shortcut,
@@ -744,9 +786,11 @@ fn build(
 /// float.
 fn chain_codes(steps: &mut [Step]) -> Result<(), String> {
     for i in 0..steps.len() {
-        if let Op::Residual { body, shortcut } = &mut steps[i].op {
-            chain_codes(body)?;
-            chain_codes(shortcut)?;
+        let children = steps[i].op.children_mut();
+        if !children.is_empty() {
+            for c in children {
+                chain_codes(c)?;
+            }
             continue;
         }
         if !matches!(
@@ -817,7 +861,7 @@ fn run(steps: &[Step], mut x: Activations, batch: usize, probe: &mut Probe) -> A
             }
         }
         let start = Instant::now();
-        let nested = matches!(step.op, Op::Residual { .. });
+        let nested = !step.op.children().is_empty();
         x = step.forward(x, batch, probe);
         if let Some(t) = probe.times.as_deref_mut()
             && !nested
@@ -949,6 +993,34 @@ impl Step {
                 let b = b.into_values([oc, oh, ow]);
                 a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
                 a
+            }
+            Op::CRelu => {
+                // Per image: the C planes rectified, then the C planes negated and rectified.
+                let image = c * h * w;
+                let mut y = Vec::with_capacity(2 * x.len());
+                for img in x.chunks_exact(image) {
+                    y.extend(img.iter().map(|v| v.max(0.0)));
+                    y.extend(img.iter().map(|v| (-v).max(0.0)));
+                }
+                y
+            }
+            Op::Concat { branches } => {
+                let parts: Vec<Vec<f32>> = branches
+                    .iter()
+                    .map(|b| {
+                        let out = b.last().map_or(self.input, |s| s.output);
+                        run(b, Activations::Values(x.clone()), batch, probe).into_values(dims(out))
+                    })
+                    .collect();
+                // Per image, each branch's channels in turn.
+                let mut y = Vec::with_capacity(out_len);
+                for n in 0..batch {
+                    for p in &parts {
+                        let per = p.len() / batch.max(1);
+                        y.extend_from_slice(&p[n * per..(n + 1) * per]);
+                    }
+                }
+                y
             }
         }
     }

@@ -109,6 +109,10 @@ pub struct TrainConfig {
     /// signs of batch-normalized inputs, and a stale mean flips them. 0: none.
     #[serde(default)]
     pub batch_norm_refresh: usize,
+    /// Build `model` with every hidden layer this many times as wide (`models::width`): thin
+    /// students for distillation. None: the model as the zoo defines it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<f64>,
 }
 
 /// Which part of a longer learning-rate schedule a run covers.
@@ -169,6 +173,7 @@ impl TrainConfig {
             arch: None,
             schedule_span: None,
             batch_norm_refresh: 0,
+            width: None,
         }
     }
 
@@ -182,7 +187,13 @@ impl TrainConfig {
                 arch.input, arch.classes
             )),
             Some(arch) => Ok(arch.clone()),
-            None => self.model.arch(input, classes),
+            None => {
+                let arch = self.model.arch(input, classes)?;
+                match self.width {
+                    Some(w) if w != 1.0 => crate::models::width::scale(&arch, w),
+                    _ => Ok(arch),
+                }
+            }
         }
     }
 

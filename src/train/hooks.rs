@@ -6,9 +6,11 @@
 //! nothing, so a hook implements only what it needs.
 //!
 //! Order within one step, for hooks `h1, h2, ...` in the order they were added:
-//! `on_batch_begin` → `forward_model` (chained) → forward → `extra_loss` (summed) → backward
+//! `on_batch_begin` → `forward_model` (chained) → forward → cross-entropy times every
+//! `label_weight` → `extra_loss` (summed) → backward
 //! → `own_gradients` → `before_step` → optimizer step → `after_step` (chained) → `on_batch_end`.
 
+use crate::data::Batch;
 use crate::models::Network;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
@@ -65,15 +67,20 @@ pub trait TrainHook {
         model
     }
 
-    /// An extra term added to the cross-entropy loss (regularisers, distillation). `images`
-    /// and `logits` are this step's inputs and outputs.
+    /// The weight of the cross-entropy against the labels (the weights of all hooks multiply):
+    /// distillation gives `1 − α` of the loss to the labels and `α` to the teacher.
+    fn label_weight(&self) -> f64 {
+        1.0
+    }
+
+    /// An extra term added to the cross-entropy loss (regularisers, distillation): `batch` is
+    /// this step's images, labels and their indices, `logits` the model's outputs.
     fn extra_loss(
         &mut self,
         _progress: &Progress,
         _model: &Network,
-        _images: &Tensor<4>,
+        _batch: &Batch,
         _logits: &Tensor<2>,
-        _labels: &Tensor<1, Int>,
     ) -> Option<Tensor<1>> {
         None
     }

@@ -315,10 +315,12 @@ pub fn train(
             let forward = forward_model(&mut hooks, &progress, &model);
             let logits = forward.forward(batch.images.clone());
             let mut loss = loss_fn.forward(logits.clone(), batch.labels.clone());
+            let label_weight: f64 = hooks.iter().map(|h| h.label_weight()).product();
+            if label_weight != 1.0 {
+                loss = loss.mul_scalar(label_weight);
+            }
             for h in hooks.iter_mut() {
-                if let Some(extra) =
-                    h.extra_loss(&progress, &model, &batch.images, &logits, &batch.labels)
-                {
+                if let Some(extra) = h.extra_loss(&progress, &model, &batch, &logits) {
                     loss = loss + extra;
                 }
             }

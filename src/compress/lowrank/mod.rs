@@ -484,6 +484,11 @@ fn rewrite(
                     moved,
                 )?,
             },
+            LayerSpec::Concat { .. } => {
+                return Err(format!(
+                    "{old_path}: low-rank factorization does not reach into concat layers yet"
+                ));
+            }
             other => {
                 let prefix = format!("{old_path}.");
                 for (name, t) in tensors {

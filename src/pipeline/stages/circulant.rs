@@ -38,10 +38,7 @@ fn one_second() -> f64 {
     1.0
 }
 
-/// A `[stage.layers]` entry takes no settings: `"layers.1" = {}`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NoSettings {}
+pub use crate::pipeline::layers::NoSettings;
 
 pub struct Circulant {
     pub params: CirculantParams,

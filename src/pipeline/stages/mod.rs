@@ -4,7 +4,9 @@
 
 pub mod binarize;
 pub mod circulant;
+pub mod compact;
 pub mod decompose;
+pub mod distill;
 pub mod encode;
 pub mod eval;
 pub mod finetune;

@@ -188,11 +188,11 @@ fn conv_specs(arch: &Arch) -> Vec<(String, LayerSpec)> {
             let path = format!("{prefix}.{i}");
             match l {
                 LayerSpec::Conv2d { .. } => out.push((path, l.clone())),
-                LayerSpec::Residual { body, shortcut } => {
-                    walk(body, &format!("{path}.body"), out);
-                    walk(shortcut, &format!("{path}.shortcut"), out);
+                _ => {
+                    for (name, list) in l.nested() {
+                        walk(list, &format!("{path}.{name}"), out);
+                    }
                 }
-                _ => {}
             }
         }
     }

@@ -1,5 +1,5 @@
 //! The commands of the stages that rewrite a model's architecture (`prune-filters`,
-//! `decompose`, `circulant`): each runs its stage then `finetune` in one run folder
+//! `decompose`, `circulant`, `rewrite`): each runs its stage then `finetune` in one run folder
 //! ([`RewriteCommand`]), and reports about the whole model ([`Rewrite`]): test accuracy
 //! before, right after and after fine-tuning, and latency before and after at batch 1 and 64,
 //! measured in turns.
@@ -41,9 +41,8 @@ pub fn layer_latency(
         let mut t = checkpoint::Tensors::new();
         for (i, p) in side.paths.iter().enumerate() {
             for (name, v) in side.tensors {
-                if let Some(field) = name.strip_prefix(&format!("{p}."))
-                    && !field.contains('.')
-                {
+                // Nested fields too: a concatenation's branches hold its tensors.
+                if let Some(field) = name.strip_prefix(&format!("{p}.")) {
                     t.insert(format!("layers.{i}.{field}"), v.clone());
                 }
             }

@@ -51,6 +51,10 @@ pub struct TrainParams {
     pub model: ModelKind,
     #[arg(long, value_enum, default_value = "mnist")]
     pub dataset: DatasetKind,
+    /// Every hidden layer this many times as wide (0.25: a quarter of the channels and hidden
+    /// units; the input and the classes stay).
+    #[arg(long)]
+    pub width: Option<f64>,
     /// Dataset folder (default: $CONVPRESS_DATA/<dataset>, else data/<dataset>).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -191,6 +195,7 @@ impl TrainParams {
         };
         c.train_limit = self.train_limit;
         c.test_limit = self.test_limit;
+        c.width = self.width;
         c
     }
 
