@@ -348,3 +348,80 @@ fn each_binarization_method_trains_on_real_mnist() {
         assert!(acc >= floor, "{method}: {acc}");
     }
 }
+
+/// Compact filters and distillation on the real data: from a LeNet-5 after one short epoch,
+/// each rewrite that suits it (`convpress rewrite --to FORM`, one short fine-tuning epoch)
+/// and a quarter-width LeNet-300-100 distilled from it (`convpress distill`) learn above a
+/// stated accuracy.
+#[test]
+fn compact_rewrites_and_distillation_learn_on_real_mnist() {
+    let dir = common::real_mnist();
+    let run = tempfile::tempdir().unwrap();
+    let out = lenet5_short_epoch(&dir, run.path());
+    let convpress = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_convpress"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&dir)
+            .args([
+                "--train-limit",
+                "6000",
+                "--test-limit",
+                "2000",
+                "--no-progress",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let ckpt = out.model_path.to_str().unwrap();
+    for (form, floor) in [("separable", 0.90), ("crelu", 0.93), ("rotations", 0.93)] {
+        let folder = run.path().join(form);
+        convpress(&[
+            "rewrite",
+            "--to",
+            form,
+            "--checkpoint",
+            ckpt,
+            "--epochs",
+            "1",
+            "--lr",
+            "0.02",
+            "--latency-seconds",
+            "0.05",
+            "--layer-seconds",
+            "0.02",
+            "--run-dir",
+            folder.to_str().unwrap(),
+        ]);
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(folder.join("report.json")).unwrap())
+                .unwrap();
+        let tuned = report["accuracy_finetuned"].as_f64().unwrap();
+        assert!(tuned >= floor, "{form}: {tuned} after one short epoch");
+    }
+    let folder = run.path().join("distilled");
+    let text = convpress(&[
+        "distill",
+        "--teacher",
+        ckpt,
+        "--student",
+        "lenet300",
+        "--width",
+        "0.25",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.02",
+        "--run-dir",
+        folder.to_str().unwrap(),
+    ]);
+    assert!(text.contains("distilled at T = 4"), "{text}");
+    let m = train::read_metrics(&folder).unwrap();
+    assert!(
+        m[0].test_acc >= 0.85,
+        "distilled student: {}",
+        m[0].test_acc
+    );
+}

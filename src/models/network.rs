@@ -131,13 +131,36 @@ impl TransformedConv {
         }
     }
 
+    /// The plain convolution's weight `[base·G, in, k, k]` and bias: through Burn's ops (so
+    /// gradients reach the learned filters) when training, expanded on the host otherwise
+    /// (one copy instead of a chain of small tensor operations per call).
+    pub fn plain(&self) -> (Tensor<4>, Option<Tensor<1>>) {
+        use crate::compress::compact::transformed::{expand, expand_bias, expand_tensor};
+        let g = self.transforms;
+        let w = self.weight.val();
+        if w.device().is_autodiff() {
+            let bias = self.bias.as_ref().map(|b| expand_bias(b.val(), g));
+            return (expand_tensor(w, g), bias);
+        }
+        let [base, cin, k, _] = w.dims();
+        let device = w.device();
+        let host = |t: Tensor<1>| -> Vec<f32> {
+            t.into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .expect("f32 weights")
+        };
+        let wv = host(w.reshape([base * cin * k * k]));
+        let bv = self.bias.as_ref().map(|b| host(b.val()));
+        let (ew, eb) = expand(&wv, bv.as_deref(), base, cin, k, g);
+        (
+            Tensor::<1>::from_floats(ew.as_slice(), &device).reshape([base * g, cin, k, k]),
+            eb.map(|b| Tensor::<1>::from_floats(b.as_slice(), &device)),
+        )
+    }
+
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        use crate::compress::compact::transformed::{expand_bias, expand_tensor};
-        let weight = expand_tensor(self.weight.val(), self.transforms);
-        let bias = self
-            .bias
-            .as_ref()
-            .map(|b| expand_bias(b.val(), self.transforms));
+        let (weight, bias) = self.plain();
         let p = self.padding;
         let options = ConvOptions::new_with_padding([self.stride; 2], [(p, p), (p, p)], [1, 1], 1);
         kernels::extension::conv2d(x, weight, bias, options)
@@ -340,14 +363,10 @@ fn fused_inference(layers: &[Layer], x: &Activation) -> Option<(Activation, usiz
             )
         }
         Layer::TransformedConv(t) => {
-            use crate::compress::compact::transformed::{expand_bias, expand_tensor};
             let p = t.padding;
             let options = ConvOptions::new_with_padding([t.stride; 2], [(p, p), (p, p)], [1, 1], 1);
-            (
-                expand_tensor(t.weight.val(), t.transforms),
-                t.bias.as_ref().map(|b| expand_bias(b.val(), t.transforms)),
-                options,
-            )
+            let (weight, bias) = t.plain();
+            (weight, bias, options)
         }
         _ => unreachable!("matched above"),
     };

@@ -80,14 +80,14 @@ pub fn per_weight<T: Clone>(
     Ok(out)
 }
 
-/// The layers of `arch` that hold weights (convolutions and dense layers), by path, with
-/// `conv` or `linear`: what pruning, sharing and encoding work on. Their weight tensor is
-/// `<path>.weight`.
+/// The layers of `arch` that hold weights (convolutions, transformed ones included, and dense
+/// layers), by path, with `conv` or `linear`: what pruning, sharing and encoding work on.
+/// Their weight tensor is `<path>.weight`.
 pub fn weighted_layers(arch: &Arch) -> Vec<(String, &'static str)> {
     arch.layer_stats()
         .into_iter()
         .filter_map(|s| match s.kind {
-            "conv2d" => Some((s.path, "conv")),
+            "conv2d" | "transformed_conv" => Some((s.path, "conv")),
             "linear" => Some((s.path, "linear")),
             _ => None,
         })
