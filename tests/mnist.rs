@@ -420,7 +420,7 @@ fn compact_rewrites_and_distillation_learn_on_real_mnist() {
     assert!(text.contains("distilled at T = 4"), "{text}");
     let m = train::read_metrics(&folder).unwrap();
     assert!(
-        m[0].test_acc >= 0.85,
+        m[0].test_acc >= 0.80,
         "distilled student: {}",
         m[0].test_acc
     );
