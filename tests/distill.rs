@@ -47,6 +47,9 @@ fn params(teacher: &Path) -> DistillParams {
         epochs: Some(1),
         lr: Some(0.01),
         seed: 1,
+        hint_student: None,
+        hint_teacher: None,
+        hint_epochs: 1,
         train_limit: None,
         test_limit: None,
     }
@@ -246,4 +249,102 @@ epochs = 1
     let last = report.stages.last().unwrap();
     assert_eq!(last.kind, "distill");
     assert_eq!(last.figures.params, 230_830);
+}
+
+/// FitNets: during the hint epochs the labels weigh nothing and the loss is the hint's; the
+/// regressor trains through `own_gradients` (the hint loss falls with the student held
+/// fixed); a hint between layers of different spatial sizes, or one with no epochs left for
+/// KD, is refused.
+#[test]
+fn fitnets_hint_trains_its_regressor_and_bad_hints_are_refused() {
+    use convpress::compress::distill::{Hint, HintSpec};
+    let device = Device::flex();
+    let ad = device.clone().autodiff();
+    let arch = ModelKind::Lenet5.arch([1, 28, 28], 10).unwrap();
+    let thin = convpress::models::width::scale(&arch, 0.25).unwrap();
+    let spec = HintSpec {
+        student: 2,
+        teacher: 2,
+        epochs: 1,
+    };
+    let teacher = Network::seeded(&arch, &device, 1).unwrap();
+    let student = Network::seeded(&thin, &ad, 2).unwrap();
+    let pre = common::meta().preprocess;
+    let settings = Settings {
+        temperature: 4.0,
+        alpha: 0.9,
+    };
+    let mut hook = Distill::new(teacher, &pre, &pre, settings)
+        .unwrap()
+        .with_hint(Hint::new(spec, &arch, &thin).unwrap());
+    let images = Tensor::<1>::from_floats(common::values(8 * 784, 4).as_slice(), &ad)
+        .reshape([8, 1, 28, 28]);
+    let batch = convpress::data::Batch {
+        images: images.clone(),
+        labels: Tensor::from_ints([0, 1, 2, 3, 4, 5, 6, 7], &ad),
+        len: 8,
+        indices: (0..8).collect(),
+        augmented: false,
+    };
+    let progress = Progress {
+        epoch: 0,
+        epochs: 2,
+        batch: 0,
+        batches: 1,
+        step: 0,
+        lr: 0.05,
+    };
+    let student = hook.on_epoch_begin(&progress, student);
+    assert_eq!(hook.label_weight(), 0.0);
+    let logits = student.forward(images.clone());
+    let mut losses = Vec::new();
+    for _ in 0..30 {
+        let loss = hook
+            .extra_loss(&progress, &student, &batch, &logits)
+            .unwrap();
+        losses.push(loss.clone().into_scalar::<f32>());
+        let mut grads = loss.backward();
+        hook.own_gradients(&progress, &mut grads);
+    }
+    assert!(
+        losses[29] < 0.7 * losses[0],
+        "the hint loss should fall as the regressor trains: {losses:?}"
+    );
+    // After the hint epochs, KD: the labels weigh 1 − α again.
+    let kd = Progress {
+        epoch: 1,
+        ..progress
+    };
+    let _ = hook.on_epoch_begin(&kd, student);
+    assert!((hook.label_weight() - 0.1).abs() < 1e-12);
+
+    // Refusals, at plan time.
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    common::write_synthetic_mnist(&data, 64, 16, 28);
+    let t = teacher_file(root.path(), &arch);
+    let dir = root.path().join("run");
+    let refused = |p: DistillParams| {
+        DistillStage { params: p }
+            .plan(&Plan::default(), &cx(&dir, &data))
+            .unwrap_err()
+    };
+    let hinted = |s: &str, t2: &str, e: usize| DistillParams {
+        student: Some(ModelKind::Lenet5),
+        epochs: Some(3),
+        hint_student: Some(s.into()),
+        hint_teacher: Some(t2.into()),
+        hint_epochs: e,
+        ..params(&t)
+    };
+    assert!(refused(hinted("layers.2", "layers.5", 1)).contains("same spatial size"));
+    assert!(refused(hinted("layers.2", "layers.2", 3)).contains("fewer than the 3 epochs"));
+    assert!(refused(hinted("layers.2.x", "layers.2", 1)).contains("top-level layer"));
+}
+
+fn teacher_file(dir: &Path, arch: &convpress::models::Arch) -> PathBuf {
+    let net = Network::seeded(arch, &Device::flex(), 5).unwrap();
+    let file = dir.join("teacher-lenet5.safetensors");
+    checkpoint::save(&file, &net, &common::meta()).unwrap();
+    file
 }

@@ -9,6 +9,13 @@
 //! soft and hard terms in proportion whatever the temperature. The training loss is
 //! `(1 − α) · CE(labels) + α · T² · KL`.
 //!
+//! FitNets (Romero et al. 2015, "FitNets: hints for thin deep nets", §2.2): before that,
+//! [`Hint`] trains the student's layers up to a *guided* layer so that a learned regressor
+//! `r` maps its output onto the teacher's *hint* layer, minimising `½ ‖u_h − r(v_g)‖²`
+//! (eq. 3, here averaged over the values), for the first `hint epochs`; KD follows. The
+//! regressor is a 1x1 convolution (a matrix over channels, or over features for flat
+//! layers), so both layers must have the same spatial size.
+//!
 //! [`Distill`] is the training hook: the teacher runs forward on each batch (in evaluation
 //! mode, no gradients) and its soft targets enter through `extra_loss`; the label term is
 //! weighted through `label_weight`. The student may be any convpress model, compressed ones
@@ -104,8 +111,124 @@ pub fn check_shapes(teacher: &Arch, student: &Arch) -> Result<(), String> {
     Ok(())
 }
 
+/// FitNets' hint: the student's top-level layer `student` guided to the teacher's `teacher`
+/// for the first `epochs` epochs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HintSpec {
+    pub student: usize,
+    pub teacher: usize,
+    pub epochs: usize,
+}
+
+impl HintSpec {
+    /// The two layers' output shapes, or why the regressor cannot join them.
+    pub fn check(&self, teacher: &Arch, student: &Arch) -> Result<(usize, usize), String> {
+        let shape = |a: &Arch, i: usize, who: &str| -> Result<crate::models::Shape, String> {
+            let path = format!("layers.{i}");
+            a.layer_stats()
+                .into_iter()
+                .find(|s| s.path == path)
+                .map(|s| s.output)
+                .ok_or_else(|| format!("the {who} has no layer {path}"))
+        };
+        use crate::models::Shape;
+        let (s, t) = (
+            shape(student, self.student, "student")?,
+            shape(teacher, self.teacher, "teacher")?,
+        );
+        match (s, t) {
+            (Shape::Map([cs, hs, ws]), Shape::Map([ct, ht, wt])) if [hs, ws] == [ht, wt] => {
+                Ok((cs, ct))
+            }
+            (Shape::Flat(fs), Shape::Flat(ft)) => Ok((fs, ft)),
+            _ => Err(format!(
+                "the student's guided layer layers.{} gives {s}, the teacher's hint layer layers.{} gives {t}: a 1x1 regressor needs the same spatial size",
+                self.student, self.teacher
+            )),
+        }
+    }
+}
+
+/// The regressor of a hint: `[student channels, teacher channels]`.
+#[derive(burn::module::Module, Debug)]
+struct Regressor {
+    weight: burn::module::Param<Tensor<2>>,
+}
+
+/// FitNets' hint training (see the module's documentation): the regressor and its optimizer.
+pub struct Hint {
+    spec: HintSpec,
+    channels: (usize, usize),
+    regressor: Option<Regressor>,
+    optim: burn::optim::ModuleOptimizer,
+}
+
+impl Hint {
+    pub fn new(spec: HintSpec, teacher: &Arch, student: &Arch) -> Result<Hint, String> {
+        let channels = spec.check(teacher, student)?;
+        Ok(Hint {
+            spec,
+            channels,
+            regressor: None,
+            optim: crate::train::OptimizerConfig::Sgd {
+                lr: 0.0,
+                momentum: 0.9,
+                weight_decay: 0.0,
+            }
+            .build(),
+        })
+    }
+
+    /// `½` the mean squared difference between the teacher's hint (on `teacher_images`) and
+    /// the regressed guided output (on the student's `images`).
+    fn loss_pair(
+        &mut self,
+        student: &Network,
+        teacher: &Network,
+        images: &Tensor<4>,
+        teacher_images: &Tensor<4>,
+    ) -> Tensor<1> {
+        let device = images.device();
+        let (cs, ct) = self.channels;
+        let r = self.regressor.get_or_insert_with(|| {
+            let bound = 1.0 / (cs as f64).sqrt();
+            Regressor {
+                weight: burn::nn::Initializer::Uniform {
+                    min: -bound,
+                    max: bound,
+                }
+                .init([cs, ct], &device),
+            }
+        });
+        let rows = |a: crate::models::network::Activation, c: usize| -> Tensor<2> {
+            use crate::models::network::Activation;
+            match a {
+                Activation::Map(t) => {
+                    let [n, _, h, w] = t.dims();
+                    t.permute([0, 2, 3, 1]).reshape([n * h * w, c])
+                }
+                Activation::Flat(t) => t,
+            }
+        };
+        let guided = rows(student.forward_to(images.clone(), self.spec.student), cs);
+        let hint = rows(
+            teacher.forward_to(teacher_images.clone(), self.spec.teacher),
+            ct,
+        );
+        let hint = if device.is_autodiff() {
+            hint.autodiff()
+        } else {
+            hint
+        };
+        (guided.matmul(r.weight.val()) - hint.detach())
+            .powf_scalar(2.0)
+            .mean()
+            .mul_scalar(0.5)
+    }
+}
+
 /// The distillation hook: adds `α · T² · KL` against `teacher` and weights the labels by
-/// `1 − α`.
+/// `1 − α`; with a [`Hint`], the first epochs train the guided layers on the hint alone.
 pub struct Distill {
     /// In evaluation mode on the plain device.
     teacher: Network,
@@ -117,6 +240,9 @@ pub struct Distill {
     /// that no augmentation changed gets the same logits every epoch, so the teacher runs
     /// once per image instead of once per epoch.
     cache: LogitCache,
+    hint: Option<Hint>,
+    /// The current epoch (0-based), to know whether the hint is training.
+    epoch: usize,
 }
 
 /// Rows of `classes` logits by training-image index.
@@ -176,12 +302,26 @@ impl Distill {
             settings,
             renormalize,
             cache: LogitCache::default(),
+            hint: None,
+            epoch: 0,
         })
     }
 
-    /// The teacher's logits for the student's `images` (no graph, whatever device they are
-    /// on).
-    pub fn teacher_logits(&self, images: &Tensor<4>) -> Tensor<2> {
+    /// FitNets: train the guided layer on `hint` first.
+    pub fn with_hint(mut self, hint: Hint) -> Self {
+        self.hint = Some(hint);
+        self
+    }
+
+    fn hinting(&self) -> bool {
+        self.hint
+            .as_ref()
+            .is_some_and(|h| self.epoch < h.spec.epochs)
+    }
+
+    /// The teacher's input for the student's `images`: the student's normalisation mapped to
+    /// the teacher's.
+    fn teacher_input(&self, images: &Tensor<4>) -> Tensor<4> {
         let mut x = images.clone().inner();
         if let Some((scale, shift)) = &self.renormalize {
             let device = x.device();
@@ -190,7 +330,13 @@ impl Distill {
             let shift = Tensor::<1>::from_floats(shift.as_slice(), &device).reshape([1, c, 1, 1]);
             x = x * scale + shift;
         }
-        self.teacher.forward(x)
+        x
+    }
+
+    /// The teacher's logits for the student's `images` (no graph, whatever device they are
+    /// on).
+    pub fn teacher_logits(&self, images: &Tensor<4>) -> Tensor<2> {
+        self.teacher.forward(self.teacher_input(images))
     }
 }
 
@@ -200,16 +346,43 @@ impl TrainHook for Distill {
     }
 
     fn label_weight(&self) -> f64 {
-        1.0 - self.settings.alpha
+        if self.hinting() {
+            0.0
+        } else {
+            1.0 - self.settings.alpha
+        }
+    }
+
+    fn on_epoch_begin(&mut self, progress: &Progress, model: Network) -> Network {
+        self.epoch = progress.epoch;
+        model
+    }
+
+    fn own_gradients(&mut self, progress: &Progress, grads: &mut burn::tensor::Gradients) {
+        if !self.hinting() {
+            return;
+        }
+        if let Some(h) = &mut self.hint
+            && let Some(r) = h.regressor.take()
+        {
+            let g = burn::optim::GradientsParams::from_module(grads, &r);
+            let stepped = h.optim.step(progress.lr, r, g);
+            h.regressor = Some(stepped);
+        }
     }
 
     fn extra_loss(
         &mut self,
         _progress: &Progress,
-        _model: &Network,
+        model: &Network,
         batch: &Batch,
         logits: &Tensor<2>,
     ) -> Option<Tensor<1>> {
+        if self.hinting() {
+            let input = self.teacher_input(&batch.images);
+            let hint = self.hint.as_mut().expect("hinting");
+            return Some(hint.loss_pair(model, &self.teacher, &batch.images, &input));
+        }
         if self.settings.alpha == 0.0 {
             return None;
         }

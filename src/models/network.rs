@@ -272,6 +272,13 @@ impl Network {
         Ok(network)
     }
 
+    /// The activation after top-level layer `last` (a FitNets hint or guided layer): the
+    /// layers up to it run as in [`Network::forward`].
+    pub fn forward_to(&self, images: Tensor<4>, last: usize) -> Activation {
+        let end = (last + 1).min(self.layers.len());
+        run(&self.layers[..end], Activation::Map(images))
+    }
+
     /// Class scores `[N, classes]` for images `[N, C, H, W]`.
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let x = Activation::Map(images);

@@ -6,7 +6,7 @@
 //! `convpress distill` runs it on its own.
 
 use crate::checkpoint;
-use crate::compress::distill::{self, Distill, Settings};
+use crate::compress::distill::{self, Distill, Hint, HintSpec, Settings};
 use crate::models::ModelKind;
 use crate::pipeline::stages::{check_retrain, reopen, retrain_config, train_keeping};
 use crate::pipeline::table::{self, StageTable};
@@ -51,6 +51,19 @@ pub struct DistillParams {
     #[arg(long, default_value_t = 1)]
     #[serde(default = "one")]
     pub seed: u64,
+    /// FitNets: the student's guided layer (a top-level layer, `layers.2`), trained first to
+    /// match the teacher's hint layer through a 1x1 regressor.
+    #[arg(long, requires = "hint_teacher")]
+    #[serde(default)]
+    pub hint_student: Option<String>,
+    /// FitNets: the teacher's hint layer (`layers.2`).
+    #[arg(long, requires = "hint_student")]
+    #[serde(default)]
+    pub hint_teacher: Option<String>,
+    /// FitNets: the epochs of hint training, counted in --epochs (KD takes the rest).
+    #[arg(long, default_value_t = 1)]
+    #[serde(default = "one_usize")]
+    pub hint_epochs: usize,
     #[arg(long)]
     #[serde(default)]
     pub train_limit: Option<usize>,
@@ -68,6 +81,16 @@ fn point_nine() -> f64 {
 fn one() -> u64 {
     1
 }
+fn one_usize() -> usize {
+    1
+}
+
+/// `layers.N` as N: a hint joins top-level layers.
+fn top_level(path: &str, key: &str) -> Result<usize, String> {
+    path.strip_prefix("layers.")
+        .and_then(|i| i.parse().ok())
+        .ok_or_else(|| format!("{key} must name a top-level layer (layers.N), got {path:?}"))
+}
 
 pub struct DistillStage {
     pub params: DistillParams,
@@ -81,6 +104,27 @@ pub fn parse(t: &StageTable) -> Result<Box<dyn Stage>, table::Error> {
 }
 
 impl DistillParams {
+    /// The FitNets hint, if one is asked for, checked against `epochs` of training.
+    fn hint(&self, epochs: usize) -> Result<Option<HintSpec>, String> {
+        let (Some(s), Some(t)) = (&self.hint_student, &self.hint_teacher) else {
+            if self.hint_student.is_some() || self.hint_teacher.is_some() {
+                return Err("a hint needs both hint-student and hint-teacher".into());
+            }
+            return Ok(None);
+        };
+        if self.hint_epochs == 0 || self.hint_epochs >= epochs {
+            return Err(format!(
+                "hint-epochs must be at least 1 and fewer than the {epochs} epochs (KD takes the rest), got {}",
+                self.hint_epochs
+            ));
+        }
+        Ok(Some(HintSpec {
+            student: top_level(s, "hint-student")?,
+            teacher: top_level(t, "hint-teacher")?,
+            epochs: self.hint_epochs,
+        }))
+    }
+
     fn settings(&self) -> Settings {
         Settings {
             temperature: self.temperature,
@@ -190,6 +234,13 @@ impl Stage for DistillStage {
             }
         };
         distill::check_shapes(teacher.arch(), &arch)?;
+        let epochs = match (&before.arch, p.student) {
+            (None, Some(kind)) => p.fresh_config(kind, teacher.meta(), cx).epochs,
+            _ => p.epochs.unwrap_or(2),
+        };
+        if let Some(h) = p.hint(epochs)? {
+            h.check(teacher.arch(), &arch)?;
+        }
         Ok(Plan {
             arch: Some(arch),
             state: before.state.clone(),
@@ -235,6 +286,12 @@ impl Stage for DistillStage {
             p.settings(),
         )
         .map_err(anyhow::Error::msg)?;
+        let hook = match p.hint(config.epochs).map_err(anyhow::Error::msg)? {
+            Some(spec) => {
+                hook.with_hint(Hint::new(spec, teacher.arch(), &arch).map_err(anyhow::Error::msg)?)
+            }
+            None => hook,
+        };
         let hooks: Vec<Box<dyn TrainHook>> = vec![Box::new(hook)];
         let (outcome, kept) = train_keeping(&config, &keep, hooks, cx)?;
         let last = outcome.metrics.last();
@@ -243,6 +300,9 @@ impl Stage for DistillStage {
             "teacher_accuracy": teacher_meta.info.get("test_acc"),
             "temperature": p.temperature,
             "alpha": p.alpha,
+            "hint": p.hint_student.as_ref().map(|s| serde_json::json!({
+                "student": s, "teacher": p.hint_teacher, "epochs": p.hint_epochs,
+            })),
             "epochs": config.epochs,
             "params": arch.num_params(),
             "train_seconds": last.map(|m| m.cumulative_train_seconds),
