@@ -402,7 +402,8 @@ fn splice_for(
     let bn_after = matches!(list.get(i + 1), Some(LayerSpec::BatchNorm { .. }));
     let relu = relu_after(&list, i);
     // The old weights, when the new layers start from them.
-    let get = |name: &str| -> Result<Option<(Vec<f32>, Vec<usize>)>, String> {
+    type Floats = Option<(Vec<f32>, Vec<usize>)>;
+    let get = |name: &str| -> Result<Floats, String> {
         match tensors {
             Some(t) if t.contains_key(&format!("{path}.{name}")) => {
                 crate::checkpoint::floats(t, &format!("{path}.{name}")).map(Some)
@@ -453,7 +454,8 @@ fn splice_for(
             else {
                 unreachable!("checked")
             };
-            if !(o.squeeze > 0.0 && o.squeeze.is_finite()) || !(0.0..=1.0).contains(&o.expand_kxk) {
+            let squeeze_ok = o.squeeze > 0.0 && o.squeeze.is_finite();
+            if !squeeze_ok || !(0.0..=1.0).contains(&o.expand_kxk) {
                 return Err(format!(
                     "fire: squeeze must be positive and expand-kxk in [0, 1], got {} and {}",
                     o.squeeze, o.expand_kxk

@@ -90,53 +90,6 @@ pub fn expand_bias(bias: Tensor<1>, transforms: usize) -> Tensor<1> {
         .reshape([b * transforms])
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tensor_expansion_matches_the_plain_one() {
-        let device = Device::flex();
-        let (base, cin, k) = (2, 3, 3);
-        let w: Vec<f32> = (0..base * cin * k * k)
-            .map(|v| v as f32 * 0.37 - 3.0)
-            .collect();
-        for g in [4, 8] {
-            let (plain, bias) = expand(&w, Some(&[1.0, 2.0]), base, cin, k, g);
-            let t = Tensor::<1>::from_floats(w.as_slice(), &device).reshape([base, cin, k, k]);
-            let burn: Vec<f32> = expand_tensor(t, g).into_data().try_to_vec().unwrap();
-            assert_eq!(plain, burn);
-            let b = Tensor::<1>::from_floats([1.0, 2.0], &device);
-            let burn_bias: Vec<f32> = expand_bias(b, g).into_data().try_to_vec().unwrap();
-            assert_eq!(bias.unwrap(), burn_bias);
-        }
-    }
-
-    /// The 8 transforms of an asymmetric filter are 8 different filters, and rotating four
-    /// times comes back to the start.
-    #[test]
-    fn the_transforms_form_the_group() {
-        let k = 3;
-        let w: Vec<f32> = (0..9).map(|v| v as f32).collect();
-        let (all, _) = expand(&w, None, 1, 1, k, 8);
-        let filters: Vec<&[f32]> = all.chunks(9).collect();
-        for a in 0..8 {
-            for b in 0..a {
-                assert_ne!(filters[a], filters[b], "transforms {a} and {b} agree");
-            }
-        }
-        for i in 0..k {
-            for j in 0..k {
-                let mut p = (i, j);
-                for _ in 0..4 {
-                    p = source(p.0, p.1, 1, k);
-                }
-                assert_eq!(p, (i, j));
-            }
-        }
-    }
-}
-
 /// `loaded` with every transformed convolution replaced by the plain convolution it expands
 /// to (its architecture and tensors), for the runtime; `None` if it has none.
 pub fn expand_model(
@@ -189,17 +142,17 @@ pub fn expand_model(
             groups: 1,
             bias,
         };
-        let mut take =
-            |name: &str| -> Result<Option<(Vec<f32>, Option<burn::module::ParamId>)>, String> {
-                match out.tensors.remove(&format!("{path}.{name}")) {
-                    Some((d, id)) => Ok(Some((
-                        d.try_to_vec::<f32>()
-                            .map_err(|e| format!("{path}.{name} is not f32: {e:?}"))?,
-                        id,
-                    ))),
-                    None => Ok(None),
-                }
-            };
+        type Taken = Option<(Vec<f32>, Option<burn::module::ParamId>)>;
+        let mut take = |name: &str| -> Result<Taken, String> {
+            match out.tensors.remove(&format!("{path}.{name}")) {
+                Some((d, id)) => Ok(Some((
+                    d.try_to_vec::<f32>()
+                        .map_err(|e| format!("{path}.{name} is not f32: {e:?}"))?,
+                    id,
+                ))),
+                None => Ok(None),
+            }
+        };
         let (w, wid) = take("weight")?.ok_or_else(|| format!("no tensor {path}.weight"))?;
         let b = take("bias")?;
         if w.len() != base_filters * in_channels * kernel * kernel {
@@ -228,4 +181,51 @@ pub fn expand_model(
         }
     }
     Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_expansion_matches_the_plain_one() {
+        let device = Device::flex();
+        let (base, cin, k) = (2, 3, 3);
+        let w: Vec<f32> = (0..base * cin * k * k)
+            .map(|v| v as f32 * 0.37 - 3.0)
+            .collect();
+        for g in [4, 8] {
+            let (plain, bias) = expand(&w, Some(&[1.0, 2.0]), base, cin, k, g);
+            let t = Tensor::<1>::from_floats(w.as_slice(), &device).reshape([base, cin, k, k]);
+            let burn: Vec<f32> = expand_tensor(t, g).into_data().try_to_vec().unwrap();
+            assert_eq!(plain, burn);
+            let b = Tensor::<1>::from_floats([1.0, 2.0], &device);
+            let burn_bias: Vec<f32> = expand_bias(b, g).into_data().try_to_vec().unwrap();
+            assert_eq!(bias.unwrap(), burn_bias);
+        }
+    }
+
+    /// The 8 transforms of an asymmetric filter are 8 different filters, and rotating four
+    /// times comes back to the start.
+    #[test]
+    fn the_transforms_form_the_group() {
+        let k = 3;
+        let w: Vec<f32> = (0..9).map(|v| v as f32).collect();
+        let (all, _) = expand(&w, None, 1, 1, k, 8);
+        let filters: Vec<&[f32]> = all.chunks(9).collect();
+        for a in 0..8 {
+            for b in 0..a {
+                assert_ne!(filters[a], filters[b], "transforms {a} and {b} agree");
+            }
+        }
+        for i in 0..k {
+            for j in 0..k {
+                let mut p = (i, j);
+                for _ in 0..4 {
+                    p = source(p.0, p.1, 1, k);
+                }
+                assert_eq!(p, (i, j));
+            }
+        }
+    }
 }
