@@ -191,13 +191,17 @@ impl Hint {
         let device = images.device();
         let (cs, ct) = self.channels;
         let r = self.regressor.get_or_insert_with(|| {
-            let bound = 1.0 / (cs as f64).sqrt();
+            // Uniform in ±1/√cs from a fixed seed (not the device's shared generator), so a
+            // run is reproducible whatever else draws from it.
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(0x4849_4e54);
+            let bound = 1.0 / (cs as f32).sqrt();
+            let v: Vec<f32> = (0..cs * ct)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
+            let w = Tensor::<1>::from_floats(v.as_slice(), &device).reshape([cs, ct]);
             Regressor {
-                weight: burn::nn::Initializer::Uniform {
-                    min: -bound,
-                    max: bound,
-                }
-                .init([cs, ct], &device),
+                weight: burn::module::Param::from_tensor(w.require_grad()),
             }
         });
         let rows = |a: crate::models::network::Activation, c: usize| -> Tensor<2> {
