@@ -383,6 +383,40 @@ fn conv(
     }
 }
 
+/// The sizes of a plain convolution that a form rewrites.
+struct ConvParts {
+    cin: usize,
+    cout: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    bias: bool,
+}
+
+/// [`ConvParts`] of `spec`, which [`check_at`] has found a plain convolution.
+fn conv_parts(spec: &LayerSpec) -> ConvParts {
+    let LayerSpec::Conv2d {
+        in_channels,
+        out_channels,
+        kernel,
+        stride,
+        padding,
+        bias,
+        ..
+    } = *spec
+    else {
+        unreachable!("checked: a convolution")
+    };
+    ConvParts {
+        cin: in_channels,
+        cout: out_channels,
+        kernel,
+        stride,
+        padding,
+        bias,
+    }
+}
+
 /// The replacement of the layer at `path`.
 fn splice_for(
     arch: &Arch,
@@ -415,18 +449,14 @@ fn splice_for(
     };
     match o.form {
         Form::Separable => {
-            let LayerSpec::Conv2d {
-                in_channels: cin,
-                out_channels: cout,
+            let ConvParts {
+                cin,
+                cout,
                 kernel,
                 stride,
                 padding,
                 bias,
-                ..
-            } = spec
-            else {
-                unreachable!("checked")
-            };
+            } = conv_parts(&spec);
             let mut layers = vec![conv(cin, cin, kernel, stride, padding, cin, false)];
             if bn_after {
                 layers.push(LayerSpec::BatchNorm { features: cin });
@@ -442,18 +472,14 @@ fn splice_for(
             })
         }
         Form::Fire => {
-            let LayerSpec::Conv2d {
-                in_channels: cin,
-                out_channels: cout,
+            let ConvParts {
+                cin,
+                cout,
                 kernel,
                 stride,
                 padding,
                 bias,
-                ..
-            } = spec
-            else {
-                unreachable!("checked")
-            };
+            } = conv_parts(&spec);
             let squeeze_ok = o.squeeze > 0.0 && o.squeeze.is_finite();
             if !squeeze_ok || !(0.0..=1.0).contains(&o.expand_kxk) {
                 return Err(format!(
@@ -552,18 +578,14 @@ fn splice_for(
             })
         }
         Form::Rotations | Form::Dihedral => {
-            let LayerSpec::Conv2d {
-                in_channels,
-                out_channels,
+            let ConvParts {
+                cin: in_channels,
+                cout: out_channels,
                 kernel,
                 stride,
                 padding,
                 bias,
-                ..
-            } = spec
-            else {
-                unreachable!("checked")
-            };
+            } = conv_parts(&spec);
             let g = o.form.transforms();
             let (base, k) = (out_channels / g, kernel[0]);
             let mut t = Vec::new();
