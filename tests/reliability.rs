@@ -1290,6 +1290,48 @@ fn cases() -> Vec<Case> {
             &["--latency-seconds"],
         ),
         case(
+            "a rewrite of a layer that cannot take the form",
+            "rewrite --to fire --layers layers.2 --checkpoint l5.safetensors --data-dir data --run-dir p",
+            none,
+            1,
+            &["l5.safetensors", "layers.2", "\"same\" convolution"],
+        ),
+        case(
+            "transformed filters that do not divide the filter count",
+            "rewrite --to dihedral --layers layers.2 --checkpoint l5.safetensors --data-dir data --run-dir p",
+            none,
+            1,
+            &["layers.2", "50 filters"],
+        ),
+        case(
+            "distillation at temperature 0",
+            "distill --teacher l5.safetensors --student lenet300 --temperature 0 --data-dir data --run-dir p",
+            none,
+            1,
+            &["temperature must be a positive number"],
+        ),
+        case(
+            "distillation with alpha outside [0, 1]",
+            "distill --teacher l5.safetensors --student lenet300 --alpha 1.5 --data-dir data --run-dir p",
+            none,
+            1,
+            &["alpha must be in [0, 1]"],
+        ),
+        case(
+            "a student that is neither a model nor a file",
+            "distill --teacher l5.safetensors --student lenet7 --data-dir data --run-dir p",
+            none,
+            1,
+            &["--student", "neither a model"],
+        ),
+        case(
+            "a missing teacher",
+            "distill --teacher nowhere.safetensors --student lenet300 --data-dir data --run-dir p",
+            none,
+            1,
+            &["teacher", "nowhere.safetensors"],
+        ),
+        case(
             "preprocessing of the wrong length",
             "eval --checkpoint l5.safetensors --data-dir data",
             |d| {
