@@ -7,7 +7,7 @@ mod common;
 
 use burn::prelude::*;
 use common::{assert_close, values};
-use convpress::compress::compact::{self, Form, Init, Options};
+use convpress::compress::compact::{self, Form, Options};
 use convpress::models::arch::build::{bn, conv, linear, maxpool};
 use convpress::models::network::TransformedConv;
 use convpress::models::{Arch, LayerSpec, ModelKind, Network, Shape};
@@ -37,14 +37,7 @@ fn each_rewrite_has_the_declared_parameters_and_shapes() {
         (Form::Dihedral, 2304, 2 * 16 * 9),
     ];
     for (form, before, after) in cases {
-        let r = compact::rewrite(
-            &arch,
-            None,
-            std::slice::from_ref(&path),
-            options(form),
-            Init::Scratch,
-        )
-        .unwrap();
+        let r = compact::rewrite(&arch, None, std::slice::from_ref(&path), options(form)).unwrap();
         r.arch.validate().unwrap();
         let rep = &r.layers[0];
         assert_eq!(rep.params, [before, after], "{form:?}");
@@ -74,14 +67,7 @@ fn each_rewrite_has_the_declared_parameters_and_shapes() {
         compact::default_layers(&lenet, Form::Crelu),
         vec!["layers.5"]
     );
-    let r = compact::rewrite(
-        &lenet,
-        None,
-        &["layers.5".into()],
-        options(Form::Crelu),
-        Init::Scratch,
-    )
-    .unwrap();
+    let r = compact::rewrite(&lenet, None, &["layers.5".into()], options(Form::Crelu)).unwrap();
     assert_eq!(r.layers[0].params, [400_500, 200_250]);
 }
 
@@ -243,7 +229,7 @@ fn runtime_matches_burn_on_every_rewrite() {
         if form == Form::Crelu {
             paths.push("layers.8".into());
         }
-        let r = compact::rewrite(&arch, None, &paths, options(form), Init::Scratch).unwrap();
+        let r = compact::rewrite(&arch, None, &paths, options(form)).unwrap();
         let net = Network::seeded(&r.arch, &device, 7).unwrap();
         let file = dir.path().join(format!("{}.safetensors", form.name()));
         convpress::checkpoint::save(&file, &net, &common::meta()).unwrap();

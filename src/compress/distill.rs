@@ -215,16 +215,12 @@ impl Hint {
             }
         };
         let guided = rows(student.forward_to(images.clone(), self.spec.student), cs);
+        // On the plain device: a constant where it meets the student's autodiff tensors.
         let hint = rows(
             teacher.forward_to(teacher_images.clone(), self.spec.teacher),
             ct,
         );
-        let hint = if device.is_autodiff() {
-            hint.autodiff()
-        } else {
-            hint
-        };
-        (guided.matmul(r.weight.val()) - hint.detach())
+        (guided.matmul(r.weight.val()) - hint)
             .powf_scalar(2.0)
             .mean()
             .mul_scalar(0.5)
@@ -237,16 +233,14 @@ pub struct Distill {
     /// In evaluation mode on the plain device.
     teacher: Network,
     settings: Settings,
-    /// Per-channel `x·scale + shift` from the student's normalisation to the teacher's, if
-    /// they differ: `(x σ_s + μ_s − μ_t) / σ_t`.
-    renormalize: Option<(Vec<f32>, Vec<f32>)>,
+    /// Per-channel `x·scale + shift` (`[1, C, 1, 1]`, on the teacher's device) from the
+    /// student's normalisation to the teacher's, if they differ: `(x σ_s + μ_s − μ_t) / σ_t`.
+    renormalize: Option<(Tensor<4>, Tensor<4>)>,
     /// The teacher's logits per training image, filled as images are first seen: an image
     /// that no augmentation changed gets the same logits every epoch, so the teacher runs
     /// once per image instead of once per epoch.
     cache: LogitCache,
     hint: Option<Hint>,
-    /// The current epoch (0-based), to know whether the hint is training.
-    epoch: usize,
 }
 
 /// Rows of `classes` logits by training-image index.
@@ -295,11 +289,20 @@ impl Distill {
     ) -> Result<Self, String> {
         settings.check()?;
         let (t, s) = (teacher_pre, student_pre);
+        let device = teacher
+            .devices()
+            .first()
+            .cloned()
+            .unwrap_or_else(Device::flex);
+        let per_channel = |v: Vec<f32>| {
+            let c = v.len();
+            Tensor::<1>::from_floats(v.as_slice(), &device).reshape([1, c, 1, 1])
+        };
         let renormalize = (t.mean != s.mean || t.std != s.std).then(|| {
             let scale = s.std.iter().zip(&t.std).map(|(ss, ts)| ss / ts).collect();
             let shift =
                 (s.mean.iter().zip(&t.mean).zip(&t.std)).map(|((sm, tm), ts)| (sm - tm) / ts);
-            (scale, shift.collect())
+            (per_channel(scale), per_channel(shift.collect()))
         });
         Ok(Distill {
             teacher: teacher.valid(),
@@ -307,7 +310,6 @@ impl Distill {
             renormalize,
             cache: LogitCache::default(),
             hint: None,
-            epoch: 0,
         })
     }
 
@@ -317,24 +319,21 @@ impl Distill {
         self
     }
 
-    fn hinting(&self) -> bool {
+    /// Whether `progress` is in the hint's epochs.
+    fn hinting(&self, progress: &Progress) -> bool {
         self.hint
             .as_ref()
-            .is_some_and(|h| self.epoch < h.spec.epochs)
+            .is_some_and(|h| progress.epoch < h.spec.epochs)
     }
 
     /// The teacher's input for the student's `images`: the student's normalisation mapped to
     /// the teacher's.
     fn teacher_input(&self, images: &Tensor<4>) -> Tensor<4> {
-        let mut x = images.clone().inner();
-        if let Some((scale, shift)) = &self.renormalize {
-            let device = x.device();
-            let c = scale.len();
-            let scale = Tensor::<1>::from_floats(scale.as_slice(), &device).reshape([1, c, 1, 1]);
-            let shift = Tensor::<1>::from_floats(shift.as_slice(), &device).reshape([1, c, 1, 1]);
-            x = x * scale + shift;
+        let x = images.clone().inner();
+        match &self.renormalize {
+            Some((scale, shift)) => x * scale.clone() + shift.clone(),
+            None => x,
         }
-        x
     }
 
     /// The teacher's logits for the student's `images` (no graph, whatever device they are
@@ -349,21 +348,16 @@ impl TrainHook for Distill {
         "distill"
     }
 
-    fn label_weight(&self) -> f64 {
-        if self.hinting() {
+    fn label_weight(&self, progress: &Progress) -> f64 {
+        if self.hinting(progress) {
             0.0
         } else {
             1.0 - self.settings.alpha
         }
     }
 
-    fn on_epoch_begin(&mut self, progress: &Progress, model: Network) -> Network {
-        self.epoch = progress.epoch;
-        model
-    }
-
     fn own_gradients(&mut self, progress: &Progress, grads: &mut burn::tensor::Gradients) {
-        if !self.hinting() {
+        if !self.hinting(progress) {
             return;
         }
         if let Some(h) = &mut self.hint
@@ -377,12 +371,12 @@ impl TrainHook for Distill {
 
     fn extra_loss(
         &mut self,
-        _progress: &Progress,
+        progress: &Progress,
         model: &Network,
         batch: &Batch,
         logits: &Tensor<2>,
     ) -> Option<Tensor<1>> {
-        if self.hinting() {
+        if self.hinting(progress) {
             let input = self.teacher_input(&batch.images);
             let hint = self.hint.as_mut().expect("hinting");
             return Some(hint.loss_pair(model, &self.teacher, &batch.images, &input));
@@ -408,11 +402,7 @@ impl TrainHook for Distill {
                 t
             }
         };
-        let teacher = if device.is_autodiff() {
-            teacher.autodiff()
-        } else {
-            teacher
-        };
+        // On the plain device: a constant where it meets the student's logits.
         let soft = soft_loss(logits.clone(), teacher, self.settings.temperature);
         Some(soft.mul_scalar(self.settings.alpha))
     }

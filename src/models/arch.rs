@@ -252,6 +252,21 @@ impl LayerSpec {
         }
     }
 
+    /// [`LayerSpec::nested`], to rewrite in place.
+    pub fn nested_mut(&mut self) -> Vec<(String, &mut Vec<LayerSpec>)> {
+        match self {
+            LayerSpec::Residual { body, shortcut } => {
+                vec![("body".into(), body), ("shortcut".into(), shortcut)]
+            }
+            LayerSpec::Concat { branches } => branches
+                .iter_mut()
+                .enumerate()
+                .map(|(b, l)| (format!("branches.{b}"), l))
+                .collect(),
+            _ => vec![],
+        }
+    }
+
     /// Output shape for `input`, or why the layer cannot take it (including an output too
     /// large to count in `usize`).
     pub fn output_shape(&self, input: Shape) -> Result<Shape, String> {
@@ -639,6 +654,15 @@ impl Arch {
         let mut out = Vec::new();
         tensors_into(&self.layers, "layers", &mut out);
         out
+    }
+
+    /// The path of the classifier, the last top-level dense layer: its outputs are the class
+    /// scores, which rewrites and width multipliers leave as they are.
+    pub fn classifier(&self) -> Option<String> {
+        self.layers
+            .iter()
+            .rposition(|l| matches!(l, LayerSpec::Linear { .. }))
+            .map(|i| format!("layers.{i}"))
     }
 
     /// Parameters of the whole network; saturates at `usize::MAX`.

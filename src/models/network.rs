@@ -523,12 +523,15 @@ impl Layer {
                 flat => flat,
             },
             Layer::CRelu(_) => {
-                let relu = |x: Activation| Layer::Relu(Relu::new()).forward(x);
-                let neg = match &x {
-                    Activation::Map(t) => Activation::Map(t.clone().neg()),
-                    Activation::Flat(t) => Activation::Flat(t.clone().neg()),
-                };
-                Activation::cat(vec![relu(x), relu(neg)])
+                use burn::tensor::activation::relu;
+                match x {
+                    Activation::Map(t) => {
+                        Activation::Map(Tensor::cat(vec![relu(t.clone()), relu(t.neg())], 1))
+                    }
+                    Activation::Flat(t) => {
+                        Activation::Flat(Tensor::cat(vec![relu(t.clone()), relu(t.neg())], 1))
+                    }
+                }
             }
             Layer::Concat(c) => {
                 Activation::cat(c.branches.iter().map(|b| run(b, x.clone())).collect())

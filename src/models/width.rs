@@ -15,7 +15,7 @@ pub fn scale(arch: &Arch, w: f64) -> Result<Arch, String> {
     }
     let c = |n: usize| ((n as f64 * w).round() as usize).max(1);
     let mut layers = arch.layers.clone();
-    let last = last_linear(&layers);
+    let last = arch.classifier();
     scale_list(
         &mut layers,
         "layers",
@@ -30,14 +30,6 @@ pub fn scale(arch: &Arch, w: f64) -> Result<Arch, String> {
     out.validate()
         .map_err(|e| format!("{} at width {w}: {e}", arch.name))?;
     Ok(out)
-}
-
-/// The path of the last top-level linear layer: the classifier, whose outputs stay.
-fn last_linear(layers: &[LayerSpec]) -> Option<String> {
-    layers
-        .iter()
-        .rposition(|l| matches!(l, LayerSpec::Linear { .. }))
-        .map(|i| format!("layers.{i}"))
 }
 
 /// Scales `layers` (under `prefix`, seeing `shape`) in place; returns the output shape.
@@ -96,13 +88,9 @@ fn scale_list(
                     "{path}: a circulant layer's size is fixed by its vector; scale the model before making it circulant"
                 ));
             }
-            LayerSpec::Residual { body, shortcut } => {
-                scale_list(body, &format!("{path}.body"), shape, c, None)?;
-                scale_list(shortcut, &format!("{path}.shortcut"), shape, c, None)?;
-            }
-            LayerSpec::Concat { branches } => {
-                for (b, branch) in branches.iter_mut().enumerate() {
-                    scale_list(branch, &format!("{path}.branches.{b}"), shape, c, None)?;
+            LayerSpec::Residual { .. } | LayerSpec::Concat { .. } => {
+                for (name, list) in l.nested_mut() {
+                    scale_list(list, &format!("{path}.{name}"), shape, c, None)?;
                 }
             }
             LayerSpec::Relu

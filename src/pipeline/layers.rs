@@ -32,6 +32,32 @@ impl<T: Default> LayerRules<T> {
 }
 
 impl<T: Clone> LayerRules<T> {
+    /// The layers of `arch` a rewriting stage works on: those the patterns name (among every
+    /// layer, nested ones included), or with no patterns `default()`, refused with `none()`
+    /// if it is empty; every one must pass `check`, whose message names the layer.
+    pub fn chosen(
+        &self,
+        arch: &Arch,
+        default: impl FnOnce() -> Vec<String>,
+        none: impl FnOnce() -> String,
+        check: impl Fn(&str) -> Result<(), String>,
+    ) -> Result<Vec<String>, String> {
+        let paths: Vec<String> = if self.0.is_empty() {
+            let paths = default();
+            if paths.is_empty() {
+                return Err(none());
+            }
+            paths
+        } else {
+            let all: Vec<String> = arch.layer_specs().into_keys().collect();
+            self.resolve(&all)?.into_keys().collect()
+        };
+        for p in &paths {
+            check(p)?;
+        }
+        Ok(paths)
+    }
+
     /// The value of every layer of `layers` that some pattern names (the last match wins);
     /// refuses a pattern that names none of them, listing the ones that exist.
     pub fn resolve(&self, layers: &[String]) -> Result<BTreeMap<String, T>, String> {

@@ -69,7 +69,7 @@ pub trait TrainHook {
 
     /// The weight of the cross-entropy against the labels (the weights of all hooks multiply):
     /// distillation gives `1 − α` of the loss to the labels and `α` to the teacher.
-    fn label_weight(&self) -> f64 {
+    fn label_weight(&self, _progress: &Progress) -> f64 {
         1.0
     }
 

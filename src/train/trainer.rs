@@ -315,7 +315,7 @@ pub fn train(
             let forward = forward_model(&mut hooks, &progress, &model);
             let logits = forward.forward(batch.images.clone());
             let mut loss = loss_fn.forward(logits.clone(), batch.labels.clone());
-            let label_weight: f64 = hooks.iter().map(|h| h.label_weight()).product();
+            let label_weight: f64 = hooks.iter().map(|h| h.label_weight(&progress)).product();
             if label_weight != 1.0 {
                 loss = loss.mul_scalar(label_weight);
             }

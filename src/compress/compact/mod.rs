@@ -131,21 +131,18 @@ pub fn default_layers(arch: &Arch, form: Form) -> Vec<String> {
         }
     });
     // The classifier keeps its outputs.
-    if let Some(last) = last_dense(arch) {
+    if let Some(last) = arch.classifier() {
         out.retain(|p| *p != last);
     }
     out
 }
 
-fn last_dense(arch: &Arch) -> Option<String> {
-    arch.layers
-        .iter()
-        .rposition(|l| matches!(l, LayerSpec::Linear { .. }))
-        .map(|i| format!("layers.{i}"))
-}
-
 /// Calls `f(path, list, index)` for every layer, nested ones included.
-fn walk(layers: &[LayerSpec], prefix: &str, f: &mut dyn FnMut(&str, &[LayerSpec], usize)) {
+fn walk<'a>(
+    layers: &'a [LayerSpec],
+    prefix: &str,
+    f: &mut dyn FnMut(&str, &'a [LayerSpec], usize),
+) {
     for (i, l) in layers.iter().enumerate() {
         let path = format!("{prefix}.{i}");
         f(&path, layers, i);
@@ -165,16 +162,22 @@ fn relu_after(list: &[LayerSpec], i: usize) -> Option<usize> {
     matches!(list.get(j), Some(LayerSpec::Relu)).then_some(j)
 }
 
-/// Why the layer at `path` cannot take `form`, if it cannot.
-pub fn check(arch: &Arch, path: &str, form: Form) -> Result<(), String> {
+/// The list that holds the layer at `path`, and its index there.
+fn locate<'a>(arch: &'a Arch, path: &str) -> Result<(&'a [LayerSpec], usize), String> {
     let mut found = None;
     walk(&arch.layers, "layers", &mut |p, list, i| {
         if p == path {
-            found = Some(check_at(list, i, form));
+            found = Some((list, i));
         }
     });
-    found.unwrap_or_else(|| Err(format!("{path}: no such layer")))?;
-    if last_dense(arch).as_deref() == Some(path) && form == Form::Crelu {
+    found.ok_or_else(|| format!("{path}: no such layer"))
+}
+
+/// Why the layer at `path` cannot take `form`, if it cannot: a message that names it.
+pub fn check(arch: &Arch, path: &str, form: Form) -> Result<(), String> {
+    let (list, i) = locate(arch, path)?;
+    check_at(list, i, form).map_err(|e| format!("{path} {e}"))?;
+    if arch.classifier().as_deref() == Some(path) && form == Form::Crelu {
         return Err(format!(
             "{path} is the classifier: its outputs are the class scores"
         ));
@@ -276,29 +279,27 @@ fn check_at(list: &[LayerSpec], i: usize, form: Form) -> Result<(), String> {
 }
 
 /// One replacement inside a layer list: `len` old layers from the one at the key's path become
-/// `layers`, whose tensors (paths relative to the first of them: `0.weight`,
-/// `2.branches.1.0.bias`) are given for those that start from the old weights.
+/// `layers`; `tensors` are those that start from the old weights, as `(index in layers, field,
+/// values, shape)`.
 struct Splice {
     len: usize,
     layers: Vec<LayerSpec>,
-    tensors: Vec<(String, Vec<f32>, Vec<usize>)>,
+    tensors: Vec<(usize, &'static str, Vec<f32>, Vec<usize>)>,
 }
 
-/// Rewrites the layers at `paths` of `arch` as `options` says. With `tensors` (the model's),
-/// the result holds the tensors that carry over ([`Init::Keep`]); without, only the
-/// architecture is meant (plans).
+/// Rewrites the layers at `paths` of `arch` as `options` says. With `tensors` (the model's:
+/// [`Init::Keep`]), the result holds the tensors that carry over; without (a fresh start, or a
+/// plan), none.
 pub fn rewrite(
     arch: &Arch,
     tensors: Option<&Tensors>,
     paths: &[String],
     options: Options,
-    init: Init,
 ) -> Result<Rewritten, String> {
-    let tensors = tensors.filter(|_| init == Init::Keep);
     let empty = Tensors::new();
     let mut splices = BTreeMap::new();
     for path in paths {
-        check(arch, path, options.form).map_err(|e| format!("{path} {e}"))?;
+        check(arch, path, options.form)?;
         let splice = splice_for(arch, path, options, tensors)?;
         splices.insert(path.clone(), splice);
     }
@@ -312,7 +313,6 @@ pub fn rewrite(
         tensors.unwrap_or(&empty),
         &mut out,
         &mut moved,
-        tensors.is_some(),
     );
     let new = Arch {
         layers,
@@ -424,17 +424,11 @@ fn splice_for(
     o: Options,
     tensors: Option<&Tensors>,
 ) -> Result<Splice, String> {
-    let mut found: Option<(Vec<LayerSpec>, usize)> = None;
-    walk(&arch.layers, "layers", &mut |p, list, i| {
-        if p == path {
-            found = Some((list.to_vec(), i));
-        }
-    });
-    let (list, i) = found.ok_or_else(|| format!("{path}: no such layer"))?;
+    let (list, i) = locate(arch, path)?;
     let parent = path.rsplit_once('.').map_or("layers", |(p, _)| p);
     let spec = list[i].clone();
     let bn_after = matches!(list.get(i + 1), Some(LayerSpec::BatchNorm { .. }));
-    let relu = relu_after(&list, i);
+    let relu = relu_after(list, i);
     // The old weights, when the new layers start from them.
     type Floats = Option<(Vec<f32>, Vec<usize>)>;
     let get = |name: &str| -> Result<Floats, String> {
@@ -518,7 +512,7 @@ fn splice_for(
                     if let Some((w, mut shape)) = w {
                         let per = w.len() / out_channels;
                         shape[0] = half;
-                        t.push(("0.weight".to_string(), w[..half * per].to_vec(), shape));
+                        t.push((0, "weight", w[..half * per].to_vec(), shape));
                     }
                     let mut c = spec.clone();
                     if let LayerSpec::Conv2d { out_channels, .. } = &mut c {
@@ -538,7 +532,7 @@ fn splice_for(
                             .chunks_exact(out_features)
                             .flat_map(|row| row[..half].to_vec())
                             .collect();
-                        t.push(("0.weight".to_string(), cols, vec![in_features, half]));
+                        t.push((0, "weight", cols, vec![in_features, half]));
                     }
                     (
                         half,
@@ -552,7 +546,7 @@ fn splice_for(
                 _ => unreachable!("checked"),
             };
             if let Some((b, _)) = get("bias")? {
-                t.push(("0.bias".to_string(), b[..half].to_vec(), vec![half]));
+                t.push((0, "bias", b[..half].to_vec(), vec![half]));
             }
             let mut layers = vec![first];
             let mut len = 1;
@@ -562,7 +556,7 @@ fn splice_for(
                 if let Some(tensors) = tensors {
                     for name in ["gamma", "beta", "running_mean", "running_var"] {
                         let (v, _) = crate::checkpoint::floats(tensors, &format!("{bn}.{name}"))?;
-                        t.push((format!("1.{name}"), v[..half].to_vec(), vec![half]));
+                        t.push((1, name, v[..half].to_vec(), vec![half]));
                     }
                 }
                 len += 1;
@@ -608,18 +602,14 @@ fn splice_for(
                         }
                     }
                 }
-                t.push((
-                    "0.weight".to_string(),
-                    learned,
-                    vec![base, in_channels, k, k],
-                ));
+                t.push((0, "weight", learned, vec![base, in_channels, k, k]));
             }
             if let Some((b, _)) = get("bias")? {
                 let mean = b
                     .chunks_exact(g)
                     .map(|c| c.iter().sum::<f32>() / g as f32)
                     .collect();
-                t.push(("0.bias".to_string(), mean, vec![base]));
+                t.push((0, "bias", mean, vec![base]));
             }
             Ok(Splice {
                 len: 1,
@@ -639,9 +629,8 @@ fn splice_for(
 }
 
 /// Copies `layers` (paths under `old`) to new paths under `new`, applying `splices`; moves the
-/// tensors of kept layers (with `keep`) and puts the splices' own; records each splice's old
-/// and new paths in `moved`.
-#[allow(clippy::too_many_arguments)]
+/// tensors of the layers it keeps (all of `src`'s; `src` is empty for a fresh start) and puts
+/// the splices' own; records each splice's old and new paths in `moved`.
 fn apply(
     layers: &[LayerSpec],
     old: &str,
@@ -650,7 +639,6 @@ fn apply(
     src: &Tensors,
     dst: &mut Tensors,
     moved: &mut BTreeMap<String, (Vec<String>, Vec<String>)>,
-    keep: bool,
 ) -> Vec<LayerSpec> {
     let mut out = Vec::new();
     let mut i = 0;
@@ -661,15 +649,11 @@ fn apply(
             let new_paths = (0..s.layers.len())
                 .map(|k| format!("{new}.{}", first + k))
                 .collect();
-            if keep {
-                for (rel, v, shape) in &s.tensors {
-                    let (k, rest) = rel.split_once('.').expect("index.field");
-                    let k: usize = k.parse().expect("an index");
-                    dst.insert(
-                        format!("{new}.{}.{rest}", first + k),
-                        (TensorData::new(v.clone(), shape.clone()), None),
-                    );
-                }
+            for (k, field, v, shape) in &s.tensors {
+                dst.insert(
+                    format!("{new}.{}.{field}", first + k),
+                    (TensorData::new(v.clone(), shape.clone()), None),
+                );
             }
             let old_paths = (i..i + s.len).map(|k| format!("{old}.{k}")).collect();
             moved.insert(old_path, (old_paths, new_paths));
@@ -679,54 +663,27 @@ fn apply(
         }
         let new_path = format!("{new}.{}", out.len());
         let mut layer = layers[i].clone();
-        match &mut layer {
-            LayerSpec::Residual { body, shortcut } => {
-                *body = apply(
-                    body,
-                    &format!("{old_path}.body"),
-                    &format!("{new_path}.body"),
-                    splices,
-                    src,
-                    dst,
-                    moved,
-                    keep,
-                );
-                *shortcut = apply(
-                    shortcut,
-                    &format!("{old_path}.shortcut"),
-                    &format!("{new_path}.shortcut"),
-                    splices,
-                    src,
-                    dst,
-                    moved,
-                    keep,
-                );
-            }
-            LayerSpec::Concat { branches } => {
-                for (b, branch) in branches.iter_mut().enumerate() {
-                    *branch = apply(
-                        branch,
-                        &format!("{old_path}.branches.{b}"),
-                        &format!("{new_path}.branches.{b}"),
-                        splices,
-                        src,
-                        dst,
-                        moved,
-                        keep,
-                    );
+        let nested = layer.nested_mut();
+        if nested.is_empty() {
+            let prefix = format!("{old_path}.");
+            for (name, t) in src {
+                if let Some(rest) = name.strip_prefix(&prefix)
+                    && !rest.contains('.')
+                {
+                    dst.insert(format!("{new_path}.{rest}"), t.clone());
                 }
             }
-            _ if keep => {
-                let prefix = format!("{old_path}.");
-                for (name, t) in src {
-                    if let Some(rest) = name.strip_prefix(&prefix)
-                        && !rest.contains('.')
-                    {
-                        dst.insert(format!("{new_path}.{rest}"), t.clone());
-                    }
-                }
-            }
-            _ => {}
+        }
+        for (name, list) in nested {
+            *list = apply(
+                list,
+                &format!("{old_path}.{name}"),
+                &format!("{new_path}.{name}"),
+                splices,
+                src,
+                dst,
+                moved,
+            );
         }
         out.push(layer);
         i += 1;

@@ -30,12 +30,8 @@ pub struct CirculantParams {
     pub sign_seed: u64,
     /// Seconds spent timing each layer before and after, per batch size (1 and 64).
     #[arg(long, default_value_t = 1.0)]
-    #[serde(default = "one_second")]
+    #[serde(default = "crate::pipeline::stages::rewrite::one_second")]
     pub layer_seconds: f64,
-}
-
-fn one_second() -> f64 {
-    1.0
 }
 
 pub use crate::pipeline::layers::NoSettings;
@@ -57,23 +53,17 @@ impl Circulant {
     /// The layers to replace, checked: every one named must be dense.
     pub fn chosen(&self, arch: &Arch) -> Result<Vec<String>, String> {
         let specs = arch.layer_specs();
-        let paths = if self.layers.0.is_empty() {
-            let paths = circulant::default_layers(arch);
-            if paths.is_empty() {
-                return Err(format!(
+        self.layers.chosen(
+            arch,
+            || circulant::default_layers(arch),
+            || {
+                format!(
                     "{} has no dense layer before its last one to make circulant; name layers with --layers",
                     arch.name
-                ));
-            }
-            paths
-        } else {
-            let all: Vec<String> = specs.keys().cloned().collect();
-            self.layers.resolve(&all)?.into_keys().collect()
-        };
-        for p in &paths {
-            circulant::check(specs[p]).map_err(|e| format!("{p} {e}"))?;
-        }
-        Ok(paths)
+                )
+            },
+            |p| circulant::check(specs[p]).map_err(|e| format!("{p} {e}")),
+        )
     }
 }
 

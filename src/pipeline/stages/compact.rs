@@ -48,7 +48,7 @@ pub struct CompactParams {
     pub init_seed: u64,
     /// Seconds spent timing each layer before and after, per batch size (1 and 64).
     #[arg(long, default_value_t = 1.0)]
-    #[serde(default = "one_second")]
+    #[serde(default = "crate::pipeline::stages::rewrite::one_second")]
     pub layer_seconds: f64,
 }
 
@@ -57,9 +57,6 @@ fn quarter() -> f64 {
 }
 fn half() -> f64 {
     0.5
-}
-fn one_second() -> f64 {
-    1.0
 }
 
 pub struct Rewrite {
@@ -87,24 +84,18 @@ impl Rewrite {
     /// The layers to rewrite, checked: every one named must take the form.
     pub fn chosen(&self, arch: &Arch) -> Result<Vec<String>, String> {
         let form = self.params.to;
-        let paths = if self.layers.0.is_empty() {
-            let paths = compact::default_layers(arch, form);
-            if paths.is_empty() {
-                return Err(format!(
+        self.layers.chosen(
+            arch,
+            || compact::default_layers(arch, form),
+            || {
+                format!(
                     "{} has no layer that {} suits by default; name layers with --layers (or [stage.layers]) to be told why each cannot take it",
                     arch.name,
                     form.name()
-                ));
-            }
-            paths
-        } else {
-            let all: Vec<String> = arch.layer_specs().keys().cloned().collect();
-            self.layers.resolve(&all)?.into_keys().collect()
-        };
-        for p in &paths {
-            compact::check(arch, p, form).map_err(|e| format!("{p} {e}"))?;
-        }
-        Ok(paths)
+                )
+            },
+            |p| compact::check(arch, p, form),
+        )
     }
 
     /// The architecture after the rewrite (and the width multiplier).
@@ -148,7 +139,7 @@ impl Stage for Rewrite {
         }
         let arch = before.arch()?;
         let paths = self.chosen(arch)?;
-        let r = compact::rewrite(arch, None, &paths, self.options(), Init::Scratch)?;
+        let r = compact::rewrite(arch, None, &paths, self.options())?;
         Ok(Plan {
             arch: Some(self.new_arch(arch, &r)?),
             ..before.clone()
@@ -160,14 +151,8 @@ impl Stage for Rewrite {
         let arch = input.arch();
         let at = |e: String| anyhow::anyhow!("{}: {e}", input.file.display());
         let paths = self.chosen(arch).map_err(at)?;
-        let r = compact::rewrite(
-            arch,
-            Some(&input.loaded.tensors),
-            &paths,
-            self.options(),
-            self.params.init,
-        )
-        .map_err(at)?;
+        let kept = (self.params.init == Init::Keep).then_some(&input.loaded.tensors);
+        let r = compact::rewrite(arch, kept, &paths, self.options()).map_err(at)?;
         let new_arch = self.new_arch(arch, &r).map_err(at)?;
         // Fresh weights for every new layer (and every layer, from scratch), then the ones
         // that carry over.

@@ -7,7 +7,8 @@
 
 use crate::checkpoint;
 use crate::compress::distill::{self, Distill, Hint, HintSpec, Settings};
-use crate::models::ModelKind;
+use crate::models::{ModelKind, Network};
+use crate::pipeline::stages::train::TrainParams;
 use crate::pipeline::stages::{check_retrain, reopen, retrain_config, train_keeping};
 use crate::pipeline::table::{self, StageTable};
 use crate::pipeline::{Context, Model, Outcome, Plan, Stage};
@@ -125,6 +126,11 @@ impl DistillParams {
         }))
     }
 
+    /// Epochs and rate for a trained student: as given, else `finetune`'s 2 at 0.01.
+    fn trained_schedule(&self) -> (usize, f64) {
+        (self.epochs.unwrap_or(2), self.lr.unwrap_or(0.01))
+    }
+
     fn settings(&self) -> Settings {
         Settings {
             temperature: self.temperature,
@@ -133,39 +139,28 @@ impl DistillParams {
     }
 
     /// The run that trains a fresh `kind` student on the teacher's data, padded and resized as
-    /// the teacher's images were.
+    /// the teacher's images were: `convpress train`'s settings with these on top.
     fn fresh_config(
         &self,
         kind: ModelKind,
         teacher: &checkpoint::ModelMeta,
         cx: &Context,
     ) -> TrainConfig {
-        let mut c = TrainConfig::defaults(kind, teacher.dataset);
-        c.data_dir = cx.data_dir_for(teacher);
-        if let Ok(d) = std::path::absolute(&c.data_dir) {
-            c.data_dir = d;
+        TrainParams {
+            model: kind,
+            dataset: teacher.dataset,
+            data_dir: Some(cx.data_dir_for(teacher)),
+            width: self.width,
+            epochs: self.epochs,
+            lr: self.lr,
+            seed: self.seed,
+            pad: Some(teacher.preprocess.pad),
+            resize: teacher.preprocess.resize,
+            train_limit: self.train_limit,
+            test_limit: self.test_limit,
+            ..TrainParams::default()
         }
-        c.pad = Some(teacher.preprocess.pad);
-        c.resize = teacher.preprocess.resize;
-        c.width = self.width;
-        c.seed = self.seed;
-        if let Some(e) = self.epochs {
-            c.epochs = e;
-        }
-        if let Some(lr) = self.lr {
-            set_lr(&mut c, lr);
-        }
-        c.train_limit = self.train_limit;
-        c.test_limit = self.test_limit;
-        c
-    }
-}
-
-fn set_lr(c: &mut TrainConfig, lr: f64) {
-    match &mut c.optimizer {
-        train::OptimizerConfig::Sgd { lr: l, .. } | train::OptimizerConfig::Adam { lr: l, .. } => {
-            *l = lr
-        }
+        .config(None)
     }
 }
 
@@ -198,7 +193,7 @@ impl Stage for DistillStage {
             return Err("train-limit and test-limit must be at least 1".into());
         }
         let teacher = open_teacher(&p.teacher)?;
-        let arch = match (&before.arch, p.student) {
+        let (arch, epochs) = match (&before.arch, p.student) {
             (None, None) => {
                 return Err(
                     "there is no student yet: name one with student (a model to train from scratch), or start from a trained model (--from or an earlier stage)"
@@ -215,7 +210,8 @@ impl Stage for DistillStage {
                 let config = p.fresh_config(kind, teacher.meta(), cx);
                 config.check()?;
                 let prepared = train::prepare(&config).map_err(|e| format!("{e:#}"))?;
-                config.arch_for(prepared.train.image_shape(), prepared.train.classes)?
+                let shape = (prepared.train.image_shape(), prepared.train.classes);
+                (config.arch_for(shape.0, shape.1)?, config.epochs)
             }
             (Some(arch), None) => {
                 before.not_encoded()?;
@@ -224,20 +220,12 @@ impl Stage for DistillStage {
                         "width makes a fresh student; a trained one keeps its layers".into(),
                     );
                 }
-                check_retrain(
-                    arch,
-                    p.epochs.unwrap_or(2),
-                    p.lr.unwrap_or(0.01),
-                    [p.train_limit, p.test_limit],
-                )?;
-                arch.clone()
+                let (epochs, lr) = p.trained_schedule();
+                check_retrain(arch, epochs, lr, [p.train_limit, p.test_limit])?;
+                (arch.clone(), epochs)
             }
         };
         distill::check_shapes(teacher.arch(), &arch)?;
-        let epochs = match (&before.arch, p.student) {
-            (None, Some(kind)) => p.fresh_config(kind, teacher.meta(), cx).epochs,
-            _ => p.epochs.unwrap_or(2),
-        };
         if let Some(h) = p.hint(epochs)? {
             h.check(teacher.arch(), &arch)?;
         }
@@ -250,17 +238,15 @@ impl Stage for DistillStage {
     fn run(&self, input: Option<Model>, cx: &Context) -> anyhow::Result<Outcome> {
         let p = &self.params;
         let teacher = open_teacher(&p.teacher).map_err(anyhow::Error::msg)?;
-        let (network, teacher_meta) = checkpoint::load(&teacher.file, &cx.device)?;
+        let teacher_meta = teacher.meta().clone();
+        let network = Network::new(teacher.arch(), &cx.device).map_err(anyhow::Error::msg)?;
+        let network = checkpoint::load_tensors(network, teacher.loaded.tensors.clone())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.teacher.display()))?;
         let (config, keep) = match (&input, p.student) {
             (None, Some(kind)) => (p.fresh_config(kind, &teacher_meta, cx), Default::default()),
             (Some(model), None) => {
-                let mut c = retrain_config(
-                    model,
-                    p.epochs.unwrap_or(2),
-                    p.lr.unwrap_or(0.01),
-                    p.seed,
-                    cx,
-                )?;
+                let (epochs, lr) = p.trained_schedule();
+                let mut c = retrain_config(model, epochs, lr, p.seed, cx)?;
                 c.train_limit = p.train_limit;
                 c.test_limit = p.test_limit;
                 (c, model.constraints.clone())

@@ -14,6 +14,12 @@ use anyhow::bail;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The default of the rewriting stages' `layer-seconds` in recipes (their flags default to
+/// the same second).
+pub fn one_second() -> f64 {
+    1.0
+}
+
 /// One rewritten layer's latency before and after, in milliseconds, at batch 1 and 64.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LayerLatency {

@@ -35,12 +35,8 @@ pub struct DecomposeParams {
     pub rule: RuleParams,
     /// Seconds spent timing each layer before and after, per batch size (1 and 64).
     #[arg(long, default_value_t = 1.0)]
-    #[serde(default = "one_second")]
+    #[serde(default = "crate::pipeline::stages::rewrite::one_second")]
     pub layer_seconds: f64,
-}
-
-fn one_second() -> f64 {
-    1.0
 }
 
 /// A rank rule as flags and recipe keys: exactly one of them (see [`RankRule`]).
